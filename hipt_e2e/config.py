@@ -1,0 +1,83 @@
+"""Config in, artefacts out: YAML files plus dotted `key=value` overrides, and logging setup.
+
+Every recipe and CLI resolves its settings the same way: built-in defaults <- `--config FILE` <- command
+line flags <- `a.b=value` overrides, and writes the resolved result next to its outputs so that every
+artefact says exactly how it was made.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from hipt_e2e.io import atomic_write_text
+
+
+def _set_dotted(cfg: dict, dotted: str, value: Any, *, allow_new: bool) -> None:
+    keys = dotted.split(".")
+    node = cfg
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            if not allow_new:
+                raise KeyError(f"unknown config key {dotted!r} (no section {key!r})")
+            node[key] = {}
+        node = node[key]
+    if not allow_new and keys[-1] not in node:
+        raise KeyError(f"unknown config key {dotted!r}; known keys here: {sorted(node)}")
+    node[keys[-1]] = value
+
+
+def _merge(base: dict, update: Mapping, prefix: str = "") -> None:
+    for key, value in update.items():
+        if key not in base:
+            raise KeyError(f"unknown config key {prefix + key!r}; known keys: {sorted(base)}")
+        if isinstance(base[key], dict) and isinstance(value, Mapping):
+            _merge(base[key], value, prefix + key + ".")
+        else:
+            base[key] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=3` -> ("a.b", 3); the value is parsed as YAML so numbers, booleans and lists work."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw != "" else None
+
+
+def resolve_config(defaults: Mapping, config_file: str | Path | None = None,
+                   overrides: Sequence[str] = ()) -> dict:
+    """Defaults <- YAML file <- overrides. Unknown keys are errors: a typo must not pass silently."""
+    cfg = copy.deepcopy(dict(defaults))
+    if config_file is not None:
+        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"{config_file}: a config file must hold a mapping, got {type(loaded).__name__}")
+        _merge(cfg, loaded)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(cfg, key, value, allow_new=False)
+    return cfg
+
+
+def save_config(cfg: Mapping, out_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to the outputs (atomically)."""
+    path = Path(out_dir) / name
+    atomic_write_text(path, yaml.safe_dump(dict(cfg), sort_keys=False))
+    return path
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE` and trailing `key=value` overrides, shared by every entry point."""
+    parser.add_argument("--config", type=Path, default=None, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                        help="dotted config overrides, e.g. model.depth=2")
+
+
+def setup_logging(level: int | str = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)

@@ -1,0 +1,202 @@
+"""Reading pixels from the inputs the lab has: whole-slide files, plain images and `.pt` tensors.
+
+Each source gives regions at the target geometry through the same tiling functions
+(`hipt_e2e.data.tiling`); shard building and inference both read slides through `iter_regions`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hipt_e2e.data.tiling import (
+    RegionGeometry,
+    footprint_fraction,
+    pad_region,
+    region_origins,
+    saturation,
+    tile_tissue_fractions,
+    tissue_threshold,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".svslide", ".bif", ".vms", ".vmu", ".dcm")
+
+
+class InputError(Exception):
+    """An input that cannot be used, with the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass
+class Region:
+    """One region at the target geometry, with its level-0 footprint."""
+
+    index: int
+    x: int
+    y: int
+    size: int  # side in level-0 pixels
+    rgb: np.ndarray  # [region_px, region_px, 3] uint8
+    tissue: np.ndarray  # [rows, cols] tissue fraction per tile
+    threshold: int
+
+
+class SlideReader(Protocol):
+    path: Path
+    width: int
+    height: int
+    mpp: float | None
+
+    def thumbnail(self, max_px: int) -> np.ndarray: ...
+
+    def read(self, x: int, y: int, size: int, out_px: int) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+class ImageReader:
+    """A single-level image (PNG/JPEG/TIFF) read whole with Pillow."""
+
+    def __init__(self, path: str | Path, mpp: float | None):
+        self.path = Path(path)
+        try:
+            with Image.open(self.path) as image:
+                self.image = image.convert("RGB")
+        except Exception as exc:  # Pillow raises many types for broken files
+            raise InputError(self.path, f"cannot read image ({type(exc).__name__}: {exc})") from exc
+        self.width, self.height = self.image.size
+        self.mpp = mpp
+
+    def thumbnail(self, max_px: int) -> np.ndarray:
+        thumb = self.image.copy()
+        thumb.thumbnail((max_px, max_px), Image.Resampling.BILINEAR)
+        return np.asarray(thumb)
+
+    def read(self, x: int, y: int, size: int, out_px: int) -> np.ndarray:
+        width, height = min(size, self.width - x), min(size, self.height - y)
+        crop = self.image.crop((x, y, x + width, y + height))
+        if size != out_px:
+            scale = out_px / size
+            crop = crop.resize((max(1, round(width * scale)), max(1, round(height * scale))),
+                               Image.Resampling.BILINEAR)
+        return pad_region(np.asarray(crop), out_px, out_px)
+
+    def close(self) -> None:
+        self.image.close()
+
+
+class OpenSlideReader:
+    """A pyramidal whole-slide file read through OpenSlide (openslide-bin, no system package)."""
+
+    def __init__(self, path: str | Path, mpp: float | None = None):
+        import openslide
+
+        self.path = Path(path)
+        try:
+            self.slide = openslide.OpenSlide(str(self.path))
+        except Exception as exc:
+            raise InputError(self.path, f"OpenSlide cannot open it ({type(exc).__name__}: {exc})") from exc
+        self.width, self.height = self.slide.dimensions
+        recorded = self.slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
+        self.mpp = mpp if mpp is not None else (float(recorded) if recorded else None)
+
+    def thumbnail(self, max_px: int) -> np.ndarray:
+        return np.asarray(self.slide.get_thumbnail((max_px, max_px)).convert("RGB"))
+
+    def read(self, x: int, y: int, size: int, out_px: int) -> np.ndarray:
+        # Read from the smallest pyramid level that still has at least out_px pixels per region,
+        # so the resize only ever shrinks.
+        level = self.slide.get_best_level_for_downsample(size / out_px)
+        downsample = self.slide.level_downsamples[level]
+        side = math.ceil(size / downsample)
+        rgba = np.asarray(self.slide.read_region((x, y), level, (side, side)))
+        rgb = composite_on_white(rgba)
+        if side != out_px:
+            rgb = np.asarray(Image.fromarray(rgb).resize((out_px, out_px), Image.Resampling.BILINEAR))
+        return rgb
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """RGBA (not premultiplied) -> RGB on a white background; outside-slide pixels become white."""
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+    return np.rint(rgb).astype(np.uint8)
+
+
+def iter_regions(reader: SlideReader, geometry: RegionGeometry, *, min_tissue: float,
+                 threshold: int | None = None, thumbnail_px: int = 2048,
+                 start: int = 0) -> Iterator[Region]:
+    """Regions of one slide with tissue fraction >= min_tissue, raster order, indices from 0.
+
+    The tissue decision uses the low-resolution thumbnail mask (cheap); the per-tile fractions stored
+    with each region are measured on the region's own pixels. Regions before `start` are counted but
+    not read (used to resume a build inside a slide).
+    """
+    if reader.mpp is None:
+        raise InputError(reader.path, "no resolution (microns per pixel) in the slide's metadata; "
+                                      "pass --slide-mpp to state it")
+    size = geometry.level0_size(reader.mpp)
+    thumb = reader.thumbnail(thumbnail_px)
+    level_threshold = tissue_threshold(thumb, threshold)
+    mask = saturation(thumb) > level_threshold
+    mask_scale = thumb.shape[1] / reader.width
+    index = 0
+    for x, y in region_origins(reader.width, reader.height, size):
+        if footprint_fraction(mask, mask_scale, x, y, size) < min_tissue:
+            continue
+        if index >= start:
+            rgb = reader.read(x, y, size, geometry.region_px)
+            yield Region(index, x, y, size, rgb,
+                         tile_tissue_fractions(rgb, geometry.tile_px, level_threshold), level_threshold)
+        index += 1
+
+
+def load_pt_pixels(path: str | Path) -> np.ndarray:
+    """A `.pt` file holding one tensor [3, H, W] (uint8 0-255 or float 0-1) -> RGB uint8 [H, W, 3].
+
+    Loaded with weights_only=True: a file that needs arbitrary unpickling is refused, not executed.
+    """
+    try:
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(path, f"not a loadable tensor file with weights_only=True ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:200]})") from exc
+    if not isinstance(tensor, torch.Tensor):
+        raise InputError(path, f"holds a {type(tensor).__name__}, expected one tensor [3, H, W]")
+    if tensor.ndim != 3 or tensor.shape[0] != 3 or min(tensor.shape[1:]) == 0:
+        raise InputError(path, f"tensor of shape {tuple(tensor.shape)}, expected [3, H, W]")
+    if tensor.dtype == torch.uint8:
+        pixels = tensor
+    elif tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        tensor = tensor.float()
+        if not torch.isfinite(tensor).all():
+            raise InputError(path, "tensor contains NaN or Inf")
+        low, high = tensor.min().item(), tensor.max().item()
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise InputError(path, f"float values in [{low:.4g}, {high:.4g}], expected the range 0-1")
+        pixels = torch.round(tensor.clamp(0, 1) * 255).to(torch.uint8)
+    else:
+        raise InputError(path, f"dtype {tensor.dtype}, expected uint8 (0-255) or float (0-1)")
+    return pixels.permute(1, 2, 0).contiguous().numpy()
+
+
+def coords_from_name(path: Path) -> tuple[int | None, int | None]:
+    """Level-0 x, y from a file name ending in `_<x>_<y>` (common patch naming), else unknown."""
+    match = re.search(r"(\d+)[_-](\d+)$", path.stem)
+    return (int(match.group(1)), int(match.group(2))) if match else (None, None)

@@ -1,0 +1,116 @@
+"""The one tiling code path: tissue masks, the region grid over a slide, tiles inside a region.
+
+Shard building, the streaming readers and inference all call these functions, so that region
+coordinates, tile order and tissue fractions mean the same thing everywhere.
+
+Conventions (HIPT): a region of `region_px` pixels at the target resolution is cut into a grid of
+`tile_px` tiles in raster order, tile index = row * cols + col, rows running down from the top-left.
+Regions are laid on a grid over the slide starting at (0, 0); regions that cross the slide border are
+padded with white (background), so the whole slide is covered.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# Saturation threshold below which a pixel counts as background even when Otsu would pick lower:
+# on an empty or nearly empty slide Otsu splits noise, and this floor keeps glass out of the mask.
+TISSUE_FLOOR = 20
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation (0-255, uint8) of an RGB uint8 image [..., 3]."""
+    rgb = rgb.astype(np.int16)
+    high = rgb.max(axis=-1)
+    low = rgb.min(axis=-1)
+    sat = np.where(high > 0, (high - low) * 255 // np.maximum(high, 1), 0)
+    return sat.astype(np.uint8)
+
+
+def otsu_threshold(values: np.ndarray) -> int:
+    """Otsu's threshold of uint8 values: the cut that maximises the between-class variance."""
+    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    total = hist.sum()
+    if total == 0:
+        return 0
+    levels = np.arange(256)
+    weight_low = np.cumsum(hist)
+    mean_low_sum = np.cumsum(hist * levels)
+    weight_high = total - weight_low
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_low = mean_low_sum / weight_low
+        mean_high = (mean_low_sum[-1] - mean_low_sum) / weight_high
+        between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    between = np.nan_to_num(between)
+    return int(np.argmax(between))
+
+
+def tissue_threshold(thumbnail_rgb: np.ndarray, fixed: int | None = None) -> int:
+    """Saturation threshold for one slide: `fixed` when given, else Otsu on the thumbnail, floored."""
+    if fixed is not None:
+        return int(fixed)
+    return max(otsu_threshold(saturation(thumbnail_rgb)), TISSUE_FLOOR)
+
+
+def tile_tissue_fractions(region_rgb: np.ndarray, tile_px: int, threshold: int) -> np.ndarray:
+    """Fraction of tissue pixels in every tile of a region: float32 [rows, cols], raster order."""
+    height, width = region_rgb.shape[:2]
+    if height % tile_px or width % tile_px:
+        raise ValueError(f"region of {height}x{width} px is not a whole number of {tile_px} px tiles")
+    mask = saturation(region_rgb) > threshold
+    rows, cols = height // tile_px, width // tile_px
+    return mask.reshape(rows, tile_px, cols, tile_px).mean(axis=(1, 3)).astype(np.float32)
+
+
+def cut_tiles(region_rgb: np.ndarray, tile_px: int) -> np.ndarray:
+    """Region [H, W, 3] -> tiles [rows*cols, tile_px, tile_px, 3] in raster order (row * cols + col)."""
+    height, width, channels = region_rgb.shape
+    rows, cols = height // tile_px, width // tile_px
+    tiles = region_rgb[: rows * tile_px, : cols * tile_px].reshape(rows, tile_px, cols, tile_px, channels)
+    return tiles.transpose(0, 2, 1, 3, 4).reshape(rows * cols, tile_px, tile_px, channels)
+
+
+@dataclass(frozen=True)
+class RegionGeometry:
+    """Where regions are cut: `region_px` at `mpp` micrometres per pixel, tiles of `tile_px`."""
+
+    region_px: int = 4096
+    tile_px: int = 256
+    mpp: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.region_px % self.tile_px:
+            raise ValueError(f"region_px={self.region_px} is not a multiple of tile_px={self.tile_px}")
+
+    def level0_size(self, slide_mpp: float) -> int:
+        """Side of one region in level-0 pixels of a slide scanned at `slide_mpp`."""
+        return max(1, round(self.region_px * self.mpp / slide_mpp))
+
+
+def region_origins(width: int, height: int, size: int) -> list[tuple[int, int]]:
+    """Top-left corners (level 0) of the region grid covering a width x height slide, raster order."""
+    cols, rows = math.ceil(width / size), math.ceil(height / size)
+    return [(col * size, row * size) for row in range(rows) for col in range(cols)]
+
+
+def footprint_fraction(mask: np.ndarray, mask_scale: float, x: int, y: int, size: int) -> float:
+    """Tissue fraction of a level-0 square (x, y, size) measured on a low-resolution mask.
+
+    `mask_scale` is mask pixels per level-0 pixel. Parts of the square outside the slide count as
+    background, as they are padded with white when the region is read.
+    """
+    x0, y0 = int(x * mask_scale), int(y * mask_scale)
+    side = max(1, int(round(size * mask_scale)))
+    window = mask[y0: y0 + side, x0: x0 + side]
+    return float(window.sum()) / float(side * side)
+
+
+def pad_region(rgb: np.ndarray, height: int, width: int, fill: int = 255) -> np.ndarray:
+    """Pad an [h, w, 3] crop at the bottom/right with background to [height, width, 3]."""
+    if rgb.shape[0] == height and rgb.shape[1] == width:
+        return rgb
+    out = np.full((height, width, 3), fill, dtype=np.uint8)
+    out[: rgb.shape[0], : rgb.shape[1]] = rgb[:height, :width]
+    return out

@@ -1,0 +1,26 @@
+"""Pixel normalisation: the one place uint8 pixels become model inputs.
+
+The released HIPT weights expect x/255 normalised with mean 0.5 and std 0.5 per channel; the tile-level
+DINO pretraining of the original method used ImageNet statistics. Which one a run uses is a recorded
+config setting (`normalisation: hipt | imagenet`), never an implicit default buried in a model.
+"""
+from __future__ import annotations
+
+import torch
+
+NORMALISATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "hipt": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def normalise(pixels: torch.Tensor, name: str = "hipt", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (or 0-255 valued) pixels [..., 3, H, W] -> normalised float tensor of the same shape."""
+    if name not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {name!r}; choose one of {sorted(NORMALISATIONS)}")
+    if pixels.shape[-3] != 3:
+        raise ValueError(f"expected 3 channels at dim -3, got shape {tuple(pixels.shape)}")
+    mean, std = NORMALISATIONS[name]
+    mean_t = torch.tensor(mean, dtype=dtype, device=pixels.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=dtype, device=pixels.device).view(3, 1, 1)
+    return (pixels.to(dtype) / 255.0 - mean_t) / std_t

@@ -1,0 +1,389 @@
+"""`hipt-shards build`: inputs -> WebDataset shards + manifest.json, atomic, resumable, partitionable.
+
+Flow: discover items (sorted, numbered) -> take this part's items -> for each item produce events
+("sample" or "skip") in order -> a single writer packs samples into `shard-%06d.tar` files of at most
+`shard_bytes`. Each shard is written under a temporary name and renamed when complete; then a line is
+appended to `build-journal.jsonl` with the shard's hash, its slides, the skips so far and the position
+to resume from. A re-run continues after the last journalled shard; the manifest is written last.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import Future, ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from hipt_e2e.data.samples import encode_pixels, sample_key
+from hipt_e2e.data.sources import (
+    ImageReader,
+    InputError,
+    OpenSlideReader,
+    coords_from_name,
+    iter_regions,
+    load_pt_pixels,
+)
+from hipt_e2e.data.tiling import TISSUE_FLOOR, RegionGeometry, tile_tissue_fractions
+from hipt_e2e.io import atomic_write_json, sha256_file
+from shards.inputs import Item, class_counts, class_names, discover
+
+log = logging.getLogger(__name__)
+
+FORMAT = "hipt-e2e-shards"
+FORMAT_VERSION = 1
+JOURNAL = "build-journal.jsonl"
+
+DEFAULTS: dict[str, Any] = {
+    "kind": None,
+    "input": None,
+    "out": None,
+    "labels": None,  # CSV slide_id,label[,patient_id][,split]
+    "labels_from_folders": False,
+    "classes": None,  # explicit class order; default: sorted labels found
+    "region_px": 4096,
+    "tile_px": 256,
+    "mpp": 0.5,  # target resolution of the regions
+    "slide_mpp": None,  # resolution of the inputs when their metadata has none (images, pt)
+    "min_tissue": 0.25,
+    "tissue_threshold": None,  # saturation 0-255; None: Otsu per slide (floored)
+    "thumbnail_px": 2048,
+    "encoding": "jpeg",
+    "quality": 95,
+    "shard_bytes": 1_000_000_000,
+    "workers": 1,
+    "part": None,  # "i/n"
+    "on_error": "fail",  # fail | skip
+    "tiles_per_item": 1024,
+}
+
+# Settings that change no byte of the output; a resumed or merged build may differ in these.
+RUN_ONLY_KEYS = ("workers", "part", "on_error", "out")
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def parse_part(part: str | None) -> tuple[int, int]:
+    if part is None:
+        return 0, 1
+    try:
+        index, count = (int(v) for v in str(part).split("/"))
+    except ValueError as exc:
+        raise ValueError(f"--part must look like i/n (e.g. 0/4), got {part!r}") from exc
+    if not 0 <= index < count:
+        raise ValueError(f"--part {part}: need 0 <= i < n")
+    return index, count
+
+
+def part_dir(out: Path, part: str | None) -> Path:
+    if part is None:
+        return out
+    index, count = parse_part(part)
+    return out / f"part-{index:04d}-of-{count:04d}"
+
+
+def build_args(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in RUN_ONLY_KEYS}
+
+
+# --------------------------------------------------------------------------------------------- items
+def _record(item: Item, index: int, classes: list[str], **fields: Any) -> dict:
+    return {"slide_id": fields.pop("slide_id", item.slide_id), "patient_id": item.patient_id or item.slide_id,
+            "label": item.label, "label_index": classes.index(item.label) if item.label is not None else None,
+            "split": item.split, "region_index": index, **fields}
+
+
+def _sample(item: Item, index: int, rgb: np.ndarray, tissue: np.ndarray, cfg: dict, classes: list[str],
+            **fields: Any) -> dict:
+    ext, data = encode_pixels(rgb, cfg["encoding"], cfg["quality"])
+    record = _record(item, index, classes, height=int(rgb.shape[0]), width=int(rgb.shape[1]),
+                     tile_px=cfg["tile_px"], grid=list(tissue.shape),
+                     tissue=[round(float(v), 4) for v in tissue.ravel()], **fields)
+    return {"__key__": sample_key(item.ordinal, index), ext: data, "json": json.dumps(record).encode()}
+
+
+def _pt_events(item: Item, cfg: dict, classes: list[str], start: int) -> Iterator[tuple]:
+    threshold = cfg["tissue_threshold"] if cfg["tissue_threshold"] is not None else TISSUE_FLOOR
+    for index, path in enumerate(item.files):
+        if index < start:
+            continue
+        try:
+            rgb = load_pt_pixels(path)
+            tissue = tile_tissue_fractions(rgb, cfg["tile_px"], threshold)
+        except (InputError, ValueError) as exc:
+            reason = exc.reason if isinstance(exc, InputError) else str(exc)
+            yield "skip", index, {"path": str(path), "reason": reason, "inputs": 1}
+            continue
+        x, y = coords_from_name(path)
+        slide_id = item.slide_id if item.slide_id is not None else path.stem
+        yield "sample", index, _sample(item, index, rgb, tissue, cfg, classes, slide_id=slide_id, x=x, y=y,
+                                       size=int(rgb.shape[1]), mpp=cfg["mpp"], slide_mpp=cfg["slide_mpp"],
+                                       source=str(path))
+
+
+def _slide_events(item: Item, cfg: dict, classes: list[str], start: int) -> Iterator[tuple]:
+    geometry = RegionGeometry(cfg["region_px"], cfg["tile_px"], cfg["mpp"])
+    try:
+        reader = (ImageReader(item.path, cfg["slide_mpp"]) if cfg["kind"] == "images"
+                  else OpenSlideReader(item.path, cfg["slide_mpp"]))
+    except InputError as exc:
+        yield "skip", 0, {"path": exc.path, "reason": exc.reason, "inputs": 1}
+        return
+    count = 0
+    try:
+        for region in iter_regions(reader, geometry, min_tissue=cfg["min_tissue"],
+                                   threshold=cfg["tissue_threshold"], thumbnail_px=cfg["thumbnail_px"],
+                                   start=start):
+            count += 1
+            yield "sample", region.index, _sample(
+                item, region.index, region.rgb, region.tissue, cfg, classes, x=region.x, y=region.y,
+                size=region.size, mpp=cfg["mpp"], slide_mpp=reader.mpp, tissue_threshold=region.threshold,
+                source=str(item.path))
+    except InputError as exc:
+        yield "skip", start + count, {"path": exc.path, "reason": exc.reason, "inputs": 1}
+        return
+    except Exception as exc:  # a corrupt tile deep inside a slide file
+        yield "skip", start + count, {"path": str(item.path), "inputs": 1,
+                                      "reason": f"read failed after {start + count} regions "
+                                                f"({type(exc).__name__}: {exc})"}
+        return
+    finally:
+        reader.close()
+    if start == 0 and count == 0:
+        yield "skip", 0, {"path": str(item.path), "inputs": 1,
+                          "reason": f"no region with tissue fraction >= {cfg['min_tissue']}"}
+
+
+def item_events(item: Item, cfg: dict, classes: list[str], start: int = 0) -> Iterator[tuple]:
+    """("sample", index, sample) and ("skip", index, record) events of one item, in order."""
+    if cfg["kind"] == "pt":
+        return _pt_events(item, cfg, classes, start)
+    return _slide_events(item, cfg, classes, start)
+
+
+def _spool_item(item: Item, cfg: dict, classes: list[str], start: int, spool: str) -> list[tuple]:
+    """Worker side of a parallel build: samples go to a temporary tar, events come back in order."""
+    events = []
+    with open(spool, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0) as tar:
+        for kind, index, payload in item_events(item, cfg, classes, start):
+            if kind == "sample":
+                tar.write(payload)
+                payload = None
+            events.append((kind, index, payload))
+    return events
+
+
+def _replay(events: list[tuple], spool: str) -> Iterator[tuple]:
+    samples = iter(wds.tariterators.tarfile_samples([{"url": spool}]))
+    for kind, index, payload in events:
+        if kind == "sample":
+            payload = {k: v for k, v in next(samples).items() if k != "__url__"}
+        yield kind, index, payload
+    os.unlink(spool)
+
+
+def _events_parallel(items: list[tuple[Item, int]], cfg: dict, classes: list[str], spool_dir: Path
+                     ) -> Iterator[tuple[Item, Iterator[tuple]]]:
+    """Items built by `workers` processes, yielded in input order; a bounded window caps disk use."""
+    window = 2 * cfg["workers"]
+    with ProcessPoolExecutor(cfg["workers"], mp_context=get_context("spawn")) as pool:
+        pending: list[tuple[Item, str, Future]] = []
+        todo = iter(items)
+        for item, start in todo:
+            spool = str(spool_dir / f"item-{item.ordinal:07d}.tar")
+            pending.append((item, spool, pool.submit(_spool_item, item, cfg, classes, start, spool)))
+            if len(pending) >= window:
+                break
+        while pending:
+            item, spool, future = pending.pop(0)
+            yield item, _replay(future.result(), spool)
+            for next_item, start in todo:
+                next_spool = str(spool_dir / f"item-{next_item.ordinal:07d}.tar")
+                pending.append((next_item, next_spool,
+                                pool.submit(_spool_item, next_item, cfg, classes, start, next_spool)))
+                break
+
+
+# -------------------------------------------------------------------------------------------- writer
+class ShardWriter:
+    """Packs samples into shard-%06d.tar files; each is renamed into place and journalled when full."""
+
+    def __init__(self, out_dir: Path, shard_bytes: int, journal: Path, first_shard: int):
+        self.out_dir, self.shard_bytes, self.journal = out_dir, shard_bytes, journal
+        self.index = first_shard
+        self.stream = None
+        self.tar = None
+        self.count = 0
+        self.slides: dict[str, int] = {}
+        self.open_slide_at_end = False
+        self.pending_skips: list[dict] = []
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:06d}.tar"
+
+    def add(self, sample: dict, slide_id: str | None, position: tuple[int, int]) -> None:
+        """Append a sample; `slide_id` is None for unlabelled tiles, which belong to no slide."""
+        size = sum(len(v) for k, v in sample.items() if not k.startswith("__")) + 1024 * len(sample)
+        if self.tar is not None and self.count and self.stream.tell() + size > self.shard_bytes:
+            self.finish(resume=position, slide_continues=slide_id in self.slides)
+        if self.tar is None:
+            self.stream = open(self.out_dir / (self.name + ".tmp"), "wb")
+            self.tar = wds.TarWriter(self.stream, encoder=False, mtime=0)
+        self.tar.write(sample)
+        self.count += 1
+        if slide_id is not None:
+            self.slides[slide_id] = self.slides.get(slide_id, 0) + 1
+
+    def skip(self, record: dict) -> None:
+        self.pending_skips.append(record)
+
+    def finish(self, resume: tuple[int, int] | None, slide_continues: bool = False) -> None:
+        """Close the open shard (if any), rename it into place and journal it with the resume point."""
+        entry: dict[str, Any] = {"resume": list(resume) if resume else None, "skipped": self.pending_skips}
+        if self.tar is not None:
+            self.tar.close()
+            self.stream.flush()
+            os.fsync(self.stream.fileno())
+            self.stream.close()
+            final = self.out_dir / self.name
+            os.replace(self.out_dir / (self.name + ".tmp"), final)
+            entry["shard"] = {"name": self.name, "samples": self.count, "bytes": final.stat().st_size,
+                              "sha256": sha256_file(final), "slides": self.slides,
+                              "slide_continues": slide_continues}
+            self.index += 1
+        with open(self.journal, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.tar, self.stream, self.count, self.slides, self.pending_skips = None, None, 0, {}, []
+
+    def abort(self) -> None:
+        if self.tar is not None:
+            self.stream.close()
+            (self.out_dir / (self.name + ".tmp")).unlink(missing_ok=True)
+            self.tar = None
+
+
+def read_journal(path: Path, args: dict) -> tuple[list[dict], list[dict], tuple[int, int]]:
+    """(shards, skipped, resume position) of an interrupted build; refuses one with other settings."""
+    if not path.exists():
+        return [], [], (0, 0)
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if lines[0].get("build_args") != args:
+        raise BuildError(f"{path.parent} holds an interrupted build with other settings; use another --out "
+                         "or delete it")
+    shards, skipped, resume = [], [], (0, 0)
+    for entry in lines[1:]:
+        if "shard" in entry:
+            shards.append(entry["shard"])
+        skipped += entry["skipped"]
+        resume = tuple(entry["resume"]) if entry["resume"] else resume
+    return shards, skipped, resume
+
+
+# --------------------------------------------------------------------------------------------- build
+def build(cfg: dict) -> dict:
+    """Run a build (or the rest of an interrupted one) and return its manifest."""
+    cfg = {**DEFAULTS, **cfg}
+    if cfg["on_error"] not in ("fail", "skip"):
+        raise ValueError(f"on_error must be fail or skip, got {cfg['on_error']!r}")
+    out_dir = part_dir(Path(cfg["out"]), cfg["part"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = build_args(cfg)
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest["build_args"] != args:
+            raise BuildError(f"{out_dir} already holds a build with other settings; use another --out")
+        log.info("%s is already complete (%d shards); nothing to do", out_dir, len(manifest["shards"]))
+        return manifest
+
+    items = discover(cfg["kind"], cfg["input"], labels_csv=cfg["labels"],
+                     labels_from_folders=cfg["labels_from_folders"], tiles_per_item=cfg["tiles_per_item"])
+    classes = class_names(items, cfg["classes"])
+    part_index, part_count = parse_part(cfg["part"])
+    mine = [item for item in items if item.ordinal % part_count == part_index]
+
+    journal = out_dir / JOURNAL
+    shards, skipped, resume = read_journal(journal, args)
+    if not journal.exists():
+        journal.write_text(json.dumps({"build_args": args}) + "\n")
+    elif shards or skipped:
+        log.info("resuming %s after %d shard(s) at item %d, sample %d", out_dir, len(shards), *resume)
+    todo = [(item, resume[1] if item.ordinal == resume[0] else 0) for item in mine if item.ordinal >= resume[0]]
+
+    writer = ShardWriter(out_dir, int(cfg["shard_bytes"]), journal, first_shard=len(shards))
+    spool_dir = Path(tempfile.mkdtemp(prefix=".spool-", dir=out_dir))
+    try:
+        if cfg["workers"] > 1:
+            streams = _events_parallel(todo, cfg, classes, spool_dir)
+        else:
+            streams = ((item, item_events(item, cfg, classes, start)) for item, start in todo)
+        for item, events in tqdm(streams, total=len(todo), desc=f"build {out_dir.name}", unit="item"):
+            for kind, index, payload in events:
+                if kind == "skip":
+                    if cfg["on_error"] == "fail":
+                        raise BuildError(f"{payload['path']}: {payload['reason']}")
+                    log.warning("skipped %s: %s", payload["path"], payload["reason"])
+                    writer.skip(payload)
+                else:
+                    writer.add(payload, item.slide_id, (item.ordinal, index))
+        writer.finish(resume=None)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        shutil.rmtree(spool_dir, ignore_errors=True)
+    shards, skipped, _ = read_journal(journal, args)
+    manifest = make_manifest(cfg, mine, classes, shards, skipped)
+    atomic_write_json(manifest_path, manifest)
+    log.info("%d inputs = %d written + %d skipped; %d samples in %d shards -> %s", manifest["inputs"],
+             manifest["written"], manifest["n_skipped"], manifest["samples"], len(shards), out_dir)
+    return manifest
+
+
+def make_manifest(cfg: dict, items: list[Item], classes: list[str], shards: list[dict],
+                  skipped: list[dict]) -> dict:
+    by_slide = {item.slide_id: item for item in items if item.slide_id is not None}
+    slides: dict[str, dict] = {}
+    for shard in shards:
+        for slide_id, count in shard["slides"].items():
+            item = by_slide[slide_id]
+            entry = slides.setdefault(slide_id, {"label": item.label, "patient_id": item.patient_id or slide_id,
+                                                 "split": item.split, "regions": 0, "shards": []})
+            entry["regions"] += count
+            entry["shards"].append(shard["name"])
+    samples = sum(shard["samples"] for shard in shards)
+    inputs = sum(item.n_inputs for item in items)
+    written = samples if cfg["kind"] == "pt" else len(slides)
+    n_skipped = sum(record["inputs"] for record in skipped)
+    if inputs != written + n_skipped:
+        raise BuildError(f"accounting error: {inputs} inputs != {written} written + {n_skipped} skipped")
+    written_items = [by_slide[s] for s in slides]
+    return {
+        "format": FORMAT, "version": FORMAT_VERSION, "kind": cfg["kind"], "build_args": build_args(cfg),
+        "classes": classes,
+        "class_counts": {"slides": class_counts(written_items),
+                         "regions": _region_counts(slides)},
+        "inputs": inputs, "written": written, "n_skipped": n_skipped, "samples": samples,
+        "slides": slides,
+        "shards": shards, "skipped": skipped,
+    }
+
+
+def _region_counts(slides: dict[str, dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for entry in slides.values():
+        if entry["label"] is not None:
+            counts[entry["label"]] = counts.get(entry["label"], 0) + entry["regions"]
+    return dict(sorted(counts.items()))

@@ -1,0 +1,139 @@
+"""Finding the inputs of a build and their labels.
+
+An input *item* is one unit of work: a slide (whole-slide file, image, or folder of region `.pt`
+files) or, for a flat folder of `.pt` tiles, a fixed-size group of tile files. Items are sorted by
+slide id, so their ordinals (and the sample keys derived from them) are the same on every machine,
+which is what makes `--part i/n` and resuming deterministic.
+"""
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from hipt_e2e.data.sources import IMAGE_SUFFIXES, SLIDE_SUFFIXES
+
+KINDS = ("pt", "images", "slides")
+
+
+@dataclass
+class Item:
+    ordinal: int
+    slide_id: str | None  # None for a group of unlabelled tiles
+    path: Path
+    label: str | None = None
+    patient_id: str | None = None
+    split: str | None = None
+    files: tuple[Path, ...] = ()  # the .pt files of a pt item
+
+    @property
+    def n_inputs(self) -> int:
+        """Inputs this item accounts for: its files for `pt`, else the one slide."""
+        return len(self.files) if self.files else 1
+
+
+class LabelsError(ValueError):
+    """All problems of a labels CSV against the inputs found, reported together."""
+
+
+def read_labels_csv(path: Path) -> tuple[dict[str, dict], list[str]]:
+    """`slide_id,label[,patient_id][,split]` -> ({slide_id: row}, problems)."""
+    problems: list[str] = []
+    rows: dict[str, dict] = {}
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing_columns = {"slide_id", "label"} - set(reader.fieldnames or [])
+        if missing_columns:
+            raise LabelsError(f"{path}: missing column(s) {sorted(missing_columns)}; "
+                              "expected slide_id,label[,patient_id][,split]")
+        for line, row in enumerate(reader, start=2):
+            slide_id = (row.get("slide_id") or "").strip()
+            if not slide_id:
+                problems.append(f"{path}:{line}: empty slide_id")
+                continue
+            if slide_id in rows:
+                problems.append(f"{path}:{line}: duplicate slide id {slide_id!r}")
+                continue
+            label = (row.get("label") or "").strip()
+            if not label:
+                problems.append(f"{path}:{line}: slide {slide_id!r} has no label")
+            rows[slide_id] = {"label": label or None,
+                              "patient_id": (row.get("patient_id") or "").strip() or None,
+                              "split": (row.get("split") or "").strip() or None}
+    return rows, problems
+
+
+def _slide_id(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem if path.is_file() else name
+
+
+def _find(kind: str, root: Path) -> tuple[list[Path], bool]:
+    """Input paths of one kind under root, and whether they are flat (unlabelled) tiles."""
+    if kind == "pt":
+        flat = sorted(root.glob("*.pt"))
+        folders = sorted({p.parent for p in root.rglob("*.pt") if p.parent != root})
+        if flat and folders:
+            raise ValueError(f"{root}: holds both .pt files and sub-folders of .pt files; use either a flat "
+                             "folder of tiles or one sub-folder per slide")
+        return (flat, True) if flat else (folders, False)
+    suffixes = IMAGE_SUFFIXES if kind == "images" else SLIDE_SUFFIXES
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes), False
+
+
+def discover(kind: str, root: str | Path, *, labels_csv: str | Path | None = None,
+             labels_from_folders: bool = False, tiles_per_item: int = 1024) -> list[Item]:
+    """All items of a build, sorted and numbered; label problems raise one LabelsError listing all."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: input folder not found")
+    paths, flat_tiles = _find(kind, root)
+    if flat_tiles:
+        groups = [paths[i: i + tiles_per_item] for i in range(0, len(paths), tiles_per_item)]
+        return [Item(n, None, group[0], files=tuple(group)) for n, group in enumerate(groups)]
+    by_id: dict[str, Path] = {}
+    problems: list[str] = []
+    for path in paths:
+        slide_id = _slide_id(path)
+        if slide_id in by_id:
+            problems.append(f"duplicate slide id {slide_id!r}: {by_id[slide_id]} and {path}")
+        by_id[slide_id] = path
+    labels: dict[str, dict] = {}
+    if labels_csv is not None:
+        labels, csv_problems = read_labels_csv(Path(labels_csv))
+        problems += csv_problems
+        problems += [f"{labels_csv}: slide {s!r} is listed but not found under {root}"
+                     for s in sorted(set(labels) - set(by_id))]
+        problems += [f"{by_id[s]}: slide {s!r} is not in {labels_csv}" for s in sorted(set(by_id) - set(labels))]
+    elif labels_from_folders:
+        labels = {s: {"label": p.parent.name, "patient_id": None, "split": None} for s, p in by_id.items()}
+    if problems:
+        raise LabelsError(f"{len(problems)} problem(s) with the inputs and labels:\n  " + "\n  ".join(problems))
+    items = []
+    for ordinal, slide_id in enumerate(sorted(by_id)):
+        path = by_id[slide_id]
+        row = labels.get(slide_id, {})
+        files = tuple(sorted(path.glob("*.pt"))) if kind == "pt" else ()
+        items.append(Item(ordinal, slide_id, path, row.get("label"), row.get("patient_id"), row.get("split"), files))
+    return items
+
+
+def class_names(items: list[Item], classes: list[str] | None = None) -> list[str]:
+    """The class list: given explicitly, or the sorted labels found. A label outside a given list is an error."""
+    found = sorted({item.label for item in items if item.label is not None})
+    if classes is None:
+        return found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise LabelsError(f"label(s) {unknown} are not in the class list {classes}")
+    return list(classes)
+
+
+def class_counts(items: list[Item]) -> dict[str, int]:
+    return dict(sorted(Counter(item.label for item in items if item.label is not None).items()))
