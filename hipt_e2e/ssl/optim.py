@@ -1,0 +1,75 @@
+"""The per-step pieces of a DINO update: teacher EMA, per-parameter clipping, the frozen last layer,
+and the weight-decay parameter groups that the schedules drive."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+LAST_LAYER = "last_layer"  # DINOHead's prototype layer, matched by parameter name
+DECAY_KEY = "apply_weight_decay"  # marks the parameter groups that follow the weight-decay schedule
+
+
+@torch.no_grad()
+def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, over parameters only.
+
+    Buffers are left alone: the teacher keeps its own running statistics (if any). Parameters are
+    matched by name so a wrapped student (e.g. ``module.`` from DDP) fails loudly instead of silently
+    pairing the wrong tensors.
+    """
+    student_params = dict(student.named_parameters())
+    teacher_params = dict(teacher.named_parameters())
+    if student_params.keys() != teacher_params.keys():
+        missing = sorted(student_params.keys() ^ teacher_params.keys())[:5]
+        raise ValueError(f"student and teacher parameters differ, e.g. {missing}; unwrap the student first")
+    names = list(teacher_params)
+    torch._foreach_lerp_(
+        [teacher_params[n] for n in names], [student_params[n].detach() for n in names], 1.0 - momentum
+    )
+
+
+@torch.no_grad()
+def clip_gradients_per_parameter(model: nn.Module, clip: float) -> torch.Tensor:
+    """Scale each parameter's gradient to an L2 norm of at most ``clip`` (DINO clips per tensor, not
+    globally). Returns the norms before clipping, one per parameter with a gradient, as a tensor so
+    no host-device synchronisation is forced."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.empty(0)
+    norms = torch.stack(torch._foreach_norm(grads))
+    scales = (clip / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(scales.unbind()))
+    return norms
+
+
+def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
+    """Drop the prototype layer's gradients during the first ``freeze_last_layer`` epochs: DINO
+    found that letting it move while the backbone is still random destabilises training."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, param in model.named_parameters():
+        if LAST_LAYER in name:
+            param.grad = None
+
+
+def weight_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: weights with ndim > 1 are decayed, biases and norm scales are not.
+    Frozen parameters (e.g. the head's fixed weight_g) are left out."""
+    decayed, not_decayed = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decayed if param.ndim > 1 else not_decayed).append(param)
+    return [
+        {"params": decayed, DECAY_KEY: True},
+        {"params": not_decayed, DECAY_KEY: False, "weight_decay": 0.0},
+    ]
+
+
+def set_lr_and_weight_decay(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """Apply one iteration's scheduled values: lr to every group, weight decay only to decayed groups."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group.get(DECAY_KEY, False):
+            group["weight_decay"] = weight_decay

@@ -1,0 +1,42 @@
+"""Per-iteration DINO schedules (learning rate, weight decay, teacher momentum) and the lr scaling rule."""
+from __future__ import annotations
+
+import numpy as np
+
+REFERENCE_BATCH = 256  # DINO's base learning rates are quoted for a global batch of 256
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """Linear scaling rule: the quoted lr holds for a batch of 256 and grows with the batch."""
+    return base_lr * global_batch / REFERENCE_BATCH
+
+
+def cosine_schedule(
+    base: float,
+    final: float,
+    epochs: int,
+    iters_per_epoch: int,
+    warmup_epochs: int = 0,
+    start_warmup: float = 0.0,
+) -> np.ndarray:
+    """One value per iteration: a linear ramp start_warmup -> base over the warm-up iterations
+    (both ends included), then a half cosine from base down (or up) to final.
+
+    The cosine is sampled at i/n for i < n (as in DINO's reference schedule), so its last value is one
+    step short of ``final``.
+    """
+    total = epochs * iters_per_epoch
+    warmup_iters = warmup_epochs * iters_per_epoch
+    if not 0 <= warmup_iters <= total:
+        raise ValueError(f"warm-up of {warmup_iters} iterations does not fit in {total}")
+    warmup = np.linspace(start_warmup, base, warmup_iters)
+    progress = np.arange(total - warmup_iters) / max(total - warmup_iters, 1)
+    cosine = final + 0.5 * (base - final) * (1.0 + np.cos(np.pi * progress))
+    return np.concatenate([warmup, cosine])
+
+
+def teacher_temperature_schedule(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int) -> np.ndarray:
+    """One teacher temperature per epoch: linear warmup_temp -> temp, then constant."""
+    if not 0 <= warmup_epochs <= epochs:
+        raise ValueError(f"teacher temperature warm-up of {warmup_epochs} epochs does not fit in {epochs}")
+    return np.concatenate([np.linspace(warmup_temp, temp, warmup_epochs), np.full(epochs - warmup_epochs, temp)])
