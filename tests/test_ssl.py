@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -212,7 +213,9 @@ def test_multicrop_wrapper_runs_backbone_once_per_crop_size() -> None:
         (colour.adjust_hue, TF.adjust_hue, [-0.1, 0.0, 0.07]),
     ],
 )
-def test_colour_ops_match_torchvision_per_sample(ours, theirs, factors: list[float]) -> None:
+def test_colour_ops_match_torchvision_per_sample(
+    ours: Callable[..., torch.Tensor], theirs: Callable[..., torch.Tensor], factors: list[float]
+) -> None:
     images = torch.rand(3, 3, 9, 7, generator=_generator())
     images[0, :, 0, 0] = 0.5  # a grey pixel: hue undefined, must stay grey
     expected = torch.stack([theirs(image, factor) for image, factor in zip(images, factors)])
@@ -287,6 +290,16 @@ def test_identical_tiles_get_different_crops() -> None:
     crops = TileMultiCrop("hipt", global_size=28, local_size=12, n_local=2)(_tiles(4, identical=True), _generator())
     for crop in crops:
         assert all(not torch.allclose(crop[0], crop[i]) for i in range(1, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_tile_crops_run_on_the_input_device_with_the_same_parameters() -> None:
+    multicrop = TileMultiCrop("hipt", global_size=28, local_size=12, n_local=2)
+    on_cpu = multicrop(_tiles(), _generator(2))
+    on_gpu = multicrop(_tiles().cuda(), _generator(2))
+    for cpu_crop, gpu_crop in zip(on_cpu, on_gpu):
+        assert gpu_crop.is_cuda
+        torch.testing.assert_close(gpu_crop.cpu(), cpu_crop, atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------- region-level crops
