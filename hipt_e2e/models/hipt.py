@@ -1,0 +1,175 @@
+"""The nested HIPT model: uint8 regions of one slide -> slide logits, differentiable end to end.
+
+regions [M, 3, H, W] -> tiles in raster order (index = row * cols + col) -> normalise -> tile
+encoder in chunks -> token grids [M, D, rows, cols] -> region encoder -> [M, 192] -> slide model.
+Training memory is kept bounded by checkpointing chunks of tiles (only chunk outputs are stored;
+each chunk is recomputed in backward) and, optionally, individual ViT blocks.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..normalise import NORMALISATIONS, normalise
+from .cnn import cnn256
+from .presets import model_preset
+from .slide import SlideTransformer, vit_wsi
+from .vit import RegionViT, vit4k, vit256
+
+STAGES = ("tile", "region", "slide")
+
+
+class HIPTAttention(NamedTuple):
+    tile: torch.Tensor  # [M, heads, rows, cols]: each region's CLS attention over its tiles (ViT4K, last block)
+    region: torch.Tensor  # [M]: the slide model's attention-pooling weights over the regions
+
+
+class HIPT(nn.Module):
+    """Tile encoder -> region encoder -> slide model on the uint8 regions of ONE slide.
+
+    freeze_*: a frozen stage gets no gradients, stays in eval mode (so dropout and BatchNorm
+    statistics do not change) and, when every stage before it is frozen too, builds no graph.
+    chunk_size: tiles per tile-encoder call. checkpoint_chunks / checkpoint_blocks: gradient
+    checkpointing over chunks of tiles / over every ViT block of the tile and region encoders.
+    """
+
+    def __init__(
+        self,
+        tile_encoder: nn.Module,
+        region_encoder: RegionViT,
+        slide_encoder: SlideTransformer,
+        *,
+        tile_px: int = 256,
+        normalisation: str = "hipt",
+        chunk_size: int = 256,
+        freeze_tile: bool = False,
+        freeze_region: bool = False,
+        freeze_slide: bool = False,
+        checkpoint_chunks: bool = False,
+        checkpoint_blocks: bool = False,
+    ) -> None:
+        super().__init__()
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {normalisation!r}; choose one of {sorted(NORMALISATIONS)}")
+        self.tile_encoder = tile_encoder
+        self.region_encoder = region_encoder
+        self.slide_encoder = slide_encoder
+        self.tile_px = tile_px
+        self.normalisation = normalisation
+        self.chunk_size = chunk_size
+        self.frozen = dict.fromkeys(STAGES, False)
+        self.set_frozen(tile=freeze_tile, region=freeze_region, slide=freeze_slide)
+        self.set_grad_checkpointing(chunks=checkpoint_chunks, blocks=checkpoint_blocks)
+
+    @classmethod
+    def from_preset(cls, preset: str = "hipt", n_classes: int = 2, *, cnn: str | None = None, **settings) -> HIPT:
+        """Build from a named geometry (see presets.py); `cnn` names a timm CNN to use as tile encoder."""
+        geometry = model_preset(preset)
+        tile_dim = geometry["tile"]["embed_dim"]
+        tile_encoder = cnn256(cnn, embed_dim=tile_dim) if cnn else vit256(**geometry["tile"])
+        return cls(tile_encoder, vit4k(**geometry["region"]), vit_wsi(n_classes, **geometry["slide"]),
+                   tile_px=geometry["tile_px"], **settings)
+
+    def _stage(self, name: str) -> nn.Module:
+        return getattr(self, f"{name}_encoder")
+
+    def set_frozen(self, *, tile: bool | None = None, region: bool | None = None, slide: bool | None = None) -> None:
+        """Freeze (True) or unfreeze (False) stages; None leaves a stage as it is."""
+        for stage, flag in zip(STAGES, (tile, region, slide)):
+            if flag is not None:
+                self.frozen[stage] = flag
+                self._stage(stage).requires_grad_(not flag).train(self.training and not flag)
+
+    def set_grad_checkpointing(self, chunks: bool = True, blocks: bool = False) -> None:
+        self.checkpoint_chunks = chunks
+        self.tile_encoder.set_grad_checkpointing(blocks)
+        self.region_encoder.set_grad_checkpointing(blocks)
+
+    def train(self, mode: bool = True) -> HIPT:
+        super().train(mode)
+        for stage, flag in self.frozen.items():
+            if flag:
+                self._stage(stage).eval()
+        return self
+
+    def _grad(self, *stages: str) -> torch.autograd.grad_mode.set_grad_enabled:
+        """No graph through a stage when it and every stage before it are frozen (nothing to train)."""
+        return torch.set_grad_enabled(torch.is_grad_enabled() and not all(self.frozen[s] for s in stages))
+
+    def _encode_chunk(self, gather: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        return self.tile_encoder(normalise(gather(index), self.normalisation))
+
+    def _encode_in_chunks(self, gather: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        """Tile embeddings [len(index), D] of the uint8 tiles `gather(index)`, chunk by chunk.
+
+        Checkpointed chunks keep only their index and output alive; the pixels are gathered and
+        normalised again in backward, so no float copy of the regions is ever stored.
+        """
+        outputs = []
+        for chunk in index.split(self.chunk_size):
+            if self.checkpoint_chunks and torch.is_grad_enabled():
+                outputs.append(checkpoint(self._encode_chunk, gather, chunk, use_reentrant=False))
+            else:
+                outputs.append(self._encode_chunk(gather, chunk))
+        return torch.cat(outputs)
+
+    def embed_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 tiles [N, 3, tile_px, tile_px] -> tile embeddings [N, D], in chunks."""
+        with self._grad("tile"):
+            return self._encode_in_chunks(tiles.__getitem__, torch.arange(len(tiles), device=tiles.device))
+
+    def token_grids(self, regions: torch.Tensor, tile_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 regions [M, 3, H, W] -> token grids [M, D, rows, cols], grid[:, :, r, c] = tile r*cols + c.
+
+        tile_mask [M, rows, cols] (optional, True = skip, e.g. background): skipped tiles are not
+        encoded and get a zero embedding.
+        """
+        n_regions, rows, cols = self._layout(regions, tile_mask)
+        t = self.tile_px
+        tiles = regions.unflatten(3, (cols, t)).unflatten(2, (rows, t)).permute(0, 2, 4, 1, 3, 5)  # view
+        n_tiles = n_regions * rows * cols
+        keep = torch.arange(n_tiles, device=regions.device)
+        if tile_mask is not None:
+            keep = keep[~tile_mask.flatten()]
+            if len(keep) == 0:
+                raise ValueError("tile_mask skips every tile; drop such regions instead")
+
+        def gather(index: torch.Tensor) -> torch.Tensor:
+            return tiles[index // (rows * cols), index // cols % rows, index % cols]
+
+        with self._grad("tile"):
+            embeddings = self._encode_in_chunks(gather, keep)
+        if tile_mask is not None:
+            embeddings = embeddings.new_zeros(n_tiles, embeddings.shape[1]).index_copy(0, keep, embeddings)
+        return embeddings.view(n_regions, rows, cols, -1).permute(0, 3, 1, 2)
+
+    def _layout(self, regions: torch.Tensor, tile_mask: torch.Tensor | None) -> tuple[int, int, int]:
+        n_regions, channels, height, width = regions.shape
+        if channels != 3 or height % self.tile_px or width % self.tile_px:
+            raise ValueError(f"expected regions [M, 3, H, W] with H, W multiples of {self.tile_px}, "
+                             f"got {tuple(regions.shape)}")
+        rows, cols = height // self.tile_px, width // self.tile_px
+        if tile_mask is not None and tuple(tile_mask.shape) != (n_regions, rows, cols):
+            raise ValueError(f"tile_mask must be [M, rows, cols] = {(n_regions, rows, cols)}, "
+                             f"got {tuple(tile_mask.shape)}")
+        return n_regions, rows, cols
+
+    def _encode_regions(self, regions: torch.Tensor, tile_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        grids = self.token_grids(regions, tile_mask)
+        with self._grad("tile", "region"):
+            return self.region_encoder.forward_with_attention(grids)
+
+    def region_embeddings(self, regions: torch.Tensor, tile_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 regions [M, 3, H, W] -> region embeddings [M, 192] (callers bound M to bound memory)."""
+        return self._encode_regions(regions, tile_mask)[0]
+
+    def forward(self, regions: torch.Tensor, tile_mask: torch.Tensor | None = None,
+                return_attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, HIPTAttention]:
+        """uint8 regions of one slide [M, 3, H, W] -> logits [1, n_classes] (and HIPTAttention)."""
+        embeddings, tile_attention = self._encode_regions(regions, tile_mask)
+        logits, region_attention = self.slide_encoder(embeddings, return_attention=True)
+        return (logits, HIPTAttention(tile_attention, region_attention)) if return_attention else logits
