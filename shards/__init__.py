@@ -1,0 +1,1 @@
+"""The shard-building CLI package (`hipt-shards`, `python -m shards`)."""

@@ -269,6 +269,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         if self.tar is not None:
+            self.tar.close()
             self.stream.close()
             (self.out_dir / (self.name + ".tmp")).unlink(missing_ok=True)
             self.tar = None

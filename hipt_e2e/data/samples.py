@@ -37,7 +37,7 @@ def decode_pixels(ext: str, data: bytes) -> np.ndarray:
         rgb = np.load(io.BytesIO(data), allow_pickle=False)
     elif ext in ("jpg", "png"):
         with Image.open(io.BytesIO(data)) as image:
-            rgb = np.asarray(image.convert("RGB"))
+            rgb = np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy needs
     else:
         raise ValueError(f"unknown pixel entry {ext!r}")
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:

@@ -90,8 +90,7 @@ class ImageReader:
         crop = self.image.crop((x, y, x + width, y + height))
         if size != out_px:
             scale = out_px / size
-            crop = crop.resize((max(1, round(width * scale)), max(1, round(height * scale))),
-                               Image.Resampling.BILINEAR)
+            crop = resize(crop, max(1, round(width * scale)), max(1, round(height * scale)))
         return pad_region(np.asarray(crop), out_px, out_px)
 
     def close(self) -> None:
@@ -125,11 +124,17 @@ class OpenSlideReader:
         rgba = np.asarray(self.slide.read_region((x, y), level, (side, side)))
         rgb = composite_on_white(rgba)
         if side != out_px:
-            rgb = np.asarray(Image.fromarray(rgb).resize((out_px, out_px), Image.Resampling.BILINEAR))
+            rgb = np.asarray(resize(Image.fromarray(rgb), out_px, out_px))
         return rgb
 
     def close(self) -> None:
         self.slide.close()
+
+
+def resize(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Area average when shrinking (what a scanner's pyramid level holds), bicubic when enlarging."""
+    shrinking = width <= image.width and height <= image.height
+    return image.resize((width, height), Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC)
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:
@@ -175,8 +180,11 @@ def load_pt_pixels(path: str | Path) -> np.ndarray:
     try:
         tensor = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(path, f"not a loadable tensor file with weights_only=True ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0][:200]})") from exc
+        if "Weights only load failed" in str(exc):
+            raise InputError(path, "holds pickled Python objects; refused (loaded with weights_only=True, "
+                                   "never unpickling arbitrary code)") from exc
+        detail = (str(exc) or "empty or truncated file").splitlines()[0][:200]
+        raise InputError(path, f"not a readable tensor file ({type(exc).__name__}: {detail})") from exc
     if not isinstance(tensor, torch.Tensor):
         raise InputError(path, f"holds a {type(tensor).__name__}, expected one tensor [3, H, W]")
     if tensor.ndim != 3 or tensor.shape[0] != 3 or min(tensor.shape[1:]) == 0:

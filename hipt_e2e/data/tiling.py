@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Saturation threshold below which a pixel counts as background even when Otsu would pick lower:
-# on an empty or nearly empty slide Otsu splits noise, and this floor keeps glass out of the mask.
-TISSUE_FLOOR = 20
+# Bounds on the per-slide Otsu threshold of HSV saturation (0-255). Glass stays below ~10. Otsu alone
+# is right when glass dominates a slide, but on fields that are mostly tissue it splits pale stroma from
+# nuclei instead (seen on the lymphoma fields: Otsu 35-115), so it is clipped into this range.
+TISSUE_FLOOR = 15
+TISSUE_CEILING = 30
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
@@ -48,10 +50,10 @@ def otsu_threshold(values: np.ndarray) -> int:
 
 
 def tissue_threshold(thumbnail_rgb: np.ndarray, fixed: int | None = None) -> int:
-    """Saturation threshold for one slide: `fixed` when given, else Otsu on the thumbnail, floored."""
+    """Saturation threshold for one slide: `fixed` when given, else Otsu on the thumbnail, clipped."""
     if fixed is not None:
         return int(fixed)
-    return max(otsu_threshold(saturation(thumbnail_rgb)), TISSUE_FLOOR)
+    return int(np.clip(otsu_threshold(saturation(thumbnail_rgb)), TISSUE_FLOOR, TISSUE_CEILING))
 
 
 def tile_tissue_fractions(region_rgb: np.ndarray, tile_px: int, threshold: int) -> np.ndarray:
