@@ -23,13 +23,13 @@ def _layer_norm(sd: State, name: str, x: torch.Tensor, eps: float) -> torch.Tens
     return F.layer_norm(x, x.shape[-1:], sd[f"{name}.weight"], sd[f"{name}.bias"], eps)
 
 
-def _self_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
-    """qkv [B, N, 3C] -> attention output [B, N, C] with an explicit softmax."""
+def _self_attention(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv [B, N, 3C] -> (output [B, N, C], weights [B, heads, N, N]) with an explicit softmax."""
     b, n, three_c = qkv.shape
     c = three_c // 3
     q, k, v = qkv.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-    attn = (q @ k.transpose(-2, -1)) * (c // heads) ** -0.5
-    return (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+    attn = ((q @ k.transpose(-2, -1)) * (c // heads) ** -0.5).softmax(dim=-1)
+    return (attn @ v).transpose(1, 2).reshape(b, n, c), attn
 
 
 def _interpolate_table(pos: torch.Tensor, g_rows: int, g_cols: int) -> torch.Tensor:
@@ -43,18 +43,19 @@ def _interpolate_table(pos: torch.Tensor, g_rows: int, g_cols: int) -> torch.Ten
     return torch.cat((pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, g_rows * g_cols, -1)), dim=1)
 
 
-def _vit_trunk(sd: State, tokens: torch.Tensor, g_rows: int, g_cols: int, heads: int) -> torch.Tensor:
-    """CLS + table + pre-norm blocks + final norm; returns the CLS embedding."""
+def _vit_trunk(sd: State, tokens: torch.Tensor, g_rows: int, g_cols: int,
+               heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLS + table + pre-norm blocks + final norm -> (CLS embedding, last block's attention)."""
     x = torch.cat((sd["cls_token"].expand(tokens.shape[0], -1, -1), tokens), dim=1)
     x = x + _interpolate_table(sd["pos_embed"], g_rows, g_cols)
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     for i in range(depth):
         p = f"blocks.{i}"
-        h = _self_attention(_linear(sd, f"{p}.attn.qkv", _layer_norm(sd, f"{p}.norm1", x, 1e-6)), heads)
+        h, attn = _self_attention(_linear(sd, f"{p}.attn.qkv", _layer_norm(sd, f"{p}.norm1", x, 1e-6)), heads)
         x = x + _linear(sd, f"{p}.attn.proj", h)
         h = F.gelu(_linear(sd, f"{p}.mlp.fc1", _layer_norm(sd, f"{p}.norm2", x, 1e-6)))
         x = x + _linear(sd, f"{p}.mlp.fc2", h)
-    return _layer_norm(sd, "norm", x, 1e-6)[:, 0]
+    return _layer_norm(sd, "norm", x, 1e-6)[:, 0], attn
 
 
 def naive_vit256(sd: State, pixels: torch.Tensor, heads: int = 6) -> torch.Tensor:
@@ -62,14 +63,16 @@ def naive_vit256(sd: State, pixels: torch.Tensor, heads: int = 6) -> torch.Tenso
     weight = sd["patch_embed.proj.weight"]
     patch = weight.shape[-1]
     tokens = F.conv2d(pixels, weight, sd["patch_embed.proj.bias"], stride=patch)
-    return _vit_trunk(sd, tokens.flatten(2).transpose(1, 2), pixels.shape[-2] // patch, pixels.shape[-1] // patch, heads)
+    rows, cols = pixels.shape[-2] // patch, pixels.shape[-1] // patch
+    return _vit_trunk(sd, tokens.flatten(2).transpose(1, 2), rows, cols, heads)[0]
 
 
-def naive_vit4k(sd: State, grid: torch.Tensor, heads: int = 6) -> torch.Tensor:
-    """Tile-embedding grids [B, C_in, rows, cols] -> [B, C]."""
+def naive_vit4k(sd: State, grid: torch.Tensor, heads: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile-embedding grids [B, C_in, rows, cols] -> ([B, C], CLS attention over the grid [B, heads, rows, cols])."""
     b, c_in, rows, cols = grid.shape
     tokens = torch.stack([grid[:, :, r, col] for r in range(rows) for col in range(cols)], dim=1)
-    return _vit_trunk(sd, F.gelu(_linear(sd, "phi.0", tokens)), rows, cols, heads)
+    embedding, attn = _vit_trunk(sd, F.gelu(_linear(sd, "phi.0", tokens)), rows, cols, heads)
+    return embedding, attn[:, :, 0, 1:].reshape(b, heads, rows, cols)
 
 
 def naive_slide(sd: State, regions: torch.Tensor, heads: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +81,7 @@ def naive_slide(sd: State, regions: torch.Tensor, heads: int = 3) -> tuple[torch
     for i in range(2):  # post-norm encoder layers; the M regions are one sequence
         p = f"global_transformer.layers.{i}"
         qkv = F.linear(h, sd[f"{p}.self_attn.in_proj_weight"], sd[f"{p}.self_attn.in_proj_bias"])
-        attn_out = _linear(sd, f"{p}.self_attn.out_proj", _self_attention(qkv[None], heads)[0])
+        attn_out = _linear(sd, f"{p}.self_attn.out_proj", _self_attention(qkv[None], heads)[0][0])
         h = _layer_norm(sd, f"{p}.norm1", h + attn_out, 1e-5)
         ff = _linear(sd, f"{p}.linear2", F.relu(_linear(sd, f"{p}.linear1", h)))
         h = _layer_norm(sd, f"{p}.norm2", h + ff, 1e-5)
@@ -103,5 +106,5 @@ def naive_hipt(tile_sd: State, region_sd: State, slide_sd: State, regions_uint8:
                  for r in range(rows) for c in range(cols)]
         emb = naive_vit256(tile_sd, torch.stack(tiles), tile_heads)  # [rows*cols, C], index r*cols + c
         grids.append(emb.T.reshape(-1, rows, cols))
-    region_emb = naive_vit4k(region_sd, torch.stack(grids), region_heads)
+    region_emb = naive_vit4k(region_sd, torch.stack(grids), region_heads)[0]
     return naive_slide(slide_sd, region_emb, slide_heads)[0]

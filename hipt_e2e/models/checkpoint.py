@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -61,10 +62,11 @@ def _read_file(path: Path, trusted: bool) -> Mapping:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0]
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"e.g. {found.group(1)}" if found else "refused by torch.load(weights_only=True)"
         raise CheckpointError(
-            f"{path} holds pickled Python objects besides tensors ({reason}); released HIPT/DINO "
-            "training checkpoints do (e.g. an argparse.Namespace). Unpickling can execute arbitrary "
+            f"{path} holds pickled Python objects besides tensors ({what}), as released HIPT/DINO "
+            "training checkpoints do (they store an argparse.Namespace). Unpickling can execute arbitrary "
             "code, so it is refused by default: if you trust the file pass trusted=True, or convert it "
             f"once with `hipt-convert {path} OUT.safetensors --trusted` and load the safetensors file."
         ) from err
