@@ -28,7 +28,7 @@ def _check_sample(name: str, sample: dict) -> tuple[str | None, str | None]:
     if missing:
         return record.get("slide_id"), f"{name}: sample {sample['__key__']}: record lacks {missing}"
     rows, cols = record["grid"]
-    if (rgb.shape[0], rgb.shape[1]) != (record["height"], record["width"]) or len(record["tissue"]) != rows * cols:
+    if tuple(rgb.shape[1:]) != (record["height"], record["width"]) or len(record["tissue"]) != rows * cols:
         return record["slide_id"], (f"{name}: sample {sample['__key__']}: pixels {rgb.shape} do not match the "
                                     f"record ({record['height']}x{record['width']}, grid {rows}x{cols})")
     return record["slide_id"], None

@@ -15,6 +15,21 @@ import torch.nn.functional as F
 State = dict[str, torch.Tensor]
 
 
+def random_weights(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> State:
+    """Weights for the given key -> shape layout with O(1) activations and far-from-uniform attention,
+    so that a wrong scale, order or interpolation shows in the outputs (unlike a near-zero init)."""
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for key, shape in shapes.items():
+        if key.endswith(("norm.weight", "norm1.weight", "norm2.weight")):  # LayerNorm gains
+            weights[key] = 1 + 0.1 * torch.randn(shape, generator=g)
+        elif len(shape) >= 2 and key not in ("cls_token", "pos_embed"):
+            weights[key] = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+        else:
+            weights[key] = 0.5 * torch.randn(shape, generator=g)
+    return weights
+
+
 def _linear(sd: State, name: str, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, sd[f"{name}.weight"], sd[f"{name}.bias"])
 

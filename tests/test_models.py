@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
-from naive_hipt import naive_hipt, naive_slide, naive_vit4k, naive_vit256
+from naive_hipt import naive_hipt, naive_slide, naive_vit4k, naive_vit256, random_weights
 
 from hipt_e2e.models import (
     HIPT, CheckpointError, load_checkpoint, model_preset, resize_pos_table, vit4k, vit256, vit_wsi,
@@ -52,20 +50,6 @@ def _slide_layout(n_classes: int) -> dict[str, tuple[int, ...]]:
                    f"{p}.norm1.weight": (192,), f"{p}.norm1.bias": (192,),
                    f"{p}.norm2.weight": (192,), f"{p}.norm2.bias": (192,)}
     return shapes
-
-
-def random_weights(layout: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
-    """O(1) activations and non-uniform attention, so that a wrong scale or order would show."""
-    g = torch.Generator().manual_seed(seed)
-    weights = {}
-    for key, shape in layout.items():
-        if key.endswith("norm1.weight") or key.endswith("norm2.weight") or key == "norm.weight":
-            weights[key] = 1 + 0.1 * torch.randn(shape, generator=g)
-        elif len(shape) >= 2 and key not in ("cls_token", "pos_embed"):
-            weights[key] = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-        else:
-            weights[key] = 0.5 * torch.randn(shape, generator=g)
-    return weights
 
 
 def _count(module: torch.nn.Module, trainable_only: bool = False) -> int:

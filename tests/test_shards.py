@@ -21,8 +21,9 @@ from tests.conftest import lymphoma_images, read_rgb
 
 def samples_of(out: Path) -> list[tuple[np.ndarray, dict]]:
     manifest = json.loads((out / "manifest.json").read_text())
-    return [decode_sample(s) for shard in manifest["shards"]
-            for s in wds.tariterators.tarfile_samples([{"url": str(out / shard["name"])}])]
+    decoded = [decode_sample(s) for shard in manifest["shards"]
+               for s in wds.tariterators.tarfile_samples([{"url": str(out / shard["name"])}])]
+    return [(rgb.permute(1, 2, 0).numpy(), record) for rgb, record in decoded]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

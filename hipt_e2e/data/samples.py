@@ -1,7 +1,10 @@
 """The shard sample format: one region (or tile) = encoded pixels + a JSON record.
 
 Writers (shard building) and readers (streams, verify, bench) share these functions, so the format
-is defined once. Pixel entries are `jpg` (lossy, `quality`), `png` or `npy` (both lossless).
+is defined once. Pixel entries are `jpg` (lossy, `quality`), `png` or `npy` (both lossless); the
+embedding step writes token grids [C, rows, cols] as `grid.npy` (float16/float32), which every reader
+decodes like pixels, so the same streams and checks serve both; for a token grid the record's
+height/width are its rows/cols (the size of the stored array, as for pixels).
 """
 from __future__ import annotations
 
@@ -10,10 +13,12 @@ import json
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 ENCODINGS = {"jpeg": "jpg", "png": "png", "npy": "npy"}
-PIXEL_EXTS = tuple(ENCODINGS.values())
+GRID_EXT = "grid.npy"
+PIXEL_EXTS = (*ENCODINGS.values(), GRID_EXT)
 
 
 def encode_pixels(rgb: np.ndarray, encoding: str = "jpeg", quality: int = 95) -> tuple[str, bytes]:
@@ -31,8 +36,22 @@ def encode_pixels(rgb: np.ndarray, encoding: str = "jpeg", quality: int = 95) ->
     return ENCODINGS[encoding], buffer.getvalue()
 
 
-def decode_pixels(ext: str, data: bytes) -> np.ndarray:
-    """(extension, bytes) -> RGB uint8 [H, W, 3]."""
+def encode_grid(grid: np.ndarray) -> tuple[str, bytes]:
+    """Token grid float [C, rows, cols] -> (extension, bytes)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(grid), allow_pickle=False)
+    return GRID_EXT, buffer.getvalue()
+
+
+def decode_pixels(ext: str, data: bytes) -> torch.Tensor:
+    """(extension, bytes) -> RGB uint8 tensor [3, H, W], the layout models take (a token grid: float
+    [C, rows, cols])."""
+    if ext == GRID_EXT:
+        grid = np.load(io.BytesIO(data), allow_pickle=False)
+        if grid.dtype.kind != "f" or grid.ndim != 3:
+            raise ValueError(f"decoded token grid has dtype {grid.dtype} and shape {grid.shape}, "
+                             "expected float [C, rows, cols]")
+        return torch.from_numpy(grid)
     if ext == "npy":
         rgb = np.load(io.BytesIO(data), allow_pickle=False)
     elif ext in ("jpg", "png"):
@@ -42,7 +61,7 @@ def decode_pixels(ext: str, data: bytes) -> np.ndarray:
         raise ValueError(f"unknown pixel entry {ext!r}")
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"decoded pixels have dtype {rgb.dtype} and shape {rgb.shape}, expected uint8 [H, W, 3]")
-    return rgb
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def sample_key(item_ordinal: int, index: int) -> str:
@@ -58,8 +77,8 @@ def pixel_entry(sample: dict) -> str:
     raise ValueError(f"sample {sample.get('__key__')} has no pixel entry ({', '.join(PIXEL_EXTS)})")
 
 
-def decode_sample(sample: dict) -> tuple[np.ndarray, dict[str, Any]]:
-    """Raw webdataset sample (bytes per entry) -> (RGB uint8 [H, W, 3], record)."""
+def decode_sample(sample: dict) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Raw webdataset sample (bytes per entry) -> (RGB uint8 tensor [3, H, W], record)."""
     ext = pixel_entry(sample)
     record = json.loads(sample["json"])
     return decode_pixels(ext, sample[ext]), record

@@ -104,8 +104,8 @@ class _ShardStream(IterableDataset):
 
 
 def _region(sample: dict) -> dict:
-    rgb, record = decode_sample(sample)
-    return {"pixels": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), "record": record}
+    pixels, record = decode_sample(sample)
+    return {"pixels": pixels.contiguous(), "record": record}
 
 
 class RegionStream(_ShardStream):
@@ -130,8 +130,8 @@ class TileStream(_ShardStream):
 
     def _tiles(self) -> Iterator[dict]:
         for sample in self.raw_samples():
-            rgb, record = decode_sample(sample)
-            tiles = cut_tiles(rgb, record["tile_px"])
+            pixels, record = decode_sample(sample)
+            tiles = cut_tiles(pixels, record["tile_px"])
             cols = record["grid"][1]
             for index, tile in enumerate(tiles):
                 fraction = record["tissue"][index]
@@ -140,7 +140,7 @@ class TileStream(_ShardStream):
                 tile_record = {**record, "tile_index": index, "row": index // cols, "col": index % cols,
                                "tissue_fraction": fraction}
                 del tile_record["tissue"]
-                yield {"pixels": torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1), "record": tile_record}
+                yield {"pixels": tile.contiguous(), "record": tile_record}
 
     def __iter__(self) -> Iterator[dict]:
         return self._shuffled(self._tiles(), salt=3)

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from einops import rearrange
 
 # Bounds on the per-slide Otsu threshold of HSV saturation (0-255). Glass stays below ~10. Otsu alone
 # is right when glass dominates a slide, but on fields that are mostly tissue it splits pale stroma from
@@ -66,12 +68,11 @@ def tile_tissue_fractions(region_rgb: np.ndarray, tile_px: int, threshold: int) 
     return mask.reshape(rows, tile_px, cols, tile_px).mean(axis=(1, 3)).astype(np.float32)
 
 
-def cut_tiles(region_rgb: np.ndarray, tile_px: int) -> np.ndarray:
-    """Region [H, W, 3] -> tiles [rows*cols, tile_px, tile_px, 3] in raster order (row * cols + col)."""
-    height, width, channels = region_rgb.shape
-    rows, cols = height // tile_px, width // tile_px
-    tiles = region_rgb[: rows * tile_px, : cols * tile_px].reshape(rows, tile_px, cols, tile_px, channels)
-    return tiles.transpose(0, 2, 1, 3, 4).reshape(rows * cols, tile_px, tile_px, channels)
+def cut_tiles(regions: torch.Tensor, tile_px: int) -> torch.Tensor:
+    """Regions [..., C, H, W] -> tiles [..., rows*cols, C, tile_px, tile_px] in raster order (row * cols + col)."""
+    if regions.shape[-1] % tile_px or regions.shape[-2] % tile_px:
+        raise ValueError(f"regions of {tuple(regions.shape[-2:])} px are not a whole number of {tile_px} px tiles")
+    return rearrange(regions, "... c (r h) (q w) -> ... (r q) c h w", h=tile_px, w=tile_px)
 
 
 @dataclass(frozen=True)
