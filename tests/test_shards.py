@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -235,3 +236,15 @@ def test_config_file_and_overrides(synthetic_slides, tmp_path):
     resolved = (out / "build-config.yaml").read_text()
     assert "region_px: 128" in resolved and "tile_px: 32" in resolved and "encoding: png" in resolved
     assert cli(["build", "images", str(synthetic_slides), "--out", str(tmp_path / "x"), "no_such_key=1"]) == 2
+
+
+def test_inspect_and_bench_commands(synthetic_slides, tmp_path, capsys):
+    out = tmp_path / "out"
+    build({**SYNTH, "input": str(synthetic_slides), "out": str(out)})
+    assert cli(["inspect", str(out), "--mosaic", str(tmp_path / "mosaic.png")]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"class_a\s+4\s+64\n", table) and re.search(r"class_b_003\s+class_b\s+\S+\s+16", table)
+    assert (tmp_path / "mosaic.png").stat().st_size > 0
+    assert cli(["bench", str(out), "--seconds", "0.5"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("tiles/s: ") and float(last.split()[1]) > 0

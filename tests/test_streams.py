@@ -93,3 +93,11 @@ def test_balanced_resampling_equalises_classes(synthetic_slides, tmp_path):
     assert abs(drawn["minor"] / 600 - 0.5) < 0.08
     bags = Counter(b["label"] for b in itertools.islice(SlideBagStream(tmp_path / "s", balanced=True), 200))
     assert abs(bags["minor"] / 200 - 0.5) < 0.12
+
+
+def test_streams_read_urls(shard_dir):
+    """Shard URLs go to webdataset as they are (here its `pipe:` scheme); same samples as the paths."""
+    urls = [f"pipe:cat {path}" for path in sorted(shard_dir.glob("shard-*.tar"))]
+    from_urls = [r["record"]["region_index"] for r in RegionStream(urls)]
+    from_dir = [r["record"]["region_index"] for r in RegionStream(shard_dir)]
+    assert from_urls == from_dir and len(from_dir) == load_manifest(shard_dir)["samples"]
