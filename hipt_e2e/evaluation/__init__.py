@@ -1,0 +1,1 @@
+"""Evaluation: splits, metrics, votes and reports shared by every slide-level recipe."""

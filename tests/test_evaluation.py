@@ -1,0 +1,110 @@
+"""Splits, metrics, votes and reports: the evaluation every slide-level recipe shares."""
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from hipt_e2e.evaluation.metrics import classification_metrics, summarise_folds, vote
+from hipt_e2e.evaluation.report import write_report
+from hipt_e2e.evaluation.splits import SlideInfo, SplitError, check_labels, make_folds, read_splits, write_splits
+
+
+def cohort(n_patients: int = 30, seed: int = 0) -> list[SlideInfo]:
+    """Patients with 1-3 slides each, three imbalanced classes (label per patient)."""
+    rng = np.random.default_rng(seed)
+    slides = []
+    for p in range(n_patients):
+        label = ["major", "major", "major", "mid", "minor"][p % 5]
+        slides += [SlideInfo(f"p{p}_s{s}", label, f"p{p}") for s in range(rng.integers(1, 4))]
+    return slides
+
+
+def test_folds_group_patients_and_cover_every_slide_once():
+    slides = cohort()
+    folds, test_fold = make_folds(slides, n_folds=5, seed=3)
+    by_id = {s.slide_id: s for s in slides}
+    assert sorted(test_fold) == sorted(by_id) and len(folds) == 5
+    assert Counter(s for f in folds for s in f.test) == Counter({s.slide_id: 1 for s in slides})
+    for fold in folds:
+        parts = [set(by_id[s].patient_id for s in getattr(fold, p)) for p in ("train", "val", "test")]
+        assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+        assert len(fold.train) + len(fold.val) + len(fold.test) == len(slides)
+        # stratified: every class is in every test fold (6 patients per class at least)
+        assert {by_id[s].label for s in fold.test} == {"major", "mid", "minor"}
+    again, _ = make_folds(slides, n_folds=5, seed=3)
+    assert again == folds
+
+
+def test_splits_csv_round_trip(tmp_path):
+    slides = cohort()
+    folds, _ = make_folds(slides, 5, 0)
+    write_splits(tmp_path / "splits.csv", slides, folds)
+    assert read_splits(tmp_path / "splits.csv") == folds
+
+
+def test_fixed_split_column_is_used():
+    slides = [SlideInfo(f"s{i}", "a" if i % 2 else "b", f"p{i}", ["train", "train", "val", "test"][i % 4])
+              for i in range(8)]
+    folds, _ = make_folds(slides, 5, 0)
+    assert len(folds) == 1 and folds[0].test == ("s3", "s7") and folds[0].val == ("s2", "s6")
+
+
+def test_clear_errors_for_unknown_labels_and_tiny_classes():
+    slides = cohort(n_patients=12)
+    with pytest.raises(SplitError, match=r"fewer patients than the 5 folds.*'minor': 2"):
+        make_folds(slides, 5, 0)
+    with pytest.raises(SplitError, match=r"label\(s\) \['minor'\].*not in the class list"):
+        check_labels(slides, ["major", "mid"])
+
+
+def test_metrics_on_hand_made_predictions():
+    classes = ["a", "b", "c"]
+    y = [0, 0, 1, 1, 2, 2]
+    probs = np.array([[.8, .1, .1], [.3, .6, .1], [.2, .7, .1], [.1, .8, .1], [.1, .2, .7], [.5, .2, .3]])
+    m = classification_metrics(y, probs, classes)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0.5) / 3)
+    assert m["recall"] == {"a": 0.5, "b": 1.0, "c": 0.5}
+    assert m["precision"] == pytest.approx({"a": 0.5, "b": 2 / 3, "c": 1.0})
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    # one-vs-rest AUCs by hand: a: 0.875, b: 1.0, c: 1.0
+    assert m["auc_macro"] == pytest.approx((0.875 + 1 + 1) / 3)
+    f1 = [2 * .5 * .5 / 1, 2 * (2 / 3) * 1 / (2 / 3 + 1), 2 * 1 * .5 / 1.5]
+    assert m["f1_macro"] == pytest.approx(np.mean(f1))
+    summary = summarise_folds([m, {**m, "accuracy": 1.0}], classes)
+    assert summary["accuracy"]["mean"] == pytest.approx(5 / 6)
+    assert summary["accuracy"]["sd"] == pytest.approx(np.std([4 / 6, 1.0], ddof=1))
+
+
+def test_votes():
+    regions = np.array([[.9, .1], [.4, .6], [.45, .55], [.3, .7]])
+    assert vote(regions, "majority").argmax() == 1
+    np.testing.assert_allclose(vote(regions, "majority"), [0.25, 0.75], atol=1e-5)
+    assert vote(regions, "mean") == pytest.approx([0.5125, 0.4875])
+    tie = np.array([[.9, .1], [.4, .6]])
+    assert vote(tie, "majority").argmax() == 0  # 1:1 votes, mean probability decides
+
+
+def test_report_files(tmp_path):
+    classes = ["a", "b"]
+    rng = np.random.default_rng(0)
+    rows, per_fold = [], []
+    for fold in range(3):
+        y = np.array([0, 0, 1, 1])
+        probs = np.clip(np.stack([1 - y, y], 1) * 0.6 + rng.random((4, 2)) * 0.4, 0, None)
+        probs /= probs.sum(1, keepdims=True)
+        per_fold.append(classification_metrics(y, probs, classes))
+        rows += [{"slide_id": f"f{fold}s{i}", "patient_id": f"p{i}", "fold": fold, "true_label": classes[y[i]],
+                  "probs": probs[i].tolist()} for i in range(4)]
+    metrics = write_report(tmp_path, rows, per_fold, classes, {"title": "test run", "imbalance": "none"})
+    assert json.loads((tmp_path / "metrics.json").read_text())["summary"] == json.loads(json.dumps(metrics["summary"]))
+    table = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    assert len(table) == 12 and set(table[0]) == {"slide_id", "patient_id", "fold", "true_label", "prob_a", "prob_b",
+                                                   "predicted_label"}
+    for name in ("confusion_matrix.png", "roc.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert "balanced_accuracy" in (tmp_path / "report.md").read_text()
