@@ -21,14 +21,25 @@ GRID_EXT = "grid.npy"
 PIXEL_EXTS = (*ENCODINGS.values(), GRID_EXT)
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def npy_array(data: bytes) -> np.ndarray:
+    """Arrays only: object arrays (which would need unpickling) are refused."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def encode_pixels(rgb: np.ndarray, encoding: str = "jpeg", quality: int = 95) -> tuple[str, bytes]:
     """RGB uint8 [H, W, 3] -> (extension, bytes)."""
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; choose one of {sorted(ENCODINGS)}")
-    buffer = io.BytesIO()
     if encoding == "npy":
-        np.save(buffer, np.ascontiguousarray(rgb), allow_pickle=False)
-    elif encoding == "png":
+        return "npy", npy_bytes(rgb)
+    buffer = io.BytesIO()
+    if encoding == "png":
         Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
     else:
         # 4:4:4 chroma: H&E detail lives in colour (eosin vs haematoxylin); 4:2:0 blurs it.
@@ -53,7 +64,7 @@ def decode_pixels(ext: str, data: bytes) -> torch.Tensor:
                              "expected float [C, rows, cols]")
         return torch.from_numpy(grid)
     if ext == "npy":
-        rgb = np.load(io.BytesIO(data), allow_pickle=False)
+        rgb = npy_array(data)
     elif ext in ("jpg", "png"):
         with Image.open(io.BytesIO(data)) as image:
             rgb = np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy needs

@@ -1,0 +1,91 @@
+"""Slide-level embedding shards: one sample per slide holding its region embeddings [M, D].
+
+Sample entries: `features.npy` (float16 or float32 [M, D]), `coords.npy` (int64 [M, 2], level-0 x/y,
+-1 when unknown) and `json` (slide_id, patient_id, label, label_index, split, n_regions, dim). The
+directory has a manifest.json in the shard-set format, so the same tools list and stream it. These
+bags are small (a few hundred KB per slide), so slide-level training loads them all into memory.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from hipt_e2e.data.manifest import load_manifest, shard_urls
+from hipt_e2e.data.samples import npy_array, npy_bytes, sample_key
+from hipt_e2e.data.writer import ShardWriter
+from hipt_e2e.io import atomic_write_json
+
+KIND = "slide_embeddings"
+
+
+@dataclass
+class SlideBag:
+    slide_id: str
+    patient_id: str
+    label: str | None
+    features: torch.Tensor  # [M, D]
+    coords: torch.Tensor  # [M, 2]
+    split: str | None = None
+
+
+def _sample(bag: SlideBag, ordinal: int, classes: Sequence[str], dtype: np.dtype) -> dict:
+    record = {"slide_id": bag.slide_id, "patient_id": bag.patient_id, "label": bag.label,
+              "label_index": classes.index(bag.label) if bag.label in classes else None, "split": bag.split,
+              "n_regions": int(bag.features.shape[0]), "dim": int(bag.features.shape[1])}
+    return {"__key__": sample_key(ordinal, 0),
+            "features.npy": npy_bytes(bag.features.float().numpy().astype(dtype)),
+            "coords.npy": npy_bytes(bag.coords.numpy().astype(np.int64)),
+            "json": json.dumps(record).encode()}
+
+
+def write_slide_bags(out_dir: str | Path, bags: Iterable[SlideBag], classes: Sequence[str], *,
+                     build_args: dict, dtype: str = "float32", shard_bytes: int = 500_000_000) -> dict:
+    """Write bags as shards + manifest.json; returns the manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    journal = out_dir / "build-journal.jsonl"
+    journal.write_text(json.dumps({"build_args": build_args}) + "\n")
+    writer = ShardWriter(out_dir, shard_bytes, journal, first_shard=0)
+    slides: dict[str, dict] = {}
+    try:
+        for ordinal, bag in enumerate(bags):
+            writer.add(_sample(bag, ordinal, classes, np.dtype(dtype)), bag.slide_id, (ordinal, 0))
+            slides[bag.slide_id] = {"label": bag.label, "patient_id": bag.patient_id, "split": bag.split,
+                                    "regions": int(bag.features.shape[0]), "shards": [writer.name]}
+        writer.finish(resume=None)
+    except BaseException:
+        writer.abort()
+        raise
+    shards = [json.loads(line)["shard"] for line in journal.read_text().splitlines()[1:]
+              if "shard" in json.loads(line)]
+    counts: dict[str, dict[str, int]] = {"slides": {}, "regions": {}}
+    for entry in slides.values():
+        if entry["label"] is not None:
+            counts["slides"][entry["label"]] = counts["slides"].get(entry["label"], 0) + 1
+            counts["regions"][entry["label"]] = counts["regions"].get(entry["label"], 0) + entry["regions"]
+    manifest = {"format": "hipt-e2e-shards", "version": 1, "kind": KIND, "build_args": build_args,
+                "classes": list(classes), "class_counts": counts, "inputs": len(slides), "written": len(slides),
+                "n_skipped": 0, "samples": len(slides), "slides": slides, "shards": shards, "skipped": []}
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def read_slide_bags(source: str | Path) -> tuple[list[SlideBag], list[str]]:
+    """All bags of a slide-embedding shard set, and its class list."""
+    manifest = load_manifest(source)
+    if manifest["kind"] != KIND:
+        raise ValueError(f"{source}: holds {manifest['kind']!r} shards, expected slide embeddings "
+                         "(the output of recipes/embed_regions.py)")
+    bags = []
+    for sample in wds.tariterators.tarfile_samples([{"url": url} for url in shard_urls(source)]):
+        record = json.loads(sample["json"])
+        bags.append(SlideBag(record["slide_id"], record["patient_id"], record["label"],
+                             torch.from_numpy(npy_array(sample["features.npy"]).astype(np.float32)),
+                             torch.from_numpy(npy_array(sample["coords.npy"])), record.get("split")))
+    return bags, manifest["classes"]

@@ -1,0 +1,44 @@
+"""Baselines on region embeddings: attention-MIL (gated attention pooling only) and the per-region FC.
+
+Both take the same inputs as the slide transformer (`vit_wsi`), so recipes swap them by config.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .slide import GatedAttentionPool
+
+
+class AttentionMIL(nn.Module):
+    """ABMIL (Ilse et al. 2018): [M, dim] -> fc -> gated attention pooling -> classifier -> [1, n_classes]."""
+
+    def __init__(self, n_classes: int, dim: int = 192, hidden: int | None = None, dropout: float = 0.25) -> None:
+        super().__init__()
+        hidden = hidden or dim
+        self.fc = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.attn_pool = GatedAttentionPool(hidden, hidden, dropout)
+        self.classifier = nn.Linear(hidden, n_classes)
+
+    def forward(self, regions: torch.Tensor, return_attention: bool = False):
+        pooled, weights = self.attn_pool(self.fc(regions))
+        logits = self.classifier(pooled)
+        return (logits, weights) if return_attention else logits
+
+
+class RegionFC(nn.Module):
+    """The FC alternative: each region embedding [N, dim] -> logits [N, n_classes] (slides by vote)."""
+
+    def __init__(self, n_classes: int, dim: int = 192, hidden: int | None = None, dropout: float = 0.25) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Dropout(dropout)]
+        if hidden:
+            layers += [nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout)]
+        self.net = nn.Sequential(*layers, nn.Linear(hidden or dim, n_classes))
+
+    def forward(self, regions: torch.Tensor) -> torch.Tensor:
+        return self.net(regions)
+
+
+def abmil(n_classes: int, **kwargs) -> AttentionMIL:
+    return AttentionMIL(n_classes, **kwargs)
