@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from naive_hipt import naive_hipt, naive_slide, naive_vit4k, naive_vit256, random_weights
 
 from hipt_e2e.models import (
-    HIPT, CheckpointError, load_checkpoint, model_preset, resize_pos_table, vit4k, vit256, vit_wsi,
+    HIPT, CheckpointError, load_checkpoint, model_preset, resize_pos_table, tokens_to_grid, vit4k, vit256, vit_wsi,
 )
 from hipt_e2e.models.convert import main as convert_main
 
@@ -33,7 +33,8 @@ def _vit_block_shapes(depth: int, dim: int) -> dict[str, tuple[int, ...]]:
 
 
 VIT256_LAYOUT = {"cls_token": (1, 1, 384), "pos_embed": (1, 197, 384), "patch_embed.proj.weight": (384, 3, 16, 16),
-                 "patch_embed.proj.bias": (384,), **_vit_block_shapes(12, 384), "norm.weight": (384,), "norm.bias": (384,)}
+                 "patch_embed.proj.bias": (384,), **_vit_block_shapes(12, 384),
+                 "norm.weight": (384,), "norm.bias": (384,)}
 VIT4K_LAYOUT = {"cls_token": (1, 1, 192), "pos_embed": (1, 197, 192), "phi.0.weight": (192, 384), "phi.0.bias": (192,),
                 **_vit_block_shapes(6, 192), "norm.weight": (192,), "norm.bias": (192,)}
 
@@ -166,6 +167,12 @@ def test_token_grid_raster_order() -> None:
             for c in range(3):
                 tile = regions[:, :, r * 32:(r + 1) * 32, c * 32:(c + 1) * 32]
                 assert (grids[:, :, r, c] - model.embed_tiles(tile)).abs().max() <= TOL
+
+
+def test_tokens_to_grid_matches_released_unfold() -> None:
+    tokens = torch.randn(2, 16, 5)  # HIPT_LGP_FC turned [M, 256, 384] into grids with unfold + transpose
+    assert torch.equal(tokens_to_grid(tokens, 4, 4), tokens.unfold(1, 4, 4).transpose(1, 2))
+    assert torch.equal(tokens_to_grid(tokens[:, :6], 2, 3)[1, :, 1, 2], tokens[1, 5])
 
 
 def test_hipt_attention_outputs() -> None:
@@ -316,7 +323,8 @@ def test_released_vit256_state_dict_loads(released_vit256: dict[str, torch.Tenso
 def test_wrong_checkpoint_fails_clearly(tmp_path) -> None:
     path = tmp_path / "vit4k.pth"
     torch.save(random_weights(VIT4K_LAYOUT), path)
-    with pytest.raises(CheckpointError, match=r"does not fit TileViT.*cls_token: file \(1, 1, 192\) vs model \(1, 1, 384\)"):
+    expected = r"does not fit TileViT.*cls_token: file \(1, 1, 192\) vs model \(1, 1, 384\)"
+    with pytest.raises(CheckpointError, match=expected):
         load_checkpoint(vit256(), path)
     with pytest.raises(CheckpointError, match="no tensor of .* belongs to SlideTransformer"):
         load_checkpoint(vit_wsi(2), path)

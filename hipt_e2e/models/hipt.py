@@ -23,6 +23,11 @@ from .vit import RegionViT, vit4k, vit256
 STAGES = ("tile", "region", "slide")
 
 
+def tokens_to_grid(tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Tile embeddings in raster order [M, rows*cols, D] -> token grids [M, D, rows, cols]."""
+    return tokens.unflatten(1, (rows, cols)).permute(0, 3, 1, 2)
+
+
 class HIPTAttention(NamedTuple):
     tile: torch.Tensor  # [M, heads, rows, cols]: each region's CLS attention over its tiles (ViT4K, last block)
     region: torch.Tensor  # [M]: the slide model's attention-pooling weights over the regions
@@ -145,7 +150,7 @@ class HIPT(nn.Module):
             embeddings = self._encode_in_chunks(gather, keep)
         if tile_mask is not None:
             embeddings = embeddings.new_zeros(n_tiles, embeddings.shape[1]).index_copy(0, keep, embeddings)
-        return embeddings.view(n_regions, rows, cols, -1).permute(0, 3, 1, 2)
+        return tokens_to_grid(embeddings.view(n_regions, rows * cols, -1), rows, cols)
 
     def _layout(self, regions: torch.Tensor, tile_mask: torch.Tensor | None) -> tuple[int, int, int]:
         n_regions, channels, height, width = regions.shape
@@ -158,7 +163,8 @@ class HIPT(nn.Module):
                              f"got {tuple(tile_mask.shape)}")
         return n_regions, rows, cols
 
-    def _encode_regions(self, regions: torch.Tensor, tile_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_regions(self, regions: torch.Tensor,
+                        tile_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         grids = self.token_grids(regions, tile_mask)
         with self._grad("tile", "region"):
             return self.region_encoder.forward_with_attention(grids)

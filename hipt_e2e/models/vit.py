@@ -8,7 +8,9 @@ embeddings). State-dict names follow the released checkpoints (`cls_token`, `pos
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +102,8 @@ class GridViT(nn.Module):
         tokens = torch.cat((cls, tokens), dim=1)
         return tokens + resize_pos_table(self.pos_embed, rows, cols, self.pos_grid), rows, cols
 
-    def _run(self, fn, *args: torch.Tensor):
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args), checkpointed when block checkpointing is on and a graph is being built."""
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
