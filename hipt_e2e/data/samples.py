@@ -49,16 +49,14 @@ def encode_pixels(rgb: np.ndarray, encoding: str = "jpeg", quality: int = 95) ->
 
 def encode_grid(grid: np.ndarray) -> tuple[str, bytes]:
     """Token grid float [C, rows, cols] -> (extension, bytes)."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(grid), allow_pickle=False)
-    return GRID_EXT, buffer.getvalue()
+    return GRID_EXT, npy_bytes(grid)
 
 
 def decode_pixels(ext: str, data: bytes) -> torch.Tensor:
     """(extension, bytes) -> RGB uint8 tensor [3, H, W], the layout models take (a token grid: float
     [C, rows, cols])."""
     if ext == GRID_EXT:
-        grid = np.load(io.BytesIO(data), allow_pickle=False)
+        grid = npy_array(data)
         if grid.dtype.kind != "f" or grid.ndim != 3:
             raise ValueError(f"decoded token grid has dtype {grid.dtype} and shape {grid.shape}, "
                              "expected float [C, rows, cols]")

@@ -109,7 +109,8 @@ def _region(sample: dict) -> dict:
 
 
 class RegionStream(_ShardStream):
-    """One item per region: {"pixels": uint8 [3, H, W], "record": the sample's JSON record}."""
+    """One item per region: {"pixels": uint8 [3, H, W] (a token grid float [C, rows, cols]), "record": the
+    sample's JSON record}."""
 
     def __iter__(self) -> Iterator[dict]:
         for sample in self._shuffled(self.raw_samples(), salt=2):

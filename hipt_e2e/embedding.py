@@ -1,0 +1,265 @@
+"""The two embedding steps of the staged path, each shard set in -> shard set out.
+
+embed_tiles:   regions (uint8 [3, H, W]) -> token grids [D, rows, cols] (one sample per region, the
+               region's key and record kept, `grid.npy` entry), batched over regions.
+embed_regions: token grids of a slide -> its region embeddings [M, D'] with their coordinates, one
+               sample per slide in the slide-embedding format of hipt_e2e.data.embeddings.
+
+Work is split across processes and DataLoader workers ("readers") by whole slides, so every slide
+stays contiguous in one output part, as the slide-bag stream needs. Each reader writes its own part
+(`part-i-of-n`, the layout of `hipt-shards build --part`), which are merged into one manifest at the
+end; the manifest accounts for every input region (inputs = written + skipped, and skipped is empty).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm import tqdm
+
+from hipt_e2e.config import save_config
+from hipt_e2e.data.embeddings import SlideBag, write_slide_bags
+from hipt_e2e.data.manifest import load_manifest, shard_urls
+from hipt_e2e.data.samples import decode_sample, encode_grid
+from hipt_e2e.data.streams import SlideBagStream, reader_info
+from hipt_e2e.data.writer import ShardWriter
+from hipt_e2e.io import atomic_write_json
+from hipt_e2e.normalise import normalise
+from hipt_e2e.training.data import collate
+from shards.build import FORMAT, FORMAT_VERSION, JOURNAL, part_dir, read_journal
+from shards.merge import PART, merge
+
+log = logging.getLogger(__name__)
+
+GRIDS_KIND = "token_grids"
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+# ------------------------------------------------------------------------------------------ maths
+def token_grids(encoder: nn.Module, regions: torch.Tensor, tile_px: int, normalisation: str,
+                tiles_per_call: int) -> torch.Tensor:
+    """uint8 regions [B, 3, H, W] -> token grids [B, D, rows, cols], grid[:, :, r, c] = tile r * cols + c.
+
+    The tiles of all B regions go through the encoder together, ``tiles_per_call`` at a time.
+    """
+    batch, channels, height, width = regions.shape
+    if height % tile_px or width % tile_px:
+        raise ValueError(f"regions of {height}x{width} px do not split into {tile_px} px tiles")
+    rows, cols = height // tile_px, width // tile_px
+    tiles = regions.unfold(2, tile_px, tile_px).unfold(3, tile_px, tile_px)  # [B, 3, rows, cols, t, t]
+    tiles = tiles.permute(0, 2, 3, 1, 4, 5).reshape(-1, channels, tile_px, tile_px)  # raster order per region
+    embeddings = torch.cat([encoder(normalise(chunk, normalisation)) for chunk in tiles.split(tiles_per_call)])
+    return embeddings.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
+
+
+# ------------------------------------------------------------------------------------------ input
+def slide_units(manifest: Mapping[str, Any]) -> list[list[int]]:
+    """Shard positions grouped so that a slide continuing into the next shard stays in one group."""
+    units: list[list[int]] = [[]]
+    for position, shard in enumerate(manifest["shards"]):
+        units[-1].append(position)
+        if not shard["slide_continues"]:
+            units.append([])
+    return [unit for unit in units if unit]
+
+
+class WholeSlideRegions(IterableDataset):
+    """The regions of a shard set in build order; reader i of n (ranks x DataLoader workers) reads
+    slide units i, i+n, ... Items: {"pixels", "record", "key", "reader"}."""
+
+    def __init__(self, source: str | Path) -> None:
+        super().__init__()
+        manifest = load_manifest(source)
+        self.urls = shard_urls(source)
+        self.units = slide_units(manifest)
+        self.unit_samples = [sum(manifest["shards"][p]["samples"] for p in unit) for unit in self.units]
+
+    def samples_of_reader(self, reader: int, readers: int) -> int:
+        return sum(self.unit_samples[reader::readers])
+
+    def __iter__(self) -> Iterator[dict]:
+        reader, readers = reader_info()
+        for unit in self.units[reader::readers]:
+            for position in unit:
+                for sample in wds.tariterators.tarfile_samples([{"url": self.urls[position]}]):
+                    pixels, record = decode_sample(sample)
+                    yield {"pixels": pixels, "record": record, "key": sample["__key__"], "reader": reader}
+
+
+# ----------------------------------------------------------------------------------------- output
+class PartWriter:
+    """Samples of one reader -> shards, journal and manifest in one folder (a part, or the whole output)."""
+
+    def __init__(self, out_dir: Path, kind: str, settings: Mapping[str, Any], classes: list[str],
+                 shard_bytes: int) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in [*out_dir.glob("shard-*.tar*"), out_dir / JOURNAL, out_dir / "manifest.json"]:
+            leftover.unlink(missing_ok=True)  # of an interrupted run
+        self.out_dir, self.kind, self.settings, self.classes = out_dir, kind, dict(settings), classes
+        self.journal = out_dir / JOURNAL
+        self.journal.write_text(json.dumps({"build_args": self.settings}) + "\n")
+        self.writer = ShardWriter(out_dir, shard_bytes, self.journal, first_shard=0)
+        self.slides: dict[str, dict[str, Any]] = {}
+        self.regions = 0
+
+    def add(self, sample: dict, record: Mapping[str, Any], regions: int = 1) -> None:
+        """One output sample holding ``regions`` input regions of the slide in ``record``."""
+        self.writer.add(sample, record["slide_id"], position=(len(self.slides), self.regions))
+        entry = self.slides.setdefault(record["slide_id"], {
+            "label": record["label"], "patient_id": record["patient_id"], "split": record.get("split"), "regions": 0})
+        entry["regions"] += regions
+        self.regions += regions
+
+    def finish(self, inputs: int | None = None) -> dict:
+        """Close the last shard and write the manifest; ``inputs``: the input regions this part had to
+        write, when the part knows it (the merged output is always checked against the input)."""
+        inputs = self.regions if inputs is None else inputs
+        self.writer.finish(resume=None)
+        shards, _, _ = read_journal(self.journal, self.settings)
+        if self.regions != inputs:
+            raise RuntimeError(f"{self.out_dir}: wrote {self.regions} regions of {inputs} inputs")
+        for entry in self.slides.values():
+            entry["shards"] = []
+        for shard in shards:
+            for slide_id in shard["slides"]:
+                self.slides[slide_id]["shards"].append(shard["name"])
+        manifest = {
+            "format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "build_args": self.settings,
+            "classes": self.classes, "class_counts": _class_counts(self.slides),
+            "inputs": inputs, "written": self.regions, "n_skipped": 0, "skipped": [],
+            "samples": sum(shard["samples"] for shard in shards), "slides": self.slides, "shards": shards,
+        }
+        atomic_write_json(self.out_dir / "manifest.json", manifest)
+        return manifest
+
+
+def _class_counts(slides: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {"slides": {}, "regions": {}}
+    for entry in slides.values():
+        if entry["label"] is not None:
+            counts["slides"][entry["label"]] = counts["slides"].get(entry["label"], 0) + 1
+            counts["regions"][entry["label"]] = counts["regions"].get(entry["label"], 0) + entry["regions"]
+    return {level: dict(sorted(c.items())) for level, c in counts.items()}
+
+
+def _existing_output(out: Path, settings: Mapping[str, Any]) -> dict | None:
+    """The manifest of a finished earlier run with the same settings (None if there is none)."""
+    if not (out / "manifest.json").exists():
+        return None
+    manifest = load_manifest(out)
+    if manifest["build_args"] != dict(settings):
+        raise FileExistsError(f"{out} already holds embeddings made with other settings; choose another out=")
+    log.info("%s is already complete (%d samples); nothing to do", out, manifest["samples"])
+    return manifest
+
+
+def _clear_stale_parts(accelerator: Accelerator, out: Path, readers: int) -> None:
+    """Remove the parts of an earlier, interrupted run with another reader count (main process)."""
+    if accelerator.is_main_process and out.is_dir():
+        keep = {part_dir(out, f"{reader}/{readers}").name for reader in range(readers)} if readers > 1 else set()
+        for stale in out.iterdir():
+            if stale.is_dir() and PART.match(stale.name) and stale.name not in keep:
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+
+
+def _finish_output(accelerator: Accelerator, out: Path, readers: int, inputs: int,
+                   settings: Mapping[str, Any]) -> dict:
+    """After every part is written: merge the parts and write the config (main process), check the accounting."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and readers > 1:
+        merge(out)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_config(settings, out)
+    manifest = load_manifest(out)
+    written = sum(entry["regions"] for entry in manifest["slides"].values())
+    if written != inputs:
+        raise RuntimeError(f"{out}: {written} regions written of {inputs} input regions")
+    log.info("%d input regions = %d written + 0 skipped; %d samples in %d shards -> %s", inputs, written,
+             manifest["samples"], len(manifest["shards"]), out)
+    return manifest
+
+
+# -------------------------------------------------------------------------------------- the steps
+@torch.no_grad()
+def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, settings: Mapping[str, Any],
+                normalisation: str, regions_per_batch: int, tiles_per_call: int, workers: int = 0,
+                dtype: str = "float16", shard_bytes: int = 1_000_000_000,
+                mixed_precision: str | None = None) -> dict:
+    """Every region of the shard set ``source`` -> its token grid, written as shards to ``out``.
+
+    ``settings`` (e.g. the recipe config) is recorded as the output's build_args. Returns the manifest.
+    """
+    out = Path(out)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    if (manifest := _existing_output(out, settings)) is not None:
+        return manifest
+    source_manifest = load_manifest(source)
+    dataset = WholeSlideRegions(source)
+    readers = accelerator.num_processes * max(workers, 1)
+    mine = [accelerator.process_index * max(workers, 1) + w for w in range(max(workers, 1))]
+    _clear_stale_parts(accelerator, out, readers)
+    writers = {reader: PartWriter(part_dir(out, f"{reader}/{readers}" if readers > 1 else None), GRIDS_KIND,
+                                  settings, source_manifest["classes"], shard_bytes) for reader in mine}
+    encoder = encoder.to(accelerator.device).eval()
+    loader = DataLoader(dataset, batch_size=regions_per_batch, num_workers=workers, collate_fn=collate)
+    progress = tqdm(total=sum(dataset.samples_of_reader(reader, readers) for reader in mine), desc="embed tiles",
+                    unit="region", disable=not accelerator.is_main_process)
+    for batch in loader:
+        tile_px = {record["tile_px"] for record in batch["record"]}
+        if len(tile_px) > 1:
+            raise ValueError(f"regions of one batch have different tile sizes {sorted(tile_px)}")
+        with accelerator.autocast():
+            grids = token_grids(encoder, batch["pixels"].to(accelerator.device), tile_px.pop(), normalisation,
+                                tiles_per_call)
+        grids = grids.to(DTYPES[dtype]).cpu().numpy()
+        for key, record, grid, reader in zip(batch["key"], batch["record"], grids, batch["reader"]):
+            ext, data = encode_grid(grid)
+            grid_record = {**record, "height": grid.shape[1], "width": grid.shape[2],
+                           "region_height": record["height"], "region_width": record["width"]}
+            writers[reader].add({"__key__": key, ext: data, "json": json.dumps(grid_record).encode()}, record)
+        progress.update(len(grids))
+    progress.close()
+    for reader, writer in writers.items():
+        writer.finish(inputs=dataset.samples_of_reader(reader, readers))
+    return _finish_output(accelerator, out, readers, source_manifest["samples"], settings)
+
+
+@torch.no_grad()
+def embed_regions(encoder: nn.Module, source: str | Path, out: str | Path, *, settings: Mapping[str, Any],
+                  regions_per_batch: int, workers: int = 0, shard_bytes: int = 1_000_000_000,
+                  mixed_precision: str | None = None) -> dict:
+    """Every slide of the token-grid shard set ``source`` -> its region embeddings [M, D] (float32) with
+    coordinates, one sample per slide, written as shards to ``out``. Returns the manifest."""
+    out = Path(out)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    if (manifest := _existing_output(out, settings)) is not None:
+        return manifest
+    source_manifest = load_manifest(source)
+    readers = accelerator.num_processes
+    _clear_stale_parts(accelerator, out, readers)
+    encoder = encoder.to(accelerator.device).eval()
+
+    def bags() -> Iterator[SlideBag]:
+        # The slide-bag stream gives each process (and worker) the slides that start in its shards.
+        for bag in tqdm(DataLoader(SlideBagStream(source), batch_size=None, num_workers=workers),
+                        desc="embed regions", unit="slide", disable=not accelerator.is_main_process):
+            grids = bag["pixels"].to(accelerator.device)
+            with accelerator.autocast():
+                embeddings = torch.cat([encoder(chunk.float()) for chunk in grids.split(regions_per_batch)])
+            yield SlideBag(bag["slide_id"], bag["patient_id"], bag["label"], embeddings.float().cpu(), bag["coords"],
+                           split=source_manifest["slides"][bag["slide_id"]]["split"])
+
+    write_slide_bags(part_dir(out, f"{accelerator.process_index}/{readers}" if readers > 1 else None), bags(),
+                     source_manifest["classes"], build_args=dict(settings), shard_bytes=shard_bytes)
+    return _finish_output(accelerator, out, readers, source_manifest["samples"], settings)

@@ -1,0 +1,20 @@
+"""Training engines behind the recipes: DINO at the tile and region levels, checkpoints and exports."""
+from hipt_e2e.training.checkpointing import CHECKPOINT, export_safetensors, load_checkpoint_state, save_checkpoint
+from hipt_e2e.training.data import EpochBatches, collate, count_tiles, derived_seed
+from hipt_e2e.training.dino import (
+    BACKBONE_EXPORT,
+    DINO_DEFAULTS,
+    TRAIN_LOG,
+    DINOTrainer,
+    NonFiniteLossError,
+    make_crops,
+    train_dino,
+)
+from hipt_e2e.training.encoders import build_region_encoder, build_tile_encoder, load_encoder_weights
+from hipt_e2e.training.recipe import recipe_config
+
+__all__ = [
+    "BACKBONE_EXPORT", "CHECKPOINT", "DINO_DEFAULTS", "DINOTrainer", "EpochBatches", "NonFiniteLossError", "TRAIN_LOG",
+    "build_region_encoder", "build_tile_encoder", "collate", "count_tiles", "derived_seed", "export_safetensors",
+    "load_checkpoint_state", "load_encoder_weights", "make_crops", "recipe_config", "save_checkpoint", "train_dino",
+]

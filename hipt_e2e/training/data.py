@@ -1,0 +1,81 @@
+"""Feeding training loops from shard streams: batch collation, an endless per-process batch source
+that knows its position (so a resumed run continues at the same sample), and seeds derived from the
+run seed and a batch's place in the global batch (so no random state needs saving, and a run draws
+the same augmentations whatever its number of processes).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+
+from hipt_e2e.data.manifest import shard_urls
+
+
+def collate(items: Sequence[dict]) -> dict:
+    """Stack the "pixels" (or token grids) of stream items; every other field becomes a list (records hold
+    None values, which the default collate refuses)."""
+    batch = {key: [item[key] for item in items] for key in items[0] if key != "pixels"}
+    batch["pixels"] = torch.stack([item["pixels"] for item in items])
+    return batch
+
+
+def derived_seed(*key: int) -> int:
+    """A 64-bit seed that depends only on the integers in ``key`` (e.g. run seed, step, position)."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0])
+
+
+class EpochBatches(Iterator[dict]):
+    """Endless batches of a stream: pass after pass (``set_epoch`` each time), full batches only.
+
+    ``position`` = (stream epoch, batches taken in it); constructing with a saved position skips to it,
+    which re-reads (but does not train on) that epoch's earlier batches.
+    """
+
+    def __init__(self, stream: IterableDataset, batch_size: int, workers: int, position: tuple[int, int] = (0, 0),
+                 pin_memory: bool = False) -> None:
+        self.stream = stream
+        self.loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                                 drop_last=True, pin_memory=pin_memory)
+        self.epoch, self.taken = position
+        self._iterator: Iterator[dict] | None = None
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.epoch, self.taken
+
+    def _start_epoch(self, skip: int) -> None:
+        self.stream.set_epoch(self.epoch)
+        self._iterator = iter(self.loader)
+        for _ in range(skip):
+            next(self._iterator)
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            self._start_epoch(skip=self.taken)
+        batch = next(self._iterator, None)
+        if batch is None:  # end of this pass over the shards: start the next
+            self.epoch, self.taken = self.epoch + 1, 0
+            self._start_epoch(skip=0)
+            batch = next(self._iterator, None)
+            if batch is None:
+                raise RuntimeError(
+                    f"this process got no full batch of {self.loader.batch_size} from its shards; a shard set "
+                    "needs at least one shard per process and DataLoader worker, with enough samples (rebuild "
+                    "it with a smaller --shard-bytes, or lower the batch size or the workers)")
+        self.taken += 1
+        return batch
+
+
+def count_tiles(source: str | Path, min_tissue: float) -> int:
+    """Tiles a TileStream yields per pass over a shard set (reads the records, not the pixels)."""
+    total = 0
+    for url in shard_urls(source):
+        for sample in wds.tariterators.tarfile_samples([{"url": url}]):
+            total += sum(fraction >= min_tissue for fraction in json.loads(sample["json"])["tissue"])
+    return total

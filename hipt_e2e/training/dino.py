@@ -1,0 +1,323 @@
+"""The DINO training engine behind both pretraining recipes: tiles -> ViT256 (or a CNN), token grids -> ViT4K.
+
+One optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` samples on each process (the
+global batch scales the learning rate). Per step, as in DINO: scheduled lr, weight decay and teacher
+momentum; multi-crop (one backbone pass per crop size); the loss against the centred, sharpened
+teacher; per-parameter gradient clipping; the prototype layer frozen during the first epoch(s); then
+the teacher EMA. Mixed precision, gradient accumulation and multi-process data parallelism come from
+Accelerate; every process streams its own shards.
+
+Randomness (crops, stochastic depth) is re-seeded every step from (seed, step, place in the global
+batch), and the checkpoint records where each process is in its stream, so ``resume=true`` repeats
+the uninterrupted run exactly. A loss that is not finite stops the run before anything is saved.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import IterableDataset
+from tqdm import tqdm
+
+from hipt_e2e.config import save_config
+from hipt_e2e.io import atomic_write_text
+from hipt_e2e.ssl import (
+    DINOHead,
+    DINOLoss,
+    MultiCropWrapper,
+    cancel_last_layer_gradients,
+    clip_gradients_per_parameter,
+    cosine_schedule,
+    scaled_lr,
+    set_lr_and_weight_decay,
+    update_teacher,
+    weight_decay_groups,
+)
+from hipt_e2e.training.checkpointing import CHECKPOINT, export_safetensors, load_checkpoint_state, save_checkpoint
+from hipt_e2e.training.data import EpochBatches, derived_seed
+
+log = logging.getLogger(__name__)
+
+BACKBONE_EXPORT = "backbone.safetensors"
+TRAIN_LOG = "train_log.jsonl"
+AUGMENT, DROP_PATH = 0, 1  # which random stream a derived seed feeds
+
+# The settings both pretraining recipes share; each adds its own `data`, `model` and `crops` sections.
+DINO_DEFAULTS: dict[str, Any] = {
+    "out": None,
+    "seed": 0,
+    "resume": False,
+    "dino": {
+        "out_dim": 65536,
+        "hidden_dim": 2048,
+        "bottleneck_dim": 256,
+        "norm_last_layer": True,
+        "warmup_teacher_temp": 0.04,
+        "teacher_temp": 0.04,
+        "warmup_teacher_temp_epochs": 0,
+        "momentum_teacher": 0.996,
+        "freeze_last_layer": 1,  # epochs
+        "drop_path_rate": 0.1,  # student only
+    },
+    "optim": {
+        "lr": 0.0005,  # for a global batch of 256, scaled linearly
+        "min_lr": 1.0e-6,
+        "warmup_epochs": 10,
+        "weight_decay": 0.04,
+        "weight_decay_end": 0.4,
+        "clip_grad": 3.0,  # per parameter; 0 = off
+    },
+    "train": {
+        "epochs": 100,
+        "steps_per_epoch": None,  # null: one pass over the data at the global batch size
+        "batch_size": 64,  # per process and micro-batch
+        "grad_accum": 1,
+        "workers": 4,  # DataLoader workers per process
+        "mixed_precision": None,  # no | bf16 | fp16; null: as `accelerate launch` says
+        "augment_chunk": None,  # samples per crop-sampling call; null: the whole micro-batch
+        "checkpoint_every": 1000,  # steps
+        "stop_after": None,  # end this run after this many steps in total (resume=true continues)
+        "log_every": 50,
+    },
+}
+# Settings a resumed run may change: they decide when to stop, save or log, never what is computed.
+RUN_CONTROL = ("out", "resume", "train.checkpoint_every", "train.stop_after", "train.log_every")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; nothing of that step was applied or saved."""
+
+
+def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _resume_state(cfg: Mapping[str, Any], path: Path) -> dict[str, Any] | None:
+    """The checkpoint to continue from, or None for a fresh run; refuses to overwrite or mix runs."""
+    if not path.exists():
+        if cfg["resume"]:
+            log.info("resume=true but %s does not exist yet: starting from scratch", path)
+        return None
+    if not cfg["resume"]:
+        raise FileExistsError(f"{path} exists: pass resume=true to continue that run, or choose another out=")
+    state = load_checkpoint_state(path)
+    saved, now = _flatten(state["config"]), _flatten(cfg)
+    changed = sorted(k for k in saved.keys() | now.keys()
+                     if k not in RUN_CONTROL and saved.get(k) != now.get(k))
+    if changed:
+        raise ValueError(f"cannot resume {path}: settings differ from the saved run in {changed} "
+                         f"(only {', '.join(RUN_CONTROL)} may change)")
+    return state
+
+
+def _student_and_teacher(backbone: Callable[[float], nn.Module], dino: Mapping[str, Any]
+                         ) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    def network(drop_path_rate: float) -> MultiCropWrapper:
+        encoder = backbone(drop_path_rate)
+        head = DINOHead(encoder.num_features, dino["out_dim"], dino["hidden_dim"], dino["bottleneck_dim"],
+                        norm_last_layer=dino["norm_last_layer"])
+        return MultiCropWrapper(encoder, head)
+
+    student, teacher = network(dino["drop_path_rate"]), network(0.0)
+    teacher.load_state_dict(student.state_dict())  # the teacher starts as the student and only follows by EMA
+    teacher.requires_grad_(False).eval()
+    return student, teacher
+
+
+def make_crops(multicrop: Callable[..., list[torch.Tensor]], inputs: torch.Tensor, seed: int, step: int,
+               place: int, chunk: int | None) -> list[torch.Tensor]:
+    """The crops of one micro-batch. Chunk c of micro-batch ``place`` (its index in the global batch)
+    draws from a generator seeded by (seed, step, global chunk index): with a fixed chunk size the crops
+    of a sample do not depend on how the global batch is split over processes and micro-batches."""
+    chunk = chunk or len(inputs)
+    parts = inputs.split(chunk)
+    views = [multicrop(part, torch.Generator().manual_seed(derived_seed(seed, step, place * len(parts) + c, AUGMENT)))
+             for c, part in enumerate(parts)]
+    return [torch.cat(crop) for crop in zip(*views)]
+
+
+def _keep_log_before(path: Path, step: int) -> None:
+    """Drop log lines of steps a resumed run will redo (a run may have gone past its last checkpoint)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+class DINOTrainer:
+    """One DINO run: models, optimizer, schedules and data, set up (or restored) on construction.
+
+    backbone(drop_path_rate) builds a fresh encoder with ``num_features``; stream yields {"pixels", ...}
+    items (uint8 tiles or float token grids) and has set_epoch; multicrop(batch, generator) returns
+    2 global + crops.n_local local crops.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], backbone: Callable[[float], nn.Module], stream: IterableDataset,
+                 multicrop: Callable[..., list[torch.Tensor]], samples_per_epoch: int) -> None:
+        self.cfg, self.multicrop = cfg, multicrop
+        train, optim, dino = cfg["train"], cfg["optim"], cfg["dino"]
+        self.out = Path(cfg["out"])
+        self.checkpoint_path = self.out / CHECKPOINT
+        self.accelerator = accelerator = Accelerator(mixed_precision=train["mixed_precision"],
+                                                     gradient_accumulation_steps=train["grad_accum"])
+        self.device, self.world, self.rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+        self.main = accelerator.is_main_process
+        self.global_batch = train["batch_size"] * self.world * train["grad_accum"]
+        self.steps_per_epoch = train["steps_per_epoch"] or samples_per_epoch // self.global_batch
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{samples_per_epoch} samples per epoch do not fill one global batch of {self.global_batch}")
+        epochs, spe = train["epochs"], self.steps_per_epoch
+        self.total = epochs * spe
+        self.lr = cosine_schedule(scaled_lr(optim["lr"], self.global_batch), optim["min_lr"], epochs, spe,
+                                  optim["warmup_epochs"])
+        self.weight_decay = cosine_schedule(optim["weight_decay"], optim["weight_decay_end"], epochs, spe)
+        self.momentum = cosine_schedule(dino["momentum_teacher"], 1.0, epochs, spe)
+
+        torch.manual_seed(cfg["seed"])  # the same initial weights on every process
+        student, self.teacher = _student_and_teacher(backbone, dino)
+        self.dino_loss = DINOLoss(dino["out_dim"], 2 + cfg["crops"]["n_local"], dino["warmup_teacher_temp"],
+                                  dino["teacher_temp"], dino["warmup_teacher_temp_epochs"], epochs)
+        state = _resume_state(cfg, self.checkpoint_path)
+        if state is not None:
+            student.load_state_dict(state["student"])
+            self.teacher.load_state_dict(state["teacher"])
+            self.dino_loss.load_state_dict(state["dino_loss"])
+        optimizer = torch.optim.AdamW(weight_decay_groups(student))
+        self.student, self.optimizer = accelerator.prepare(student, optimizer)
+        self.teacher.to(self.device)
+        self.dino_loss.to(self.device)
+        self.start, self.saved_step, position = 0, None, (0, 0)
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if accelerator.scaler is not None:
+                accelerator.scaler.load_state_dict(state["scaler"])
+            self.start = self.saved_step = state["step"]
+            position = self._resume_position(state["data_positions"])
+            log.info("resuming %s at step %d of %d", self.checkpoint_path, self.start, self.total)
+        self.batches = EpochBatches(stream, train["batch_size"], train["workers"], position,
+                                    pin_memory=self.device.type == "cuda")
+
+    def _resume_position(self, positions: list[list[int]]) -> tuple[int, int]:
+        """This process's saved place in its stream; defined only for the saved number of processes."""
+        if len(positions) == self.world:
+            return tuple(positions[self.rank])
+        restart = max(epoch for epoch, _ in positions) + 1
+        log.warning("resuming on %d processes a run saved on %d: data restarts at stream epoch %d, so the "
+                    "continuation is not identical to an uninterrupted run", self.world, len(positions), restart)
+        return restart, 0
+
+    def save(self, step: int) -> None:
+        """Checkpoint after ``step`` steps, with every process's place in its stream."""
+        accelerator = self.accelerator
+        positions = accelerator.gather(torch.tensor([self.batches.position], device=self.device)).tolist()
+        if self.main:
+            save_checkpoint(self.checkpoint_path, {
+                "student": accelerator.unwrap_model(self.student).state_dict(),
+                "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "dino_loss": self.dino_loss.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "epoch": step // self.steps_per_epoch, "step": step, "data_positions": positions,
+                "config": dict(self.cfg),
+            })
+        self.saved_step = step
+        accelerator.wait_for_everyone()
+
+    def _stop_on_non_finite(self, value: float, step: int, epoch: int) -> None:
+        if math.isfinite(value):
+            return
+        saved = (f"{self.checkpoint_path} (after step {self.saved_step})" if self.saved_step is not None
+                 else "none (no checkpoint was written yet)")
+        message = (f"DINO loss is {value} at step {step} (epoch {epoch}); stopped without applying or saving "
+                   f"this step. Last good checkpoint: {saved}. Lower optim.lr, raise optim.warmup_epochs or use "
+                   "bf16 instead of fp16, check the inputs, then continue with resume=true.")
+        log.error(message)
+        raise NonFiniteLossError(message)
+
+    def micro_step(self, step: int, epoch: int, micro: int) -> float:
+        """Forward and backward of one micro-batch (the optimizer steps on the last); returns the loss
+        averaged over all processes."""
+        cfg, accelerator, student, optimizer = self.cfg, self.accelerator, self.student, self.optimizer
+        place = micro * self.world + self.rank  # this micro-batch's index in the global batch
+        inputs = next(self.batches)["pixels"].to(self.device, non_blocking=True)
+        if inputs.is_floating_point():
+            inputs = inputs.float()  # token grids may be stored as float16; autocast lowers where enabled
+        crops = make_crops(self.multicrop, inputs, cfg["seed"], step, place, cfg["train"]["augment_chunk"])
+        torch.manual_seed(derived_seed(cfg["seed"], step, place, DROP_PATH))
+        with accelerator.accumulate(student):
+            with torch.no_grad(), accelerator.autocast():
+                teacher_output = self.teacher(crops[:2])  # the teacher sees the global crops only
+            loss = self.dino_loss(student(crops), teacher_output, epoch)
+            value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            self._stop_on_non_finite(value, step, epoch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.unscale_gradients(optimizer)
+                if cfg["optim"]["clip_grad"]:
+                    clip_gradients_per_parameter(student, cfg["optim"]["clip_grad"])
+                cancel_last_layer_gradients(student, epoch, cfg["dino"]["freeze_last_layer"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return value
+
+    def _log_step(self, step: int, epoch: int, loss: float) -> dict[str, Any]:
+        entry = {"step": step, "epoch": epoch, "loss": loss, "lr": float(self.lr[step]),
+                 "weight_decay": float(self.weight_decay[step]), "momentum": float(self.momentum[step]),
+                 "teacher_temp": self.dino_loss.teacher_temperature(epoch)}
+        with open(self.out / TRAIN_LOG, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        if (step + 1) % self.cfg["train"]["log_every"] == 0:
+            log.info("step %d/%d epoch %d loss %.4f lr %.3g", step + 1, self.total, epoch, loss, self.lr[step])
+        return entry
+
+    def train(self) -> Path:
+        """Run (or continue) to the last step, or to train.stop_after; returns the output folder."""
+        train = self.cfg["train"]
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out)
+            _keep_log_before(self.out / TRAIN_LOG, self.start)
+            log.info("DINO: %d steps (%d epochs x %d), global batch %d = %d per process x %d processes x %d "
+                     "accumulated; peak lr %.3g", self.total, train["epochs"], self.steps_per_epoch,
+                     self.global_batch, train["batch_size"], self.world, train["grad_accum"], self.lr.max())
+        end = min(self.total, train["stop_after"] or self.total)
+        progress = tqdm(range(self.start, end), initial=self.start, total=self.total, desc="dino", unit="step",
+                        disable=not self.main)
+        for step in progress:
+            epoch = step // self.steps_per_epoch
+            set_lr_and_weight_decay(self.optimizer, float(self.lr[step]), float(self.weight_decay[step]))
+            loss = sum(self.micro_step(step, epoch, micro) for micro in range(train["grad_accum"])) / train["grad_accum"]
+            update_teacher(self.accelerator.unwrap_model(self.student), self.teacher, float(self.momentum[step]))
+            if self.main:
+                self._log_step(step, epoch, loss)
+                progress.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
+            if (step + 1) % train["checkpoint_every"] == 0 or step + 1 == end:
+                self.save(step + 1)
+        if self.main and end == self.total:
+            export_safetensors(self.teacher.backbone, self.out / BACKBONE_EXPORT,
+                               {"format": "pt", "source": "DINO teacher backbone", "steps": str(self.total)})
+            log.info("done: %s (teacher backbone), %s (DINO layout)", self.out / BACKBONE_EXPORT, self.checkpoint_path)
+        elif self.main:
+            log.info("stopped after step %d of %d; continue with resume=true", end, self.total)
+        return self.out
+
+
+def train_dino(cfg: Mapping[str, Any], backbone: Callable[[float], nn.Module], stream: IterableDataset,
+               multicrop: Callable[..., list[torch.Tensor]], samples_per_epoch: int) -> Path:
+    """Train (or continue) DINO as configured and return the output folder, which receives config.yaml,
+    train_log.jsonl (one line per step), checkpoint.pt (every train.checkpoint_every steps and at the end,
+    in the released DINO layout: student/teacher with backbone./head. keys, optimizer, dino_loss, epoch)
+    and, once training is complete, backbone.safetensors (the teacher's backbone under its own key names)."""
+    return DINOTrainer(cfg, backbone, stream, multicrop, samples_per_epoch).train()

@@ -1,0 +1,47 @@
+"""Building the tile and region encoders from a recipe's ``model`` config section.
+
+model:
+  preset: hipt        # geometry from hipt_e2e.models.PRESETS (hipt | tiny)
+  encoder: vit        # tile level only: vit (ViT256) or cnn (a timm CNN projected to the same width)
+  cnn: resnet50       # the timm CNN when encoder = cnn
+  weights: null       # embedding recipes: a safetensors export, a state dict or a released DINO checkpoint
+  trusted: false      # allow unpickling (released checkpoints need it; only for files you trust)
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from hipt_e2e.models import cnn256, load_checkpoint, model_preset, vit4k, vit256
+
+log = logging.getLogger(__name__)
+
+TILE_ENCODERS = ("vit", "cnn")
+
+
+def build_tile_encoder(model: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
+    """The tile encoder [B, 3, H, W] -> [B, D] named by the config, randomly initialised."""
+    geometry = model_preset(model["preset"])
+    if model["encoder"] == "vit":
+        return vit256(**geometry["tile"], drop_path_rate=drop_path_rate)
+    if model["encoder"] == "cnn":
+        return cnn256(model["cnn"], embed_dim=geometry["tile"]["embed_dim"], drop_path_rate=drop_path_rate)
+    raise ValueError(f"model.encoder must be one of {TILE_ENCODERS}, got {model['encoder']!r}")
+
+
+def build_region_encoder(model: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
+    """The region encoder (ViT4K) [B, D, rows, cols] -> [B, D'] of the config's preset, randomly initialised."""
+    return vit4k(**model_preset(model["preset"])["region"], drop_path_rate=drop_path_rate)
+
+
+def load_encoder_weights(encoder: nn.Module, model: Mapping[str, Any]) -> nn.Module:
+    """Load model.weights into the encoder (every tensor must fit); without weights it stays random."""
+    if model["weights"] is None:
+        log.warning("model.weights is not set: using a randomly initialised %s (a baseline, not a result)",
+                    type(encoder).__name__)
+    else:
+        load_checkpoint(encoder, model["weights"], trusted=model["trusted"], strict=True)
+    return encoder

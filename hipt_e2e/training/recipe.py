@@ -1,0 +1,35 @@
+"""The start every recipe shares: command line -> resolved config, logging on the main process."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from hipt_e2e.config import add_config_arguments, resolve_config, setup_logging
+
+
+def _lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for key in dotted.split("."):
+        node = node[key]
+    return node
+
+
+def recipe_config(defaults: Mapping[str, Any], description: str | None, argv: Sequence[str] | None = None,
+                  required: Sequence[str] = ("out",)) -> dict[str, Any]:
+    """Parse ``--config FILE key=value ...`` over ``defaults``; the dotted ``required`` keys must be set.
+
+    Only the main process (RANK 0 under ``accelerate launch``) logs below warnings, so a multi-process
+    run reads like a single one.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    cfg = resolve_config(defaults, args.config, args.overrides)
+    missing = [key for key in required if _lookup(cfg, key) is None]
+    if missing:
+        parser.error(f"set {', '.join(missing)} (in the --config file or as key=value)")
+    return cfg

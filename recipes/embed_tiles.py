@@ -1,0 +1,39 @@
+"""Embed every region of a shard set as a token grid [D, rows, cols] (D = 384 for ViT256), written as
+new shards (one sample per region: its key, record and coordinates kept, the grid as `grid.npy`).
+
+    accelerate launch recipes/embed_tiles.py --config recipes/configs/embed_tiles.yaml \
+        data.shards=SHARDS model.weights=runs/vit256/backbone.safetensors out=runs/grids
+
+Regions are batched, their tiles encoded together; processes and DataLoader workers split the work
+by whole slides; the output manifest accounts for every input region.
+"""
+from hipt_e2e.embedding import embed_tiles
+from hipt_e2e.training import build_tile_encoder, load_encoder_weights, recipe_config
+
+DEFAULTS = {
+    "out": None,
+    "data": {"shards": None, "workers": 2},
+    "model": {"preset": "hipt", "encoder": "vit", "cnn": "resnet50", "weights": None, "trusted": False},
+    "embed": {
+        "normalisation": "hipt",  # the released weights' (x/127.5 - 1); use what your weights were trained with
+        "regions_per_batch": 4,
+        "tiles_per_call": 512,
+        "dtype": "float16",  # of the stored grids: float16 | float32
+        "mixed_precision": None,  # no | bf16 | fp16; null: as `accelerate launch` says
+        "shard_bytes": 1.0e9,
+    },
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
+    encoder = load_encoder_weights(build_tile_encoder(cfg["model"]), cfg["model"])
+    embed = cfg["embed"]
+    embed_tiles(encoder, cfg["data"]["shards"], cfg["out"], settings=cfg, normalisation=embed["normalisation"],
+                regions_per_batch=embed["regions_per_batch"], tiles_per_call=embed["tiles_per_call"],
+                workers=cfg["data"]["workers"], dtype=embed["dtype"], shard_bytes=int(embed["shard_bytes"]),
+                mixed_precision=embed["mixed_precision"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""DINO pretraining of the tile encoder (ViT256, or a timm CNN with model.encoder=cnn) on tiles
+streamed from region or tile shards.
+
+    accelerate launch recipes/pretrain_vit256.py --config recipes/configs/pretrain_vit256.yaml \
+        data.shards=SHARDS out=runs/vit256
+
+Outputs in `out`: config.yaml, train_log.jsonl, checkpoint.pt (resume=true continues it exactly;
+released DINO layout) and backbone.safetensors (the teacher's tile encoder) for embed_tiles.
+"""
+from hipt_e2e.data import TileStream
+from hipt_e2e.ssl import TileMultiCrop
+from hipt_e2e.training import DINO_DEFAULTS, build_tile_encoder, count_tiles, recipe_config, train_dino
+
+DEFAULTS = {
+    **DINO_DEFAULTS,
+    "data": {
+        "shards": None,  # region or tile shards (hipt-shards build)
+        "min_tissue": 0.25,  # skip tiles with less tissue
+        "shuffle": 10000,  # tiles in the shuffle buffer
+        "normalisation": "imagenet",  # what the original tile-level DINO used; recorded with the weights
+    },
+    "model": {"preset": "hipt", "encoder": "vit", "cnn": "resnet50"},
+    "crops": {"global_size": 224, "local_size": 96, "n_local": 8,
+              "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4]},
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
+    data, crops = cfg["data"], cfg["crops"]
+    stream = TileStream(data["shards"], min_tissue=data["min_tissue"], shuffle=data["shuffle"], seed=cfg["seed"])
+    multicrop = TileMultiCrop(data["normalisation"], crops["global_size"], crops["local_size"], crops["n_local"],
+                              tuple(crops["global_scale"]), tuple(crops["local_scale"]))
+    # An epoch is one pass over the tiles; counting them reads every record once (set
+    # train.steps_per_epoch to skip that on very large shard sets).
+    tiles = 0 if cfg["train"]["steps_per_epoch"] else count_tiles(data["shards"], data["min_tissue"])
+    train_dino(cfg, lambda drop_path_rate: build_tile_encoder(cfg["model"], drop_path_rate), stream, multicrop, tiles)
+
+
+if __name__ == "__main__":
+    main()

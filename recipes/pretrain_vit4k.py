@@ -1,0 +1,33 @@
+"""DINO pretraining of the region encoder (ViT4K) on token grids streamed from embed_tiles shards,
+with the region-level multi-crop (2 global 14 x 14 and 8 local 6 x 6 token crops, flips).
+
+    accelerate launch recipes/pretrain_vit4k.py --config recipes/configs/pretrain_vit4k.yaml \
+        data.shards=runs/grids out=runs/vit4k
+
+Outputs in `out`: config.yaml, train_log.jsonl, checkpoint.pt (resume=true continues it exactly;
+released DINO layout) and backbone.safetensors (the teacher's ViT4K) for embed_regions.
+"""
+from hipt_e2e.data import RegionStream, load_manifest
+from hipt_e2e.ssl import RegionMultiCrop
+from hipt_e2e.training import DINO_DEFAULTS, build_region_encoder, recipe_config, train_dino
+
+DEFAULTS = {
+    **DINO_DEFAULTS,
+    "data": {"shards": None, "shuffle": 1000},  # token-grid shards; regions in the shuffle buffer
+    "model": {"preset": "hipt"},
+    "crops": {"global_size": 14, "local_size": 6, "n_local": 8},
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
+    data, crops = cfg["data"], cfg["crops"]
+    stream = RegionStream(data["shards"], shuffle=data["shuffle"], seed=cfg["seed"])
+    multicrop = RegionMultiCrop(crops["global_size"], crops["local_size"], crops["n_local"])
+    regions = load_manifest(data["shards"])["samples"]
+    train_dino(cfg, lambda drop_path_rate: build_region_encoder(cfg["model"], drop_path_rate), stream, multicrop,
+               regions)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The four staged-path recipes (DINO on tiles, embed tiles, DINO on token grids, embed regions) on
+generated shards with the tiny geometry: end to end, exact resume, 2 processes = 1 process on the same
+global batch, and a clean stop on a non-finite loss."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hipt_e2e.data import RegionStream, load_manifest
+from hipt_e2e.data.embeddings import read_slide_bags
+from hipt_e2e.data.samples import encode_grid
+from hipt_e2e.embedding import GRIDS_KIND, PartWriter, token_grids
+from hipt_e2e.models import cnn256, load_checkpoint, model_preset, vit4k, vit256
+from hipt_e2e.training import BACKBONE_EXPORT, CHECKPOINT, TRAIN_LOG, NonFiniteLossError, load_checkpoint_state
+from shards.build import build
+from shards.verify import verify
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = model_preset("tiny")
+
+
+def run_recipe(name: str, *overrides: str) -> None:
+    """Run recipes/NAME.py in this process with its tiny config (as `python recipes/NAME.py` would)."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--config", str(REPO / "recipes" / "configs" / "tiny" / f"{name}.yaml"), *overrides])
+
+
+def train_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / TRAIN_LOG).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def shards(synthetic_slides: Path, tmp_path_factory) -> dict[str, Path]:
+    """Two shard sets of the 8 synthetic slides: 64 px regions of 2 x 2 tiles, one region per shard (so
+    that which process reads what is known), and 128 px regions of 4 x 4 tiles, slides across shards."""
+    root = tmp_path_factory.mktemp("dino_shards")
+    common = {"kind": "images", "input": str(synthetic_slides), "labels": str(synthetic_slides / "labels.csv"),
+              "slide_mpp": 0.5, "tile_px": 32, "encoding": "png"}
+    build({**common, "out": str(root / "tiles"), "region_px": 64, "shard_bytes": 1})
+    build({**common, "out": str(root / "regions"), "region_px": 128, "shard_bytes": 100_000})
+    return {"tiles": root / "tiles", "regions": root / "regions"}
+
+
+def test_four_recipes_end_to_end(shards: dict[str, Path], tmp_path: Path) -> None:
+    regions = shards["regions"]
+    source = load_manifest(regions)
+    assert any(shard["slide_continues"] for shard in source["shards"])  # slides span shards
+
+    run_recipe("pretrain_vit256", f"data.shards={regions}", f"out={tmp_path / 'vit256'}", "train.steps_per_epoch=2")
+    log = train_log(tmp_path / "vit256")
+    assert [entry["step"] for entry in log] == [0, 1, 2, 3] and all(np.isfinite(e["loss"]) for e in log)
+    # The exports: released key names in safetensors, and the DINO layout (teacher, backbone. keys).
+    tile_encoder = vit256(**TINY["tile"])
+    load_checkpoint(tile_encoder, tmp_path / "vit256" / BACKBONE_EXPORT, strict=True)
+    from_dino_layout = vit256(**TINY["tile"])
+    load_checkpoint(from_dino_layout, tmp_path / "vit256" / CHECKPOINT, strict=True)
+    for name, tensor in tile_encoder.state_dict().items():
+        torch.testing.assert_close(from_dino_layout.state_dict()[name], tensor, rtol=0, atol=0)
+
+    grids_dir = tmp_path / "grids"
+    run_recipe("embed_tiles", f"data.shards={regions}", f"model.weights={tmp_path / 'vit256' / BACKBONE_EXPORT}",
+               f"out={grids_dir}")
+    grids = load_manifest(grids_dir)
+    assert grids["kind"] == GRIDS_KIND and grids["samples"] == grids["inputs"] == source["samples"]
+    assert {k: v["regions"] for k, v in grids["slides"].items()} == {k: v["regions"] for k, v in source["slides"].items()}
+    assert verify(grids_dir) == []
+    # Every region's grid holds its tiles' embeddings in raster order, with its record kept.
+    tile_encoder.eval()
+    embedded = {(i["record"]["slide_id"], i["record"]["region_index"]): i for i in RegionStream(grids_dir)}
+    assert len(embedded) == source["samples"]
+    for item in list(RegionStream(regions))[:3]:
+        grid = embedded[(item["record"]["slide_id"], item["record"]["region_index"])]
+        assert grid["pixels"].shape == (48, 4, 4) and (grid["record"]["x"], grid["record"]["y"]) == (
+            item["record"]["x"], item["record"]["y"])
+        with torch.no_grad():
+            expected = token_grids(tile_encoder, item["pixels"][None], 32, "hipt", tiles_per_call=7)[0]
+            tile = item["pixels"][:, 32:64, 64:96]  # row 1, column 2
+            direct = tile_encoder((tile[None].float() / 127.5) - 1)[0]
+        torch.testing.assert_close(grid["pixels"], expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grid["pixels"][:, 1, 2], direct, rtol=1e-4, atol=1e-5)
+
+    run_recipe("pretrain_vit4k", f"data.shards={grids_dir}", f"out={tmp_path / 'vit4k'}", "train.steps_per_epoch=2")
+    load_checkpoint(vit4k(**TINY["region"]), tmp_path / "vit4k" / BACKBONE_EXPORT, strict=True)
+
+    slides_dir = tmp_path / "slides"
+    run_recipe("embed_regions", f"data.shards={grids_dir}", f"model.weights={tmp_path / 'vit4k' / BACKBONE_EXPORT}",
+               f"out={slides_dir}")
+    bags, classes = read_slide_bags(slides_dir)
+    assert classes == source["classes"] and len(bags) == len(source["slides"])
+    assert sum(len(bag.features) for bag in bags) == source["samples"]
+    coords = {}
+    for item in RegionStream(regions):
+        coords.setdefault(item["record"]["slide_id"], []).append((item["record"]["x"], item["record"]["y"]))
+    for bag in bags:
+        assert bag.features.shape == (source["slides"][bag.slide_id]["regions"], 24)
+        assert [tuple(xy) for xy in bag.coords.tolist()] == coords[bag.slide_id]
+    for out in ("vit256", "grids", "vit4k", "slides"):
+        assert (tmp_path / out / "config.yaml").exists()
+
+
+def test_cnn_tile_encoder_runs_through_the_same_recipe(shards: dict[str, Path], tmp_path: Path) -> None:
+    run_recipe("pretrain_vit256", f"data.shards={shards['tiles']}", f"out={tmp_path}", "model.encoder=cnn",
+               "model.cnn=resnet10t", "train.epochs=1", "train.steps_per_epoch=1")
+    load_checkpoint(cnn256("resnet10t", embed_dim=48), tmp_path / BACKBONE_EXPORT, strict=True)
+
+
+def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(shards: dict[str, Path], tmp_path: Path) -> None:
+    # Three 4-tile shards and 2 x 4 tiles per step: every step starts a new pass over the data, so the
+    # resumed run must also restore each pass's position; two micro-batches exercise accumulation.
+    few = "[" + ",".join(str(shards["tiles"] / s["name"]) for s in load_manifest(shards["tiles"])["shards"][:3]) + "]"
+    settings = [f"data.shards={few}", "train.batch_size=4", "train.grad_accum=2", "train.steps_per_epoch=3",
+                "data.shuffle=8", "dino.freeze_last_layer=1", "dino.drop_path_rate=0.1"]
+    run_recipe("pretrain_vit256", *settings, f"out={tmp_path / 'whole'}")
+    run_recipe("pretrain_vit256", *settings, f"out={tmp_path / 'parts'}", "train.stop_after=4")
+    assert len(train_log(tmp_path / "parts")) == 4 and not (tmp_path / "parts" / BACKBONE_EXPORT).exists()
+    with pytest.raises(FileExistsError, match="resume=true"):
+        run_recipe("pretrain_vit256", *settings, f"out={tmp_path / 'parts'}")
+    with pytest.raises(ValueError, match="optim.lr"):
+        run_recipe("pretrain_vit256", *settings, f"out={tmp_path / 'parts'}", "resume=true", "optim.lr=0.1")
+    run_recipe("pretrain_vit256", *settings, f"out={tmp_path / 'parts'}", "resume=true")
+
+    whole, parts = train_log(tmp_path / "whole"), train_log(tmp_path / "parts")
+    assert [e["step"] for e in parts] == list(range(6))
+    assert [e["loss"] for e in parts] == [e["loss"] for e in whole]
+    final_whole = load_checkpoint_state(tmp_path / "whole" / CHECKPOINT)
+    final_parts = load_checkpoint_state(tmp_path / "parts" / CHECKPOINT)
+    for name, tensor in final_whole["teacher"].items():
+        assert torch.equal(final_parts["teacher"][name], tensor), name
+    assert torch.equal(final_parts["dino_loss"]["center"], final_whole["dino_loss"]["center"])
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(shards: dict[str, Path], tmp_path: Path) -> None:
+    # One region (4 tiles) per shard: rank r's first batch of 4 is shard r, one process's batch of 8 is
+    # shards 0 and 1. Crops are drawn per chunk of 4 by place in the global batch, so both see the same.
+    step = [f"data.shards={shards['tiles']}", "train.epochs=1", "train.steps_per_epoch=1", "train.augment_chunk=4",
+            "optim.lr=2.0"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    # `accelerate launch --cpu` starts a single process whatever --num_processes says (multi-CPU needs
+    # mpirun there); the torchrun launcher behind --multi_gpu with ACCELERATE_USE_CPU gives 2 CPU processes.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+               str(REPO / "recipes" / "pretrain_vit256.py"),
+               "--config", str(REPO / "recipes" / "configs" / "tiny" / "pretrain_vit256.yaml"),
+               *step, "train.batch_size=4", f"out={tmp_path / 'two'}"]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 per process x 2 processes" in result.stderr
+    run_recipe("pretrain_vit256", *step, "train.batch_size=8", f"out={tmp_path / 'one'}")
+
+    two, one = (load_checkpoint_state(tmp_path / run / CHECKPOINT) for run in ("two", "one"))
+    assert two["data_positions"] == [[0, 1], [0, 1]]
+    torch.testing.assert_close(two["dino_loss"]["center"], one["dino_loss"]["center"], rtol=0, atol=1e-7)
+    # The same clipped, averaged gradient: AdamW's moments after one step are (1 - beta) g and (1 - beta2) g^2.
+    for index, moments in one["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            expected = moments[name]
+            torch.testing.assert_close(two["optimizer"]["state"][index][name], expected, rtol=0,
+                                       atol=1e-5 * expected.abs().max().item(), msg=f"{name} of parameter {index}")
+    # The same parameters. AdamW's first step is lr * g / (|g| + 1e-8): entries whose gradient is zero
+    # in exact arithmetic (e.g. the key biases, to which softmax is blind) move by up to ~1 % of lr on
+    # rounding noise alone, so parameters are compared to 2 % of the lr (0.0625 here); a wrong batch,
+    # crop or reduction moves them by the whole lr.
+    moved = max((one["student"][k] - one["teacher"][k]).abs().max().item() for k in one["student"])
+    assert moved > 0.05
+    for model in ("student", "teacher"):
+        for name, tensor in one[model].items():
+            torch.testing.assert_close(two[model][name], tensor, rtol=0, atol=0.02 * 0.0625, msg=f"{model} {name}")
+
+
+def _grid_shards(out: Path, grids: np.ndarray) -> Path:
+    """A token-grid shard set holding ``grids`` as the regions of one slide."""
+    writer = PartWriter(out, GRIDS_KIND, settings={}, classes=["a"], shard_bytes=1 << 20)
+    for index, grid in enumerate(grids):
+        record = {"slide_id": "s", "patient_id": "p", "label": "a", "label_index": 0, "split": None,
+                  "region_index": index, "x": 0, "y": 0, "height": 4, "width": 4, "grid": [4, 4], "tissue": [1.0] * 16}
+        ext, data = encode_grid(grid)
+        writer.add({"__key__": f"r{index:04d}", ext: data, "json": json.dumps(record).encode()}, record)
+    writer.finish()
+    return out
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    grids = np.random.default_rng(0).normal(size=(16, 48, 4, 4)).astype(np.float32)
+    grids[9, :, 2, 2] = np.nan  # in the third batch of 4
+    source = _grid_shards(tmp_path / "grids", grids)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="at step 2 .*Last good checkpoint: .*after step 2"):
+        run_recipe("pretrain_vit4k", f"data.shards={source}", f"out={out}", "train.batch_size=4",
+                   "train.steps_per_epoch=4", "crops.global_size=4")
+    assert [entry["step"] for entry in train_log(out)] == [0, 1]
+    state = load_checkpoint_state(out / CHECKPOINT)
+    assert state["step"] == 2
+    assert all(torch.isfinite(t).all() for t in [*state["student"].values(), *state["teacher"].values()])
+    assert not (out / BACKBONE_EXPORT).exists()
