@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from naive_hipt import naive_hipt, naive_slide, naive_vit4k, naive_vit256, random_weights
 
 from hipt_e2e.models import (
-    HIPT, CheckpointError, load_checkpoint, model_preset, resize_pos_table, tokens_to_grid, vit4k, vit256, vit_wsi,
+    HIPT, CheckpointError, cnn256, load_checkpoint, model_preset, resize_pos_table, tokens_to_grid, vit4k, vit256, vit_wsi,
 )
 from hipt_e2e.models.convert import main as convert_main
 
@@ -263,6 +263,13 @@ def test_chunk_checkpointing_bounds_saved_activations() -> None:
     model.set_grad_checkpointing(chunks=True)
     checkpointed = saved_bytes(4) - saved_bytes(2)
     assert checkpointed * 10 < plain
+
+
+def test_cnn256_loads_local_weights() -> None:
+    source = cnn256("resnet18", embed_dim=16)
+    model = cnn256("resnet18", embed_dim=16, weights=source.cnn.state_dict())  # a path works the same way
+    assert all(torch.equal(v, model.cnn.state_dict()[k]) for k, v in source.cnn.state_dict().items())
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 16)
 
 
 def test_cnn_tile_encoder_runs_through_hipt() -> None:

@@ -42,3 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("wrote %d tensors to %s", count, args.target)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
