@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -41,12 +42,18 @@ def _merge(base: dict, update: Mapping, prefix: str = "") -> None:
             base[key] = value
 
 
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`a.b=3` -> ("a.b", 3); the value is parsed as YAML so numbers, booleans and lists work."""
     if "=" not in text:
         raise ValueError(f"override {text!r} is not of the form key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw != "" else None
+    value = yaml.safe_load(raw) if raw != "" else None
+    if isinstance(value, str) and _FLOAT.match(value):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+    return key.strip(), value
 
 
 def resolve_config(defaults: Mapping, config_file: str | Path | None = None,

@@ -1,0 +1,250 @@
+"""Slide-level training with cross-validation: the last stage of the staged path.
+
+Bags of region embeddings -> `vit_wsi` (HIPT's slide transformer) or attention-MIL, one slide per step;
+or an FC on single region embeddings (each labelled with its slide's label) whose slide prediction is
+a vote over the slide's regions. Every variant shares the splits (patient-grouped, stratified), the
+class-imbalance setting, model selection on validation balanced accuracy with early stopping, and the
+report (`hipt_e2e.evaluation`). Processes split each epoch's units (slides, or batches of regions);
+evaluation runs on the small in-memory bags, identically on every process.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import train_test_split
+from torch import nn
+from tqdm import tqdm
+
+from hipt_e2e.config import save_config
+from hipt_e2e.data.embeddings import SlideBag, read_slide_bags
+from hipt_e2e.evaluation.metrics import classification_metrics, vote
+from hipt_e2e.evaluation.report import write_report
+from hipt_e2e.evaluation.splits import Fold, SlideInfo, check_labels, make_folds, write_splits
+from hipt_e2e.io import atomic_write_json
+from hipt_e2e.models import vit_wsi
+from hipt_e2e.models.mil import RegionFC, abmil
+from hipt_e2e.training.checkpointing import export_safetensors
+from hipt_e2e.training.recipe import recipe_config
+
+log = logging.getLogger(__name__)
+
+IMBALANCE = ("none", "weighted_loss", "balanced_sampling")
+
+SLIDE_DEFAULTS: dict[str, Any] = {
+    "data": {"shards": None, "train_fraction": 1.0},
+    "model": {"name": "vit_wsi", "dropout": 0.25, "hidden": None},  # vit_wsi | abmil | fc
+    "optim": {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 20, "accumulate": 1, "batch_regions": 256},
+    "imbalance": "balanced_sampling",  # none | weighted_loss | balanced_sampling (weight N / N_class)
+    "vote": "majority",  # fc only: majority | mean
+    "folds": 5,
+    "seed": 0,
+    "patience": 5,  # epochs without a better validation balanced accuracy before stopping
+    "mixed_precision": "no",
+    "out": None,
+}
+
+
+def build_slide_model(cfg: dict, n_classes: int, dim: int) -> nn.Module:
+    name, dropout, hidden = cfg["model"]["name"], cfg["model"]["dropout"], cfg["model"]["hidden"]
+    if name == "vit_wsi":
+        heads = 3 if dim % 3 == 0 else 1
+        return vit_wsi(n_classes, dim=dim, num_heads=heads, dropout=dropout)
+    if name == "abmil":
+        return abmil(n_classes, dim=dim, hidden=hidden, dropout=dropout)
+    if name == "fc":
+        return RegionFC(n_classes, dim=dim, hidden=hidden, dropout=dropout)
+    raise ValueError(f"unknown slide model {name!r}; choose vit_wsi, abmil or fc")
+
+
+def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
+    """N / (K * N_class): 1 for every class when balanced. A class absent from training gets 0."""
+    counts = torch.bincount(torch.as_tensor(labels), minlength=n_classes).float()
+    return torch.where(counts > 0, len(labels) / (n_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+
+
+def epoch_order(labels: Sequence[int], n_classes: int, *, balanced: bool, seed: int, epoch: int,
+                rank: int = 0, world_size: int = 1) -> list[int]:
+    """This process's training units for an epoch: a seeded permutation, or (balanced) a draw with
+    replacement with probability proportional to N / N_class. Padded so every process gets as many."""
+    generator = torch.Generator().manual_seed(seed * 10_007 + epoch)
+    if balanced:
+        weights = class_weights(labels, n_classes)[torch.as_tensor(labels)]
+        order = torch.multinomial(weights, len(labels), replacement=True, generator=generator)
+    else:
+        order = torch.randperm(len(labels), generator=generator)
+    order = order.tolist()
+    order += order[: (-len(order)) % world_size]
+    return order[rank::world_size]
+
+
+def _slide_probs(model: nn.Module, bag: SlideBag, device: torch.device, vote_method: str) -> np.ndarray:
+    logits = model(bag.features.to(device))
+    probs = logits.float().softmax(dim=-1).cpu().numpy()
+    return vote(probs, vote_method) if isinstance(model, RegionFC) else probs[0]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, bags: Sequence[SlideBag], vote_method: str = "majority") -> np.ndarray:
+    """Slide probabilities [n_slides, n_classes]."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    probs = np.stack([_slide_probs(model, bag, device, vote_method) for bag in bags])
+    model.train(was_training)
+    return probs
+
+
+class TrainingUnits:
+    """What one epoch iterates: slides (bag models), or single regions batched (the FC)."""
+
+    def __init__(self, bags: Sequence[SlideBag], classes: Sequence[str], per_region: bool, batch: int):
+        self.per_region, self.batch = per_region, batch
+        if per_region:
+            self.features = torch.cat([bag.features for bag in bags])
+            self.labels = torch.cat([torch.full((len(bag.features),), classes.index(bag.label)) for bag in bags])
+        else:
+            self.bags = list(bags)
+            self.labels = torch.tensor([classes.index(bag.label) for bag in bags])
+
+    def batches(self, order: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.per_region:
+            return [(self.bags[i].features, self.labels[i:i + 1]) for i in order]
+        index = torch.tensor(order)
+        return [(self.features[chunk], self.labels[chunk]) for chunk in index.split(self.batch)]
+
+
+def train_epoch(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+                batches: list[tuple[torch.Tensor, torch.Tensor]], accumulate: int) -> float:
+    """One epoch; the gradient of each group of `accumulate` batches is averaged, then one step."""
+    model.train()
+    total = 0.0
+    for start in range(0, len(batches), accumulate):
+        group = batches[start:start + accumulate]
+        for n, (x, y) in enumerate(group):
+            sync = n == len(group) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                loss = loss_fn(model(x.to(accelerator.device)).float(), y.to(accelerator.device))
+                accelerator.backward(loss / len(group))
+            total += loss.item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return total / max(1, len(batches))
+
+
+def _subsample(bags: list[SlideBag], fraction: float, seed: int) -> list[SlideBag]:
+    """A stratified `fraction` of the training slides (for learning curves); all when fraction is 1."""
+    if fraction >= 1.0:
+        return bags
+    labels = [bag.label for bag in bags]
+    keep, _ = train_test_split(list(range(len(bags))), train_size=fraction, stratify=labels, random_state=seed)
+    return [bags[i] for i in sorted(keep)]
+
+
+def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], classes: list[str], cfg: dict,
+             fold_dir: Path) -> tuple[nn.Module, list[dict]]:
+    """Train on fold.train, select on fold.val (balanced accuracy, then loss), return the best model."""
+    set_seed(cfg["seed"] + fold.index)
+    train = _subsample([bags[s] for s in fold.train], cfg["data"]["train_fraction"], cfg["seed"] + fold.index)
+    val = [bags[s] for s in fold.val]
+    dim = train[0].features.shape[1]
+    model = build_slide_model(cfg, len(classes), dim)
+    optim = cfg["optim"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    units = TrainingUnits(train, classes, isinstance(accelerator.unwrap_model(model), RegionFC), optim["batch_regions"])
+    labels = units.labels.tolist()
+    weights = class_weights(labels, len(classes)) if cfg["imbalance"] == "weighted_loss" else None
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(accelerator.device) if weights is not None else None)
+    val_y = np.array([classes.index(bag.label) for bag in val])
+    best, best_key, stale, history = None, None, 0, []
+    bar = tqdm(range(optim["epochs"]), desc=f"fold {fold.index}", disable=not accelerator.is_main_process)
+    for epoch in bar:
+        order = epoch_order(labels, len(classes), balanced=cfg["imbalance"] == "balanced_sampling",
+                            seed=cfg["seed"] + fold.index, epoch=epoch, rank=accelerator.process_index,
+                            world_size=accelerator.num_processes)
+        train_loss = train_epoch(accelerator, model, optimizer, loss_fn, units.batches(order), optim["accumulate"])
+        entry = {"epoch": epoch, "train_loss": train_loss}
+        if val:
+            probs = predict(accelerator.unwrap_model(model), val, cfg["vote"])
+            entry["val_balanced_accuracy"] = float(balanced_accuracy_score(val_y, probs.argmax(1)))
+            entry["val_loss"] = float(-np.mean(np.log(probs[np.arange(len(val_y)), val_y] + 1e-12)))
+            key = (entry["val_balanced_accuracy"], -entry["val_loss"])
+        else:
+            key = (epoch,)  # no validation part: the last epoch is kept
+        history.append(entry)
+        bar.set_postfix({k: round(v, 3) for k, v in entry.items() if k != "epoch"})
+        if best_key is None or key > best_key:
+            best_key, stale = key, 0
+            best = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
+        else:
+            stale += 1
+            if stale >= cfg["patience"]:
+                log.info("fold %d: early stop after epoch %d (best %s)", fold.index, epoch, best_key)
+                break
+    final = accelerator.unwrap_model(model)
+    final.load_state_dict(best)
+    if accelerator.is_main_process:
+        export_safetensors(final, fold_dir / "best_model.safetensors")
+        atomic_write_json(fold_dir / "history.json", history)
+    return final, history
+
+
+def cross_validate(bags: Sequence[SlideBag], classes: Sequence[str], cfg: dict,
+                   accelerator: Accelerator | None = None) -> dict:
+    """Run every fold, then write splits.csv, predictions.csv, metrics.json, plots and report.md."""
+    if cfg["imbalance"] not in IMBALANCE:
+        raise ValueError(f"imbalance must be one of {IMBALANCE}, got {cfg['imbalance']!r}")
+    accelerator = accelerator or Accelerator(mixed_precision=cfg["mixed_precision"])
+    classes = list(classes)
+    out = Path(cfg["out"])
+    missing = [bag.slide_id for bag in bags if bag.label is None]
+    if missing:
+        raise ValueError(f"slides without a label cannot be trained on: {missing[:10]}")
+    infos = [SlideInfo(bag.slide_id, bag.label, bag.patient_id, bag.split) for bag in bags]
+    check_labels(infos, classes)
+    folds, _ = make_folds(infos, cfg["folds"], cfg["seed"])
+    by_id = {bag.slide_id: bag for bag in bags}
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+        write_splits(out / "splits.csv", infos, folds)
+    rows, per_fold = [], []
+    for fold in folds:
+        model, _ = run_fold(accelerator, fold, by_id, classes, cfg, out / f"fold_{fold.index}")
+        test = [by_id[s] for s in fold.test]
+        probs = predict(model, test, cfg["vote"])
+        y_true = [classes.index(bag.label) for bag in test]
+        per_fold.append(classification_metrics(y_true, probs, classes))
+        rows += [{"slide_id": bag.slide_id, "patient_id": bag.patient_id, "fold": fold.index,
+                  "true_label": bag.label, "probs": p.tolist()} for bag, p in zip(test, probs)]
+        log.info("fold %d: test balanced accuracy %.3f, macro AUC %.3f", fold.index,
+                 per_fold[-1]["balanced_accuracy"], per_fold[-1]["auc_macro"])
+    metrics = {}
+    if accelerator.is_main_process:
+        extra = {"title": f"{cfg['model']['name']} on region embeddings", "model": cfg["model"]["name"],
+                 "imbalance": cfg["imbalance"], "seed": cfg["seed"], "n_folds": len(folds),
+                 "train_fraction": cfg["data"]["train_fraction"], "processes": accelerator.num_processes}
+        metrics = write_report(out, rows, per_fold, classes, extra)
+        summary = metrics["summary"]
+        log.info("balanced accuracy %.3f +- %.3f, macro AUC %.3f +- %.3f over %d folds -> %s",
+                 summary["balanced_accuracy"]["mean"], summary["balanced_accuracy"]["sd"],
+                 summary["auc_macro"]["mean"], summary["auc_macro"]["sd"], len(folds), out / "report.md")
+    accelerator.wait_for_everyone()
+    return metrics or json.loads((out / "metrics.json").read_text())
+
+
+def train_from_shards(defaults: dict, description: str | None, argv: Sequence[str] | None = None) -> dict:
+    """The body of train_wsi.py / train_fc.py: config -> slide-embedding bags -> cross-validation."""
+    cfg = recipe_config(defaults, description, argv, required=("out", "data.shards"))
+    bags, classes = read_slide_bags(cfg["data"]["shards"])
+    return cross_validate(bags, classes, cfg)

@@ -1,0 +1,131 @@
+"""Slide-level training: vit_wsi / attention-MIL bags and FC + vote on generated embedding shards."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hipt_e2e.data.embeddings import SlideBag, read_slide_bags, write_slide_bags
+from hipt_e2e.evaluation.splits import SplitError
+from hipt_e2e.training.slide_level import class_weights, epoch_order
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes"))
+import train_fc  # noqa: E402
+import train_wsi  # noqa: E402
+
+CLASSES = ["a", "b", "c"]
+
+
+def make_bags(n_per_class: int = 10, dim: int = 24, seed: int = 0, split: bool = False,
+              dense: bool = False) -> list[SlideBag]:
+    """Each slide: 4-12 noise regions, of which 1-3 carry its class's direction (a MIL-style signal), or
+    all of them when `dense` (the case a per-region classifier with a vote can learn)."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(len(CLASSES), dim)) * 4.0
+    bags = []
+    for c, label in enumerate(CLASSES):
+        for n in range(n_per_class):
+            m = int(rng.integers(4, 13))
+            features = rng.normal(size=(m, dim))
+            signal = m if dense else int(rng.integers(1, 4))
+            features[rng.choice(m, signal, replace=False)] += directions[c]
+            coords = np.stack([np.arange(m) * 256, np.zeros(m)], 1)
+            part = (["train"] * 4 + ["val", "test"])[n % 6] if split else None
+            bags.append(SlideBag(f"{label}{n:02d}", f"pat_{label}{n // 2}", label,
+                                 torch.tensor(features, dtype=torch.float32), torch.tensor(coords, dtype=torch.int64),
+                                 part))
+    return bags
+
+
+@pytest.fixture(scope="module")
+def bag_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bags")
+    write_slide_bags(out, make_bags(), CLASSES, build_args={"test": True}, dtype="float16")
+    return out
+
+
+def test_bag_shards_round_trip(bag_shards):
+    bags, classes = read_slide_bags(bag_shards)
+    original = make_bags()
+    assert classes == CLASSES and [b.slide_id for b in bags] == [b.slide_id for b in original]
+    for got, want in zip(bags, original):
+        assert torch.allclose(got.features, want.features, atol=1e-2) and torch.equal(got.coords, want.coords)
+
+
+def _run(recipe, bag_shards: Path, out: Path, *overrides: str) -> dict:
+    return recipe.main(["data.shards=" + str(bag_shards), f"out={out}", "folds=3", "optim.epochs=20",
+                        "patience=20", *overrides])
+
+
+@pytest.mark.parametrize("model", ["vit_wsi", "abmil"])
+def test_bag_models_learn_a_separable_task(bag_shards, tmp_path, model):
+    metrics = _run(train_wsi, bag_shards, tmp_path, f"model.name={model}", "optim.lr=1e-3")
+    assert metrics["summary"]["balanced_accuracy"]["mean"] >= 0.9, metrics["summary"]
+    assert metrics["summary"]["auc_macro"]["mean"] >= 0.95
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    assert Counter(r["slide_id"] for r in rows) == Counter({b.slide_id: 1 for b in make_bags()})
+    for name in ("splits.csv", "metrics.json", "report.md", "roc.png", "confusion_matrix.png", "config.yaml",
+                 "fold_0/best_model.safetensors", "fold_2/history.json"):
+        assert (tmp_path / name).exists(), name
+
+
+@pytest.mark.parametrize("method", ["majority", "mean"])
+def test_fc_with_vote_learns_a_separable_task(tmp_path, method):
+    write_slide_bags(tmp_path / "dense", make_bags(dense=True), CLASSES, build_args={})
+    metrics = _run(train_fc, tmp_path / "dense", tmp_path / "out", f"vote={method}", "imbalance=weighted_loss", "optim.batch_regions=16")
+    assert metrics["summary"]["balanced_accuracy"]["mean"] >= 0.9, metrics["summary"]
+
+
+def test_class_weights_and_balanced_order():
+    labels = [0] * 60 + [1] * 30 + [2] * 10
+    assert class_weights(labels, 3).tolist() == pytest.approx([100 / 180, 100 / 90, 100 / 30])
+    drawn = Counter()
+    for epoch in range(30):
+        drawn.update(labels[i] for i in epoch_order(labels, 3, balanced=True, seed=0, epoch=epoch))
+    assert all(abs(drawn[c] / 3000 - 1 / 3) < 0.03 for c in range(3)), drawn
+    plain = epoch_order(labels, 3, balanced=False, seed=0, epoch=0)
+    assert sorted(plain) == list(range(100))
+    halves = [epoch_order(labels[:99], 3, balanced=False, seed=0, epoch=0, rank=r, world_size=2) for r in (0, 1)]
+    assert len(halves[0]) == len(halves[1]) == 50 and set(halves[0] + halves[1]) == set(range(99))
+
+
+def test_clear_errors(tmp_path):
+    bags = make_bags(n_per_class=2)
+    write_slide_bags(tmp_path / "few", bags, CLASSES, build_args={})
+    with pytest.raises(SplitError, match="fewer patients than the 3 folds"):
+        _run(train_wsi, tmp_path / "few", tmp_path / "o1")
+    write_slide_bags(tmp_path / "unknown", make_bags(), CLASSES[:2], build_args={})
+    with pytest.raises(SplitError, match=r"label\(s\) \['c'\].*not in the class list \['a', 'b'\]"):
+        _run(train_wsi, tmp_path / "unknown", tmp_path / "o2")
+
+
+def test_two_processes_equal_one_process_with_accumulation(tmp_path):
+    """DDP over 2 CPU processes (one slide each per step) = 1 process accumulating 2 slides per step."""
+    write_slide_bags(tmp_path / "bags", make_bags(n_per_class=6, split=True), CLASSES, build_args={})
+    common = [f"data.shards={tmp_path / 'bags'}", "optim.epochs=2", "model.dropout=0.0", "imbalance=none"]
+    # `--multi_gpu` with ACCELERATE_USE_CPU starts torchrun's CPU processes (plain `--cpu` starts one)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518"]
+    result = subprocess.run([*launch, str(REPO / "recipes" / "train_wsi.py"), *common, "optim.accumulate=1",
+                             f"out={tmp_path / '2'}"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train_wsi.main([*common, "optim.accumulate=2", f"out={tmp_path / '1'}"])
+    assert json.loads((tmp_path / "2" / "metrics.json").read_text())["processes"] == 2
+    two, one = (load_file(tmp_path / p / "fold_0" / "best_model.safetensors") for p in ("2", "1"))
+    assert two.keys() == one.keys()
+    # Adam moves entries whose gradient is zero in exact arithmetic (e.g. attention_c's bias, to which
+    # softmax is blind) by up to lr per step on rounding noise, so parameters are compared to lr / 4
+    # (5e-5); a wrong slide order, loss scale or reduction moves them by ~10 lr (seen: 2.4e-3).
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=5e-5, rtol=0)
