@@ -78,7 +78,7 @@ def test_parameter_counts() -> None:
     assert _count(vit256()) == 21_665_664
     assert _count(vit4k()) == 2_781_504
     model = HIPT.from_preset("hipt", n_classes=2, freeze_region=True)
-    assert _count(model.region_encoder) + _count(model.slide_encoder) == 3_376_515
+    assert _count(model.region_encoder) + _count(model.slide_model) == 3_376_515
     model.set_frozen(tile=True)
     assert _count(model, trainable_only=True) == 595_011
 
@@ -151,7 +151,7 @@ def test_hipt_matches_naive_composition(rows: int, cols: int) -> None:
     with torch.no_grad():
         logits = model(regions)
         expected = naive_hipt(model.tile_encoder.state_dict(), model.region_encoder.state_dict(),
-                              model.slide_encoder.state_dict(), regions, tile_px=32,
+                              model.slide_model.state_dict(), regions, tile_px=32,
                               tile_heads=3, region_heads=3, slide_heads=3)
     assert logits.shape == (1, 3)
     assert (logits - expected).abs().max() <= TOL
@@ -209,10 +209,10 @@ def test_freeze_flags_stop_gradients(stage: str) -> None:
     model = HIPT.from_preset("tiny", **{f"freeze_{stage}": True}).train()
     model(_regions(2, 4, 4)).sum().backward()
     for name in ("tile", "region", "slide"):
-        grads = [p.grad for p in getattr(model, f"{name}_encoder").parameters()]
+        grads = [p.grad for p in model.stage(name).parameters()]
         if name == stage:
             assert all(g is None for g in grads)
-            assert not getattr(model, f"{name}_encoder").training  # frozen stages stay in eval mode
+            assert not model.stage(name).training  # frozen stages stay in eval mode
         else:
             assert all(g is not None and g.abs().sum() > 0 for g in grads)
 

@@ -46,7 +46,7 @@ class HIPT(nn.Module):
         self,
         tile_encoder: nn.Module,
         region_encoder: RegionViT,
-        slide_encoder: SlideTransformer,
+        slide_model: SlideTransformer,
         *,
         tile_px: int = 256,
         normalisation: str = "hipt",
@@ -62,7 +62,7 @@ class HIPT(nn.Module):
             raise ValueError(f"unknown normalisation {normalisation!r}; choose one of {sorted(NORMALISATIONS)}")
         self.tile_encoder = tile_encoder
         self.region_encoder = region_encoder
-        self.slide_encoder = slide_encoder
+        self.slide_model = slide_model
         self.tile_px = tile_px
         self.normalisation = normalisation
         self.chunk_size = chunk_size
@@ -79,15 +79,16 @@ class HIPT(nn.Module):
         return cls(tile_encoder, vit4k(**geometry["region"]), vit_wsi(n_classes, **geometry["slide"]),
                    tile_px=geometry["tile_px"], **settings)
 
-    def _stage(self, name: str) -> nn.Module:
-        return getattr(self, f"{name}_encoder")
+    def stage(self, name: str) -> nn.Module:
+        """The module of a stage by name: tile, region or slide."""
+        return {"tile": self.tile_encoder, "region": self.region_encoder, "slide": self.slide_model}[name]
 
     def set_frozen(self, *, tile: bool | None = None, region: bool | None = None, slide: bool | None = None) -> None:
         """Freeze (True) or unfreeze (False) stages; None leaves a stage as it is."""
         for stage, flag in zip(STAGES, (tile, region, slide)):
             if flag is not None:
                 self.frozen[stage] = flag
-                self._stage(stage).requires_grad_(not flag).train(self.training and not flag)
+                self.stage(stage).requires_grad_(not flag).train(self.training and not flag)
 
     def set_grad_checkpointing(self, chunks: bool = True, blocks: bool = False) -> None:
         self.checkpoint_chunks = chunks
@@ -98,7 +99,7 @@ class HIPT(nn.Module):
         super().train(mode)
         for stage, flag in self.frozen.items():
             if flag:
-                self._stage(stage).eval()
+                self.stage(stage).eval()
         return self
 
     def _grad(self, *stages: str) -> torch.autograd.grad_mode.set_grad_enabled:
@@ -177,5 +178,5 @@ class HIPT(nn.Module):
                 return_attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, HIPTAttention]:
         """uint8 regions of one slide [M, 3, H, W] -> logits [1, n_classes] (and HIPTAttention)."""
         embeddings, tile_attention = self._encode_regions(regions, tile_mask)
-        logits, region_attention = self.slide_encoder(embeddings, return_attention=True)
+        logits, region_attention = self.slide_model(embeddings, return_attention=True)
         return (logits, HIPTAttention(tile_attention, region_attention)) if return_attention else logits
