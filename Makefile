@@ -27,6 +27,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) benchmarks/bench_storage.py
+	$(PYTHON) benchmarks/bench_tile_encoder.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
