@@ -1,0 +1,1 @@
+"""Inference: slide predictions and attention heatmaps."""

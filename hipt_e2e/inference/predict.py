@@ -1,0 +1,274 @@
+"""Predict slides and show the evidence: `hipt-predict` / `accelerate launch recipes/predict.py`.
+
+Whole-slide files (OpenSlide), image files or region shards -> predictions.csv (one row per slide: its
+class probabilities, predicted class, number of regions, or the reason it failed) and per slide a
+region-attention heatmap over a thumbnail plus tile-attention heatmaps of the top regions.
+
+Memory is bounded whatever the slide size: regions are read and embedded `chunk_regions` at a time
+(only the [M, 192] embeddings and small attention maps are kept), then the slide model runs once.
+Slides are read through `hipt_e2e.data.sources.iter_regions`, the same tiling as shard building.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hipt_e2e.config import resolve_config, save_config, setup_logging
+from hipt_e2e.data.manifest import load_manifest
+from hipt_e2e.data.sources import IMAGE_SUFFIXES, SLIDE_SUFFIXES, ImageReader, OpenSlideReader, iter_regions
+from hipt_e2e.data.streams import SlideBagStream
+from hipt_e2e.data.tiling import RegionGeometry
+from hipt_e2e.evaluation.metrics import vote
+from hipt_e2e.inference.heatmaps import plot_region_heatmap, plot_tile_heatmap, region_score_map, top_regions
+from hipt_e2e.io import atomic_write_text
+from hipt_e2e.models import HIPT, load_checkpoint, model_preset
+from hipt_e2e.models.mil import RegionFC
+
+log = logging.getLogger(__name__)
+
+PREDICT_DEFAULTS: dict[str, Any] = {
+    "model": {
+        "preset": "hipt",  # geometry of the three levels (see hipt_e2e/models/presets.py)
+        "cnn": None,  # a timm CNN name when the tile encoder is the CNN variant
+        "classes": None,  # class names in the order of the model's outputs
+        "normalisation": "hipt",
+        "head": "slide",  # slide: slide model over all regions; fc: per-region FC + vote
+        "vote": "majority",
+        "weights": None,  # one safetensors file of the whole HIPT (end-to-end runs)
+        "tile_encoder": None,  # or per stage (staged runs): DINO exports and the slide model / FC
+        "region_encoder": None,
+        "slide_model": None,
+        "trusted": False,  # allow full unpickling of released .pth files (only for files you trust)
+    },
+    "input_kind": "slides",  # slides | images | shards
+    "geometry": {"region_px": None, "mpp": 0.5, "slide_mpp": None, "min_tissue": 0.25, "tissue_threshold": None},
+    "chunk_regions": 8,
+    "top_regions": 3,
+    "thumbnail_px": 1024,
+    "out": None,
+}
+
+
+@dataclass
+class SlidePrediction:
+    probs: np.ndarray  # [K]
+    coords: np.ndarray  # [M, 2] level-0 x, y
+    size: int  # region side in level-0 pixels
+    scores: np.ndarray  # [M] slide attention (or the predicted class's probability per region for fc)
+    tile_attention: np.ndarray  # [M, rows, cols], ViT4K CLS attention over tiles, mean over heads
+
+
+class Predictor:
+    """A trained model (HIPT with a slide model, or HIPT encoders + a region FC) applied slide by slide."""
+
+    def __init__(self, model: HIPT, classes: Sequence[str], fc: RegionFC | None = None, vote_method: str = "majority",
+                 chunk_regions: int = 8):
+        self.model, self.classes, self.fc = model.eval(), list(classes), fc
+        self.vote_method, self.chunk_regions = vote_method, chunk_regions
+
+    @torch.no_grad()
+    def _embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grids = self.model.token_grids(pixels)
+        embeddings, attention = self.model.region_encoder.forward_with_attention(grids)
+        return embeddings, attention.mean(dim=1)
+
+    @torch.no_grad()
+    def predict(self, regions: Iterable[tuple[int, int, np.ndarray]], size: int) -> SlidePrediction:
+        """regions: (x, y, rgb [H, W, 3]) of one slide, consumed `chunk_regions` at a time."""
+        embeddings, attentions, coords, chunk = [], [], [], []
+
+        def flush() -> None:
+            pixels = torch.stack([torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1) for rgb in chunk])
+            embedded, attention = self._embed(pixels)
+            embeddings.append(embedded)
+            attentions.append(attention)
+            chunk.clear()
+
+        for x, y, rgb in regions:
+            coords.append((x, y))
+            chunk.append(rgb)
+            if len(chunk) == self.chunk_regions:
+                flush()
+        if chunk:
+            flush()
+        if not coords:
+            raise ValueError("no region with enough tissue")
+        features = torch.cat(embeddings)
+        if self.fc is None:
+            logits, weights = self.model.slide_model(features, return_attention=True)
+            probs, scores = logits.softmax(-1)[0].numpy(), weights.numpy()
+        else:
+            region_probs = self.fc(features).softmax(-1).numpy()
+            probs = vote(region_probs, self.vote_method)
+            scores = region_probs[:, int(np.argmax(probs))]
+        return SlidePrediction(probs, np.array(coords), size, scores, torch.cat(attentions).numpy())
+
+
+def build_predictor(cfg: dict) -> Predictor:
+    """The model named by the `model:` section, loaded without unpickling unless `trusted`."""
+    spec = cfg["model"]
+    if not spec["classes"]:
+        raise ValueError("model.classes must list the class names in the model's output order")
+    classes = list(spec["classes"])
+    model = HIPT.from_preset(spec["preset"], len(classes), cnn=spec["cnn"], normalisation=spec["normalisation"])
+    fc = None
+    if spec["head"] == "fc":
+        fc = RegionFC(len(classes), dim=model_preset(spec["preset"])["slide"]["dim"]).eval()
+    elif spec["head"] != "slide":
+        raise ValueError(f"model.head must be slide or fc, got {spec['head']!r}")
+    if spec["weights"]:
+        load_checkpoint(model, spec["weights"], trusted=spec["trusted"], strict=True)
+    for stage, module in (("tile_encoder", model.tile_encoder), ("region_encoder", model.region_encoder),
+                          ("slide_model", fc if fc is not None else model.slide_model)):
+        if spec[stage]:
+            load_checkpoint(module, spec[stage], trusted=spec["trusted"], strict=True)
+    if not spec["weights"] and not all(spec[s] for s in ("tile_encoder", "region_encoder", "slide_model")):
+        raise ValueError("give model.weights (a whole HIPT) or all of model.tile_encoder, model.region_encoder "
+                         "and model.slide_model")
+    return Predictor(model, classes, fc, spec["vote"], cfg["chunk_regions"])
+
+
+@dataclass
+class SlideInput:
+    slide_id: str
+    path: Path
+    regions: Iterator[tuple[int, int, np.ndarray]]
+    size: int
+    thumbnail: np.ndarray
+    thumb_scale: float  # thumbnail pixels per level-0 pixel
+    read: Any  # (x, y) -> region rgb, for the tile heatmaps of the top regions
+    close: Any = None
+
+
+def _reader_inputs(paths: Sequence[Path], cfg: dict, geometry: RegionGeometry) -> Iterator[SlideInput | tuple]:
+    opener = ImageReader if cfg["input_kind"] == "images" else OpenSlideReader
+    g = cfg["geometry"]
+    for path in paths:
+        try:
+            reader = opener(path, g["slide_mpp"])
+            regions = iter_regions(reader, geometry, min_tissue=g["min_tissue"], threshold=g["tissue_threshold"])
+            size = geometry.level0_size(reader.mpp) if reader.mpp else 0
+            thumbnail = reader.thumbnail(cfg["thumbnail_px"])
+            yield SlideInput(path.stem, path, ((r.x, r.y, r.rgb) for r in regions), size, thumbnail,
+                             thumbnail.shape[1] / reader.width,
+                             lambda x, y, reader=reader, size=size: reader.read(x, y, size, geometry.region_px),
+                             reader.close)
+        except Exception as exc:  # one unreadable slide must not stop the run
+            yield (path, f"{type(exc).__name__}: {exc}")
+
+
+def _shard_inputs(root: Path, cfg: dict) -> Iterator[SlideInput]:
+    """Slides of a region-shard set; the thumbnail is a mosaic of the regions at their coordinates."""
+    for bag in SlideBagStream(root):
+        coords = bag["coords"].numpy()
+        rgb = bag["pixels"].permute(0, 2, 3, 1).numpy()
+        size = int(rgb.shape[1])
+        width, height = coords[:, 0].max() + size, coords[:, 1].max() + size
+        scale = min(1.0, cfg["thumbnail_px"] / max(width, height))
+        canvas = np.full((int(height * scale) + 1, int(width * scale) + 1, 3), 255, dtype=np.uint8)
+        step = max(1, int(round(1 / scale)))
+        for (x, y), region in zip(coords, rgb):
+            small = region[::step, ::step]
+            x0, y0 = int(x * scale), int(y * scale)
+            canvas[y0: y0 + small.shape[0], x0: x0 + small.shape[1]] = small[: canvas.shape[0] - y0, : canvas.shape[1] - x0]
+        by_xy = {(int(x), int(y)): region for (x, y), region in zip(coords, rgb)}
+        yield SlideInput(bag["slide_id"], root, ((int(x), int(y), r) for (x, y), r in zip(coords, rgb)), size,
+                         canvas, scale, lambda x, y, by_xy=by_xy: by_xy[(int(x), int(y))])
+
+
+def expand_inputs(inputs: Sequence[str | Path], kind: str) -> list[Path]:
+    """Files as given; folders expanded to the slide or image files under them (sorted)."""
+    suffixes = IMAGE_SUFFIXES if kind == "images" else SLIDE_SUFFIXES
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        else:
+            paths.append(item)
+    return paths
+
+
+def _heatmaps(out: Path, slide: SlideInput, result: SlidePrediction, classes: Sequence[str], top: int) -> None:
+    predicted = classes[int(np.argmax(result.probs))]
+    title = f"{slide.slide_id}: {predicted} (p={result.probs.max():.2f})"
+    heat = region_score_map(slide.thumbnail.shape[:2], slide.thumb_scale, result.coords, result.size, result.scores)
+    plot_region_heatmap(out / f"{slide.slide_id}_regions.png", slide.thumbnail, heat, title)
+    for rank, index in enumerate(top_regions(result.scores, top)):
+        x, y = result.coords[index]
+        plot_tile_heatmap(out / f"{slide.slide_id}_tiles_top{rank + 1}.png", slide.read(x, y),
+                          result.tile_attention[index], f"{title}\nregion {rank + 1} at ({x}, {y})")
+
+
+def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor | None = None) -> int:
+    """Predict every input slide; returns the number that failed (each listed in predictions.csv)."""
+    predictor = predictor or build_predictor(cfg)
+    out = Path(cfg["out"])
+    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    preset = model_preset(cfg["model"]["preset"])
+    region_px = cfg["geometry"]["region_px"] or preset["tile_px"] * preset["region_tiles"]
+    geometry = RegionGeometry(region_px, preset["tile_px"], cfg["geometry"]["mpp"])
+    if cfg["input_kind"] == "shards":
+        slides: Iterable = (s for root in inputs for s in _shard_inputs(Path(root), cfg))
+        total = sum(len(load_manifest(root)["slides"]) for root in inputs)
+    else:
+        paths = expand_inputs(inputs, cfg["input_kind"])
+        slides, total = _reader_inputs(paths, cfg, geometry), len(paths)
+    classes = predictor.classes
+    rows, failed = [], 0
+    for slide in tqdm(slides, total=total, desc="predict", unit="slide"):
+        if isinstance(slide, tuple):
+            path, error = slide
+            slide_id, n_regions, probs = path.stem, 0, None
+        else:
+            path, slide_id, error = slide.path, slide.slide_id, ""
+            try:
+                result = predictor.predict(slide.regions, slide.size)
+                _heatmaps(out / "heatmaps", slide, result, classes, cfg["top_regions"])
+                n_regions, probs = len(result.coords), result.probs
+            except Exception as exc:
+                n_regions, probs, error = 0, None, f"{type(exc).__name__}: {exc}"
+            finally:
+                if slide.close:
+                    slide.close()
+        if error:
+            failed += 1
+            log.warning("failed %s: %s", path, error)
+        rows.append([slide_id, str(path), "failed" if error else "ok", error, n_regions,
+                     *([f"{p:.6f}" for p in probs] if probs is not None else [""] * len(classes)),
+                     classes[int(np.argmax(probs))] if probs is not None else ""])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["slide_id", "path", "status", "error", "n_regions", *[f"prob_{c}" for c in classes], "predicted"])
+    writer.writerows(rows)
+    atomic_write_text(out / "predictions.csv", buffer.getvalue())
+    log.info("%d slides: %d predicted, %d failed -> %s", len(rows), len(rows) - failed, failed, out / "predictions.csv")
+    return failed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hipt-predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", help="slide/image files or folders, or shard folders; then key=value")
+    parser.add_argument("--config", type=Path, default=None)
+    args = parser.parse_args(argv)
+    setup_logging()
+    overrides = [a for a in args.inputs if "=" in a]
+    cfg = resolve_config(PREDICT_DEFAULTS, args.config, overrides)
+    if not cfg["out"]:
+        parser.error("set out=DIR (in the --config file or as key=value)")
+    failed = predict_inputs(cfg, [a for a in args.inputs if "=" not in a])
+    return min(failed, 125)  # the exit code says how many slides failed (capped for the shell)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""hipt-predict: a pyramidal TIFF built from real images, planted attention, an unreadable file."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hipt_e2e.config import resolve_config
+from hipt_e2e.data.sources import OpenSlideReader
+from hipt_e2e.inference.heatmaps import region_score_map
+from hipt_e2e.inference.predict import PREDICT_DEFAULTS, Predictor, main, predict_inputs
+from hipt_e2e.models import HIPT
+from hipt_e2e.training.checkpointing import export_safetensors
+from tests.conftest import lymphoma_images, read_rgb
+from tests.test_openslide import write_pyramid
+
+BRIGHT = (384, 256)  # level-0 origin of the injected region (128 px regions at 0.5 um/px)
+
+
+@pytest.fixture(scope="module")
+def slide_dir(lymphoma_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("predict")
+    fields = [read_rgb(p)[:256, :256] for p in lymphoma_images(lymphoma_dir, 4)]
+    mosaic = np.stack(fields).reshape(3, 4, 256, 256, 3).transpose(0, 2, 1, 3, 4).reshape(768, 1024, 3).copy()
+    mosaic[BRIGHT[1]:BRIGHT[1] + 128, BRIGHT[0]:BRIGHT[0] + 128] = (255, 240, 120)  # bright, saturated
+    write_pyramid(root / "slide_a.tiff", mosaic, mpp=0.5)
+    (root / "broken.svs").write_bytes(b"this is not a slide")
+    return root
+
+
+def config(tmp_path: Path, **model) -> dict:
+    return resolve_config(PREDICT_DEFAULTS, None, [
+        "model.preset=tiny", "model.classes=[CLL, FL]", f"out={tmp_path / 'out'}", "geometry.min_tissue=0.0",
+        *[f"model.{k}={v}" for k, v in model.items()]])
+
+
+def plant_attention(model: HIPT, slide: Path, target: tuple[int, int]) -> None:
+    """Hand-set the slide model's gated attention so that it picks the region at `target`.
+
+    The pooling input h of each region is read with a hook; attention_a scores the projection of h on
+    (h_target - mean h_others), attention_b is opened fully, attention_c scales it up.
+    """
+    predictor = Predictor(model, ["CLL", "FL"])
+    reader = OpenSlideReader(slide)
+    from hipt_e2e.data.sources import iter_regions
+    from hipt_e2e.data.tiling import RegionGeometry
+
+    regions = list(iter_regions(reader, RegionGeometry(128, 32, 0.5), min_tissue=0.0))
+    seen = {}
+    hook = model.slide_model.global_attn_pool.register_forward_hook(lambda m, i, o: seen.update(h=i[0]))
+    predictor.predict(((r.x, r.y, r.rgb) for r in regions), 128)
+    hook.remove()
+    h = seen["h"]
+    index = [(r.x, r.y) for r in regions].index(target)
+    others = torch.cat([h[:index], h[index + 1:]])
+    direction = h[index] - others.mean(0)
+    middle = (h[index] @ direction + (others @ direction).max()) / 2
+    pool = model.slide_model.global_attn_pool
+    with torch.no_grad():
+        for layer in (pool.attention_a[0], pool.attention_b[0], pool.attention_c):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        scale = 20 / (h[index] @ direction - middle)
+        pool.attention_a[0].weight[0] = scale * direction
+        pool.attention_a[0].bias[0] = -scale * middle
+        pool.attention_b[0].bias.fill_(10.0)
+        pool.attention_c.weight[0, 0] = 30.0
+
+
+def test_predict_tiff_with_planted_attention_and_a_broken_file(slide_dir, tmp_path):
+    torch.manual_seed(0)
+    model = HIPT.from_preset("tiny", n_classes=2).eval()
+    plant_attention(model, slide_dir / "slide_a.tiff", BRIGHT)
+    cfg = config(tmp_path)
+    predictor = Predictor(model, ["CLL", "FL"], chunk_regions=5)
+    assert predict_inputs(cfg, [slide_dir], predictor) == 1
+    rows = {r["slide_id"]: r for r in csv.DictReader(open(tmp_path / "out" / "predictions.csv"))}
+    assert rows["broken"]["status"] == "failed" and "OpenSlide" in rows["broken"]["error"]
+    ok = rows["slide_a"]
+    assert ok["status"] == "ok" and int(ok["n_regions"]) == 48
+    assert float(ok["prob_CLL"]) + float(ok["prob_FL"]) == pytest.approx(1, abs=1e-5)
+    heatmaps = tmp_path / "out" / "heatmaps"
+    for name in ("slide_a_regions.png", "slide_a_tiles_top1.png", "slide_a_tiles_top3.png"):
+        assert (heatmaps / name).read_bytes()[:4] == b"\x89PNG"
+
+    # the planted region gets the attention, and the heatmap cell holding it is where it lies
+    reader = OpenSlideReader(slide_dir / "slide_a.tiff")
+    from hipt_e2e.data.sources import iter_regions
+    from hipt_e2e.data.tiling import RegionGeometry
+
+    result = predictor.predict(((r.x, r.y, r.rgb) for r in iter_regions(
+        reader, RegionGeometry(128, 32, 0.5), min_tissue=0.0)), 128)
+    assert tuple(result.coords[result.scores.argmax()]) == BRIGHT and result.scores.max() > 0.99
+    thumb = reader.thumbnail(1024)
+    scale = thumb.shape[1] / reader.width
+    heat = region_score_map(thumb.shape[:2], scale, result.coords, 128, result.scores)
+    hot_y, hot_x = np.unravel_index(np.nanargmax(heat), heat.shape)
+    assert BRIGHT[0] <= hot_x / scale < BRIGHT[0] + 128 and BRIGHT[1] <= hot_y / scale < BRIGHT[1] + 128
+    assert result.tile_attention.shape == (48, 4, 4)
+
+
+def test_cli_with_weights_file_and_exit_code(slide_dir, tmp_path):
+    model = HIPT.from_preset("tiny", n_classes=2)
+    export_safetensors(model, tmp_path / "hipt.safetensors")
+    code = main([str(slide_dir / "slide_a.tiff"), str(slide_dir / "broken.svs"), "model.preset=tiny",
+                 "model.classes=[CLL, FL]", f"model.weights={tmp_path / 'hipt.safetensors'}",
+                 f"out={tmp_path / 'out'}", "geometry.min_tissue=0.0"])
+    assert code == 1
+    assert (tmp_path / "out" / "config.yaml").exists()
+    assert len(list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))) == 2
+
+
+def test_wrong_weights_fail_clearly(tmp_path):
+    from hipt_e2e.inference.predict import build_predictor
+    from hipt_e2e.models import CheckpointError
+
+    export_safetensors(HIPT.from_preset("tiny", n_classes=3), tmp_path / "three.safetensors")
+    with pytest.raises(CheckpointError, match="classifier"):
+        build_predictor(config(tmp_path, weights=tmp_path / "three.safetensors"))
