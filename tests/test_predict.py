@@ -120,3 +120,26 @@ def test_wrong_weights_fail_clearly(tmp_path):
     export_safetensors(HIPT.from_preset("tiny", n_classes=3), tmp_path / "three.safetensors")
     with pytest.raises(CheckpointError, match="classifier"):
         build_predictor(config(tmp_path, weights=tmp_path / "three.safetensors"))
+
+
+def test_predict_region_shards_with_an_fc_head(synthetic_slides, tmp_path):
+    from shards.build import build
+
+    build({"kind": "images", "input": str(synthetic_slides), "out": str(tmp_path / "shards"),
+           "labels_from_folders": True, "slide_mpp": 0.5, "region_px": 128, "tile_px": 32})
+    model = HIPT.from_preset("tiny", n_classes=2)
+    from hipt_e2e.models.mil import RegionFC
+
+    fc = RegionFC(2, dim=24).eval()
+    export_safetensors(model.tile_encoder, tmp_path / "tile.safetensors")
+    export_safetensors(model.region_encoder, tmp_path / "region.safetensors")
+    export_safetensors(fc, tmp_path / "fc.safetensors")
+    code = main([str(tmp_path / "shards"), "input_kind=shards", "model.preset=tiny", "model.classes=[a, b]",
+                 "model.head=fc", f"model.tile_encoder={tmp_path / 'tile.safetensors'}",
+                 f"model.region_encoder={tmp_path / 'region.safetensors'}",
+                 f"model.slide_model={tmp_path / 'fc.safetensors'}", f"out={tmp_path / 'out'}", "top_regions=1"])
+    assert code == 0
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert sorted(r["slide_id"] for r in rows) == sorted(p.stem for p in synthetic_slides.rglob("*.png"))
+    assert all(int(r["n_regions"]) == 4 for r in rows)  # 256 px slides -> 2 x 2 regions of 128 px
+    assert (tmp_path / "out" / "heatmaps" / f"{rows[0]['slide_id']}_tiles_top1.png").exists()

@@ -44,6 +44,7 @@ PREDICT_DEFAULTS: dict[str, Any] = {
         "normalisation": "hipt",
         "head": "slide",  # slide: slide model over all regions; fc: per-region FC + vote
         "vote": "majority",
+        "fc_hidden": None,  # hidden width of the FC, as trained (train_fc's model.hidden)
         "weights": None,  # one safetensors file of the whole HIPT (end-to-end runs)
         "tile_encoder": None,  # or per stage (staged runs): DINO exports and the slide model / FC
         "region_encoder": None,
@@ -123,7 +124,7 @@ def build_predictor(cfg: dict) -> Predictor:
     model = HIPT.from_preset(spec["preset"], len(classes), cnn=spec["cnn"], normalisation=spec["normalisation"])
     fc = None
     if spec["head"] == "fc":
-        fc = RegionFC(len(classes), dim=model_preset(spec["preset"])["slide"]["dim"]).eval()
+        fc = RegionFC(len(classes), dim=model_preset(spec["preset"])["slide"]["dim"], hidden=spec["fc_hidden"]).eval()
     elif spec["head"] != "slide":
         raise ValueError(f"model.head must be slide or fc, got {spec['head']!r}")
     if spec["weights"]:
@@ -233,7 +234,8 @@ def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor
         else:
             path, slide_id, error = slide.path, slide.slide_id, ""
             try:
-                result = predictor.predict(slide.regions, slide.size)
+                regions = tqdm(slide.regions, desc=slide_id, unit="region", leave=False)
+                result = predictor.predict(regions, slide.size)
                 _heatmaps(out / "heatmaps", slide, result, classes, cfg["top_regions"])
                 n_regions, probs = len(result.coords), result.probs
             except Exception as exc:
