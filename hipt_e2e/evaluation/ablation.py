@@ -1,0 +1,78 @@
+"""Ablation reports: variants run on the same folds and seeds, compared in one table and one plot.
+
+Each ablation recipe collects the `metrics.json` of its variants (from `cross_validate` or the e2e
+engine) and writes `docs/ablations/<name>.md` (table of mean +- sd over folds of balanced accuracy,
+macro AUC and per-class recall, the plot, the exact command, runtime and machine, the answer) and the
+raw metrics next to it as `<name>.json`.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from hipt_e2e.io import atomic_open, atomic_write_json, atomic_write_text  # noqa: E402
+
+
+def machine() -> str:
+    return f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} CPU cores"
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+
+
+def _cell(stat: dict) -> str:
+    return "n/a" if stat["n"] == 0 else f"{stat['mean']:.3f} +- {stat['sd']:.3f}"
+
+
+def results_table(variants: dict[str, dict], classes: Sequence[str]) -> list[str]:
+    """Markdown rows: variant | balanced accuracy | macro AUC | recall per class (mean +- sd over folds)."""
+    lines = ["| variant | balanced accuracy | macro AUC | " + " | ".join(f"recall {c}" for c in classes) + " |",
+             "|---|---|---|" + "---|" * len(classes)]
+    for name, metrics in variants.items():
+        summary = metrics["summary"]
+        lines.append(f"| {name} | {_cell(summary['balanced_accuracy'])} | {_cell(summary['auc_macro'])} | "
+                     + " | ".join(_cell(summary["recall"][c]) for c in classes) + " |")
+    return lines
+
+
+def bar_plot(path: Path, variants: dict[str, dict], metric: str = "balanced_accuracy") -> Path:
+    names = list(variants)
+    means = [variants[n]["summary"][metric]["mean"] for n in names]
+    sds = [variants[n]["summary"][metric]["sd"] for n in names]
+    figure, axis = plt.subplots(figsize=(max(5, 1.1 * len(names)), 4))
+    axis.bar(range(len(names)), means, yerr=sds, capsize=4, color="#4c72b0")
+    axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    axis.set_ylabel(f"{metric.replace('_', ' ')} (mean +- sd over folds)")
+    axis.set_ylim(0, 1)
+    with atomic_open(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def write_ablation(docs_dir: str | Path, name: str, title: str, question: str, variants: dict[str, dict],
+                   classes: Sequence[str], *, answer: str, runtime_s: float, setup: str,
+                   plot: Path | None = None, extra_lines: Sequence[str] = ()) -> Path:
+    """docs/ablations/<name>.md + <name>.json (+ <name>.png unless a plot is given)."""
+    docs_dir = Path(docs_dir)
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    plot = plot or bar_plot(docs_dir / f"{name}.png", variants)
+    atomic_write_json(docs_dir / f"{name}.json", {"classes": list(classes), "variants": variants})
+    lines = [f"# {title}", "", f"**Question.** {question}", "", f"**Answer.** {answer}", "",
+             f"**Setup.** {setup}", "", *results_table(variants, classes), "", *extra_lines,
+             f"![{name}]({plot.name})", "",
+             f"Command: `{command_line()}`", "",
+             f"Runtime: {runtime_s / 60:.1f} min on {machine()}. Raw metrics per fold: `{name}.json`.", ""]
+    path = docs_dir / f"{name}.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
