@@ -96,33 +96,31 @@ class WholeSlideRegions(IterableDataset):
 
 
 # ----------------------------------------------------------------------------------------- output
-class PartWriter:
-    """Samples of one reader -> shards, journal and manifest in one folder (a part, or the whole output)."""
+class GridPartWriter:
+    """Token-grid samples of one reader -> shards, journal and manifest in one folder (a part to merge,
+    or the whole output)."""
 
-    def __init__(self, out_dir: Path, kind: str, settings: Mapping[str, Any], classes: list[str],
-                 shard_bytes: int) -> None:
+    def __init__(self, out_dir: Path, settings: Mapping[str, Any], classes: list[str], shard_bytes: int) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for leftover in [*out_dir.glob("shard-*.tar*"), out_dir / JOURNAL, out_dir / "manifest.json"]:
             leftover.unlink(missing_ok=True)  # of an interrupted run
-        self.out_dir, self.kind, self.settings, self.classes = out_dir, kind, dict(settings), classes
+        self.out_dir, self.settings, self.classes = out_dir, dict(settings), classes
         self.journal = out_dir / JOURNAL
         self.journal.write_text(json.dumps({"build_args": self.settings}) + "\n")
         self.writer = ShardWriter(out_dir, shard_bytes, self.journal, first_shard=0)
         self.slides: dict[str, dict[str, Any]] = {}
         self.regions = 0
 
-    def add(self, sample: dict, record: Mapping[str, Any], regions: int = 1) -> None:
-        """One output sample holding ``regions`` input regions of the slide in ``record``."""
+    def add(self, sample: dict, record: Mapping[str, Any]) -> None:
+        """The grid sample of the region whose (input) record is ``record``."""
         self.writer.add(sample, record["slide_id"], position=(len(self.slides), self.regions))
         entry = self.slides.setdefault(record["slide_id"], {
             "label": record["label"], "patient_id": record["patient_id"], "split": record.get("split"), "regions": 0})
-        entry["regions"] += regions
-        self.regions += regions
+        entry["regions"] += 1
+        self.regions += 1
 
-    def finish(self, inputs: int | None = None) -> dict:
-        """Close the last shard and write the manifest; ``inputs``: the input regions this part had to
-        write, when the part knows it (the merged output is always checked against the input)."""
-        inputs = self.regions if inputs is None else inputs
+    def finish(self, inputs: int) -> dict:
+        """Close the last shard and write the manifest; ``inputs`` = the input regions this part had to write."""
         self.writer.finish(resume=None)
         shards, _, _ = read_journal(self.journal, self.settings)
         if self.regions != inputs:
@@ -133,7 +131,7 @@ class PartWriter:
             for slide_id in shard["slides"]:
                 self.slides[slide_id]["shards"].append(shard["name"])
         manifest = {
-            "format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "build_args": self.settings,
+            "format": FORMAT, "version": FORMAT_VERSION, "kind": GRIDS_KIND, "build_args": self.settings,
             "classes": self.classes, "class_counts": _class_counts(self.slides),
             "inputs": inputs, "written": self.regions, "n_skipped": 0, "skipped": [],
             "samples": sum(shard["samples"] for shard in shards), "slides": self.slides, "shards": shards,
@@ -209,8 +207,8 @@ def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, sett
     readers = accelerator.num_processes * max(workers, 1)
     mine = [accelerator.process_index * max(workers, 1) + w for w in range(max(workers, 1))]
     _clear_stale_parts(accelerator, out, readers)
-    writers = {reader: PartWriter(part_dir(out, f"{reader}/{readers}" if readers > 1 else None), GRIDS_KIND,
-                                  settings, source_manifest["classes"], shard_bytes) for reader in mine}
+    writers = {reader: GridPartWriter(part_dir(out, f"{reader}/{readers}" if readers > 1 else None), settings,
+                                      source_manifest["classes"], shard_bytes) for reader in mine}
     encoder = encoder.to(accelerator.device).eval()
     loader = DataLoader(dataset, batch_size=regions_per_batch, num_workers=workers, collate_fn=collate)
     progress = tqdm(total=sum(dataset.samples_of_reader(reader, readers) for reader in mine), desc="embed tiles",

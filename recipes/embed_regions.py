@@ -6,12 +6,12 @@ per slide; read them with hipt_e2e.embedding.read_slide_embeddings).
         data.shards=runs/grids model.weights=runs/vit4k/backbone.safetensors out=runs/slides
 """
 from hipt_e2e.embedding import embed_regions
-from hipt_e2e.training import build_region_encoder, load_encoder_weights, recipe_config
+from hipt_e2e.training import WEIGHTS_DEFAULTS, build_region_encoder, load_encoder_weights, recipe_config
 
 DEFAULTS = {
     "out": None,
     "data": {"shards": None, "workers": 2},
-    "model": {"preset": "hipt", "weights": None, "trusted": False},
+    "model": {"preset": "hipt", **WEIGHTS_DEFAULTS},
     "embed": {"regions_per_batch": 64, "mixed_precision": None, "shard_bytes": 1.0e9},
 }
 

@@ -8,12 +8,18 @@ Regions are batched, their tiles encoded together; processes and DataLoader work
 by whole slides; the output manifest accounts for every input region.
 """
 from hipt_e2e.embedding import embed_tiles
-from hipt_e2e.training import build_tile_encoder, load_encoder_weights, recipe_config
+from hipt_e2e.training import (
+    TILE_MODEL_DEFAULTS,
+    WEIGHTS_DEFAULTS,
+    build_tile_encoder,
+    load_encoder_weights,
+    recipe_config,
+)
 
 DEFAULTS = {
     "out": None,
     "data": {"shards": None, "workers": 2},
-    "model": {"preset": "hipt", "encoder": "vit", "cnn": "resnet50", "weights": None, "trusted": False},
+    "model": {**TILE_MODEL_DEFAULTS, **WEIGHTS_DEFAULTS},
     "embed": {
         "normalisation": "hipt",  # the released weights' (x/127.5 - 1); use what your weights were trained with
         "regions_per_batch": 4,

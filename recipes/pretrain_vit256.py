@@ -9,7 +9,14 @@ released DINO layout) and backbone.safetensors (the teacher's tile encoder) for 
 """
 from hipt_e2e.data import TileStream
 from hipt_e2e.ssl import TileMultiCrop
-from hipt_e2e.training import DINO_DEFAULTS, build_tile_encoder, count_tiles, recipe_config, train_dino
+from hipt_e2e.training import (
+    DINO_DEFAULTS,
+    TILE_MODEL_DEFAULTS,
+    build_tile_encoder,
+    count_tiles,
+    recipe_config,
+    train_dino,
+)
 
 DEFAULTS = {
     **DINO_DEFAULTS,
@@ -17,9 +24,10 @@ DEFAULTS = {
         "shards": None,  # region or tile shards (hipt-shards build)
         "min_tissue": 0.25,  # skip tiles with less tissue
         "shuffle": 10000,  # tiles in the shuffle buffer
+        "workers": 4,  # DataLoader workers per process
         "normalisation": "imagenet",  # what the original tile-level DINO used; recorded with the weights
     },
-    "model": {"preset": "hipt", "encoder": "vit", "cnn": "resnet50"},
+    "model": TILE_MODEL_DEFAULTS,
     "crops": {"global_size": 224, "local_size": 96, "n_local": 8,
               "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4]},
 }

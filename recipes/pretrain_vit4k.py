@@ -13,7 +13,7 @@ from hipt_e2e.training import DINO_DEFAULTS, build_region_encoder, recipe_config
 
 DEFAULTS = {
     **DINO_DEFAULTS,
-    "data": {"shards": None, "shuffle": 1000},  # token-grid shards; regions in the shuffle buffer
+    "data": {"shards": None, "shuffle": 1000, "workers": 4},  # token-grid shards; regions in the shuffle buffer
     "model": {"preset": "hipt"},
     "crops": {"global_size": 14, "local_size": 6, "n_local": 8},
 }

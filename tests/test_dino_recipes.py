@@ -17,7 +17,7 @@ import torch
 from hipt_e2e.data import RegionStream, load_manifest
 from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.data.samples import encode_grid
-from hipt_e2e.embedding import GRIDS_KIND, PartWriter, token_grids
+from hipt_e2e.embedding import GRIDS_KIND, GridPartWriter, token_grids
 from hipt_e2e.models import cnn256, load_checkpoint, model_preset, vit4k, vit256
 from hipt_e2e.training import BACKBONE_EXPORT, CHECKPOINT, TRAIN_LOG, NonFiniteLossError, load_checkpoint_state
 from shards.build import build
@@ -179,13 +179,13 @@ def test_two_processes_match_one_process_on_the_same_global_batch(shards: dict[s
 
 def _grid_shards(out: Path, grids: np.ndarray) -> Path:
     """A token-grid shard set holding ``grids`` as the regions of one slide."""
-    writer = PartWriter(out, GRIDS_KIND, settings={}, classes=["a"], shard_bytes=1 << 20)
+    writer = GridPartWriter(out, settings={}, classes=["a"], shard_bytes=1 << 20)
     for index, grid in enumerate(grids):
         record = {"slide_id": "s", "patient_id": "p", "label": "a", "label_index": 0, "split": None,
                   "region_index": index, "x": 0, "y": 0, "height": 4, "width": 4, "grid": [4, 4], "tissue": [1.0] * 16}
         ext, data = encode_grid(grid)
         writer.add({"__key__": f"r{index:04d}", ext: data, "json": json.dumps(record).encode()}, record)
-    writer.finish()
+    writer.finish(inputs=len(grids))
     return out
 
 
@@ -202,3 +202,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     assert state["step"] == 2
     assert all(torch.isfinite(t).all() for t in [*state["student"].values(), *state["teacher"].values()])
     assert not (out / BACKBONE_EXPORT).exists()
+
+
+def test_knn_evaluation_pieces() -> None:
+    from hipt_e2e.evaluation.knn import colour_histograms, cross_validated_accuracy, knn_classifier, linear_probe
+
+    rng = np.random.default_rng(0)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, 20, 30), dtype=np.uint8)) for _ in range(4)]
+    histograms = colour_histograms(images)
+    assert histograms.shape == (4, 48)
+    np.testing.assert_allclose(histograms.reshape(4, 3, 16).sum(axis=2), 1.0)
+    # Two well separated classes: both classifiers are perfect under stratified 5-fold CV.
+    labels = np.repeat([0, 1], 25)
+    features = rng.normal(size=(50, 8)) + 5 * np.eye(8)[labels]  # class centres along different axes
+    for classifier in (lambda: knn_classifier(5), linear_probe):
+        assert cross_validated_accuracy(features, labels, classifier) == (1.0, 0.0)

@@ -10,11 +10,17 @@ from hipt_e2e.training.dino import (
     make_crops,
     train_dino,
 )
-from hipt_e2e.training.encoders import build_region_encoder, build_tile_encoder, load_encoder_weights
+from hipt_e2e.training.encoders import (
+    TILE_MODEL_DEFAULTS,
+    WEIGHTS_DEFAULTS,
+    build_region_encoder,
+    build_tile_encoder,
+    load_encoder_weights,
+)
 from hipt_e2e.training.recipe import recipe_config
 
 __all__ = [
-    "BACKBONE_EXPORT", "CHECKPOINT", "DINO_DEFAULTS", "DINOTrainer", "EpochBatches", "NonFiniteLossError", "TRAIN_LOG",
+    "BACKBONE_EXPORT", "CHECKPOINT", "DINO_DEFAULTS", "DINOTrainer", "EpochBatches", "NonFiniteLossError", "TILE_MODEL_DEFAULTS", "TRAIN_LOG", "WEIGHTS_DEFAULTS",
     "build_region_encoder", "build_tile_encoder", "collate", "count_tiles", "derived_seed", "export_safetensors",
     "load_checkpoint_state", "load_encoder_weights", "make_crops", "recipe_config", "save_checkpoint", "train_dino",
 ]

@@ -49,7 +49,8 @@ BACKBONE_EXPORT = "backbone.safetensors"
 TRAIN_LOG = "train_log.jsonl"
 AUGMENT, DROP_PATH = 0, 1  # which random stream a derived seed feeds
 
-# The settings both pretraining recipes share; each adds its own `data`, `model` and `crops` sections.
+# The settings both pretraining recipes share; each adds its own `data` (with `workers`, DataLoader
+# workers per process), `model` and `crops` sections.
 DINO_DEFAULTS: dict[str, Any] = {
     "out": None,
     "seed": 0,
@@ -79,7 +80,6 @@ DINO_DEFAULTS: dict[str, Any] = {
         "steps_per_epoch": None,  # null: one pass over the data at the global batch size
         "batch_size": 64,  # per process and micro-batch
         "grad_accum": 1,
-        "workers": 4,  # DataLoader workers per process
         "mixed_precision": None,  # no | bf16 | fp16; null: as `accelerate launch` says
         "augment_chunk": None,  # samples per crop-sampling call; null: the whole micro-batch
         "checkpoint_every": 1000,  # steps
@@ -206,7 +206,7 @@ class DINOTrainer:
             self.start = self.saved_step = state["step"]
             position = self._resume_position(state["data_positions"])
             log.info("resuming %s at step %d of %d", self.checkpoint_path, self.start, self.total)
-        self.batches = EpochBatches(stream, train["batch_size"], train["workers"], position,
+        self.batches = EpochBatches(stream, train["batch_size"], cfg["data"]["workers"], position,
                                     pin_memory=self.device.type == "cuda")
 
     def _resume_position(self, positions: list[list[int]]) -> tuple[int, int]:

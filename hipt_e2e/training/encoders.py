@@ -4,6 +4,12 @@ model:
   preset: hipt        # geometry from hipt_e2e.models.PRESETS (hipt | tiny)
   encoder: vit        # tile level only: vit (ViT256) or cnn (a timm CNN projected to the same width)
   cnn: resnet50       # the timm CNN when encoder = cnn
+  tile:               # optional changes to the preset's tile geometry (null keeps the preset's value)
+    patch_size: null
+    embed_dim: null   # also the CNN's output width
+    depth: null
+    num_heads: null
+    pos_grid: null
   weights: null       # embedding recipes: a safetensors export, a state dict or a released DINO checkpoint
   trusted: false      # allow unpickling (released checkpoints need it; only for files you trust)
 """
@@ -20,15 +26,19 @@ from hipt_e2e.models import cnn256, load_checkpoint, model_preset, vit4k, vit256
 log = logging.getLogger(__name__)
 
 TILE_ENCODERS = ("vit", "cnn")
+TILE_OVERRIDES = ("patch_size", "embed_dim", "depth", "num_heads", "pos_grid")
+TILE_MODEL_DEFAULTS = {"preset": "hipt", "encoder": "vit", "cnn": "resnet50", "tile": dict.fromkeys(TILE_OVERRIDES)}
+WEIGHTS_DEFAULTS = {"weights": None, "trusted": False}
 
 
 def build_tile_encoder(model: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
     """The tile encoder [B, 3, H, W] -> [B, D] named by the config, randomly initialised."""
-    geometry = model_preset(model["preset"])
+    geometry = {**model_preset(model["preset"])["tile"],
+                **{key: value for key, value in model.get("tile", {}).items() if value is not None}}
     if model["encoder"] == "vit":
-        return vit256(**geometry["tile"], drop_path_rate=drop_path_rate)
+        return vit256(**geometry, drop_path_rate=drop_path_rate)
     if model["encoder"] == "cnn":
-        return cnn256(model["cnn"], embed_dim=geometry["tile"]["embed_dim"], drop_path_rate=drop_path_rate)
+        return cnn256(model["cnn"], embed_dim=geometry["embed_dim"], drop_path_rate=drop_path_rate)
     raise ValueError(f"model.encoder must be one of {TILE_ENCODERS}, got {model['encoder']!r}")
 
 
