@@ -5,13 +5,16 @@ per slide; read them with hipt_e2e.embedding.read_slide_embeddings).
     accelerate launch recipes/embed_regions.py --config recipes/configs/embed_regions.yaml \
         data.shards=runs/grids model.weights=runs/vit4k/backbone.safetensors out=runs/slides
 """
+import copy
+
 from hipt_e2e.embedding import embed_regions
-from hipt_e2e.training import WEIGHTS_DEFAULTS, build_region_encoder, load_encoder_weights, recipe_config
+from hipt_e2e.training import (REGION_MODEL_DEFAULTS, WEIGHTS_DEFAULTS, build_region_encoder, load_encoder_weights,
+                               recipe_config)
 
 DEFAULTS = {
     "out": None,
     "data": {"shards": None, "workers": 2},
-    "model": {"preset": "hipt", **WEIGHTS_DEFAULTS},
+    "model": {**copy.deepcopy(REGION_MODEL_DEFAULTS), **WEIGHTS_DEFAULTS},
     "embed": {"regions_per_batch": 64, "mixed_precision": None, "shard_bytes": 1.0e9},
 }
 

@@ -7,14 +7,16 @@ with the region-level multi-crop (2 global 14 x 14 and 8 local 6 x 6 token crops
 Outputs in `out`: config.yaml, train_log.jsonl, checkpoint.pt (resume=true continues it exactly;
 released DINO layout) and backbone.safetensors (the teacher's ViT4K) for embed_regions.
 """
+import copy
+
 from hipt_e2e.data import RegionStream, load_manifest
 from hipt_e2e.ssl import RegionMultiCrop
-from hipt_e2e.training import DINO_DEFAULTS, build_region_encoder, recipe_config, train_dino
+from hipt_e2e.training import REGION_MODEL_DEFAULTS, DINO_DEFAULTS, build_region_encoder, recipe_config, train_dino
 
 DEFAULTS = {
     **DINO_DEFAULTS,
     "data": {"shards": None, "shuffle": 1000, "workers": 4},  # token-grid shards; regions in the shuffle buffer
-    "model": {"preset": "hipt"},
+    "model": copy.deepcopy(REGION_MODEL_DEFAULTS),
     "crops": {"global_size": 14, "local_size": 6, "n_local": 8},
 }
 

@@ -10,6 +10,12 @@ model:
     depth: null
     num_heads: null
     pos_grid: null
+  region:             # region level only: changes to the preset's ViT4K geometry (in_dim = tile width)
+    in_dim: null
+    embed_dim: null
+    depth: null
+    num_heads: null
+    pos_grid: null
   weights: null       # embedding recipes: a safetensors export, a state dict or a released DINO checkpoint
   trusted: false      # allow unpickling (released checkpoints need it; only for files you trust)
 """
@@ -27,14 +33,21 @@ log = logging.getLogger(__name__)
 
 TILE_ENCODERS = ("vit", "cnn")
 TILE_OVERRIDES = ("patch_size", "embed_dim", "depth", "num_heads", "pos_grid")
+REGION_OVERRIDES = ("in_dim", "embed_dim", "depth", "num_heads", "pos_grid")
+REGION_MODEL_DEFAULTS = {"preset": "hipt", "region": dict.fromkeys(REGION_OVERRIDES)}
 TILE_MODEL_DEFAULTS = {"preset": "hipt", "encoder": "vit", "cnn": "resnet50", "tile": dict.fromkeys(TILE_OVERRIDES)}
 WEIGHTS_DEFAULTS = {"weights": None, "trusted": False}
 
 
+def _geometry(model: Mapping[str, Any], level: str) -> dict[str, Any]:
+    """The preset's geometry of a level with the config's non-null changes applied."""
+    return {**model_preset(model["preset"])[level],
+            **{key: value for key, value in (model.get(level) or {}).items() if value is not None}}
+
+
 def build_tile_encoder(model: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
     """The tile encoder [B, 3, H, W] -> [B, D] named by the config, randomly initialised."""
-    geometry = {**model_preset(model["preset"])["tile"],
-                **{key: value for key, value in model.get("tile", {}).items() if value is not None}}
+    geometry = _geometry(model, "tile")
     if model["encoder"] == "vit":
         return vit256(**geometry, drop_path_rate=drop_path_rate)
     if model["encoder"] == "cnn":
@@ -43,8 +56,8 @@ def build_tile_encoder(model: Mapping[str, Any], drop_path_rate: float = 0.0) ->
 
 
 def build_region_encoder(model: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
-    """The region encoder (ViT4K) [B, D, rows, cols] -> [B, D'] of the config's preset, randomly initialised."""
-    return vit4k(**model_preset(model["preset"])["region"], drop_path_rate=drop_path_rate)
+    """The region encoder (ViT4K) [B, D, rows, cols] -> [B, D'] of the config, randomly initialised."""
+    return vit4k(**_geometry(model, "region"), drop_path_rate=drop_path_rate)
 
 
 def load_encoder_weights(encoder: nn.Module, model: Mapping[str, Any]) -> nn.Module:
