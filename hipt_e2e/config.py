@@ -42,7 +42,20 @@ def _merge(base: dict, update: Mapping, prefix: str = "") -> None:
             base[key] = value
 
 
-_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 numbers: PyYAML (YAML 1.1) reads 1e-3 and 1.0e9 as strings, which a learning rate or
+    a byte count must never be."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -50,10 +63,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} is not of the form key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else None
-    if isinstance(value, str) and _FLOAT.match(value):
-        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-    return key.strip(), value
+    return key.strip(), load_yaml(raw) if raw != "" else None
 
 
 def resolve_config(defaults: Mapping, config_file: str | Path | None = None,
@@ -61,7 +71,7 @@ def resolve_config(defaults: Mapping, config_file: str | Path | None = None,
     """Defaults <- YAML file <- overrides. Unknown keys are errors: a typo must not pass silently."""
     cfg = copy.deepcopy(dict(defaults))
     if config_file is not None:
-        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        loaded = load_yaml(Path(config_file).read_text()) or {}
         if not isinstance(loaded, Mapping):
             raise ValueError(f"{config_file}: a config file must hold a mapping, got {type(loaded).__name__}")
         _merge(cfg, loaded)
