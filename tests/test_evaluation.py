@@ -108,3 +108,17 @@ def test_report_files(tmp_path):
     for name in ("confusion_matrix.png", "roc.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert "balanced_accuracy" in (tmp_path / "report.md").read_text()
+
+
+def test_colour_baseline_on_real_fields(lymphoma_dir, tmp_path):
+    """The colour-only baseline runs on the slide-level folds and is far above chance on real fields."""
+    from hipt_e2e.evaluation.colour_baseline import colour_baseline
+    from tests.conftest import lymphoma_images
+
+    for path in lymphoma_images(lymphoma_dir, 12):
+        (tmp_path / "in" / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / path.parent.name / path.name).symlink_to(path)
+    metrics = colour_baseline(tmp_path / "in", tmp_path / "out", folds=3, seed=0)
+    assert metrics["classes"] == ["CLL", "FL", "MCL"] and metrics["pooled"]["n"] == 36
+    assert metrics["summary"]["balanced_accuracy"]["mean"] > 0.5  # chance is 1/3
+    assert len(list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))) == 36

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from hipt_e2e.config import setup_logging
+from hipt_e2e.data.sources import IMAGE_SUFFIXES
 from hipt_e2e.embedding import token_grids
 from hipt_e2e.io import atomic_write_json
 from hipt_e2e.training import BACKBONE_EXPORT, build_tile_encoder, load_encoder_weights
@@ -36,7 +37,6 @@ from hipt_e2e.training import BACKBONE_EXPORT, build_tile_encoder, load_encoder_
 log = logging.getLogger(__name__)
 
 HISTOGRAM_BINS = 16  # per channel, 48 in all
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 def read_labelled_images(root: str | Path) -> tuple[list[torch.Tensor], np.ndarray, list[str]]:
