@@ -14,7 +14,7 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -37,11 +37,14 @@ from hipt_e2e.training.checkpointing import export_safetensors
 from hipt_e2e.training.recipe import recipe_config
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IMBALANCE = ("none", "weighted_loss", "balanced_sampling")
 
 SLIDE_DEFAULTS: dict[str, Any] = {
-    "data": {"shards": None, "train_fraction": 1.0},
+    # train_fraction: stratified share of each fold's training slides (learning curves);
+    # dominant_class / dominant_ratio: subsample the other classes' training slides to 1 : ratio of it
+    "data": {"shards": None, "train_fraction": 1.0, "dominant_class": None, "dominant_ratio": 4.0},
     "model": {"name": "vit_wsi", "dropout": 0.25, "hidden": None},  # vit_wsi | abmil | fc
     "optim": {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 20, "accumulate": 1, "batch_regions": 256},
     "imbalance": "balanced_sampling",  # none | weighted_loss | balanced_sampling (weight N / N_class)
@@ -123,22 +126,83 @@ class TrainingUnits:
         return [(self.features[chunk], self.labels[chunk]) for chunk in index.split(self.batch)]
 
 
+def accumulation_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      group: Sequence[T], loss_of: Callable[[int, T], torch.Tensor], clip_grad: float = 0.0) -> float:
+    """One optimizer step on the averaged gradient of a group of micro-batches; returns their summed loss.
+
+    loss_of(n, item) is the loss of the group's n-th item. Gradients are synchronised across processes
+    only after the last micro-batch (no_sync before), and each loss is divided by the group size, so
+    k processes x a micro-batches per step equal 1 process x k*a micro-batches. clip_grad > 0 clips the
+    global gradient norm before the step.
+    """
+    total = 0.0
+    for n, item in enumerate(group):
+        sync = n == len(group) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+            loss = loss_of(n, item)
+            accelerator.backward(loss / len(group))
+        total += loss.item()
+    if clip_grad > 0:
+        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
 def train_epoch(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
                 batches: list[tuple[torch.Tensor, torch.Tensor]], accumulate: int) -> float:
     """One epoch; the gradient of each group of `accumulate` batches is averaged, then one step."""
     model.train()
-    total = 0.0
-    for start in range(0, len(batches), accumulate):
-        group = batches[start:start + accumulate]
-        for n, (x, y) in enumerate(group):
-            sync = n == len(group) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                loss = loss_fn(model(x.to(accelerator.device)).float(), y.to(accelerator.device))
-                accelerator.backward(loss / len(group))
-            total += loss.item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    device = accelerator.device
+
+    def loss_of(_: int, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return loss_fn(model(batch[0].to(device)).float(), batch[1].to(device))
+
+    total = sum(accumulation_step(accelerator, model, optimizer, batches[start:start + accumulate], loss_of)
+                for start in range(0, len(batches), accumulate))
     return total / max(1, len(batches))
+
+
+class ModelSelection:
+    """Model selection on validation balanced accuracy (ties: the lower validation loss) with early
+    stopping after `patience` epochs without a better one; without a validation part the last epoch
+    is kept. Its state (history included) can be checkpointed, so a resumed run selects identically."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best_key: tuple | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stale = 0
+        self.history: list[dict] = []
+
+    def update(self, entry: dict, val_y: np.ndarray, val_probs: np.ndarray | None,
+               state: Callable[[], dict[str, torch.Tensor]]) -> bool:
+        """Record an epoch's `entry` (adding the validation metrics), keep state() when it is the best
+        so far; True when training should stop."""
+        if val_probs is not None and len(val_y):
+            entry["val_balanced_accuracy"] = float(balanced_accuracy_score(val_y, val_probs.argmax(1)))
+            entry["val_loss"] = float(-np.mean(np.log(val_probs[np.arange(len(val_y)), val_y] + 1e-12)))
+            key = (entry["val_balanced_accuracy"], -entry["val_loss"])
+        else:
+            key = (entry["epoch"],)  # no validation part: the last epoch is kept
+        self.history.append(entry)
+        if self.best_key is None or key > self.best_key:
+            self.best_key, self.stale, self.best_state = key, 0, state()
+        else:
+            self.stale += 1
+        return self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        """`patience` epochs (at least one) without a better model."""
+        return self.stale > 0 and self.stale >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_key": self.best_key, "best_state": self.best_state, "stale": self.stale, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_key = tuple(state["best_key"]) if state["best_key"] is not None else None
+        self.best_state, self.stale, self.history = state["best_state"], state["stale"], list(state["history"])
 
 
 def _subsample(bags: list[SlideBag], fraction: float, seed: int) -> list[SlideBag]:
@@ -150,11 +214,30 @@ def _subsample(bags: list[SlideBag], fraction: float, seed: int) -> list[SlideBa
     return [bags[i] for i in sorted(keep)]
 
 
+def _make_dominant(bags: list[SlideBag], dominant: str | None, ratio: float, seed: int) -> list[SlideBag]:
+    """Keep every slide of `dominant` and at most 1/ratio as many of each other class (seeded draw)."""
+    if dominant is None:
+        return bags
+    cap = max(1, round(sum(bag.label == dominant for bag in bags) / ratio))
+    rng = np.random.default_rng(seed)
+    keep = set()
+    for label in {bag.label for bag in bags}:
+        members = [i for i, bag in enumerate(bags) if bag.label == label]
+        keep.update(members if label == dominant or len(members) <= cap else rng.choice(members, cap, replace=False))
+    return [bags[i] for i in sorted(keep)]
+
+
+def training_slides(bags: list[SlideBag], data: dict, seed: int) -> list[SlideBag]:
+    """A fold's training slides after the data settings (`train_fraction`, `dominant_class`)."""
+    bags = _make_dominant(bags, data["dominant_class"], data["dominant_ratio"], seed)
+    return _subsample(bags, data["train_fraction"], seed)
+
+
 def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], classes: list[str], cfg: dict,
              fold_dir: Path) -> tuple[nn.Module, list[dict]]:
     """Train on fold.train, select on fold.val (balanced accuracy, then loss), return the best model."""
     set_seed(cfg["seed"] + fold.index)
-    train = _subsample([bags[s] for s in fold.train], cfg["data"]["train_fraction"], cfg["seed"] + fold.index)
+    train = training_slides([bags[s] for s in fold.train], cfg["data"], cfg["seed"] + fold.index)
     val = [bags[s] for s in fold.val]
     dim = train[0].features.shape[1]
     model = build_slide_model(cfg, len(classes), dim)
@@ -166,74 +249,62 @@ def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], cl
     weights = class_weights(labels, len(classes)) if cfg["imbalance"] == "weighted_loss" else None
     loss_fn = nn.CrossEntropyLoss(weight=weights.to(accelerator.device) if weights is not None else None)
     val_y = np.array([classes.index(bag.label) for bag in val])
-    best, best_key, stale, history = None, None, 0, []
+    selection = ModelSelection(cfg["patience"])
     bar = tqdm(range(optim["epochs"]), desc=f"fold {fold.index}", disable=not accelerator.is_main_process)
     for epoch in bar:
         order = epoch_order(labels, len(classes), balanced=cfg["imbalance"] == "balanced_sampling",
                             seed=cfg["seed"] + fold.index, epoch=epoch, rank=accelerator.process_index,
                             world_size=accelerator.num_processes)
-        train_loss = train_epoch(accelerator, model, optimizer, loss_fn, units.batches(order), optim["accumulate"])
-        entry = {"epoch": epoch, "train_loss": train_loss}
-        if val:
-            probs = predict(accelerator.unwrap_model(model), val, cfg["vote"])
-            entry["val_balanced_accuracy"] = float(balanced_accuracy_score(val_y, probs.argmax(1)))
-            entry["val_loss"] = float(-np.mean(np.log(probs[np.arange(len(val_y)), val_y] + 1e-12)))
-            key = (entry["val_balanced_accuracy"], -entry["val_loss"])
-        else:
-            key = (epoch,)  # no validation part: the last epoch is kept
-        history.append(entry)
+        entry = {"epoch": epoch, "train_loss": train_epoch(accelerator, model, optimizer, loss_fn,
+                                                            units.batches(order), optim["accumulate"])}
+        probs = predict(accelerator.unwrap_model(model), val, cfg["vote"]) if val else None
+        stop = selection.update(entry, val_y, probs,
+                                lambda: copy.deepcopy(accelerator.unwrap_model(model).state_dict()))
         bar.set_postfix({k: round(v, 3) for k, v in entry.items() if k != "epoch"})
-        if best_key is None or key > best_key:
-            best_key, stale = key, 0
-            best = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
-        else:
-            stale += 1
-            if stale >= cfg["patience"]:
-                log.info("fold %d: early stop after epoch %d (best %s)", fold.index, epoch, best_key)
-                break
+        if stop:
+            log.info("fold %d: early stop after epoch %d (best %s)", fold.index, epoch, selection.best_key)
+            break
     final = accelerator.unwrap_model(model)
-    final.load_state_dict(best)
+    final.load_state_dict(selection.best_state)
     if accelerator.is_main_process:
         export_safetensors(final, fold_dir / "best_model.safetensors")
-        atomic_write_json(fold_dir / "history.json", history)
-    return final, history
+        atomic_write_json(fold_dir / "history.json", selection.history)
+    return final, selection.history
 
 
-def cross_validate(bags: Sequence[SlideBag], classes: Sequence[str], cfg: dict,
-                   accelerator: Accelerator | None = None) -> dict:
-    """Run every fold, then write splits.csv, predictions.csv, metrics.json, plots and report.md."""
+def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], cfg: dict, accelerator: Accelerator,
+              test_probs: Callable[[Fold, Path], np.ndarray], extra: dict[str, Any]) -> dict:
+    """The cross-validation every slide-level trainer shares: patient-grouped stratified folds (or the
+    labels' fixed split), then per fold test_probs(fold, fold_dir) -> probabilities [len(fold.test), K]
+    (training and model selection are the caller's), then splits.csv, predictions.csv, metrics.json,
+    plots and report.md in cfg["out"]. Returns the metrics (on every process)."""
     if cfg["imbalance"] not in IMBALANCE:
         raise ValueError(f"imbalance must be one of {IMBALANCE}, got {cfg['imbalance']!r}")
-    accelerator = accelerator or Accelerator(mixed_precision=cfg["mixed_precision"])
     classes = list(classes)
     out = Path(cfg["out"])
-    missing = [bag.slide_id for bag in bags if bag.label is None]
+    missing = [info.slide_id for info in infos if info.label is None]
     if missing:
         raise ValueError(f"slides without a label cannot be trained on: {missing[:10]}")
-    infos = [SlideInfo(bag.slide_id, bag.label, bag.patient_id, bag.split) for bag in bags]
     check_labels(infos, classes)
     folds, _ = make_folds(infos, cfg["folds"], cfg["seed"])
-    by_id = {bag.slide_id: bag for bag in bags}
+    by_id = {info.slide_id: info for info in infos}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
         write_splits(out / "splits.csv", infos, folds)
     rows, per_fold = [], []
     for fold in folds:
-        model, _ = run_fold(accelerator, fold, by_id, classes, cfg, out / f"fold_{fold.index}")
+        probs = test_probs(fold, out / f"fold_{fold.index}")
         test = [by_id[s] for s in fold.test]
-        probs = predict(model, test, cfg["vote"])
-        y_true = [classes.index(bag.label) for bag in test]
-        per_fold.append(classification_metrics(y_true, probs, classes))
-        rows += [{"slide_id": bag.slide_id, "patient_id": bag.patient_id, "fold": fold.index,
-                  "true_label": bag.label, "probs": p.tolist()} for bag, p in zip(test, probs)]
+        per_fold.append(classification_metrics([classes.index(info.label) for info in test], probs, classes))
+        rows += [{"slide_id": info.slide_id, "patient_id": info.patient_id, "fold": fold.index,
+                  "true_label": info.label, "probs": p.tolist()} for info, p in zip(test, probs)]
         log.info("fold %d: test balanced accuracy %.3f, macro AUC %.3f", fold.index,
                  per_fold[-1]["balanced_accuracy"], per_fold[-1]["auc_macro"])
     metrics = {}
     if accelerator.is_main_process:
-        extra = {"title": f"{cfg['model']['name']} on region embeddings", "model": cfg["model"]["name"],
-                 "imbalance": cfg["imbalance"], "seed": cfg["seed"], "n_folds": len(folds),
-                 "train_fraction": cfg["data"]["train_fraction"], "processes": accelerator.num_processes}
+        extra = {**extra, "imbalance": cfg["imbalance"], "seed": cfg["seed"], "n_folds": len(folds),
+                 "processes": accelerator.num_processes}
         metrics = write_report(out, rows, per_fold, classes, extra)
         summary = metrics["summary"]
         log.info("balanced accuracy %.3f +- %.3f, macro AUC %.3f +- %.3f over %d folds -> %s",
@@ -241,6 +312,24 @@ def cross_validate(bags: Sequence[SlideBag], classes: Sequence[str], cfg: dict,
                  summary["auc_macro"]["mean"], summary["auc_macro"]["sd"], len(folds), out / "report.md")
     accelerator.wait_for_everyone()
     return metrics or json.loads((out / "metrics.json").read_text())
+
+
+def cross_validate(bags: Sequence[SlideBag], classes: Sequence[str], cfg: dict,
+                   accelerator: Accelerator | None = None) -> dict:
+    """Run every fold on in-memory bags (run_folds), then write splits.csv, predictions.csv,
+    metrics.json, plots and report.md."""
+    accelerator = accelerator or Accelerator(mixed_precision=cfg["mixed_precision"])
+    by_id = {bag.slide_id: bag for bag in bags}
+
+    def test_probs(fold: Fold, fold_dir: Path) -> np.ndarray:
+        model, _ = run_fold(accelerator, fold, by_id, list(classes), cfg, fold_dir)
+        return predict(model, [by_id[s] for s in fold.test], cfg["vote"])
+
+    infos = [SlideInfo(bag.slide_id, bag.label, bag.patient_id, bag.split) for bag in bags]
+    extra = {"title": f"{cfg['model']['name']} on region embeddings", "model": cfg["model"]["name"],
+             "train_fraction": cfg["data"]["train_fraction"], "dominant_class": cfg["data"]["dominant_class"],
+             "dominant_ratio": cfg["data"]["dominant_ratio"]}
+    return run_folds(infos, classes, cfg, accelerator, test_probs, extra)
 
 
 def train_from_shards(defaults: dict, description: str | None, argv: Sequence[str] | None = None) -> dict:

@@ -1,0 +1,537 @@
+"""End-to-end fine-tuning of the nested HIPT: raw region pixels from shards -> slide label.
+
+One training micro-step is one slide: k of its regions (seeded by seed, epoch and slide id; all when
+it has fewer) go through tile encoder -> ViT4K -> slide model with gradients into every stage that
+is not frozen. Memory stays bounded by gradient checkpointing over chunks of tiles (and optionally
+every ViT block), mixed precision, and gradient accumulation over slides; tiles that the shard's
+tissue fractions mark as background can be skipped. Validation and test use every region of a
+slide, encoded a bounded number of regions at a time without gradients.
+
+Splits, class-imbalance settings, model selection with early stopping and the report are those of
+slide-level training (`slide_level.run_folds`, `ModelSelection`, `epoch_order`), so the staged and
+the end-to-end paths are evaluated identically. Each fold is a resumable run like a DINO run
+(`fold_i/checkpoint.pt`, `fold_i/train_log.jsonl`): the slide order, the sampled regions and every
+random draw (dropout, stochastic depth) are functions of (seed, fold, epoch, step, place in the global
+batch), so ``resume=true`` continues exactly, and k processes x a slides per step equal one process
+accumulating k*a slides. Data parallelism is Accelerate's DDP, or FSDP with ``train.fsdp=true``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import tarfile
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate.utils import gather_object
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from hipt_e2e.data.manifest import load_manifest, shard_urls
+from hipt_e2e.data.streams import SlideBagStream
+from hipt_e2e.data.synthetic import make_dataset
+from hipt_e2e.embedding import GRIDS_KIND
+from hipt_e2e.evaluation.splits import Fold, SlideInfo
+from hipt_e2e.io import atomic_write_json
+from hipt_e2e.models import HIPT, TileViT, load_checkpoint, model_preset, vit4k, vit_wsi
+from hipt_e2e.models.hipt import STAGES
+from hipt_e2e.training.checkpointing import CHECKPOINT, export_safetensors, save_checkpoint
+from hipt_e2e.training.data import derived_seed
+from hipt_e2e.training.dino import TRAIN_LOG, NonFiniteLossError, _keep_log_before, _resume_state
+from hipt_e2e.training.encoders import TILE_MODEL_DEFAULTS, build_tile_encoder
+from hipt_e2e.training.slide_level import ModelSelection, accumulation_step, class_weights, epoch_order, run_folds
+
+log = logging.getLogger(__name__)
+
+BEST_MODEL = "best_model.safetensors"
+
+# The embedded default is the demo: synthetic slides, the tiny preset from random weights, CPU-sized.
+# A tiny HIPT from random weights sits on a plateau (constant predictions) for some 300-600 steps before
+# it separates the demo's classes (measured: 14-18 of these epochs); dropout, weight decay or a lower
+# learning rate stretch that, so the demo trains without them, long enough, and never stops early.
+# Real shards take recipes/configs/e2e.yaml (HIPT's geometry and fine-tuning settings) on top of these.
+E2E_DEFAULTS: dict[str, Any] = {
+    "out": None,  # null in the demo: <demo.dir>/e2e
+    "seed": 0,
+    "resume": False,
+    "folds": 3,
+    "imbalance": "none",  # none | weighted_loss | balanced_sampling, as slide-level training
+    "patience": 30,  # epochs without a better validation balanced accuracy before a fold stops
+    "data": {
+        "shards": None,  # region shards (hipt-shards build); null: build the synthetic demo's shards
+        "regions_per_slide": 8,  # k regions sampled per slide per training step (all when fewer)
+        "min_tile_tissue": 0.0,  # skip tiles with a smaller tissue fraction (zero embedding); 0: none
+        "workers": 0,  # DataLoader workers per process (decoding overlaps compute)
+    },
+    "model": {
+        **copy.deepcopy(TILE_MODEL_DEFAULTS),
+        "preset": "tiny",
+        "normalisation": "hipt",  # as the tile encoder was pretrained (the DINO recipe here uses imagenet)
+        "dropout": 0.0,  # slide model
+        "drop_path_rate": 0.0,  # tile encoder stochastic depth
+        "weights": {"tile": None, "region": None, "slide": None},  # safetensors / state dict / DINO checkpoint
+        "trusted": False,  # allow unpickling released checkpoints (only files you trust)
+        "freeze_tile": False,  # true: the staged features, computed on the fly
+        "freeze_region": False,  # with freeze_tile: only the slide model trains
+    },
+    "memory": {
+        "chunk_size": 256,  # tiles per tile-encoder call
+        "checkpoint_chunks": True,  # keep only chunk outputs; recompute each chunk in backward
+        "checkpoint_blocks": False,  # also recompute every ViT block (tile and region encoders)
+        "eval_regions": 16,  # regions per no-grad call in validation and test
+    },
+    "optim": {  # AdamW, one learning rate per stage
+        "lr": {"tile": 5.0e-4, "region": 5.0e-4, "slide": 5.0e-4},
+        "layer_decay": 0.9,  # tile ViT: block i gets lr * layer_decay^(depth - i)
+        "weight_decay": 0.0,  # weights only (not biases, norms)
+        "warmup_steps": 0,  # linear warm-up of every learning rate, in optimizer steps per fold
+        "clip_grad": 0.3,  # global gradient norm; 0 = off
+    },
+    "train": {
+        "epochs": 30,
+        "grad_accum": 1,  # slides per process per optimizer step
+        "mixed_precision": None,  # no | bf16 | fp16; null: as `accelerate launch` says
+        "fsdp": False,  # shard parameters, gradients and optimizer state instead of replicating (DDP)
+        "threads": 1,  # torch CPU threads per process; null: torch's default (tiny models run best on one)
+        "checkpoint_every": 50,  # optimizer steps (and at the end of every epoch)
+        "stop_after": None,  # end this run after this many optimizer steps over all folds (resume=true continues)
+        "log_every": 10,
+    },
+    "demo": {"dir": "demo_out", "slides_per_class": 24, "size": 512, "region_px": 128},
+}
+
+
+class TrainingStopped(Exception):
+    """train.stop_after was reached; the checkpoint is saved and resume=true continues the run."""
+
+
+# ------------------------------------------------------------------------------------------ data
+def _tar_members(url: str) -> Iterable[tuple[str, str, int, int]]:
+    """(key, extension, data offset, size) of each file in an uncompressed tar, reading headers only."""
+    with tarfile.open(url, "r:") as tar:
+        for member in tar:
+            if member.isfile():
+                key, ext = member.name.split(".", 1)  # webdataset: the key ends at the first dot
+                yield key, ext, member.offset_data, member.size
+
+
+def _read(url: str, offset: int, size: int) -> bytes:
+    with open(url, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)
+
+
+class ShardRegions(Dataset):
+    """Random access to the regions of a region-shard directory, by (slide id, region positions).
+
+    Training visits slides in a seeded order per fold, epoch and process, which a sequential stream over
+    shards cannot give; so the tar headers are indexed once (offsets only) and just the regions asked
+    for are read and decoded. Items are SlideBagStream's slide items, decoded by SlideBagStream, and the
+    regions of a training step are drawn by its seeded sampler, so both readers agree exactly.
+    """
+
+    def __init__(self, source: str | Path, *, regions_per_slide: int | None, seed: int) -> None:
+        self.manifest = load_manifest(source)
+        if self.manifest.get("kind") == GRIDS_KIND:
+            raise ValueError(f"{source} holds token grids; end-to-end training reads region shards (pixels)")
+        self.sampler = SlideBagStream(source, regions_per_slide=regions_per_slide, seed=seed)
+        self.decoder = SlideBagStream(source)  # decodes whatever regions it is given
+        samples: dict[str, dict[str, tuple[str, int, int]]] = {}
+        for url in shard_urls(source):
+            for key, ext, offset, size in _tar_members(url):
+                samples.setdefault(key, {})[ext] = (url, offset, size)
+        slides: dict[str, list[tuple[int, dict]]] = {}
+        for entries in samples.values():
+            record = json.loads(_read(*entries["json"]))
+            slides.setdefault(record["slide_id"], []).append((record["region_index"], entries))
+        # slide id -> its samples in region order, as SlideBagStream sees a slide's bag
+        self.slides = {slide: [entries for _, entries in sorted(found, key=lambda x: x[0])]
+                       for slide, found in slides.items()}
+        wrong = {s: (len(self.slides.get(s, [])), e["regions"]) for s, e in self.manifest["slides"].items()
+                 if len(self.slides.get(s, [])) != e["regions"]}
+        if wrong:
+            raise ValueError(f"{source}: regions found in the shards differ from the manifest (found, listed): {wrong}")
+
+    def infos(self) -> list[SlideInfo]:
+        return [SlideInfo(slide, entry["label"], entry["patient_id"], entry["split"])
+                for slide, entry in self.manifest["slides"].items()]
+
+    def sample(self, slide_id: str, epoch: int) -> tuple[str, tuple[int, ...]]:
+        """The key of a training item: the slide's regions drawn for this epoch."""
+        self.sampler.set_epoch(epoch)
+        return slide_id, tuple(self.sampler.sample_indices(slide_id, len(self.slides[slide_id])))
+
+    def chunks(self, slide_id: str, size: int) -> list[tuple[str, tuple[int, ...]]]:
+        """Keys covering every region of a slide, `size` regions each."""
+        count = len(self.slides[slide_id])
+        return [(slide_id, tuple(range(start, min(count, start + size)))) for start in range(0, count, size)]
+
+    def __getitem__(self, key: tuple[str, Sequence[int]]) -> dict:
+        slide_id, positions = key
+        raw = [{ext: _read(*where) for ext, where in self.slides[slide_id][position].items()}
+               for position in positions]
+        return self.decoder.decode_bag(raw)
+
+
+def _loader(regions: ShardRegions, keys: Sequence[tuple[str, tuple[int, ...]]], workers: int,
+            device: torch.device) -> DataLoader:
+    """Items in the order of `keys`; workers decode ahead while the model computes."""
+    return DataLoader(regions, sampler=keys, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda")
+
+
+def tile_mask(tissue: torch.Tensor, min_tissue: float) -> torch.Tensor | None:
+    """True for tiles whose tissue fraction is below min_tissue (not encoded, zero embedding). None when
+    nothing would be skipped, or everything would (then every tile is encoded rather than none)."""
+    if min_tissue <= 0:
+        return None
+    mask = tissue < min_tissue
+    return mask if mask.any() and not mask.all() else None
+
+
+# ------------------------------------------------------------------------------------------ model
+def build_model(cfg: Mapping[str, Any], n_classes: int) -> HIPT:
+    """The nested HIPT of cfg["model"] with cfg["memory"]'s settings and any initial weights loaded."""
+    model_cfg, memory = cfg["model"], cfg["memory"]
+    geometry = model_preset(model_cfg["preset"])
+    tile_encoder = build_tile_encoder(model_cfg, model_cfg["drop_path_rate"])
+    region_encoder = vit4k(**{**geometry["region"], "in_dim": tile_encoder.num_features})
+    slide_model = vit_wsi(n_classes, **geometry["slide"], dropout=model_cfg["dropout"])
+    model = HIPT(tile_encoder, region_encoder, slide_model, tile_px=geometry["tile_px"],
+                 normalisation=model_cfg["normalisation"], chunk_size=memory["chunk_size"],
+                 freeze_tile=model_cfg["freeze_tile"], freeze_region=model_cfg["freeze_region"],
+                 checkpoint_chunks=memory["checkpoint_chunks"], checkpoint_blocks=memory["checkpoint_blocks"])
+    for stage, path in model_cfg["weights"].items():
+        if path is not None:  # every tensor must fit: a wrong file fails here, not as a silent random init
+            load_checkpoint(model.stage(stage), path, trusted=model_cfg["trusted"], strict=True)
+    random = [stage for stage, path in model_cfg["weights"].items() if path is None]
+    if random:
+        log.info("randomly initialised stages: %s", ", ".join(random))
+    return model
+
+
+def _tile_layer(name: str, depth: int) -> int:
+    """Layer of a tile-ViT parameter for layer-wise lr decay: embeddings 0, block i -> i + 1, norm depth + 1."""
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1 if name.startswith("norm.") else 0
+
+
+def param_groups(model: HIPT, optim: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters: each stage its own learning rate, scaled in a tile ViT
+    by layer_decay^(depth + 1 - layer) so layers near the pixels move least (a CNN tile encoder takes
+    its stage's rate throughout); weight decay on weights (ndim > 1), none on biases and norms."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for stage in STAGES:
+        module = model.stage(stage)
+        depth = len(module.blocks) if isinstance(module, TileViT) else None
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            scale = optim["layer_decay"] ** (depth + 1 - _tile_layer(name, depth)) if depth is not None else 1.0
+            decay = param.ndim > 1
+            lr = optim["lr"][stage] * scale
+            group = groups.setdefault((stage, lr, decay), {
+                "params": [], "stage": stage, "lr": lr, "base_lr": lr,
+                "weight_decay": optim["weight_decay"] if decay else 0.0})
+            group["params"].append(param)
+    return list(groups.values())
+
+
+def fsdp_plugin() -> FullyShardedDataParallelPlugin:
+    """FSDP2 with the whole HIPT as one unit. Finer units would all-gather once per call, and the tile
+    encoder is called once per chunk of a slide's tiles - a number that differs between processes
+    (slide sizes, skipped tiles), which would deadlock the collectives. One unit still shards the
+    optimizer state and gradients (most of the memory besides activations, which checkpointing bounds)."""
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="no_wrap", reshard_after_forward=True)
+
+
+@torch.no_grad()
+def slide_probabilities(model: HIPT, chunks: Iterable[dict], device: torch.device, min_tile_tissue: float,
+                        autocast: Any) -> dict[str, np.ndarray]:
+    """Slide id -> class probabilities from chunks of its regions (consecutive items of one slide):
+    region embeddings chunk by chunk, then the slide model over all of them."""
+    probs = {}
+    for slide_id, parts in groupby(chunks, key=lambda item: item["slide_id"]):
+        with autocast():
+            embeddings = []
+            for part in parts:
+                mask = tile_mask(part["tissue"], min_tile_tissue)
+                embeddings.append(model.region_embeddings(part["pixels"].to(device, non_blocking=True),
+                                                          mask.to(device) if mask is not None else None))
+            logits = model.slide_model(torch.cat(embeddings))
+        probs[slide_id] = logits.float().softmax(dim=-1)[0].cpu().numpy()
+    return probs
+
+
+# ------------------------------------------------------------------------------------------ one fold
+class FoldTrainer:
+    """Train one fold on fold.train, select on fold.val, predict fold.test; resumable at any checkpoint.
+
+    The model under training may be wrapped (DDP / FSDP); validation and test run on a plain copy that
+    receives the full weights, split by slide over the processes.
+    """
+
+    def __init__(self, accelerator: Accelerator, cfg: Mapping[str, Any], regions: ShardRegions,
+                 classes: Sequence[str], fold: Fold, fold_dir: Path, run_steps: int) -> None:
+        self.accelerator, self.cfg, self.regions, self.fold, self.dir = accelerator, cfg, regions, fold, fold_dir
+        self.device, self.rank, self.world = accelerator.device, accelerator.process_index, accelerator.num_processes
+        self.main = accelerator.is_main_process
+        labels = {info.slide_id: classes.index(info.label) for info in regions.infos() if info.label is not None}
+        self.train_ids = list(fold.train)
+        self.train_labels = [labels[s] for s in self.train_ids]
+        self.val_y = np.array([labels[s] for s in fold.val])
+        self.n_classes = len(classes)
+        self.seed = cfg["seed"] + fold.index
+        self.checkpoint_path = fold_dir / CHECKPOINT
+
+        torch.manual_seed(self.seed)  # the same initial weights on every process
+        model = build_model(cfg, self.n_classes)
+        self.eval_model = copy.deepcopy(model).to(self.device).eval()
+        optimizer = torch.optim.AdamW(param_groups(model, cfg["optim"]))
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        weights = class_weights(self.train_labels, self.n_classes) if cfg["imbalance"] == "weighted_loss" else None
+        self.loss_fn = nn.CrossEntropyLoss(weight=weights.to(self.device) if weights is not None else None)
+
+        train = cfg["train"]
+        per_process = math.ceil(len(self.train_ids) / self.world)  # epoch_order pads to this
+        self.steps_per_epoch = math.ceil(per_process / train["grad_accum"])
+        self.selection = ModelSelection(cfg["patience"])
+        self.epoch, self.step, self.steps, self.run_steps = 0, 0, 0, run_steps
+        self.epoch_losses: list[float] = []
+        self.test_probs: np.ndarray | None = None
+        state = _resume_state(cfg, self.checkpoint_path)
+        if state is not None:
+            self._restore(state)
+
+    # ------------------------------------------------------------------ state
+    def _restore(self, state: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        if self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.selection.load_state_dict(state["selection"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.steps, self.run_steps = state["steps"], state["run_steps"]
+        self.epoch_losses = list(state["epoch_losses"])
+        self.test_probs = state["test_probs"].numpy() if state["test_probs"] is not None else None
+        log.info("fold %d: resuming %s at epoch %d, step %d", self.fold.index, self.checkpoint_path, self.epoch,
+                 self.step)
+
+    def save(self) -> None:
+        """Checkpoint (atomically) everything that the rest of this fold depends on."""
+        model_state, optim_state = get_state_dict(self.model, self.optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.main:
+            scaler = self.accelerator.scaler
+            save_checkpoint(self.checkpoint_path, {
+                "model": model_state, "optimizer": optim_state,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "selection": self.selection.state_dict(), "epoch": self.epoch, "step": self.step,
+                "steps": self.steps, "run_steps": self.run_steps, "epoch_losses": self.epoch_losses,
+                "test_probs": torch.from_numpy(self.test_probs) if self.test_probs is not None else None,
+                "config": dict(self.cfg),
+            })
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ evaluation
+    def _sync_eval_model(self) -> None:
+        """The current full weights into the plain evaluation copy (a collective under FSDP)."""
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        self.eval_model.load_state_dict(state)
+
+    def predict(self, slide_ids: Sequence[str]) -> np.ndarray:
+        """Probabilities [len(slide_ids), K] of the evaluation copy, every region of each slide; the
+        slides are split over the processes and the results gathered."""
+        mine = list(slide_ids)[self.rank::self.world]
+        keys = [key for slide in mine for key in self.regions.chunks(slide, self.cfg["memory"]["eval_regions"])]
+        loader = _loader(self.regions, keys, self.cfg["data"]["workers"], self.device)
+        probs = slide_probabilities(self.eval_model, loader, self.device, self.cfg["data"]["min_tile_tissue"],
+                                    self.accelerator.autocast)
+        merged = {slide: p for part in gather_object([probs]) for slide, p in part.items()}
+        return np.stack([merged[slide] for slide in slide_ids]) if slide_ids else np.zeros((0, self.n_classes))
+
+    # ------------------------------------------------------------------ training
+    def _set_lr(self) -> None:
+        warmup = self.cfg["optim"]["warmup_steps"]
+        factor = min(1.0, (self.steps + 1) / warmup) if warmup else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
+    def _loss_of(self, n: int, item: dict) -> torch.Tensor:
+        """The loss of one slide: micro-batch n of this process's part of the global batch."""
+        place = n * self.world + self.rank  # the slide's index in the global batch
+        torch.manual_seed(derived_seed(self.cfg["seed"], self.fold.index, self.epoch, self.step, place))
+        mask = tile_mask(item["tissue"], self.cfg["data"]["min_tile_tissue"])
+        logits = self.model(item["pixels"].to(self.device, non_blocking=True),
+                            mask.to(self.device) if mask is not None else None)
+        return self.loss_fn(logits.float(), torch.tensor([item["label_index"]], device=self.device))
+
+    def _train_epoch(self, progress: tqdm) -> None:
+        train = self.cfg["train"]
+        order = epoch_order(self.train_labels, self.n_classes, balanced=self.cfg["imbalance"] == "balanced_sampling",
+                            seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world)
+        groups = [order[i:i + train["grad_accum"]] for i in range(0, len(order), train["grad_accum"])]
+        keys = [self.regions.sample(self.train_ids[i], self.epoch) for group in groups[self.step:] for i in group]
+        items = iter(_loader(self.regions, keys, self.cfg["data"]["workers"], self.device))
+        self.model.train()
+        for step in range(self.step, len(groups)):
+            self.step = step  # seeds this step's random draws (_loss_of)
+            self._set_lr()
+            group = [next(items) for _ in groups[self.step]]
+            total = accumulation_step(self.accelerator, self.model, self.optimizer, group, self._loss_of,
+                                      self.cfg["optim"]["clip_grad"])
+            loss = self.accelerator.reduce(torch.tensor(total / len(group), device=self.device), "mean").item()
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"fold {self.fold.index}: loss {loss} at epoch {self.epoch} step {self.step}; nothing was saved "
+                    f"after it (last checkpoint: {self.checkpoint_path}). Lower the learning rates or use bf16.")
+            self.epoch_losses.append(loss)
+            if self.main:
+                self._log(loss)
+            self.steps, self.run_steps, self.step = self.steps + 1, self.run_steps + 1, self.step + 1
+            progress.update()
+            progress.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch)
+            if train["stop_after"] is not None and self.run_steps >= train["stop_after"]:
+                self.save()
+                raise TrainingStopped(f"stopped after {self.run_steps} steps (train.stop_after); "
+                                      "continue with resume=true")
+            if self.steps % train["checkpoint_every"] == 0:
+                self.save()
+
+    def _log(self, loss: float) -> None:
+        lr: dict[str, float] = {}  # each stage's highest (the top of the tile ViT's layer decay)
+        for group in self.optimizer.param_groups:
+            lr[group["stage"]] = max(lr.get(group["stage"], 0.0), group["lr"])
+        entry = {"step": self.steps, "epoch": self.epoch, "loss": loss, "lr": lr}
+        with open(self.dir / TRAIN_LOG, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        if (self.steps + 1) % self.cfg["train"]["log_every"] == 0:
+            log.info("fold %d step %d epoch %d loss %.4f", self.fold.index, self.steps + 1, self.epoch, loss)
+
+    def _end_epoch(self) -> None:
+        """Validate, update model selection, checkpoint."""
+        self._sync_eval_model()
+        probs = self.predict(self.fold.val) if self.fold.val else None
+        entry = {"epoch": self.epoch, "train_loss": float(np.mean(self.epoch_losses))}
+        self.selection.update(entry, self.val_y, probs,
+                              lambda: {k: v.detach().cpu().clone() for k, v in self.eval_model.state_dict().items()})
+        log.info("fold %d epoch %d: %s", self.fold.index, self.epoch,
+                 ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))
+        self.epoch, self.step, self.epoch_losses = self.epoch + 1, 0, []
+        self.save()
+
+    def run(self) -> np.ndarray:
+        """Train (or continue) to the end of the fold; returns the selected model's test probabilities."""
+        if self.test_probs is not None:  # finished in an earlier run
+            return self.test_probs
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _keep_log_before(self.dir / TRAIN_LOG, self.steps)
+        epochs = self.cfg["train"]["epochs"]
+        progress = tqdm(total=epochs * self.steps_per_epoch, initial=self.epoch * self.steps_per_epoch + self.step,
+                        desc=f"fold {self.fold.index}", unit="step", disable=not self.main)
+        while self.epoch < epochs and not self.selection.stopped:
+            self._train_epoch(progress)
+            self._end_epoch()
+        progress.close()
+        self.eval_model.load_state_dict(self.selection.best_state)
+        self.test_probs = self.predict(self.fold.test)
+        if self.main:
+            export_safetensors(self.eval_model, self.dir / BEST_MODEL, {"source": "e2e", "fold": str(self.fold.index)})
+            atomic_write_json(self.dir / "history.json", self.selection.history)
+        self.save()
+        return self.test_probs
+
+
+# ------------------------------------------------------------------------------------------ the run
+def prepare_demo(cfg: Mapping[str, Any], accelerator: Accelerator) -> dict[str, Any]:
+    """The embedded demo's data: synthetic pseudo-H&E slides (SYNTHETIC, see hipt_e2e.data.synthetic) ->
+    region shards in demo.dir, both reused when present; returns cfg pointing at them."""
+    from shards.build import build  # the shard builder is only needed here
+
+    demo = cfg["demo"]
+    root = Path(demo["dir"])
+    shards = root / "shards"
+    if accelerator.is_main_process:
+        slides = make_dataset(root / "slides", demo["slides_per_class"], demo["size"], demo["region_px"])
+        build({"kind": "images", "input": str(slides), "out": str(shards), "labels": str(slides / "labels.csv"),
+               "slide_mpp": 0.5, "mpp": 0.5, "region_px": demo["region_px"],
+               "tile_px": model_preset(cfg["model"]["preset"])["tile_px"], "encoding": "png"})
+    accelerator.wait_for_everyone()
+    return {**cfg, "data": {**cfg["data"], "shards": str(shards)}, "out": cfg["out"] or str(root / "e2e")}
+
+
+def _check_geometry(manifest: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
+    tile_px = model_preset(cfg["model"]["preset"])["tile_px"]
+    if manifest["build_args"].get("tile_px") != tile_px:
+        raise ValueError(f"the shards were cut into {manifest['build_args'].get('tile_px')} px tiles but model.preset "
+                         f"{cfg['model']['preset']!r} takes {tile_px} px tiles; for HIPT's geometry use "
+                         "--config recipes/configs/e2e.yaml")
+
+
+def train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Cross-validated end-to-end fine-tuning as configured (E2E_DEFAULTS); with data.shards null, the
+    embedded demo. Writes what slide-level training writes (splits.csv, predictions.csv, metrics.json,
+    plots, report.md, fold_i/best_model.safetensors and history.json) plus fold_i/checkpoint.pt and
+    train_log.jsonl. Returns the metrics (with "report": the report's path), or None when stopped by
+    train.stop_after."""
+    train = cfg["train"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(train["threads"] or threads)
+    try:
+        return _train_e2e(cfg)
+    finally:
+        torch.set_num_threads(threads)  # a process-wide setting: leave it as found
+
+
+def _train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    train = cfg["train"]
+    precision = "no" if train["mixed_precision"] is False else train["mixed_precision"]  # YAML reads a bare no as false
+    accelerator = Accelerator(mixed_precision=precision,
+                              fsdp_plugin=fsdp_plugin() if train["fsdp"] else None)
+    if cfg["data"]["shards"] is None:
+        cfg = prepare_demo(cfg, accelerator)
+    if cfg["out"] is None:
+        raise ValueError("set out=DIR")
+    regions = ShardRegions(cfg["data"]["shards"], regions_per_slide=cfg["data"]["regions_per_slide"], seed=cfg["seed"])
+    _check_geometry(regions.manifest, cfg)
+    classes = regions.manifest["classes"]
+    log.info("global batch %d slides = %d per process x %d processes, %s regions per slide; %s precision",
+             train["grad_accum"] * accelerator.num_processes, train["grad_accum"], accelerator.num_processes,
+             cfg["data"]["regions_per_slide"] or "all", accelerator.mixed_precision)
+    run_steps = 0
+
+    def test_probs(fold: Fold, fold_dir: Path) -> np.ndarray:
+        nonlocal run_steps
+        trainer = FoldTrainer(accelerator, cfg, regions, classes, fold, fold_dir, run_steps)
+        probs = trainer.run()
+        run_steps = trainer.run_steps
+        return probs
+
+    freeze = cfg["model"]["freeze_tile"], cfg["model"]["freeze_region"]
+    mode = {(False, False): "end to end", (True, False): "frozen tile encoder",
+            (True, True): "frozen tile encoder and ViT4K"}.get(freeze, "frozen ViT4K, trained tile encoder")
+    extra = {"title": f"HIPT fine-tuned {mode} from region pixels", "mode": mode, "preset": cfg["model"]["preset"],
+             "tile_encoder": cfg["model"]["encoder"], "initial_weights": cfg["model"]["weights"],
+             "regions_per_slide": cfg["data"]["regions_per_slide"], "grad_accum": train["grad_accum"],
+             "mixed_precision": accelerator.mixed_precision}
+    try:
+        metrics = run_folds(regions.infos(), classes, cfg, accelerator, test_probs, extra)
+    except TrainingStopped as stopped:
+        log.info("%s", stopped)
+        return None
+    return {**metrics, "report": str(Path(cfg["out"]) / "report.md")}

@@ -1,0 +1,252 @@
+"""End-to-end fine-tuning (recipes/e2e.py, hipt_e2e.training.e2e) with the real tiny preset on generated
+region shards: memory-saving paths, freeze modes, seeded region sampling, 2 processes = 1 process,
+exact resume, and the embedded default."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hipt_e2e.data import SlideBagStream
+from hipt_e2e.data.synthetic import make_dataset
+from hipt_e2e.models import load_checkpoint, model_preset, vit256
+from hipt_e2e.training import CHECKPOINT, TRAIN_LOG, export_safetensors, load_checkpoint_state
+from hipt_e2e.training.e2e import (
+    E2E_DEFAULTS,
+    ShardRegions,
+    build_model,
+    param_groups,
+    slide_probabilities,
+    tile_mask,
+)
+from shards.build import build
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = model_preset("tiny")
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("recipe_e2e", REPO / "recipes" / "e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """12 synthetic slides (3 patients per class, so 3 folds) of 4 regions of 128 px = 4 x 4 tiles of 32 px;
+    the right-hand regions are half glass, so their tiles' tissue fractions differ."""
+    root = tmp_path_factory.mktemp("e2e")
+    slides = make_dataset(root / "slides", slides_per_class=6, size=256, region_px=128)
+    build({"kind": "images", "input": str(slides), "labels": str(slides / "labels.csv"), "out": str(root / "shards"),
+           "slide_mpp": 0.5, "region_px": 128, "tile_px": 32, "encoding": "png", "shard_bytes": 200_000})
+    return root / "shards"
+
+
+def settings(shards: Path, out: Path, *extra: str) -> list[str]:
+    """A few-second run: 3 folds of 4 training slides, 2 regions per step, one thread."""
+    return [f"data.shards={shards}", f"out={out}", "data.regions_per_slide=2", "train.epochs=2", "train.grad_accum=1",
+            "train.mixed_precision=no", "train.log_every=1000", *extra]
+
+
+def tiny_cfg(**model: object) -> dict:
+    cfg = copy.deepcopy(E2E_DEFAULTS)
+    cfg["model"].update(model)
+    return cfg
+
+
+def test_memory_saving_paths_give_the_same_gradients_and_predictions(shards: Path) -> None:
+    regions = ShardRegions(shards, regions_per_slide=None, seed=0)
+    slide = next(iter(regions.slides))
+    item = regions[regions.chunks(slide, 100)[0]]
+    mask = tile_mask(item["tissue"], 0.9)
+    assert mask is not None and 0 < mask.sum() < mask.numel()  # the glass half of the slide is skipped
+
+    def gradients(chunks: bool, blocks: bool, chunk_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = build_model(tiny_cfg(dropout=0.0), 2)
+        model.chunk_size = chunk_size
+        model.set_grad_checkpointing(chunks=chunks, blocks=blocks)
+        logits = model(item["pixels"], mask)
+        logits[0, 1].backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    plain_logits, plain = gradients(False, False, 1000)
+    for chunks, blocks, size in ((True, False, 7), (True, True, 5), (False, True, 1000)):
+        logits, saved = gradients(chunks, blocks, size)
+        torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-6)
+        assert saved.keys() == plain.keys()
+        for name, grad in plain.items():
+            torch.testing.assert_close(saved[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    # Evaluation: every region, a bounded number at a time, equals the whole slide at once.
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(), 2).eval()
+    chunked = slide_probabilities(model, (regions[key] for key in regions.chunks(slide, 1)), torch.device("cpu"),
+                                  0.0, contextlib.nullcontext)
+    with torch.no_grad():
+        whole = model(item["pixels"]).softmax(-1)[0]
+    torch.testing.assert_close(torch.from_numpy(chunked[slide]), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_region_sampling_is_seeded_and_matches_the_slide_stream(shards: Path) -> None:
+    regions = ShardRegions(shards, regions_per_slide=2, seed=3)
+    again = ShardRegions(shards, regions_per_slide=2, seed=3)
+    slides = sorted(regions.slides)
+    drawn = {epoch: [regions.sample(s, epoch) for s in slides] for epoch in range(4)}
+    assert drawn[0] == [again.sample(s, 0) for s in slides]
+    assert all(len(positions) == 2 for _, positions in drawn[0])
+    assert len({tuple(keys) for keys in drawn.values()}) > 1  # epochs draw other regions
+    assert ShardRegions(shards, regions_per_slide=9, seed=3).sample(slides[0], 0)[1] == (0, 1, 2, 3)  # all when fewer
+    # The same regions, decoded identically, as the sequential slide-bag stream gives for (seed, epoch).
+    stream = SlideBagStream(shards, regions_per_slide=2, seed=3)
+    stream.set_epoch(2)
+    for bag in stream:
+        mine = regions[regions.sample(bag["slide_id"], 2)]
+        assert torch.equal(mine["pixels"], bag["pixels"]) and torch.equal(mine["region_index"], bag["region_index"])
+        assert torch.equal(mine["tissue"], bag["tissue"]) and mine["label_index"] == bag["label_index"]
+
+
+def test_learning_rates_per_stage_with_layer_decay() -> None:
+    model = build_model(tiny_cfg(freeze_region=False), 2)
+    optim = {"lr": {"tile": 1e-4, "region": 2e-4, "slide": 3e-4}, "layer_decay": 0.5, "weight_decay": 0.05}
+    lr = {id(p): (g["lr"], g["weight_decay"]) for g in param_groups(model, optim) for p in g["params"]}
+    tile = model.tile_encoder  # depth 2: embeddings layer 0, blocks 1-2, final norm 3
+    assert lr[id(tile.patch_embed.proj.weight)] == (1e-4 * 0.5 ** 3, 0.05)
+    assert lr[id(tile.blocks[1].mlp.fc1.weight)] == (1e-4 * 0.5, 0.05)
+    assert lr[id(tile.norm.bias)] == (1e-4, 0.0)
+    assert lr[id(model.region_encoder.blocks[0].attn.qkv.weight)] == (2e-4, 0.05)
+    assert lr[id(model.slide_model.classifier.bias)] == (3e-4, 0.0)
+    model.set_frozen(tile=True)
+    assert not {id(p) for p in tile.parameters()} & {id(p) for g in param_groups(model, optim) for p in g["params"]}
+
+
+@pytest.mark.parametrize("encoder, freeze", [("vit", ("tile",)), ("vit", ("tile", "region")), ("cnn", ("tile",))])
+def test_freeze_modes_leave_frozen_parameters_unchanged(shards: Path, tmp_path: Path, encoder: str,
+                                                        freeze: tuple[str, ...]) -> None:
+    # The tile encoder starts from a file in the layout of the DINO exports (released key names).
+    cfg = tiny_cfg(encoder=encoder, cnn="resnet10t")
+    torch.manual_seed(1)
+    initial_tile = build_model(cfg, 2).tile_encoder
+    export_safetensors(initial_tile, tmp_path / "tile.safetensors")
+    if encoder == "vit":
+        assert "blocks.0.attn.qkv.weight" in load_file(tmp_path / "tile.safetensors")
+    overrides = [f"model.encoder={encoder}", "model.cnn=resnet10t", f"model.weights.tile={tmp_path / 'tile.safetensors'}",
+                 *[f"model.freeze_{stage}=true" for stage in freeze], "optim.lr.region=0.01", "train.stop_after=2"]
+    assert load_recipe().main(settings(shards, tmp_path / "run", *overrides)) is None  # stopped after 2 steps
+
+    state = load_checkpoint_state(tmp_path / "run" / "fold_0" / CHECKPOINT)
+    torch.manual_seed(0)  # seed + fold: the initial weights of fold 0
+    start = build_model({**cfg, "model": {**cfg["model"], "weights": {"tile": str(tmp_path / "tile.safetensors"),
+                                                                     "region": None, "slide": None}}}, 2)
+    for name, tensor in start.state_dict().items():  # parameters and buffers (BatchNorm statistics)
+        frozen = name.split("_")[0] in freeze  # tile_encoder.* / region_encoder.* / slide_model.*
+        if frozen:
+            assert torch.equal(state["model"][name], tensor), name
+    for stage in ("tile", "region", "slide"):
+        module = start.stage(stage)
+        prefix = {"tile": "tile_encoder.", "region": "region_encoder.", "slide": "slide_model."}[stage]
+        moved = any(not torch.equal(state["model"][prefix + n], p) for n, p in module.named_parameters())
+        assert moved == (stage not in freeze), stage
+    trained = {name for group in state["optimizer"]["param_groups"] for name in group["params"]}
+    assert not any(name.startswith(tuple(f"{s}_" for s in freeze)) for name in trained)
+
+
+def _launch_two_processes(arguments: list[str]) -> subprocess.CompletedProcess:
+    # `--multi_gpu` with ACCELERATE_USE_CPU starts torchrun's CPU processes (plain `--cpu` starts one)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29521"]
+    return subprocess.run([*launch, str(REPO / "recipes" / "e2e.py"), *arguments], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_two_processes_equal_one_process_on_the_same_global_batch(shards: Path, tmp_path: Path) -> None:
+    """2 processes x 1 slide per step (DDP) = 1 process accumulating 2 slides, dropout included."""
+    step = ["train.stop_after=1", "optim.lr.tile=0.01", "optim.lr.region=0.01", "optim.lr.slide=0.01",
+            "optim.clip_grad=0", "model.dropout=0.25", "model.drop_path_rate=0.1"]
+    result = _launch_two_processes(settings(shards, tmp_path / "two", *step))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 per process x 2 processes" in result.stderr
+    recipe = load_recipe()
+    recipe.main(settings(shards, tmp_path / "one", *step, "train.grad_accum=2"))
+    recipe.main(settings(shards, tmp_path / "other", *step))  # another global batch: the first slide only
+    two, one, other = (load_checkpoint_state(tmp_path / run / "fold_0" / CHECKPOINT) for run in ("two", "one", "other"))
+    assert two["steps"] == one["steps"] == 1
+
+    def close(a: dict, b: dict) -> bool:
+        """The same averaged gradient (AdamW's first moment after one step is 0.1 g, scale-sensitive: a
+        sum instead of a mean doubles it) and the same parameters. Rounding differs between the two
+        reductions (~1e-7 relative); AdamW's first step is lr * g / (|g| + 1e-8), so entries whose
+        gradient is zero in exact arithmetic (e.g. key biases, to which softmax is blind) move by up to
+        lr on noise alone: parameters are compared to lr (0.01) + 1e-6, gradients to 1e-4 of each
+        tensor's largest entry. A wrong batch changes gradients by O(1) of that scale."""
+        for name, moments in b["optimizer"]["state"].items():
+            expected = moments["exp_avg"]
+            if not torch.allclose(a["optimizer"]["state"][name]["exp_avg"], expected, rtol=0,
+                                  atol=1e-4 * expected.abs().max().item() + 1e-12):
+                return False
+        return all(torch.allclose(a["model"][n], t, rtol=0, atol=0.01 + 1e-6) for n, t in b["model"].items())
+
+    assert close(two, one)
+    assert not close(other, one)  # the tolerance does tell one global batch from another
+    doubled = copy.deepcopy(two)
+    for moments in doubled["optimizer"]["state"].values():
+        moments["exp_avg"] = moments["exp_avg"] * 2
+    assert not close(doubled, one)  # ... and a sum from a mean
+
+
+def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(shards: Path, tmp_path: Path) -> None:
+    # 4 training slides x 2 epochs x 3 folds = 24 steps; the run stops inside fold 1's second epoch.
+    common = settings(shards, tmp_path, "train.checkpoint_every=3", "model.dropout=0.25", "model.drop_path_rate=0.1",
+                      "imbalance=balanced_sampling", "patience=9")
+    recipe = load_recipe()
+    whole = recipe.main([*common, f"out={tmp_path / 'whole'}"])
+    assert recipe.main([*common, f"out={tmp_path / 'parts'}", "train.stop_after=14"]) is None
+    assert not (tmp_path / "parts" / "metrics.json").exists()
+    with pytest.raises(FileExistsError, match="resume=true"):
+        recipe.main([*common, f"out={tmp_path / 'parts'}"])
+    with pytest.raises(ValueError, match="optim.lr.slide"):
+        recipe.main([*common, f"out={tmp_path / 'parts'}", "resume=true", "optim.lr.slide=0.1"])
+    parts = recipe.main([*common, f"out={tmp_path / 'parts'}", "resume=true"])
+
+    assert parts["summary"] == whole["summary"]
+    assert (tmp_path / "parts" / "predictions.csv").read_text() == (tmp_path / "whole" / "predictions.csv").read_text()
+    for fold in range(3):
+        a, b = (load_checkpoint_state(tmp_path / run / f"fold_{fold}" / CHECKPOINT) for run in ("whole", "parts"))
+        assert a["steps"] == b["steps"] == 8
+        for name, tensor in a["model"].items():
+            assert torch.equal(b["model"][name], tensor), (fold, name)
+        logs = [(tmp_path / run / f"fold_{fold}" / TRAIN_LOG).read_text() for run in ("whole", "parts")]
+        assert logs[0] == logs[1] and len(logs[0].splitlines()) == 8
+        assert json.loads((tmp_path / "parts" / f"fold_{fold}" / "history.json").read_text()) == \
+            json.loads((tmp_path / "whole" / f"fold_{fold}" / "history.json").read_text())
+
+
+def test_embedded_default_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The no-argument demo, reduced: a smaller synthetic set and one epoch."""
+    demo = tmp_path / "demo"
+    metrics = load_recipe().main([f"demo.dir={demo}", "demo.slides_per_class=6", "demo.size=256", "train.epochs=1",
+                                  "train.mixed_precision=no"])
+    assert f"report: {demo / 'e2e' / 'report.md'}" in capsys.readouterr().out
+    assert metrics["n_folds"] == 3 and metrics["mode"] == "end to end"
+    rows = list(csv.DictReader(open(demo / "e2e" / "predictions.csv")))
+    assert len(rows) == 12 and {row["true_label"] for row in rows} == {"class_a", "class_b"}
+    for name in ("report.md", "metrics.json", "roc.png", "confusion_matrix.png", "splits.csv", "config.yaml",
+                 "fold_2/best_model.safetensors", "fold_0/history.json", "fold_1/train_log.jsonl"):
+        assert (demo / "e2e" / name).exists(), name
+    assert (demo / "slides" / "labels.csv").exists() and (demo / "shards" / "manifest.json").exists()
+    # The selected model: the nested HIPT's names; its tile encoder loads as a tile encoder.
+    build_model(tiny_cfg(), 2).load_state_dict(load_file(demo / "e2e" / "fold_2" / "best_model.safetensors"))
+    load_checkpoint(vit256(**TINY["tile"]), demo / "e2e" / "fold_2" / "best_model.safetensors",
+                    prefix="tile_encoder.", strict=True)
