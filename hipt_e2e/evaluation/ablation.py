@@ -76,3 +76,16 @@ def write_ablation(docs_dir: str | Path, name: str, title: str, question: str, v
     path = docs_dir / f"{name}.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def compare(variants: dict[str, dict], metric: str = "balanced_accuracy") -> str:
+    """One sentence on the best variant and whether its lead exceeds the fold-to-fold spread."""
+    ranked = sorted(variants, key=lambda n: variants[n]["summary"][metric]["mean"], reverse=True)
+    best, runner_up = ranked[0], ranked[1]
+    b, r = (variants[n]["summary"][metric] for n in (best, runner_up))
+    lead = b["mean"] - r["mean"]
+    spread = max(b["sd"], r["sd"])
+    verdict = ("a lead larger than the fold-to-fold spread" if lead > spread else
+               "a lead within the fold-to-fold spread, so this evidence is too weak to separate them")
+    return (f"{best} is best on {metric.replace('_', ' ')} ({b['mean']:.3f} +- {b['sd']:.3f}), "
+            f"{lead:.3f} ahead of {runner_up} ({r['mean']:.3f} +- {r['sd']:.3f}): {verdict}.")

@@ -1,0 +1,46 @@
+"""Ablation recipes as smoke tests on generated embedding bags (seconds): they keep working."""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from hipt_e2e.data.embeddings import write_slide_bags
+from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, training_slides
+from tests.test_slide_training import CLASSES, make_bags
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes" / "ablations"))
+import balanced  # noqa: E402
+import data_scaling  # noqa: E402
+
+FAST = ["folds=3", "optim.epochs=2", "patience=2"]
+
+
+def test_dominant_class_subsampling():
+    bags = make_bags(n_per_class=12)
+    data = {**SLIDE_DEFAULTS["data"], "dominant_class": "b", "dominant_ratio": 4.0}
+    kept = Counter(bag.label for bag in training_slides(bags, data, seed=0))
+    assert kept == {"b": 12, "a": 3, "c": 3}
+    assert training_slides(bags, data, seed=0) == training_slides(bags, data, seed=0)
+
+
+def test_data_scaling_smoke(tmp_path):
+    write_slide_bags(tmp_path / "bags", make_bags(), CLASSES, build_args={})
+    variants = data_scaling.main([f"data.shards={tmp_path / 'bags'}", f"out={tmp_path / 'runs'}",
+                                  f"docs={tmp_path / 'docs'}", "models=[vit_wsi, fc]", "fractions=[0.5, 1.0]", *FAST])
+    assert sorted(variants) == ["fc @ 100%", "fc @ 50%", "vit_wsi @ 100%", "vit_wsi @ 50%"]
+    report = (tmp_path / "docs" / "data_scaling.md").read_text()
+    assert "| vit_wsi @ 50% |" in report and "**Answer.**" in report and "Command:" in report
+    assert set(json.loads((tmp_path / "docs" / "data_scaling.json").read_text())["variants"]) == set(variants)
+    assert (tmp_path / "docs" / "data_scaling.png").stat().st_size > 0
+
+
+def test_balanced_smoke(tmp_path):
+    write_slide_bags(tmp_path / "bags", make_bags(), CLASSES, build_args={})
+    variants = balanced.main([f"data.shards={tmp_path / 'bags'}", f"out={tmp_path / 'runs'}",
+                              f"docs={tmp_path / 'docs'}", "data.dominant_class=a", "data.dominant_ratio=3", *FAST])
+    assert sorted(variants) == ["balanced_sampling", "none", "weighted_loss"]
+    report = (tmp_path / "docs" / "balanced.md").read_text()
+    assert "recall a" in report and "subsampled to 1:3 of it" in report
