@@ -17,13 +17,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
-# Until the end-to-end recipe lands: generate the synthetic slides, build their shards, verify, inspect.
+# The embedded default of the end-to-end recipe: synthetic slides -> shards -> tiny HIPT trained end to
+# end on the CPU (a few minutes) -> metrics and report in demo_out/e2e.
 demo: $(STAMP)
-	$(PYTHON) -m hipt_e2e.data.synthetic --out $(DEMO_DIR)/slides
-	$(VENV)/bin/hipt-shards build images $(DEMO_DIR)/slides --out $(DEMO_DIR)/shards \
-		--labels $(DEMO_DIR)/slides/labels.csv --slide-mpp 0.5 --region-px 128 --tile-px 32
-	$(VENV)/bin/hipt-shards verify $(DEMO_DIR)/shards
-	$(VENV)/bin/hipt-shards inspect $(DEMO_DIR)/shards --mosaic $(DEMO_DIR)/mosaic.png
+	$(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
+		--dynamo_backend no recipes/e2e.py
 
 bench: $(STAMP)
 	$(PYTHON) benchmarks/bench_storage.py
