@@ -129,3 +129,14 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     # (5e-5); a wrong slide order, loss scale or reduction moves them by ~10 lr (seen: 2.4e-3).
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=5e-5, rtol=0)
+
+
+def test_weighted_loss_weights_single_slides():
+    """One slide per step: the class weight must scale its loss (torch's weighted mean would cancel it)."""
+    from hipt_e2e.training.slide_level import WeightedCrossEntropy
+
+    logits, target = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([2])
+    weights = class_weights([0, 0, 0, 0, 1, 2], 3)  # class 2 is rare: weight 2
+    plain = torch.nn.functional.cross_entropy(logits, target)
+    assert WeightedCrossEntropy(weights)(logits, target) == pytest.approx(2.0 * plain.item())
+    assert WeightedCrossEntropy()(logits, target) == pytest.approx(plain.item())

@@ -47,13 +47,25 @@ from hipt_e2e.data.synthetic import make_dataset
 from hipt_e2e.embedding import GRIDS_KIND
 from hipt_e2e.evaluation.splits import Fold, SlideInfo
 from hipt_e2e.io import atomic_write_json
-from hipt_e2e.models import HIPT, TileViT, load_checkpoint, model_preset, vit4k, vit_wsi
+from hipt_e2e.models import HIPT, TileViT, load_checkpoint, model_preset, vit_wsi
 from hipt_e2e.models.hipt import STAGES
 from hipt_e2e.training.checkpointing import CHECKPOINT, export_safetensors, save_checkpoint
 from hipt_e2e.training.data import derived_seed
 from hipt_e2e.training.dino import TRAIN_LOG, NonFiniteLossError, _keep_log_before, _resume_state
-from hipt_e2e.training.encoders import TILE_MODEL_DEFAULTS, build_tile_encoder
-from hipt_e2e.training.slide_level import ModelSelection, accumulation_step, class_weights, epoch_order, run_folds
+from hipt_e2e.training.encoders import (
+    REGION_MODEL_DEFAULTS,
+    TILE_MODEL_DEFAULTS,
+    build_region_encoder,
+    build_tile_encoder,
+)
+from hipt_e2e.training.slide_level import (
+    ModelSelection,
+    WeightedCrossEntropy,
+    accumulation_step,
+    class_weights,
+    epoch_order,
+    run_folds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +90,8 @@ E2E_DEFAULTS: dict[str, Any] = {
         "workers": 0,  # DataLoader workers per process (decoding overlaps compute)
     },
     "model": {
-        **copy.deepcopy(TILE_MODEL_DEFAULTS),
+        **copy.deepcopy(TILE_MODEL_DEFAULTS),  # preset, encoder, cnn, tile: changes to the preset's tile geometry
+        "region": dict(REGION_MODEL_DEFAULTS["region"]),  # changes to the preset's ViT4K geometry (in_dim, ...)
         "preset": "tiny",
         "normalisation": "hipt",  # as the tile encoder was pretrained (the DINO recipe here uses imagenet)
         "dropout": 0.0,  # slide model
@@ -208,8 +221,13 @@ def build_model(cfg: Mapping[str, Any], n_classes: int) -> HIPT:
     model_cfg, memory = cfg["model"], cfg["memory"]
     geometry = model_preset(model_cfg["preset"])
     tile_encoder = build_tile_encoder(model_cfg, model_cfg["drop_path_rate"])
-    region_encoder = vit4k(**{**geometry["region"], "in_dim": tile_encoder.num_features})
-    slide_model = vit_wsi(n_classes, **geometry["slide"], dropout=model_cfg["dropout"])
+    region_encoder = build_region_encoder(model_cfg)
+    if region_encoder.in_dim != tile_encoder.num_features:
+        raise ValueError(f"the tile encoder gives {tile_encoder.num_features}-d embeddings but ViT4K takes "
+                         f"{region_encoder.in_dim}: set model.region.in_dim={tile_encoder.num_features}")
+    # the slide model takes the region encoder's width, as train_wsi.py takes the bags' width
+    slide_model = vit_wsi(n_classes, **{**geometry["slide"], "dim": region_encoder.num_features},
+                          dropout=model_cfg["dropout"])
     model = HIPT(tile_encoder, region_encoder, slide_model, tile_px=geometry["tile_px"],
                  normalisation=model_cfg["normalisation"], chunk_size=memory["chunk_size"],
                  freeze_tile=model_cfg["freeze_tile"], freeze_region=model_cfg["freeze_region"],
@@ -304,7 +322,7 @@ class FoldTrainer:
         optimizer = torch.optim.AdamW(param_groups(model, cfg["optim"]))
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         weights = class_weights(self.train_labels, self.n_classes) if cfg["imbalance"] == "weighted_loss" else None
-        self.loss_fn = nn.CrossEntropyLoss(weight=weights.to(self.device) if weights is not None else None)
+        self.loss_fn = WeightedCrossEntropy(weights).to(self.device)
 
         train = cfg["train"]
         per_process = math.ceil(len(self.train_ids) / self.world)  # epoch_order pads to this

@@ -75,6 +75,22 @@ def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
     return torch.where(counts > 0, len(labels) / (n_classes * counts.clamp(min=1)), torch.zeros_like(counts))
 
 
+class WeightedCrossEntropy(nn.Module):
+    """Cross-entropy with each sample's loss scaled by its class weight (N / (K * N_class)), then averaged.
+
+    Not torch's `CrossEntropyLoss(weight=...)`, whose mean divides by the batch's summed weights: with
+    one slide per step that normalisation cancels the weight exactly and the setting does nothing.
+    """
+
+    def __init__(self, weights: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("weights", weights)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(logits, target, reduction="none")
+        return (loss * self.weights[target] if self.weights is not None else loss).mean()
+
+
 def epoch_order(labels: Sequence[int], n_classes: int, *, balanced: bool, seed: int, epoch: int,
                 rank: int = 0, world_size: int = 1) -> list[int]:
     """This process's training units for an epoch: a seeded permutation, or (balanced) a draw with
@@ -247,7 +263,7 @@ def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], cl
     units = TrainingUnits(train, classes, isinstance(accelerator.unwrap_model(model), RegionFC), optim["batch_regions"])
     labels = units.labels.tolist()
     weights = class_weights(labels, len(classes)) if cfg["imbalance"] == "weighted_loss" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weights.to(accelerator.device) if weights is not None else None)
+    loss_fn = WeightedCrossEntropy(weights).to(accelerator.device)
     val_y = np.array([classes.index(bag.label) for bag in val])
     selection = ModelSelection(cfg["patience"])
     bar = tqdm(range(optim["epochs"]), desc=f"fold {fold.index}", disable=not accelerator.is_main_process)
