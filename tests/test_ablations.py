@@ -1,4 +1,4 @@
-"""Ablation recipes as smoke tests on generated embedding bags (seconds): they keep working."""
+"""Ablation recipes as smoke tests on generated embedding bags and region shards (seconds): they keep working."""
 from __future__ import annotations
 
 import json
@@ -8,12 +8,15 @@ from pathlib import Path
 
 from hipt_e2e.data.embeddings import write_slide_bags
 from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, training_slides
+from tests.test_e2e import shards  # noqa: F401 (the fixture: 12 generated slides as region shards)
 from tests.test_slide_training import CLASSES, make_bags
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes" / "ablations"))
 import balanced  # noqa: E402
+import cnn_vs_vit  # noqa: E402
 import data_scaling  # noqa: E402
+import e2e_vs_frozen  # noqa: E402
 
 FAST = ["folds=3", "optim.epochs=2", "patience=2"]
 
@@ -44,3 +47,34 @@ def test_balanced_smoke(tmp_path):
     assert sorted(variants) == ["balanced_sampling", "none", "weighted_loss"]
     report = (tmp_path / "docs" / "balanced.md").read_text()
     assert "recall a" in report and "subsampled to 1:3 of it" in report
+
+
+def test_e2e_vs_frozen_smoke(shards: Path, tmp_path: Path):
+    variants = e2e_vs_frozen.main([f"data.shards={shards}", f"out={tmp_path / 'runs'}",
+                                   f"docs={tmp_path / 'docs'}", "data.regions_per_slide=2", "train.epochs=2",
+                                   "train.mixed_precision=no", "train.log_every=1000"])
+    assert list(variants) == ["frozen", "partial", "end_to_end"]
+    assert [variants[name]["mode"] for name in variants] == [
+        "frozen tile encoder and ViT4K", "frozen tile encoder", "end to end"]
+    report = (tmp_path / "docs" / "e2e_vs_frozen.md").read_text()
+    assert all(f"| {name} |" in report for name in variants) and "without early stopping" in report
+    assert set(json.loads((tmp_path / "docs" / "e2e_vs_frozen.json").read_text())["variants"]) == set(variants)
+    assert (tmp_path / "docs" / "e2e_vs_frozen.png").stat().st_size > 0
+    # the same budget: every variant trained every epoch of every fold
+    assert all(len(json.loads((tmp_path / "runs" / name / f"fold_{i}" / "history.json").read_text())) == 2
+               for name in variants for i in range(3))
+
+
+def test_cnn_vs_vit_smoke(shards: Path, tmp_path: Path):
+    tiny = REPO / "recipes" / "configs" / "tiny"
+    variants = cnn_vs_vit.main([
+        f"data.shards={shards}", f"out={tmp_path / 'runs'}", f"docs={tmp_path / 'docs'}", *FAST,
+        f"pretrain.config={tiny / 'pretrain_vit256.yaml'}", "pretrain.overrides=[train.epochs=1, train.steps_per_epoch=2]",
+        f"embed_tiles.config={tiny / 'embed_tiles.yaml'}", f"embed_regions.config={tiny / 'embed_regions.yaml'}",
+        "throughput.batch=4", "throughput.rounds=1"])
+    assert list(variants) == ["vit", "cnn"]
+    report = (tmp_path / "docs" / "cnn_vs_vit.md").read_text()
+    assert "| vit |" in report and "| cnn |" in report and "| encoder | parameters | tiles/s |" in report
+    assert "model.cnn=resnet18" in report and "random init, frozen" in report
+    assert set(json.loads((tmp_path / "docs" / "cnn_vs_vit.json").read_text())["variants"]) == set(variants)
+    assert (tmp_path / "docs" / "cnn_vs_vit.png").stat().st_size > 0

@@ -1,0 +1,121 @@
+"""Ablation: can a CNN produce the tile embeddings?
+
+For each tile encoder of `encoders` (a ViT and a timm CNN, both from random init) the staged path runs
+with the same settings: DINO pretraining with recipes/pretrain_vit256.py (the same config, budget and
+seed), recipes/embed_tiles.py with its teacher backbone, recipes/embed_regions.py (by default a frozen,
+randomly initialised ViT4K with model.region.in_dim = the tile width, seeded so both encoders get the
+same one), then the same slide model cross-validated on the same folds (slide-level settings at the top
+level, as in the other ablations). Also measured: parameters and tile throughput (tiles/s, one batch,
+CPU) of each pretrained encoder. Writes docs/ablations/cnn_vs_vit.{md,json,png}; runs in out/<encoder>/.
+
+    accelerate launch recipes/ablations/cnn_vs_vit.py --config recipes/configs/ablations/cnn_vs_vit.yaml \
+        data.shards=runs/lymphoma/shards256 out=runs/ablations/cnn_vs_vit
+"""
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from torch import nn
+
+from hipt_e2e.config import load_yaml
+from hipt_e2e.data.embeddings import read_slide_bags
+from hipt_e2e.data.manifest import load_manifest
+from hipt_e2e.evaluation.ablation import compare, write_ablation
+from hipt_e2e.training import BACKBONE_EXPORT, build_tile_encoder, load_encoder_weights, recipe_config
+from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, cross_validate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stage recipes run as they are, not copied
+import embed_regions  # noqa: E402
+import embed_tiles  # noqa: E402
+import pretrain_vit256  # noqa: E402
+
+STAGE = {"config": None, "overrides": []}  # a stage recipe's --config file and key=value overrides
+DEFAULTS = {
+    **copy.deepcopy(SLIDE_DEFAULTS),  # data.shards: the region shards every stage starts from
+    "docs": "docs/ablations",
+    # key=value for pretraining and tile embedding of one encoder; tile_model: for both
+    "encoders": {"vit": ["model.encoder=vit"], "cnn": ["model.encoder=cnn", "model.cnn=resnet18"]},
+    "tile_model": [],
+    "pretrain": copy.deepcopy(STAGE),
+    "embed_tiles": copy.deepcopy(STAGE),
+    "embed_regions": copy.deepcopy(STAGE),
+    "throughput": {"batch": 64, "rounds": 3},
+}
+
+
+def run_stage(recipe, stage: dict, *overrides: str) -> None:
+    """A stage recipe's main, as its command line: --config FILE, the stage's overrides, then these."""
+    config = ["--config", stage["config"]] if stage["config"] else []
+    recipe.main([*config, *stage["overrides"], *overrides])
+
+
+@torch.no_grad()
+def tiles_per_second(encoder: nn.Module, tile_px: int, batch: int, rounds: int) -> float:
+    """Best of `rounds` timed passes over one batch of tiles after a warm-up: load from other processes
+    only ever slows a round down, so the best round is the steadiest measure."""
+    encoder.eval()
+    tiles = torch.rand(batch, 3, tile_px, tile_px)
+    encoder(tiles)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        encoder(tiles)
+        times.append(time.perf_counter() - start)
+    return batch / min(times)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
+    shards = cfg["data"]["shards"]
+    tile_px = load_manifest(shards)["build_args"]["tile_px"]
+    start, variants, speed = time.time(), {}, {}
+    for name, encoder_args in cfg["encoders"].items():
+        out = Path(cfg["out"]) / name
+        model_args = [*cfg["tile_model"], *encoder_args]
+        run_stage(pretrain_vit256, cfg["pretrain"], *model_args, f"seed={cfg['seed']}", f"data.shards={shards}",
+                  f"out={out / 'dino'}")
+        dino = load_yaml((out / "dino" / "config.yaml").read_text())
+        backbone = out / "dino" / BACKBONE_EXPORT
+        encoder = load_encoder_weights(build_tile_encoder(dino["model"]), {"weights": backbone, "trusted": False})
+        speed[name] = (sum(p.numel() for p in encoder.parameters()),
+                       tiles_per_second(encoder, tile_px, cfg["throughput"]["batch"], cfg["throughput"]["rounds"]))
+        run_stage(embed_tiles, cfg["embed_tiles"], *model_args, f"model.weights={backbone}",
+                  f"embed.normalisation={dino['data']['normalisation']}", f"data.shards={shards}",
+                  f"out={out / 'grids'}")
+        torch.manual_seed(cfg["seed"])  # a random ViT4K is then the same one for every encoder
+        run_stage(embed_regions, cfg["embed_regions"], f"model.region.in_dim={encoder.num_features}",
+                  f"data.shards={out / 'grids'}", f"out={out / 'bags'}")
+        bags, classes = read_slide_bags(out / "bags")
+        run = copy.deepcopy(cfg)
+        run["out"] = str(out / "slide")
+        variants[name] = cross_validate(bags, classes, run)
+    if not PartialState().is_main_process:
+        return variants
+    region = load_yaml((out / "bags" / "config.yaml").read_text())["model"]
+    budget = dino["train"]
+    table = ["| encoder | parameters | tiles/s |", "|---|---|---|",
+             *(f"| {name} | {params / 1e6:.2f} M | {rate:.0f} |" for name, (params, rate) in speed.items()), "",
+             f"Throughput: forward passes over one batch of {cfg['throughput']['batch']} random {tile_px} px tiles "
+             f"on the CPU ({torch.get_num_threads()} threads), best of {cfg['throughput']['rounds']} rounds.", ""]
+    answer = (compare(variants) + " Throughput and size: "
+              + "; ".join(f"{name} {rate:.0f} tiles/s with {params / 1e6:.2f} M parameters"
+                          for name, (params, rate) in speed.items()) + ".")
+    write_ablation(cfg["docs"], "cnn_vs_vit", "CNN vs ViT tile encoder",
+                   "Can a CNN produce the tile embeddings, pretrained with the same DINO recipe and budget as the "
+                   "ViT and followed by the same slide model?", variants, classes, answer=answer,
+                   runtime_s=time.time() - start, extra_lines=table,
+                   setup=f"{len(bags)} slides from `{shards}` ({tile_px} px tiles); encoders: "
+                         + "; ".join(f"{n} {' '.join([*cfg['tile_model'], *a])}" for n, a in cfg["encoders"].items())
+                         + f"; DINO ({cfg['pretrain']['config'] or 'recipe defaults'}) for {budget['epochs']} epochs "
+                           f"of {budget['steps_per_epoch'] or 'one pass'} steps x {budget['batch_size']} tiles each; "
+                           f"ViT4K: {region['weights'] or 'random init, frozen, the same for both'}; "
+                           f"slide model {cfg['model']['name']}, {cfg['folds']} patient-grouped folds "
+                           f"(seed {cfg['seed']}), {cfg['optim']['epochs']} epochs, patience {cfg['patience']}.")
+    return variants
+
+
+if __name__ == "__main__":
+    main()

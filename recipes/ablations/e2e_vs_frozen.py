@@ -1,0 +1,66 @@
+"""Ablation: does end-to-end fine-tuning beat training only the head?
+
+Three variants of the end-to-end engine (hipt_e2e.training.e2e) from the same start (model.weights.*;
+the same seeded random init without them) on the same folds, seeds and sampled regions:
+frozen (tile encoder and ViT4K frozen: only the slide model trains, the staged path computed on the
+fly), partial (tile encoder frozen: ViT4K and slide model train) and end to end (nothing frozen).
+The same budget in optimizer steps: every variant trains all train.epochs epochs over the same slides
+(early stopping is switched off by patience = train.epochs, and train.stop_after is refused), and, as
+in every slide-level run, the epoch with the best validation balanced accuracy is the one tested.
+Writes docs/ablations/e2e_vs_frozen.{md,json,png}; each variant's run is in out/<variant>.
+
+    accelerate launch recipes/ablations/e2e_vs_frozen.py --config recipes/configs/e2e.yaml data.shards=SHARDS \
+        model.weights.tile=runs/vit256/backbone.safetensors out=runs/ablations/e2e_vs_frozen
+"""
+import copy
+import time
+from pathlib import Path
+
+from accelerate import PartialState
+
+from hipt_e2e.data.manifest import load_manifest
+from hipt_e2e.evaluation.ablation import compare, write_ablation
+from hipt_e2e.training.e2e import E2E_DEFAULTS, train_e2e
+from hipt_e2e.training.recipe import recipe_config
+
+DEFAULTS = {**copy.deepcopy(E2E_DEFAULTS), "docs": "docs/ablations",
+            "variants": {"frozen": {"freeze_tile": True, "freeze_region": True},
+                         "partial": {"freeze_tile": True, "freeze_region": False},
+                         "end_to_end": {"freeze_tile": False, "freeze_region": False}}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
+    if cfg["train"]["stop_after"] is not None:
+        raise ValueError("train.stop_after would end a variant early; the variants must share the step budget")
+    start, variants = time.time(), {}
+    for name, freeze in cfg["variants"].items():
+        run = copy.deepcopy(cfg)
+        run["model"].update(freeze)
+        run["patience"] = cfg["train"]["epochs"]  # no early stop: every variant takes every step
+        run["out"] = str(Path(cfg["out"]) / name)
+        variants[name] = train_e2e(run)
+    if not PartialState().is_main_process:
+        return variants
+    manifest = load_manifest(cfg["data"]["shards"])
+    train, weights = cfg["train"], cfg["model"]["weights"]
+    start_from = ", ".join(f"{stage} {path}" for stage, path in weights.items() if path) or "random init (seeded)"
+    write_ablation(cfg["docs"], "e2e_vs_frozen", "End-to-end fine-tuning vs a frozen encoder",
+                   "Does end-to-end fine-tuning beat training only the head, from the same pretrained start and "
+                   "with the same budget in steps?", variants, manifest["classes"], answer=compare(variants),
+                   runtime_s=time.time() - start,
+                   setup=f"{len(manifest['slides'])} slides from `{cfg['data']['shards']}` "
+                         f"({manifest['build_args']['region_px']} px regions of {manifest['build_args']['tile_px']} "
+                         f"px tiles); start: {start_from}; model preset {cfg['model']['preset']}; "
+                         f"{cfg['folds']} patient-grouped folds (seed {cfg['seed']}), imbalance {cfg['imbalance']}; "
+                         f"every variant trains {train['epochs']} epochs without early stopping, "
+                         f"{cfg['data']['regions_per_slide']} regions per slide per step, {train['grad_accum']} "
+                         f"slides per optimizer step, learning rates {cfg['optim']['lr']}; frozen: "
+                         + "; ".join(f"{name}: " + (", ".join(key.removeprefix("freeze_") for key, on in freeze.items()
+                                                              if on) or "nothing")
+                                     for name, freeze in cfg["variants"].items()) + ".")
+    return variants
+
+
+if __name__ == "__main__":
+    main()
