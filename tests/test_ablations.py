@@ -57,7 +57,7 @@ def test_e2e_vs_frozen_smoke(shards: Path, tmp_path: Path):
     assert [variants[name]["mode"] for name in variants] == [
         "frozen tile encoder and ViT4K", "frozen tile encoder", "end to end"]
     report = (tmp_path / "docs" / "e2e_vs_frozen.md").read_text()
-    assert all(f"| {name} |" in report for name in variants) and "without early stopping" in report
+    assert all(f"| {name} |" in report for name in variants) and "without early stopping" in report and "per variant: frozen: tile, region;" in report
     assert set(json.loads((tmp_path / "docs" / "e2e_vs_frozen.json").read_text())["variants"]) == set(variants)
     assert (tmp_path / "docs" / "e2e_vs_frozen.png").stat().st_size > 0
     # the same budget: every variant trained every epoch of every fold

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{cfg['folds']} patient-grouped folds (seed {cfg['seed']}), imbalance {cfg['imbalance']}; "
                          f"every variant trains {train['epochs']} epochs without early stopping, "
                          f"{cfg['data']['regions_per_slide']} regions per slide per step, {train['grad_accum']} "
-                         f"slides per optimizer step, learning rates {cfg['optim']['lr']}; frozen: "
+                         f"slides per optimizer step, learning rates {cfg['optim']['lr']}; frozen stages per variant: "
                          + "; ".join(f"{name}: " + (", ".join(key.removeprefix("freeze_") for key, on in freeze.items()
                                                               if on) or "nothing")
                                      for name, freeze in cfg["variants"].items()) + ".")
