@@ -22,7 +22,8 @@ import json
 import logging
 import math
 import tarfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ from hipt_e2e.training.slide_level import (
     epoch_order,
     run_folds,
 )
+from shards.build import build
 
 log = logging.getLogger(__name__)
 
@@ -215,11 +217,15 @@ def tile_mask(tissue: torch.Tensor, min_tissue: float) -> torch.Tensor | None:
 
 
 # ------------------------------------------------------------------------------------------ model
-def build_model(cfg: Mapping[str, Any], n_classes: int) -> HIPT:
-    """The nested HIPT of cfg["model"] with cfg["memory"]'s settings and any initial weights loaded."""
+def build_model(cfg: Mapping[str, Any], n_classes: int, tile_px: int | None = None) -> HIPT:
+    """The nested HIPT of cfg["model"] with cfg["memory"]'s settings and any initial weights loaded, for
+    tiles of tile_px (the shards'; None: the preset's)."""
     model_cfg, memory = cfg["model"], cfg["memory"]
     geometry = model_preset(model_cfg["preset"])
+    tile_px = tile_px or geometry["tile_px"]
     tile_encoder = build_tile_encoder(model_cfg, model_cfg["drop_path_rate"])
+    if isinstance(tile_encoder, TileViT) and tile_px % tile_encoder.patch_size:
+        raise ValueError(f"{tile_px} px tiles do not split into the tile ViT's {tile_encoder.patch_size} px patches")
     region_encoder = build_region_encoder(model_cfg)
     if region_encoder.in_dim != tile_encoder.num_features:
         raise ValueError(f"the tile encoder gives {tile_encoder.num_features}-d embeddings but ViT4K takes "
@@ -227,7 +233,7 @@ def build_model(cfg: Mapping[str, Any], n_classes: int) -> HIPT:
     # the slide model takes the region encoder's width, as train_wsi.py takes the bags' width
     slide_model = vit_wsi(n_classes, **{**geometry["slide"], "dim": region_encoder.num_features},
                           dropout=model_cfg["dropout"])
-    model = HIPT(tile_encoder, region_encoder, slide_model, tile_px=geometry["tile_px"],
+    model = HIPT(tile_encoder, region_encoder, slide_model, tile_px=tile_px,
                  normalisation=model_cfg["normalisation"], chunk_size=memory["chunk_size"],
                  freeze_tile=model_cfg["freeze_tile"], freeze_region=model_cfg["freeze_region"],
                  checkpoint_chunks=memory["checkpoint_chunks"], checkpoint_blocks=memory["checkpoint_blocks"])
@@ -272,13 +278,14 @@ def fsdp_plugin() -> FullyShardedDataParallelPlugin:
     """FSDP2 with the whole HIPT as one unit. Finer units would all-gather once per call, and the tile
     encoder is called once per chunk of a slide's tiles - a number that differs between processes
     (slide sizes, skipped tiles), which would deadlock the collectives. One unit still shards the
-    optimizer state and gradients (most of the memory besides activations, which checkpointing bounds)."""
+    optimizer state and gradients (most of the memory besides activations, which checkpointing bounds).
+    It takes effect on GPUs: Accelerate runs CPU processes with DDP whatever the plugin says."""
     return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="no_wrap", reshard_after_forward=True)
 
 
 @torch.no_grad()
 def slide_probabilities(model: HIPT, chunks: Iterable[dict], device: torch.device, min_tile_tissue: float,
-                        autocast: Any) -> dict[str, np.ndarray]:
+                        autocast: Callable[[], AbstractContextManager]) -> dict[str, np.ndarray]:
     """Slide id -> class probabilities from chunks of its regions (consecutive items of one slide):
     region embeddings chunk by chunk, then the slide model over all of them."""
     probs = {}
@@ -316,7 +323,7 @@ class FoldTrainer:
         self.checkpoint_path = fold_dir / CHECKPOINT
 
         torch.manual_seed(self.seed)  # the same initial weights on every process
-        model = build_model(cfg, self.n_classes)
+        model = build_model(cfg, self.n_classes, regions.manifest["build_args"]["tile_px"])
         self.eval_model = copy.deepcopy(model).to(self.device).eval()
         optimizer = torch.optim.AdamW(param_groups(model, cfg["optim"]))
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -478,8 +485,6 @@ class FoldTrainer:
 def prepare_demo(cfg: Mapping[str, Any], accelerator: Accelerator) -> dict[str, Any]:
     """The embedded demo's data: synthetic pseudo-H&E slides (SYNTHETIC, see hipt_e2e.data.synthetic) ->
     region shards in demo.dir, both reused when present; returns cfg pointing at them."""
-    from shards.build import build  # the shard builder is only needed here
-
     demo = cfg["demo"]
     root = Path(demo["dir"])
     shards = root / "shards"
@@ -490,14 +495,6 @@ def prepare_demo(cfg: Mapping[str, Any], accelerator: Accelerator) -> dict[str, 
                "tile_px": model_preset(cfg["model"]["preset"])["tile_px"], "encoding": "png"})
     accelerator.wait_for_everyone()
     return {**cfg, "data": {**cfg["data"], "shards": str(shards)}, "out": cfg["out"] or str(root / "e2e")}
-
-
-def _check_geometry(manifest: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
-    tile_px = model_preset(cfg["model"]["preset"])["tile_px"]
-    if manifest["build_args"].get("tile_px") != tile_px:
-        raise ValueError(f"the shards were cut into {manifest['build_args'].get('tile_px')} px tiles but model.preset "
-                         f"{cfg['model']['preset']!r} takes {tile_px} px tiles; for HIPT's geometry use "
-                         "--config recipes/configs/e2e.yaml")
 
 
 def train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -525,11 +522,11 @@ def _train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     if cfg["out"] is None:
         raise ValueError("set out=DIR")
     regions = ShardRegions(cfg["data"]["shards"], regions_per_slide=cfg["data"]["regions_per_slide"], seed=cfg["seed"])
-    _check_geometry(regions.manifest, cfg)
     classes = regions.manifest["classes"]
-    log.info("global batch %d slides = %d per process x %d processes, %s regions per slide; %s precision",
-             train["grad_accum"] * accelerator.num_processes, train["grad_accum"], accelerator.num_processes,
-             cfg["data"]["regions_per_slide"] or "all", accelerator.mixed_precision)
+    log.info("global batch %d slides = %d per process x %d processes, %s regions per slide of %d px tiles "
+             "(model.preset %s); %s precision", train["grad_accum"] * accelerator.num_processes, train["grad_accum"],
+             accelerator.num_processes, cfg["data"]["regions_per_slide"] or "all",
+             regions.manifest["build_args"]["tile_px"], cfg["model"]["preset"], accelerator.mixed_precision)
     run_steps = 0
 
     def test_probs(fold: Fold, fold_dir: Path) -> np.ndarray:
