@@ -20,7 +20,7 @@ from hipt_e2e.io import atomic_open, atomic_write_json, atomic_write_text  # noq
 def write_predictions(path: Path, rows: Sequence[dict], classes: Sequence[str]) -> None:
     """One row per slide: slide_id, patient_id, fold, true_label, prob_<class>..., predicted_label."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
+    writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["slide_id", "patient_id", "fold", "true_label", *[f"prob_{c}" for c in classes],
                      "predicted_label"])
     for row in rows:

@@ -250,7 +250,7 @@ def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor
                      *([f"{p:.6f}" for p in probs] if probs is not None else [""] * len(classes)),
                      classes[int(np.argmax(probs))] if probs is not None else ""])
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
+    writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["slide_id", "path", "status", "error", "n_regions", *[f"prob_{c}" for c in classes], "predicted"])
     writer.writerows(rows)
     atomic_write_text(out / "predictions.csv", buffer.getvalue())
