@@ -105,7 +105,7 @@ def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _resume_state(cfg: Mapping[str, Any], path: Path) -> dict[str, Any] | None:
+def resume_state(cfg: Mapping[str, Any], path: Path) -> dict[str, Any] | None:
     """The checkpoint to continue from, or None for a fresh run; refuses to overwrite or mix runs."""
     if not path.exists():
         if cfg["resume"]:
@@ -149,7 +149,7 @@ def make_crops(multicrop: Callable[..., list[torch.Tensor]], inputs: torch.Tenso
     return [torch.cat(crop) for crop in zip(*views)]
 
 
-def _keep_log_before(path: Path, step: int) -> None:
+def keep_log_before(path: Path, step: int) -> None:
     """Drop log lines of steps a resumed run will redo (a run may have gone past its last checkpoint)."""
     if path.exists():
         lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
@@ -189,7 +189,7 @@ class DINOTrainer:
         student, self.teacher = _student_and_teacher(backbone, dino)
         self.dino_loss = DINOLoss(dino["out_dim"], 2 + cfg["crops"]["n_local"], dino["warmup_teacher_temp"],
                                   dino["teacher_temp"], dino["warmup_teacher_temp_epochs"], epochs)
-        state = _resume_state(cfg, self.checkpoint_path)
+        state = resume_state(cfg, self.checkpoint_path)
         if state is not None:
             student.load_state_dict(state["student"])
             self.teacher.load_state_dict(state["teacher"])
@@ -288,7 +288,7 @@ class DINOTrainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out)
-            _keep_log_before(self.out / TRAIN_LOG, self.start)
+            keep_log_before(self.out / TRAIN_LOG, self.start)
             log.info("DINO: %d steps (%d epochs x %d), global batch %d = %d per process x %d processes x %d "
                      "accumulated; peak lr %.3g", self.total, train["epochs"], self.steps_per_epoch,
                      self.global_batch, train["batch_size"], self.world, train["grad_accum"], self.lr.max())

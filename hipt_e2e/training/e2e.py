@@ -51,7 +51,7 @@ from hipt_e2e.models import HIPT, TileViT, load_checkpoint, model_preset, vit_ws
 from hipt_e2e.models.hipt import STAGES
 from hipt_e2e.training.checkpointing import CHECKPOINT, export_safetensors, save_checkpoint
 from hipt_e2e.training.data import derived_seed
-from hipt_e2e.training.dino import TRAIN_LOG, NonFiniteLossError, _keep_log_before, _resume_state
+from hipt_e2e.training.dino import TRAIN_LOG, NonFiniteLossError, keep_log_before, resume_state
 from hipt_e2e.training.encoders import (
     REGION_MODEL_DEFAULTS,
     TILE_MODEL_DEFAULTS,
@@ -337,7 +337,7 @@ class FoldTrainer:
         self.epoch, self.step, self.steps, self.run_steps = 0, 0, 0, run_steps
         self.epoch_losses: list[float] = []
         self.test_probs: np.ndarray | None = None
-        state = _resume_state(cfg, self.checkpoint_path)
+        state = resume_state(cfg, self.checkpoint_path)
         if state is not None:
             self._restore(state)
 
@@ -464,7 +464,7 @@ class FoldTrainer:
             return self.test_probs
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            _keep_log_before(self.dir / TRAIN_LOG, self.steps)
+            keep_log_before(self.dir / TRAIN_LOG, self.steps)
         epochs = self.cfg["train"]["epochs"]
         progress = tqdm(total=epochs * self.steps_per_epoch, initial=self.epoch * self.steps_per_epoch + self.step,
                         desc=f"fold {self.fold.index}", unit="step", disable=not self.main)
