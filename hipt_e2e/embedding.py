@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from hipt_e2e.config import save_config
 from hipt_e2e.data.embeddings import SlideBag, write_slide_bags
-from hipt_e2e.data.manifest import load_manifest, shard_urls
+from hipt_e2e.data.manifest import class_counts, load_manifest, shard_urls
 from hipt_e2e.data.samples import decode_sample, encode_grid
 from hipt_e2e.data.streams import SlideBagStream, reader_info
 from hipt_e2e.data.writer import ShardWriter
@@ -132,21 +132,12 @@ class GridPartWriter:
                 self.slides[slide_id]["shards"].append(shard["name"])
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "kind": GRIDS_KIND, "build_args": self.settings,
-            "classes": self.classes, "class_counts": _class_counts(self.slides),
+            "classes": self.classes, "class_counts": class_counts(self.slides),
             "inputs": inputs, "written": self.regions, "n_skipped": 0, "skipped": [],
             "samples": sum(shard["samples"] for shard in shards), "slides": self.slides, "shards": shards,
         }
         atomic_write_json(self.out_dir / "manifest.json", manifest)
         return manifest
-
-
-def _class_counts(slides: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, int]]:
-    counts: dict[str, dict[str, int]] = {"slides": {}, "regions": {}}
-    for entry in slides.values():
-        if entry["label"] is not None:
-            counts["slides"][entry["label"]] = counts["slides"].get(entry["label"], 0) + 1
-            counts["regions"][entry["label"]] = counts["regions"].get(entry["label"], 0) + entry["regions"]
-    return {level: dict(sorted(c.items())) for level, c in counts.items()}
 
 
 def _existing_output(out: Path, settings: Mapping[str, Any]) -> dict | None:

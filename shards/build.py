@@ -22,6 +22,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from hipt_e2e.data.manifest import class_counts
 from hipt_e2e.data.samples import encode_pixels, sample_key
 from hipt_e2e.data.sources import (
     ImageReader,
@@ -34,7 +35,7 @@ from hipt_e2e.data.sources import (
 from hipt_e2e.data.tiling import TISSUE_FLOOR, RegionGeometry, tile_tissue_fractions
 from hipt_e2e.data.writer import ShardWriter
 from hipt_e2e.io import atomic_write_json
-from shards.inputs import Item, class_counts, class_names, discover
+from shards.inputs import Item, class_names, discover
 
 log = logging.getLogger(__name__)
 
@@ -309,21 +310,11 @@ def make_manifest(cfg: dict, items: list[Item], classes: list[str], shards: list
     n_skipped = sum(record["inputs"] for record in skipped)
     if inputs != written + n_skipped:
         raise BuildError(f"accounting error: {inputs} inputs != {written} written + {n_skipped} skipped")
-    written_items = [by_slide[s] for s in slides]
     return {
         "format": FORMAT, "version": FORMAT_VERSION, "kind": cfg["kind"], "build_args": build_args(cfg),
         "classes": classes,
-        "class_counts": {"slides": class_counts(written_items),
-                         "regions": _region_counts(slides)},
+        "class_counts": class_counts(slides),
         "inputs": inputs, "written": written, "n_skipped": n_skipped, "samples": samples,
         "slides": slides,
         "shards": shards, "skipped": skipped,
     }
-
-
-def _region_counts(slides: dict[str, dict]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for entry in slides.values():
-        if entry["label"] is not None:
-            counts[entry["label"]] = counts.get(entry["label"], 0) + entry["regions"]
-    return dict(sorted(counts.items()))

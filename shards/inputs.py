@@ -8,7 +8,6 @@ which is what makes `--part i/n` and resuming deterministic.
 from __future__ import annotations
 
 import csv
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +132,3 @@ def class_names(items: list[Item], classes: list[str] | None = None) -> list[str
     if unknown:
         raise LabelsError(f"label(s) {unknown} are not in the class list {classes}")
     return list(classes)
-
-
-def class_counts(items: list[Item]) -> dict[str, int]:
-    return dict(sorted(Counter(item.label for item in items if item.label is not None).items()))

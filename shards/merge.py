@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+from hipt_e2e.data.manifest import class_counts
 from hipt_e2e.io import atomic_write_json
 from shards.build import BuildError, build_args
 
@@ -28,19 +29,14 @@ def merge(out: str | Path) -> dict:
         if build_args(manifest["build_args"]) != build_args(first["build_args"]):
             raise BuildError(f"{part}: built with other settings than {parts[0]}")
     merged = {key: first[key] for key in ("format", "version", "kind", "build_args", "classes")}
-    merged.update(inputs=0, written=0, n_skipped=0, samples=0, slides={}, shards=[], skipped=[],
-                  class_counts={"slides": {}, "regions": {}})
+    merged.update(inputs=0, written=0, n_skipped=0, samples=0, slides={}, shards=[], skipped=[])
     for part, manifest in zip(parts, manifests):
         for key in ("inputs", "written", "n_skipped", "samples"):
             merged[key] += manifest[key]
-        for level in ("slides", "regions"):
-            for label, n in manifest["class_counts"][level].items():
-                merged["class_counts"][level][label] = merged["class_counts"][level].get(label, 0) + n
         for slide_id, entry in manifest["slides"].items():
             merged["slides"][slide_id] = {**entry, "shards": [f"{part.name}/{s}" for s in entry["shards"]]}
         merged["shards"] += [{**shard, "name": f"{part.name}/{shard['name']}"} for shard in manifest["shards"]]
         merged["skipped"] += manifest["skipped"]
-    for level in ("slides", "regions"):
-        merged["class_counts"][level] = dict(sorted(merged["class_counts"][level].items()))
+    merged["class_counts"] = class_counts(merged["slides"])
     atomic_write_json(out / "manifest.json", merged)
     return merged

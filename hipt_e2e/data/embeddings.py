@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from hipt_e2e.data.manifest import load_manifest, shard_urls
+from hipt_e2e.data.manifest import class_counts, load_manifest, shard_urls
 from hipt_e2e.data.samples import npy_array, npy_bytes, sample_key
 from hipt_e2e.data.writer import ShardWriter
 from hipt_e2e.io import atomic_write_json
@@ -64,13 +64,8 @@ def write_slide_bags(out_dir: str | Path, bags: Iterable[SlideBag], classes: Seq
         raise
     shards = [json.loads(line)["shard"] for line in journal.read_text().splitlines()[1:]
               if "shard" in json.loads(line)]
-    counts: dict[str, dict[str, int]] = {"slides": {}, "regions": {}}
-    for entry in slides.values():
-        if entry["label"] is not None:
-            counts["slides"][entry["label"]] = counts["slides"].get(entry["label"], 0) + 1
-            counts["regions"][entry["label"]] = counts["regions"].get(entry["label"], 0) + entry["regions"]
     manifest = {"format": "hipt-e2e-shards", "version": 1, "kind": KIND, "build_args": build_args,
-                "classes": list(classes), "class_counts": counts, "inputs": len(slides), "written": len(slides),
+                "classes": list(classes), "class_counts": class_counts(slides), "inputs": len(slides), "written": len(slides),
                 "n_skipped": 0, "samples": len(slides), "slides": slides, "shards": shards, "skipped": []}
     atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest

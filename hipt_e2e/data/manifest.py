@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 MANIFEST = "manifest.json"
 
@@ -19,6 +19,16 @@ def load_manifest(root: str | Path) -> dict:
     manifest = json.loads(path.read_text())
     manifest["root"] = str(path.parent)
     return manifest
+
+
+def class_counts(slides: Mapping[str, Mapping]) -> dict[str, dict[str, int]]:
+    """Manifest `class_counts` from its `slides` entries: slides and regions per label (sorted)."""
+    counts: dict[str, dict[str, int]] = {"slides": {}, "regions": {}}
+    for entry in slides.values():
+        if entry["label"] is not None:
+            counts["slides"][entry["label"]] = counts["slides"].get(entry["label"], 0) + 1
+            counts["regions"][entry["label"]] = counts["regions"].get(entry["label"], 0) + entry["regions"]
+    return {level: dict(sorted(c.items())) for level, c in counts.items()}
 
 
 def shard_urls(source: str | Path | Sequence[str]) -> list[str]:
