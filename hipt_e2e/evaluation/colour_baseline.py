@@ -13,12 +13,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 
 from hipt_e2e.config import setup_logging
-from hipt_e2e.data.sources import IMAGE_SUFFIXES
-from hipt_e2e.evaluation.knn import colour_histograms, linear_probe
+from hipt_e2e.evaluation.knn import colour_histograms, labelled_image_paths, linear_probe, load_rgb
 from hipt_e2e.evaluation.metrics import classification_metrics
 from hipt_e2e.evaluation.report import write_report
 from hipt_e2e.evaluation.splits import SlideInfo, make_folds
@@ -28,14 +25,10 @@ log = logging.getLogger(__name__)
 
 def colour_baseline(images_root: str | Path, out: str | Path, folds: int = 5, seed: int = 0) -> dict:
     """Images in one folder per class (slide id = file stem) -> report in `out` (as train_wsi writes)."""
-    paths = sorted((p for p in Path(images_root).glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES),
-                   key=lambda p: p.stem)
-    classes = sorted({p.parent.name for p in paths})
+    paths, classes = labelled_image_paths(images_root)
+    paths = sorted(paths, key=lambda p: p.stem)  # slide-id order, as slides are read from shards
     infos = [SlideInfo(p.stem, p.parent.name, p.stem) for p in paths]
-    images = []
-    for path in paths:
-        with Image.open(path) as image:
-            images.append(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))
+    images = [load_rgb(p) for p in paths]
     features = colour_histograms(images)
     index = {info.slide_id: n for n, info in enumerate(infos)}
     labels = np.array([classes.index(info.label) for info in infos])

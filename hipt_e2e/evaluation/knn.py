@@ -39,16 +39,23 @@ log = logging.getLogger(__name__)
 HISTOGRAM_BINS = 16  # per channel, 48 in all
 
 
+def labelled_image_paths(root: str | Path) -> tuple[list[Path], list[str]]:
+    """Images in one folder per class -> (paths, class by class then name order; class names)."""
+    classes = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+    paths = [path for name in classes
+             for path in sorted(p for p in (Path(root) / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)]
+    return paths, classes
+
+
+def load_rgb(path: Path) -> torch.Tensor:
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
 def read_labelled_images(root: str | Path) -> tuple[list[torch.Tensor], np.ndarray, list[str]]:
     """Images in one folder per class -> (uint8 [3, H, W] each, label indices, class names)."""
-    classes = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
-    images, labels = [], []
-    for index, name in enumerate(classes):
-        for path in sorted(p for p in (Path(root) / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            with Image.open(path) as image:
-                images.append(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))
-            labels.append(index)
-    return images, np.array(labels), classes
+    paths, classes = labelled_image_paths(root)
+    return [load_rgb(p) for p in paths], np.array([classes.index(p.parent.name) for p in paths]), classes
 
 
 def cross_validated_accuracy(features: np.ndarray, labels: np.ndarray, classifier: Callable[[], ClassifierMixin],
