@@ -43,9 +43,16 @@ def _merge(base: dict, update: Mapping, prefix: str = "") -> None:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 numbers: PyYAML (YAML 1.1) reads 1e-3 and 1.0e9 as strings, which a learning rate or
-    a byte count must never be."""
+    """YAML 1.2 numbers and booleans: PyYAML (YAML 1.1) reads 1e-3 and 1.0e9 as strings, which a learning
+    rate or a byte count must never be, and yes/no/on/off as booleans, so `mixed_precision=no` would
+    arrive as False."""
 
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",

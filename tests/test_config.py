@@ -8,9 +8,11 @@ from hipt_e2e.config import load_yaml, resolve_config
 DEFAULTS = {"out": None, "optim": {"lr": 2e-4, "epochs": 20}, "shard_bytes": 1e9}
 
 
-def test_numbers_like_yaml_1_2():
+def test_scalars_like_yaml_1_2():
     assert load_yaml("1e-3") == 0.001 and load_yaml("1.0e9") == 1e9 and load_yaml("-2E+4") == -2e4
     assert load_yaml("3") == 3 and load_yaml("1.2.3") == "1.2.3" and load_yaml("[1e-3, a]") == [0.001, "a"]
+    assert load_yaml("no") == "no" and load_yaml("on") == "on" and load_yaml("true") is True
+    assert load_yaml("False") is False and load_yaml("null") is None
 
 
 def test_file_then_overrides(tmp_path):
