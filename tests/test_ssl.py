@@ -231,6 +231,21 @@ def test_grayscale_blur_and_solarise_match_torchvision() -> None:
     torch.testing.assert_close(colour.solarise(images), TF.solarize(images, threshold=0.5))
 
 
+
+def test_blur_sigma_is_relative_to_the_crop_size() -> None:
+    """DINO's 0.1-2.0 px at 224 / 96 px crops; a 56 px crop gets a quarter of it, so the same blur."""
+    full = TileMultiCrop("hipt")
+    assert [v.blur_sigma for v in full.views] == [(0.1, 2.0)] * 10
+    small = TileMultiCrop("hipt", global_size=56, local_size=24)
+    assert [v.blur_sigma for v in small.views] == [(0.025, 0.5)] * 10
+    impulse = torch.zeros(1, 3, 31, 31)
+    impulse[..., 15, 15] = 1.0
+    for sigma in (1.0, 2.0):  # the blurred impulse's spread along a row is the sigma drawn
+        row = augment.random_blur(impulse, 1.0, (sigma, sigma))[0, 0].sum(dim=0)
+        spread = (row * (torch.arange(31.0) - 15) ** 2).sum().sqrt()
+        assert spread == pytest.approx(sigma, rel=0.02)
+
+
 # ---------------------------------------------------------------- tile-level crops
 
 def test_resized_crop_is_exact_at_unit_scale_and_mirrors() -> None:

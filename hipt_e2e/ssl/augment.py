@@ -23,8 +23,8 @@ JITTER_OPS = (colour.adjust_brightness, colour.adjust_contrast, colour.adjust_sa
 JITTER_P = 0.8
 GRAYSCALE_P = 0.2
 FLIP_P = 0.5
-BLUR_SIGMA = (0.1, 2.0)
-BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])  # +-3 sigma holds all but ~0.3 % of the Gaussian's mass
+BLUR_SIGMA = (0.1, 2.0)  # in pixels of DINO's crops: 224 px global, 96 px local
+GLOBAL_REFERENCE, LOCAL_REFERENCE = 224, 96
 
 
 def _uniform(low: float, high: float, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
@@ -130,11 +130,21 @@ def random_grayscale(images: torch.Tensor, generator: torch.Generator | None = N
     return torch.where(gray, colour.grayscale(images).expand_as(images), images)
 
 
-def random_blur(images: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def blur_sigma_range(size: int, reference: int) -> tuple[float, float]:
+    """DINO's blur sigma range for a crop of ``size`` px, scaled from the ``reference`` crop side it was
+    set for: the blur keeps its size relative to the crop. Without this a 56 px crop would be blurred as
+    if it were a 224 px one four times over, wiping out nuclei a few pixels wide."""
+    factor = size / reference
+    return BLUR_SIGMA[0] * factor, BLUR_SIGMA[1] * factor
+
+
+def random_blur(images: torch.Tensor, p: float, sigma_range: tuple[float, float] = BLUR_SIGMA,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     n, _, height, width = images.shape
-    sigma = _uniform(*BLUR_SIGMA, (n,), generator)
+    sigma = _uniform(*sigma_range, (n,), generator)
     blurred = _chance(p, n, generator)
-    radius = min(BLUR_RADIUS, height - 1, width - 1)  # reflect padding needs radius < side
+    # +-3 sigma holds all but ~0.3 % of the Gaussian's mass; reflect padding needs radius < side.
+    radius = min(math.ceil(3 * sigma_range[1]), height - 1, width - 1)
     return _apply_where(images, blurred, partial(colour.gaussian_blur, radius=radius), sigma)
 
 
@@ -145,11 +155,13 @@ def random_solarise(images: torch.Tensor, p: float, generator: torch.Generator |
 
 @dataclass(frozen=True)
 class TileView:
-    """One crop of the tile-level recipe: output side, area fraction range and per-view probabilities."""
+    """One crop of the tile-level recipe: output side, area fraction range, per-view probabilities and
+    the blur sigma range in output pixels."""
 
     size: int
     scale: tuple[float, float]
     blur_p: float
+    blur_sigma: tuple[float, float]
     solarise_p: float = 0.0
 
 
@@ -158,7 +170,8 @@ class TileMultiCrop:
     crops, each [B, 3, size, size], on the tiles' device.
 
     Global crop 1: blur always; global crop 2: blur p 0.1 and solarisation p 0.2; local crops: blur
-    p 0.5. Every crop: random resized crop (bicubic), horizontal flip, colour jitter, grayscale.
+    p 0.5, with sigma 0.1-2.0 px at 224 / 96 px crops, proportionally less at smaller ones. Every crop:
+    random resized crop (bicubic), horizontal flip, colour jitter, grayscale.
     """
 
     def __init__(
@@ -173,10 +186,12 @@ class TileMultiCrop:
         if normalisation not in NORMALISATIONS:
             raise ValueError(f"unknown normalisation {normalisation!r}; choose one of {sorted(NORMALISATIONS)}")
         self.normalisation = normalisation
+        global_sigma = blur_sigma_range(global_size, GLOBAL_REFERENCE)
         self.views = [
-            TileView(global_size, global_scale, blur_p=1.0),
-            TileView(global_size, global_scale, blur_p=0.1, solarise_p=0.2),
-        ] + [TileView(local_size, local_scale, blur_p=0.5)] * n_local
+            TileView(global_size, global_scale, blur_p=1.0, blur_sigma=global_sigma),
+            TileView(global_size, global_scale, blur_p=0.1, blur_sigma=global_sigma, solarise_p=0.2),
+        ] + [TileView(local_size, local_scale, blur_p=0.5,
+                      blur_sigma=blur_sigma_range(local_size, LOCAL_REFERENCE))] * n_local
 
     def __call__(self, tiles: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         if tiles.dtype != torch.uint8 or tiles.ndim != 4 or tiles.shape[1] != 3:
@@ -189,7 +204,7 @@ class TileMultiCrop:
         boxes = sample_resized_crop_boxes(n, height, width, view.scale, generator)
         x = resized_crop(pixels, boxes, view.size, flip=_chance(FLIP_P, n, generator))
         x = random_grayscale(colour_jitter(x, generator), generator)
-        x = random_solarise(random_blur(x, view.blur_p, generator), view.solarise_p, generator)
+        x = random_solarise(random_blur(x, view.blur_p, view.blur_sigma, generator), view.solarise_p, generator)
         return normalise(x * 255.0, self.normalisation)  # normalise takes 0-255 valued pixels
 
 
