@@ -1,4 +1,5 @@
-"""`hipt-shards verify`: re-hash every shard, decode every sample, check every count."""
+"""`hipt-shards verify`: re-hash every shard, decode every sample, check every count. Pixel and token-grid
+shards are checked region by region; slide-embedding shards (one bag of regions per slide) bag by bag."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
+from hipt_e2e.data.embeddings import KIND as BAG_KIND
+from hipt_e2e.data.embeddings import decode_bag
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.data.samples import decode_sample
 from hipt_e2e.io import sha256_file
@@ -18,46 +21,58 @@ log = logging.getLogger(__name__)
 REQUIRED_FIELDS = ("slide_id", "label", "region_index", "x", "y", "size", "mpp", "grid", "tissue")
 
 
-def _check_sample(name: str, sample: dict) -> tuple[str | None, str | None]:
-    """(slide_id, problem) of one raw sample."""
+def _check_region(name: str, sample: dict) -> tuple[str | None, int, str | None]:
+    """(slide_id, regions held, problem) of one raw pixel or token-grid sample."""
     try:
         rgb, record = decode_sample(sample)
     except Exception as exc:
-        return None, f"{name}: sample {sample.get('__key__')}: cannot decode ({type(exc).__name__}: {exc})"
+        return None, 0, f"{name}: sample {sample.get('__key__')}: cannot decode ({type(exc).__name__}: {exc})"
     missing = [field for field in REQUIRED_FIELDS if field not in record]
     if missing:
-        return record.get("slide_id"), f"{name}: sample {sample['__key__']}: record lacks {missing}"
+        return record.get("slide_id"), 0, f"{name}: sample {sample['__key__']}: record lacks {missing}"
     rows, cols = record["grid"]
     if tuple(rgb.shape[1:]) != (record["height"], record["width"]) or len(record["tissue"]) != rows * cols:
-        return record["slide_id"], (f"{name}: sample {sample['__key__']}: pixels {rgb.shape} do not match the "
-                                    f"record ({record['height']}x{record['width']}, grid {rows}x{cols})")
-    return record["slide_id"], None
+        return record["slide_id"], 0, (f"{name}: sample {sample['__key__']}: pixels {rgb.shape} do not match the "
+                                       f"record ({record['height']}x{record['width']}, grid {rows}x{cols})")
+    return record["slide_id"], 1, None
 
 
-def _check_shard(root: Path, shard: dict) -> tuple[list[str], Counter]:
+def _check_bag(name: str, sample: dict) -> tuple[str | None, int, str | None]:
+    """(slide_id, regions held, problem) of one raw slide-embedding sample."""
+    try:
+        bag = decode_bag(sample)
+    except Exception as exc:
+        return None, 0, f"{name}: sample {sample.get('__key__')}: cannot decode ({type(exc).__name__}: {exc})"
+    return bag.slide_id, bag.features.shape[0], None
+
+
+def _check_shard(root: Path, shard: dict, check_sample) -> tuple[list[str], Counter]:
+    """Problems of one shard, and the regions it holds per slide."""
     path = root / shard["name"]
     if not path.exists():
         return [f"{shard['name']}: missing"], Counter()
     problems = []
     if sha256_file(path) != shard["sha256"]:
         problems.append(f"{shard['name']}: sha256 differs from the manifest (altered or truncated)")
-    slides: Counter = Counter()
+    samples: Counter = Counter()  # per slide, as the shard's manifest entry counts them
+    regions: Counter = Counter()
     count = 0
     try:
         for sample in wds.tariterators.tarfile_samples([{"url": str(path)}]):
             count += 1
-            slide_id, problem = _check_sample(shard["name"], sample)
+            slide_id, held, problem = check_sample(shard["name"], sample)
             if problem:
                 problems.append(problem)
             elif shard["slides"]:  # unlabelled tile shards belong to no slide
-                slides[slide_id] += 1
+                samples[slide_id] += 1
+                regions[slide_id] += held
     except Exception as exc:
         problems.append(f"{shard['name']}: unreadable after {count} samples ({type(exc).__name__}: {exc})")
     if count != shard["samples"]:
         problems.append(f"{shard['name']}: {count} samples, manifest says {shard['samples']}")
-    if dict(slides) != shard["slides"]:
-        problems.append(f"{shard['name']}: per-slide counts {dict(slides)} differ from the manifest {shard['slides']}")
-    return problems, slides
+    if dict(samples) != shard["slides"]:
+        problems.append(f"{shard['name']}: per-slide counts {dict(samples)} differ from the manifest {shard['slides']}")
+    return problems, regions
 
 
 def verify(root: str | Path) -> list[str]:
@@ -67,10 +82,11 @@ def verify(root: str | Path) -> list[str]:
     except FileNotFoundError as exc:
         return [str(exc)]
     root = Path(manifest["root"])
+    check_sample = _check_bag if manifest.get("kind") == BAG_KIND else _check_region
     problems: list[str] = []
     totals: Counter = Counter()
     for shard in tqdm(manifest["shards"], desc="verify", unit="shard"):
-        shard_problems, slides = _check_shard(root, shard)
+        shard_problems, slides = _check_shard(root, shard, check_sample)
         problems += shard_problems
         totals.update(slides)
     for slide_id, entry in manifest["slides"].items():

@@ -11,6 +11,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from hipt_e2e.data.embeddings import SlideBag, write_slide_bags
 from hipt_e2e.data.samples import decode_sample
 from hipt_e2e.data.tiling import pad_region
 from shards.build import BuildError, build
@@ -225,6 +226,22 @@ def test_verify_catches_truncated_and_missing_shards(synthetic_slides, tmp_path,
     assert cli(["verify", str(out)]) == 1
     report = capsys.readouterr().out
     assert "shard-000001.tar: sha256 differs" in report and "shard-000002.tar: missing" in report
+
+
+
+def test_verify_checks_slide_embedding_shards(tmp_path):
+    def bag(slide: str, regions: int, bad: bool = False) -> SlideBag:
+        features = torch.randn(regions, 8)
+        if bad:
+            features[0, 0] = float("nan")
+        return SlideBag(slide, slide, "a", features, torch.zeros(regions, 2, dtype=torch.long))
+
+    good, broken = tmp_path / "good", tmp_path / "broken"
+    write_slide_bags(good, [bag("s1", 3), bag("s2", 5)], ["a"], build_args={})
+    assert verify(good) == []  # region counts come from the bags (3 + 5), one sample per slide
+    write_slide_bags(broken, [bag("s1", 3), bag("s2", 5, bad=True)], ["a"], build_args={})
+    problems = verify(broken)
+    assert any("NaN or Inf" in p for p in problems) and any("slide s2: 0 regions found" in p for p in problems)
 
 
 def test_config_file_and_overrides(synthetic_slides, tmp_path):

@@ -77,10 +77,20 @@ def read_slide_bags(source: str | Path) -> tuple[list[SlideBag], list[str]]:
     if manifest["kind"] != KIND:
         raise ValueError(f"{source}: holds {manifest['kind']!r} shards, expected slide embeddings "
                          "(the output of recipes/embed_regions.py)")
-    bags = []
-    for sample in wds.tariterators.tarfile_samples([{"url": url} for url in shard_urls(source)]):
-        record = json.loads(sample["json"])
-        bags.append(SlideBag(record["slide_id"], record["patient_id"], record["label"],
-                             torch.from_numpy(npy_array(sample["features.npy"]).astype(np.float32)),
-                             torch.from_numpy(npy_array(sample["coords.npy"])), record.get("split")))
+    bags = [decode_bag(sample)
+            for sample in wds.tariterators.tarfile_samples([{"url": url} for url in shard_urls(source)])]
     return bags, manifest["classes"]
+
+
+def decode_bag(sample: dict) -> SlideBag:
+    """One raw slide-embedding sample -> SlideBag (float32 features), checked against its record."""
+    record = json.loads(sample["json"])
+    features, coords = npy_array(sample["features.npy"]), npy_array(sample["coords.npy"])
+    shape = (record["n_regions"], record["dim"])
+    if features.dtype.kind != "f" or features.shape != shape or coords.shape != (shape[0], 2):
+        raise ValueError(f"features {features.dtype} {features.shape} / coords {coords.shape} do not match the "
+                         f"record ({shape[0]} regions of {shape[1]})")
+    if not np.isfinite(features).all():
+        raise ValueError("features hold NaN or Inf")
+    return SlideBag(record["slide_id"], record["patient_id"], record["label"],
+                    torch.from_numpy(features.astype(np.float32)), torch.from_numpy(coords), record.get("split"))
