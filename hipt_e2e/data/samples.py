@@ -42,8 +42,9 @@ def encode_pixels(rgb: np.ndarray, encoding: str = "jpeg", quality: int = 95) ->
     if encoding == "png":
         Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
     else:
-        # 4:4:4 chroma: H&E detail lives in colour (eosin vs haematoxylin); 4:2:0 blurs it.
-        Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality, subsampling=0)
+        # 4:4:4 chroma: H&E detail lives in colour (eosin vs haematoxylin); 4:2:0 blurs it. Optimised
+        # Huffman tables: ~9 % fewer bytes for the same pixels, paid once at build time.
+        Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality, subsampling=0, optimize=True)
     return ENCODINGS[encoding], buffer.getvalue()
 
 
@@ -65,7 +66,8 @@ def decode_pixels(ext: str, data: bytes) -> torch.Tensor:
         rgb = npy_array(data)
     elif ext in ("jpg", "png"):
         with Image.open(io.BytesIO(data)) as image:
-            rgb = np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy needs
+            # np.array copies (torch.from_numpy needs a writable array); convert only when not RGB already
+            rgb = np.array(image if image.mode == "RGB" else image.convert("RGB"))
     else:
         raise ValueError(f"unknown pixel entry {ext!r}")
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
