@@ -1,6 +1,6 @@
 """`hipt-shards build`: inputs -> WebDataset shards + manifest.json, atomic, resumable, partitionable.
 
-Flow: discover items (sorted, numbered) -> take this part's items -> for each item produce events
+Flow: discover items (numbered in a seeded shuffled order) -> take this part's items -> for each item produce events
 ("sample" or "skip") in order -> a single writer packs samples into `shard-%06d.tar` files of at most
 `shard_bytes`. Each shard is written under a temporary name and renamed when complete; then a line is
 appended to `build-journal.jsonl` with the shard's hash, its slides, the skips so far and the position
@@ -64,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "part": None,  # "i/n"
     "on_error": "fail",  # fail | skip
     "tiles_per_item": 1024,
+    "shuffle_seed": 0,  # build order of the items (slides); null: sorted by slide id
 }
 
 # Settings that change no byte of the output; a resumed or merged build may differ in these.
@@ -250,7 +251,8 @@ def build(cfg: dict) -> dict:
         return manifest
 
     items = discover(cfg["kind"], cfg["input"], labels_csv=cfg["labels"],
-                     labels_from_folders=cfg["labels_from_folders"], tiles_per_item=cfg["tiles_per_item"])
+                     labels_from_folders=cfg["labels_from_folders"], tiles_per_item=cfg["tiles_per_item"],
+                     shuffle_seed=cfg["shuffle_seed"])
     classes = class_names(items, cfg["classes"])
     part_index, part_count = parse_part(cfg["part"])
     mine = [item for item in items if item.ordinal % part_count == part_index]

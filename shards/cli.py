@@ -24,6 +24,7 @@ BUILD_FLAGS = {
     "--encoding": ("encoding", str), "--quality": ("quality", int), "--shard-bytes": ("shard_bytes", float),
     "--workers": ("workers", int), "--part": ("part", str), "--on-error": ("on_error", str),
     "--tiles-per-item": ("tiles_per_item", int),
+    "--shuffle-seed": ("shuffle_seed", lambda s: None if s.lower() in ("none", "null") else int(s)),
 }
 
 

@@ -2,12 +2,16 @@
 
 An input *item* is one unit of work: a slide (whole-slide file, image, or folder of region `.pt`
 files) or, for a flat folder of `.pt` tiles, a fixed-size group of tile files. Items are sorted by
-slide id, so their ordinals (and the sample keys derived from them) are the same on every machine,
-which is what makes `--part i/n` and resuming deterministic.
+slide id and then put in a seeded random order (`shuffle_seed`; None keeps the sorted order), so their
+ordinals (and the sample keys derived from them) are the same on every machine, which is what makes
+`--part i/n` and resuming deterministic. The shuffle matters for training: slide ids and folders
+usually follow the class, and shards written in that order would each hold one class, so a stream's
+batches (drawn from a few shards at a time) would be one class for long stretches.
 """
 from __future__ import annotations
 
 import csv
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,8 +89,10 @@ def _find(kind: str, root: Path) -> tuple[list[Path], bool]:
 
 
 def discover(kind: str, root: str | Path, *, labels_csv: str | Path | None = None,
-             labels_from_folders: bool = False, tiles_per_item: int = 1024) -> list[Item]:
-    """All items of a build, sorted and numbered; label problems raise one LabelsError listing all."""
+             labels_from_folders: bool = False, tiles_per_item: int = 1024,
+             shuffle_seed: int | None = 0) -> list[Item]:
+    """All items of a build, numbered in their (seeded, shuffled) build order; label problems raise one
+    LabelsError listing all."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
     root = Path(root)
@@ -94,6 +100,7 @@ def discover(kind: str, root: str | Path, *, labels_csv: str | Path | None = Non
         raise ValueError(f"{root}: input folder not found")
     paths, flat_tiles = _find(kind, root)
     if flat_tiles:
+        paths = _build_order(paths, shuffle_seed)
         groups = [paths[i: i + tiles_per_item] for i in range(0, len(paths), tiles_per_item)]
         return [Item(n, None, group[0], files=tuple(group)) for n, group in enumerate(groups)]
     by_id: dict[str, Path] = {}
@@ -115,12 +122,21 @@ def discover(kind: str, root: str | Path, *, labels_csv: str | Path | None = Non
     if problems:
         raise LabelsError(f"{len(problems)} problem(s) with the inputs and labels:\n  " + "\n  ".join(problems))
     items = []
-    for ordinal, slide_id in enumerate(sorted(by_id)):
+    for ordinal, slide_id in enumerate(_build_order(sorted(by_id), shuffle_seed)):
         path = by_id[slide_id]
         row = labels.get(slide_id, {})
         files = tuple(sorted(path.glob("*.pt"))) if kind == "pt" else ()
         items.append(Item(ordinal, slide_id, path, row.get("label"), row.get("patient_id"), row.get("split"), files))
     return items
+
+
+def _build_order(names: list, seed: int | None) -> list:
+    """``names`` (sorted) in a random order fixed by ``seed``; None keeps them sorted."""
+    if seed is None:
+        return names
+    shuffled = list(names)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled
 
 
 def class_names(items: list[Item], classes: list[str] | None = None) -> list[str]:

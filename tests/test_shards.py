@@ -16,7 +16,7 @@ from hipt_e2e.data.samples import decode_sample
 from hipt_e2e.data.tiling import pad_region
 from shards.build import BuildError, build
 from shards.cli import main as cli
-from shards.inputs import LabelsError
+from shards.inputs import LabelsError, discover
 from shards.verify import verify
 from tests.conftest import lymphoma_images, read_rgb
 
@@ -141,8 +141,9 @@ def bad_tiles(tmp_path) -> Path:
 
 def test_bad_pt_files_fail_naming_the_file(bad_tiles, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(BuildError, match=r"dict\.pt: holds a dict"):
-        build({"kind": "pt", "input": str(bad_tiles), "out": str(out), "tile_px": 32, "tiles_per_item": 4})
+    with pytest.raises(BuildError, match=r"dict\.pt: holds a dict"):  # the first bad file in sorted order
+        build({"kind": "pt", "input": str(bad_tiles), "out": str(out), "tile_px": 32, "tiles_per_item": 4,
+               "shuffle_seed": None})
     assert not (out / "manifest.json").exists()
     assert not list(out.glob("*.tmp")) and not list(out.glob("shard-*.tar"))
 
@@ -172,8 +173,21 @@ def test_labels_csv_problems_reported_together(synthetic_slides, tmp_path):
     assert "'class_a_002' is not in" in message and "'class_a_003' is not in" in message
 
 
+def test_build_order_is_a_seeded_shuffle_of_the_sorted_slides(synthetic_slides):
+    def order(**kwargs) -> list[str]:
+        items = discover("images", synthetic_slides, labels_from_folders=True, **kwargs)
+        assert [item.ordinal for item in items] == list(range(len(items)))
+        return [item.slide_id for item in items]
+
+    in_sorted_order = order(shuffle_seed=None)
+    assert in_sorted_order == sorted(in_sorted_order)
+    shuffled = order()
+    assert shuffled == order() == order(shuffle_seed=0) != order(shuffle_seed=1)  # the same on every machine
+    assert sorted(shuffled) == in_sorted_order and shuffled != in_sorted_order
+
+
 def test_image_without_mpp_is_an_error(synthetic_slides, tmp_path):
-    with pytest.raises(BuildError, match=r"class_a_000\.png: no resolution"):
+    with pytest.raises(BuildError, match=r"class_._00.\.png: no resolution"):
         build({"kind": "images", "input": str(synthetic_slides), "out": str(tmp_path), "labels_from_folders": True,
                "region_px": 64, "tile_px": 32})
 
