@@ -37,6 +37,9 @@ def test_folds_group_patients_and_cover_every_slide_once():
         assert {by_id[s].label for s in fold.test} == {"major", "mid", "minor"}
     again, _ = make_folds(slides, n_folds=5, seed=3)
     assert again == folds
+    # the folds depend on the slides, not on the order they were read in (shards are written shuffled)
+    shuffled = [slides[i] for i in np.random.default_rng(1).permutation(len(slides))]
+    assert make_folds(shuffled, n_folds=5, seed=3)[1] == test_fold
 
 
 def test_splits_csv_round_trip(tmp_path):

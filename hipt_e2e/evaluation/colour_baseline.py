@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 def colour_baseline(images_root: str | Path, out: str | Path, folds: int = 5, seed: int = 0) -> dict:
     """Images in one folder per class (slide id = file stem) -> report in `out` (as train_wsi writes)."""
     paths, classes = labelled_image_paths(images_root)
-    paths = sorted(paths, key=lambda p: p.stem)  # slide-id order, as slides are read from shards
     infos = [SlideInfo(p.stem, p.parent.name, p.stem) for p in paths]
     images = [load_rgb(p) for p in paths]
     features = colour_histograms(images)

@@ -47,6 +47,9 @@ def assign_folds(slides: Sequence[SlideInfo], n_folds: int, seed: int) -> dict[s
     if too_few:
         raise SplitError(f"class(es) with fewer patients than the {n_folds} folds asked for: {too_few}; "
                          "use fewer folds or more data")
+    # Slide-id order: the folds depend on the set of slides and the seed, never on the order they were
+    # read in (shards are written in a shuffled order; other tools list slides their own way).
+    slides = sorted(slides, key=lambda s: s.slide_id)
     labels = np.array([s.label for s in slides])
     groups = np.array([s.patient_id for s in slides])
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
