@@ -54,8 +54,8 @@ def encode_grid(grid: np.ndarray) -> tuple[str, bytes]:
 
 
 def decode_pixels(ext: str, data: bytes) -> torch.Tensor:
-    """(extension, bytes) -> RGB uint8 tensor [3, H, W], the layout models take (a token grid: float
-    [C, rows, cols])."""
+    """(extension, bytes) -> contiguous RGB uint8 tensor [3, H, W], the layout models take (a token
+    grid: float [C, rows, cols])."""
     if ext == GRID_EXT:
         grid = npy_array(data)
         if grid.dtype.kind != "f" or grid.ndim != 3:
@@ -66,13 +66,14 @@ def decode_pixels(ext: str, data: bytes) -> torch.Tensor:
         rgb = npy_array(data)
     elif ext in ("jpg", "png"):
         with Image.open(io.BytesIO(data)) as image:
-            # np.array copies (torch.from_numpy needs a writable array); convert only when not RGB already
-            rgb = np.array(image if image.mode == "RGB" else image.convert("RGB"))
+            rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # read-only; copied below
     else:
         raise ValueError(f"unknown pixel entry {ext!r}")
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"decoded pixels have dtype {rgb.dtype} and shape {rgb.shape}, expected uint8 [H, W, 3]")
-    return torch.from_numpy(rgb).permute(2, 0, 1)
+    # One copy, to channels-first and writable (as torch.from_numpy needs): numpy's transposing copy of
+    # uint8 HWC is ~3x faster than torch's permute().contiguous(), which readers would otherwise pay.
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
 
 def sample_key(item_ordinal: int, index: int) -> str:
