@@ -1,10 +1,10 @@
 """`hipt-shards build`: inputs -> WebDataset shards + manifest.json, atomic, resumable, partitionable.
 
-Flow: discover items (numbered in a seeded shuffled order) -> take this part's items -> for each item produce events
-("sample" or "skip") in order -> a single writer packs samples into `shard-%06d.tar` files of at most
-`shard_bytes`. Each shard is written under a temporary name and renamed when complete; then a line is
-appended to `build-journal.jsonl` with the shard's hash, its slides, the skips so far and the position
-to resume from. A re-run continues after the last journalled shard; the manifest is written last.
+Flow: discover items (numbered in a seeded shuffled order) -> take this part's items -> for each item
+produce events ("sample" or "skip") in order -> a single writer packs samples into `shard-%06d.tar`
+files of at most `shard_bytes`. Each shard is written under a temporary name and renamed when complete;
+then a line is appended to `build-journal.jsonl` with the shard's hash, its slides, the skips so far and
+the position to resume from. A re-run continues after the last journalled shard; the manifest is written last.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """The colour-only baseline on the slide-level folds: is a model learning more than stain colour?
 
 48-bin RGB histograms of each field/slide image -> standardised logistic regression, trained on each
-fold's train + validation slides and scored on its test slides, with the same folds (`make_folds`,
-same seed, slides in slide-id order as read from shards) and the same metrics as train_wsi / train_fc.
+fold's train + validation slides and scored on its test slides, through slide-level training's own
+cross-validation (`slide_level.run_folds`: the same folds for the same slides and seed, the same
+splits.csv, metrics and report as train_wsi / train_fc).
 
     python -m hipt_e2e.evaluation.colour_baseline --images ../shared/data/lymphoma-iicbu2008 --out runs/colour
 """
@@ -13,12 +14,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from accelerate import Accelerator
 
 from hipt_e2e.config import setup_logging
 from hipt_e2e.evaluation.knn import colour_histograms, labelled_image_paths, linear_probe, load_rgb
-from hipt_e2e.evaluation.metrics import classification_metrics
-from hipt_e2e.evaluation.report import write_report
-from hipt_e2e.evaluation.splits import SlideInfo, make_folds
+from hipt_e2e.evaluation.splits import Fold, SlideInfo
+from hipt_e2e.training.slide_level import run_folds
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +28,18 @@ def colour_baseline(images_root: str | Path, out: str | Path, folds: int = 5, se
     """Images in one folder per class (slide id = file stem) -> report in `out` (as train_wsi writes)."""
     paths, classes = labelled_image_paths(images_root)
     infos = [SlideInfo(p.stem, p.parent.name, p.stem) for p in paths]
-    images = [load_rgb(p) for p in paths]
-    features = colour_histograms(images)
+    features = colour_histograms([load_rgb(p) for p in paths])
     index = {info.slide_id: n for n, info in enumerate(infos)}
     labels = np.array([classes.index(info.label) for info in infos])
-    runs, _ = make_folds(infos, folds, seed)
-    rows, per_fold = [], []
-    for fold in runs:
+
+    def test_probs(fold: Fold, _: Path) -> np.ndarray:
         train = [index[s] for s in fold.train + fold.val]
         test = [index[s] for s in fold.test]
-        probs = linear_probe().fit(features[train], labels[train]).predict_proba(features[test])
-        per_fold.append(classification_metrics(labels[test], probs, classes))
-        rows += [{"slide_id": infos[i].slide_id, "patient_id": infos[i].patient_id, "fold": fold.index,
-                  "true_label": infos[i].label, "probs": p.tolist()} for i, p in zip(test, probs)]
-    return write_report(out, rows, per_fold, classes, {"title": "colour histograms + logistic regression",
-                                                         "seed": seed, "n_folds": folds})
+        return linear_probe().fit(features[train], labels[train]).predict_proba(features[test])
+
+    cfg = {"out": str(out), "folds": folds, "seed": seed, "imbalance": "none"}
+    return run_folds(infos, classes, cfg, Accelerator(), test_probs,
+                     {"title": "colour histograms + logistic regression"})
 
 
 def main(argv: list[str] | None = None) -> None:

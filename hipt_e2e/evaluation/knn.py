@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from sklearn.base import ClassifierMixin
 from sklearn.linear_model import LogisticRegression
@@ -28,7 +27,7 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from torch import nn
 from tqdm import tqdm
 
-from hipt_e2e.config import setup_logging
+from hipt_e2e.config import load_yaml, setup_logging
 from hipt_e2e.data.sources import IMAGE_SUFFIXES
 from hipt_e2e.embedding import token_grids
 from hipt_e2e.io import atomic_write_json
@@ -105,7 +104,7 @@ def evaluate_run(run: str | Path, images_root: str | Path, tile_px: int, k: int 
     and the colour-histogram baseline; written to RUN/knn.json."""
     run = Path(run)
     weights = Path(weights) if weights is not None else run / BACKBONE_EXPORT
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = load_yaml((run / "config.yaml").read_text())
     images, labels, classes = read_labelled_images(images_root)
     log.info("%d images in %d classes %s", len(images), len(classes), classes)
     results = {"weights": str(weights), "images": len(images), "classes": classes, "folds": folds, "k": k,
