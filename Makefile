@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest -q
 
 # The embedded default of the end-to-end recipe: synthetic slides -> shards -> tiny HIPT trained end to

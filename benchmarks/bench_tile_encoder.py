@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         cpus: dict[str, list[float]] = {name: [] for name in variants}
         for round_ in range(args.rounds):
             for name, fn in variants.items():
-                wall, cpu = _time(lambda: fn(x), device)
+                wall, cpu = _time(lambda fn=fn: fn(x), device)
                 walls[name].append(wall)
                 cpus[name].append(cpu)
             log.info("round %d wall s: %s", round_ + 1, {n: round(t[-1], 3) for n, t in walls.items()})

@@ -14,8 +14,8 @@ import argparse
 import logging
 
 import torch
-
 from bench_e2e_memory import measure, slope  # benchmarks/ is on the path when run as a script
+
 from hipt_e2e.config import setup_logging
 from hipt_e2e.models import HIPT
 

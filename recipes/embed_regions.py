@@ -8,8 +8,7 @@ per slide; read them with hipt_e2e.embedding.read_slide_embeddings).
 import copy
 
 from hipt_e2e.embedding import embed_regions
-from hipt_e2e.training import (REGION_MODEL_DEFAULTS, WEIGHTS_DEFAULTS, build_region_encoder, load_encoder_weights,
-                               recipe_config)
+from hipt_e2e.training import REGION_MODEL_DEFAULTS, WEIGHTS_DEFAULTS, build_region_encoder, load_encoder_weights, recipe_config
 
 DEFAULTS = {
     "out": None,

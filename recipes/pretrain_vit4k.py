@@ -11,7 +11,7 @@ import copy
 
 from hipt_e2e.data import RegionStream, load_manifest
 from hipt_e2e.ssl import RegionMultiCrop
-from hipt_e2e.training import REGION_MODEL_DEFAULTS, DINO_DEFAULTS, build_region_encoder, recipe_config, train_dino
+from hipt_e2e.training import DINO_DEFAULTS, REGION_MODEL_DEFAULTS, build_region_encoder, recipe_config, train_dino
 
 DEFAULTS = {
     **DINO_DEFAULTS,

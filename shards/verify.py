@@ -2,7 +2,6 @@
 shards are checked region by region; slide-embedding shards (one bag of regions per slide) bag by bag."""
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from pathlib import Path

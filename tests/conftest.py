@@ -33,3 +33,17 @@ def synthetic_slides(tmp_path_factory) -> Path:
     from hipt_e2e.data.synthetic import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("synthetic"), slides_per_class=4, size=256, region_px=64)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """12 synthetic slides (3 patients per class, so 3 folds) of 4 regions of 128 px = 4 x 4 tiles of 32 px;
+    the right-hand regions are half glass, so their tiles' tissue fractions differ."""
+    from hipt_e2e.data.synthetic import make_dataset
+    from shards.build import build
+
+    root = tmp_path_factory.mktemp("e2e")
+    slides = make_dataset(root / "slides", slides_per_class=6, size=256, region_px=128)
+    build({"kind": "images", "input": str(slides), "labels": str(slides / "labels.csv"), "out": str(root / "shards"),
+           "slide_mpp": 0.5, "region_px": 128, "tile_px": 32, "encoding": "png", "shard_bytes": 200_000})
+    return root / "shards"

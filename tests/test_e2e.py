@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file
 
 from hipt_e2e.data import SlideBagStream
-from hipt_e2e.data.synthetic import make_dataset
 from hipt_e2e.models import load_checkpoint, model_preset, vit256
 from hipt_e2e.training import CHECKPOINT, TRAIN_LOG, export_safetensors, load_checkpoint_state
 from hipt_e2e.training.e2e import (
@@ -29,7 +28,6 @@ from hipt_e2e.training.e2e import (
     slide_probabilities,
     tile_mask,
 )
-from shards.build import build
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = model_preset("tiny")
@@ -40,17 +38,6 @@ def load_recipe():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """12 synthetic slides (3 patients per class, so 3 folds) of 4 regions of 128 px = 4 x 4 tiles of 32 px;
-    the right-hand regions are half glass, so their tiles' tissue fractions differ."""
-    root = tmp_path_factory.mktemp("e2e")
-    slides = make_dataset(root / "slides", slides_per_class=6, size=256, region_px=128)
-    build({"kind": "images", "input": str(slides), "labels": str(slides / "labels.csv"), "out": str(root / "shards"),
-           "slide_mpp": 0.5, "region_px": 128, "tile_px": 32, "encoding": "png", "shard_bytes": 200_000})
-    return root / "shards"
 
 
 def settings(shards: Path, out: Path, *extra: str) -> list[str]:
@@ -172,9 +159,9 @@ def _launch_two_processes(arguments: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_equal_one_process_on_the_same_global_batch(shards: Path, tmp_path: Path) -> None:
-    """2 processes x 1 slide per step (DDP) = 1 process accumulating 2 slides, dropout included."""
+    """2 processes x 1 slide per step (DDP) = 1 process accumulating 2 slides, dropout and augmentation included."""
     step = ["train.stop_after=1", "optim.lr.tile=0.01", "optim.lr.region=0.01", "optim.lr.slide=0.01",
-            "optim.clip_grad=0", "model.dropout=0.25", "model.drop_path_rate=0.1"]
+            "optim.clip_grad=0", "model.dropout=0.25", "model.drop_path_rate=0.1", "augment.enabled=true"]
     result = _launch_two_processes(settings(shards, tmp_path / "two", *step))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 per process x 2 processes" in result.stderr
@@ -209,7 +196,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(shards: Path, 
 def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(shards: Path, tmp_path: Path) -> None:
     # 4 training slides x 2 epochs x 3 folds = 24 steps; the run stops inside fold 1's second epoch.
     common = settings(shards, tmp_path, "train.checkpoint_every=3", "model.dropout=0.25", "model.drop_path_rate=0.1",
-                      "imbalance=balanced_sampling", "patience=9")
+                      "imbalance=balanced_sampling", "patience=9", "augment.enabled=true", "augment.per=tile")
     recipe = load_recipe()
     whole = recipe.main([*common, f"out={tmp_path / 'whole'}"])
     assert recipe.main([*common, f"out={tmp_path / 'parts'}", "train.stop_after=14"]) is None
@@ -231,6 +218,22 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(shards: Path,
         assert logs[0] == logs[1] and len(logs[0].splitlines()) == 8
         assert json.loads((tmp_path / "parts" / f"fold_{fold}" / "history.json").read_text()) == \
             json.loads((tmp_path / "whole" / f"fold_{fold}" / "history.json").read_text())
+
+
+def test_augmentation_trains_but_never_evaluates(shards: Path, tmp_path: Path) -> None:
+    """With every learning rate 0 the weights never move: augmentation changes the training losses, while
+    validation and test predictions stay identical to the run without it."""
+    frozen_weights = ["optim.lr.tile=0", "optim.lr.region=0", "optim.lr.slide=0", "train.epochs=1", "folds=3"]
+    recipe = load_recipe()
+    for name, enabled in (("plain", "false"), ("augmented", "true")):
+        recipe.main(settings(shards, tmp_path / name, *frozen_weights, f"augment.enabled={enabled}",
+                             "augment.hed_scale=0.2", "augment.brightness=0.3"))
+    plain, augmented = ((tmp_path / name / "fold_0" / TRAIN_LOG).read_text().splitlines() for name in ("plain", "augmented"))
+    assert [json.loads(line)["loss"] for line in plain] != [json.loads(line)["loss"] for line in augmented]
+    assert (tmp_path / "plain" / "predictions.csv").read_text() == (tmp_path / "augmented" / "predictions.csv").read_text()
+    history = [json.loads((tmp_path / name / "fold_0" / "history.json").read_text())[0] for name in ("plain", "augmented")]
+    assert history[0]["val_loss"] == history[1]["val_loss"]
+    assert json.loads((tmp_path / "augmented" / "metrics.json").read_text())["augment"]["hed_scale"] == 0.2
 
 
 def test_embedded_default_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -25,7 +25,8 @@ def cohort(n_patients: int = 30, seed: int = 0) -> list[SlideInfo]:
 
 def test_folds_group_patients_and_cover_every_slide_once():
     slides = cohort()
-    folds, test_fold = make_folds(slides, n_folds=5, seed=3)
+    folds = make_folds(slides, n_folds=5, seed=3)
+    test_fold = {s: f.index for f in folds for s in f.test}
     by_id = {s.slide_id: s for s in slides}
     assert sorted(test_fold) == sorted(by_id) and len(folds) == 5
     assert Counter(s for f in folds for s in f.test) == Counter({s.slide_id: 1 for s in slides})
@@ -35,24 +36,46 @@ def test_folds_group_patients_and_cover_every_slide_once():
         assert len(fold.train) + len(fold.val) + len(fold.test) == len(slides)
         # stratified: every class is in every test fold (6 patients per class at least)
         assert {by_id[s].label for s in fold.test} == {"major", "mid", "minor"}
-    again, _ = make_folds(slides, n_folds=5, seed=3)
-    assert again == folds
+    assert make_folds(slides, n_folds=5, seed=3) == folds
     # the folds depend on the slides, not on the order they were read in (shards are written shuffled)
     shuffled = [slides[i] for i in np.random.default_rng(1).permutation(len(slides))]
-    assert make_folds(shuffled, n_folds=5, seed=3)[1] == test_fold
+    assert make_folds(shuffled, n_folds=5, seed=3) == folds
+
+
+def test_repeated_folds():
+    """Each repeat is a complete patient-grouped k-fold split of its own; repeat 0 is the one-repeat split."""
+    slides = cohort()
+    folds = make_folds(slides, n_folds=5, seed=3, repeats=3)
+    assert [(f.repeat, f.index) for f in folds] == [(r, k) for r in range(3) for k in range(5)]
+    assert folds[:5] == make_folds(slides, n_folds=5, seed=3)
+    assignments = []
+    for repeat in range(3):
+        mine = [f for f in folds if f.repeat == repeat]
+        assert Counter(s for f in mine for s in f.test) == Counter({s.slide_id: 1 for s in slides})
+        assignments.append({s: f.index for f in mine for s in f.test})
+    assert assignments[0] != assignments[1] != assignments[2]  # reshuffled, not copies
+    assert len({f.seed_offset for f in folds}) == 15 and folds[3].seed_offset == 3
+    assert [f.name for f in folds[4:6]] == ["fold_4", "repeat_1_fold_0"]
+    assert make_folds(slides, n_folds=5, seed=4, repeats=3)[5:] != folds[5:]  # derived from the seed
 
 
 def test_splits_csv_round_trip(tmp_path):
     slides = cohort()
-    folds, _ = make_folds(slides, 5, 0)
+    folds = make_folds(slides, 5, 0, repeats=2)
     write_splits(tmp_path / "splits.csv", slides, folds)
+    assert (tmp_path / "splits.csv").read_text().startswith("repeat,fold,slide_id,patient_id,label,part\n")
     assert read_splits(tmp_path / "splits.csv") == folds
+    # files written before repeats (no repeat column) read as repeat 0
+    old = tmp_path / "old.csv"
+    write_splits(old, slides, folds[:5])
+    old.write_text("\n".join(line.split(",", 1)[1] for line in old.read_text().splitlines()) + "\n")
+    assert read_splits(old) == folds[:5]
 
 
 def test_fixed_split_column_is_used():
     slides = [SlideInfo(f"s{i}", "a" if i % 2 else "b", f"p{i}", ["train", "train", "val", "test"][i % 4])
               for i in range(8)]
-    folds, _ = make_folds(slides, 5, 0)
+    folds = make_folds(slides, 5, 0)
     assert len(folds) == 1 and folds[0].test == ("s3", "s7") and folds[0].val == ("s2", "s6")
 
 
@@ -106,7 +129,7 @@ def test_report_files(tmp_path):
     metrics = write_report(tmp_path, rows, per_fold, classes, {"title": "test run", "imbalance": "none"})
     assert json.loads((tmp_path / "metrics.json").read_text())["summary"] == json.loads(json.dumps(metrics["summary"]))
     table = list(csv.DictReader(open(tmp_path / "predictions.csv")))
-    assert len(table) == 12 and set(table[0]) == {"slide_id", "patient_id", "fold", "true_label", "prob_a", "prob_b",
+    assert len(table) == 12 and set(table[0]) == {"slide_id", "patient_id", "repeat", "fold", "true_label", "prob_a", "prob_b",
                                                    "predicted_label"}
     for name in ("confusion_matrix.png", "roc.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

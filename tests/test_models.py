@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
 from naive_hipt import naive_hipt, naive_slide, naive_vit4k, naive_vit256, random_weights
 
 from hipt_e2e.models import (
-    HIPT, CheckpointError, cnn256, load_checkpoint, model_preset, resize_pos_table, tokens_to_grid, vit4k, vit256, vit_wsi,
+    HIPT,
+    CheckpointError,
+    cnn256,
+    load_checkpoint,
+    model_preset,
+    resize_pos_table,
+    tokens_to_grid,
+    vit4k,
+    vit256,
+    vit_wsi,
 )
 from hipt_e2e.models.convert import main as convert_main
 

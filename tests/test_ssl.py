@@ -19,8 +19,10 @@ from hipt_e2e.ssl import (
     MultiCropWrapper,
     RegionMultiCrop,
     TileMultiCrop,
+    augment,
     cancel_last_layer_gradients,
     clip_gradients_per_parameter,
+    colour,
     cosine_schedule,
     scaled_lr,
     set_lr_and_weight_decay,
@@ -28,7 +30,6 @@ from hipt_e2e.ssl import (
     update_teacher,
     weight_decay_groups,
 )
-from hipt_e2e.ssl import augment, colour
 from hipt_e2e.ssl import loss as loss_module
 
 

@@ -8,9 +8,9 @@ bags are small (a few hundred KB per slide), so slide-level training loads them 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import random
 import zlib
+from collections.abc import Iterator, Sequence
 from itertools import groupby
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -2,8 +2,9 @@
 
 Each ablation recipe collects the `metrics.json` of its variants (from `cross_validate` or the e2e
 engine) and writes `docs/ablations/<name>.md` (table of mean +- sd over folds of balanced accuracy,
-macro AUC and per-class recall, the plot, the exact command, runtime and machine, the answer) and the
-raw metrics next to it as `<name>.json`.
+macro AUC and per-class recall, the paired comparison of the best variant against every other with its
+corrected CI, the plot, the exact command, runtime and machine, the answer) and the raw metrics next to
+it as `<name>.json`.
 """
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from hipt_e2e.evaluation.compare import PAIRED_HEADER, best_against_rest  # noqa: E402
 from hipt_e2e.io import atomic_open, atomic_write_json, atomic_write_text  # noqa: E402
 
 
@@ -45,6 +47,12 @@ def results_table(variants: dict[str, dict], classes: Sequence[str]) -> list[str
     return lines
 
 
+def paired_table(variants: dict[str, dict]) -> list[str]:
+    """Markdown rows of the paired comparison (best variant against every other, both headline metrics)."""
+    return [*PAIRED_HEADER, *[pair.row() for metric in ("balanced_accuracy", "auc_macro")
+                              for pair in best_against_rest(variants, metric)]]
+
+
 def bar_plot(path: Path, variants: dict[str, dict], metric: str = "balanced_accuracy") -> Path:
     names = list(variants)
     means = [variants[n]["summary"][metric]["mean"] for n in names]
@@ -69,7 +77,8 @@ def write_ablation(docs_dir: str | Path, name: str, title: str, question: str, v
     plot = plot or bar_plot(docs_dir / f"{name}.png", variants)
     atomic_write_json(docs_dir / f"{name}.json", {"classes": list(classes), "variants": variants})
     lines = [f"# {title}", "", f"**Question.** {question}", "", f"**Answer.** {answer}", "",
-             f"**Setup.** {setup}", "", *results_table(variants, classes), "", *extra_lines,
+             f"**Setup.** {setup}", "", *results_table(variants, classes), "", *paired_table(variants), "",
+             *extra_lines,
              f"![{name}]({plot.name})", "",
              f"Command: `{command_line()}`", "",
              f"Runtime: {runtime_s / 60:.1f} min on {machine()}. Raw metrics per fold: `{name}.json`.", ""]
@@ -78,14 +87,7 @@ def write_ablation(docs_dir: str | Path, name: str, title: str, question: str, v
     return path
 
 
-def compare(variants: dict[str, dict], metric: str = "balanced_accuracy") -> str:
-    """One sentence on the best variant and whether its lead exceeds the fold-to-fold spread."""
-    ranked = sorted(variants, key=lambda n: variants[n]["summary"][metric]["mean"], reverse=True)
-    best, runner_up = ranked[0], ranked[1]
-    b, r = (variants[n]["summary"][metric] for n in (best, runner_up))
-    lead = b["mean"] - r["mean"]
-    spread = max(b["sd"], r["sd"])
-    verdict = ("a lead larger than the fold-to-fold spread" if lead > spread else
-               "a lead within the fold-to-fold spread, so this evidence is too weak to separate them")
-    return (f"{best} is best on {metric.replace('_', ' ')} ({b['mean']:.3f} +- {b['sd']:.3f}), "
-            f"{lead:.3f} ahead of {runner_up} ({r['mean']:.3f} +- {r['sd']:.3f}): {verdict}.")
+def paired_answer(variants: dict[str, dict], metric: str = "balanced_accuracy") -> str:
+    """The generated sentences of the paired comparison (corrected CI over the shared folds): the variant
+    with the best mean against every other."""
+    return " ".join(pair.sentence() for pair in best_against_rest(variants, metric))

@@ -24,7 +24,7 @@ from hipt_e2e.training.slide_level import run_folds
 log = logging.getLogger(__name__)
 
 
-def colour_baseline(images_root: str | Path, out: str | Path, folds: int = 5, seed: int = 0) -> dict:
+def colour_baseline(images_root: str | Path, out: str | Path, folds: int = 5, seed: int = 0, repeats: int = 1) -> dict:
     """Images in one folder per class (slide id = file stem) -> report in `out` (as train_wsi writes)."""
     paths, classes = labelled_image_paths(images_root)
     infos = [SlideInfo(p.stem, p.parent.name, p.stem) for p in paths]
@@ -37,7 +37,7 @@ def colour_baseline(images_root: str | Path, out: str | Path, folds: int = 5, se
         test = [index[s] for s in fold.test]
         return linear_probe().fit(features[train], labels[train]).predict_proba(features[test])
 
-    cfg = {"out": str(out), "folds": folds, "seed": seed, "imbalance": "none"}
+    cfg = {"out": str(out), "folds": folds, "cv": {"repeats": repeats}, "seed": seed, "imbalance": "none"}
     return run_folds(infos, classes, cfg, Accelerator(), test_probs,
                      {"title": "colour histograms + logistic regression"})
 
@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="repeated cross-validation (cv.repeats)")
     args = parser.parse_args(argv)
     setup_logging()
-    summary = colour_baseline(args.images, args.out, args.folds, args.seed)["summary"]
+    summary = colour_baseline(args.images, args.out, args.folds, args.seed, args.repeats)["summary"]
     log.info("colour baseline: balanced accuracy %.3f +- %.3f, macro AUC %.3f +- %.3f",
              summary["balanced_accuracy"]["mean"], summary["balanced_accuracy"]["sd"],
              summary["auc_macro"]["mean"], summary["auc_macro"]["sd"])

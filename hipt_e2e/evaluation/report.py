@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -18,14 +19,15 @@ from hipt_e2e.io import atomic_open, atomic_write_json, atomic_write_text  # noq
 
 
 def write_predictions(path: Path, rows: Sequence[dict], classes: Sequence[str]) -> None:
-    """One row per slide: slide_id, patient_id, fold, true_label, prob_<class>..., predicted_label."""
+    """One row per slide and repeat: slide_id, patient_id, repeat, fold, true_label, prob_<class>...,
+    predicted_label."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["slide_id", "patient_id", "fold", "true_label", *[f"prob_{c}" for c in classes],
+    writer.writerow(["slide_id", "patient_id", "repeat", "fold", "true_label", *[f"prob_{c}" for c in classes],
                      "predicted_label"])
     for row in rows:
         probs = row["probs"]
-        writer.writerow([row["slide_id"], row["patient_id"], row["fold"], row["true_label"],
+        writer.writerow([row["slide_id"], row["patient_id"], row.get("repeat", 0), row["fold"], row["true_label"],
                          *[f"{p:.6f}" for p in probs], classes[int(np.argmax(probs))]])
     atomic_write_text(path, buffer.getvalue())
 

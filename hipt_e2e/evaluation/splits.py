@@ -1,22 +1,26 @@
-"""Patient-grouped, stratified k-fold splits: the one splitting code path of every slide-level recipe.
+"""Patient-grouped, stratified k-fold splits, repeated: the one splitting code path of every slide-level recipe.
 
-Each slide gets one test fold. For test fold f, fold (f + 1) mod k is the validation part (model
-selection, early stopping) and the rest is training, so a patient is never in two parts and every slide
-is in exactly one test fold. When the labels carry their own `split` column (train/val/test), that fixed
-split is used instead, as a single fold.
+Each slide gets one test fold per repeat. For test fold f, fold (f + 1) mod k is the validation part
+(model selection, early stopping) and the rest is training, so a patient is never in two parts and every
+slide is in exactly one test fold of each repeat. Repeat r reshuffles the assignment with a seed derived
+from (seed, r); repeat 0 uses `seed` itself, so a one-repeat run keeps the folds it always had. When the
+labels carry their own `split` column (train/val/test), that fixed split is used instead, as a single fold.
 """
 from __future__ import annotations
 
 import csv
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from hipt_e2e.io import atomic_write_text
+
+# Offsets between the repeats' training seeds (Fold.seed_offset): larger than any fold count.
+REPEAT_SEED_STRIDE = 1000
 
 
 @dataclass(frozen=True)
@@ -65,42 +69,73 @@ class Fold:
     train: tuple[str, ...]
     val: tuple[str, ...]
     test: tuple[str, ...]
+    repeat: int = 0
+
+    @property
+    def name(self) -> str:
+        """Its output folder: fold_i in the first repeat (as one-repeat runs always had), else repeat_r_fold_i."""
+        return f"fold_{self.index}" if self.repeat == 0 else f"repeat_{self.repeat}_fold_{self.index}"
+
+    @property
+    def seed_offset(self) -> int:
+        """Added to the run seed for this fold's training draws: the fold index in the first repeat, distinct
+        for every (repeat, fold) pair."""
+        return self.index + REPEAT_SEED_STRIDE * self.repeat
 
 
-def make_folds(slides: Sequence[SlideInfo], n_folds: int = 5, seed: int = 0) -> tuple[list[Fold], dict[str, int]]:
-    """The folds to run and the slide -> test-fold map written to splits.csv."""
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The fold-assignment seed of a repeat: `seed` for repeat 0, one derived from (seed, repeat) after."""
+    return seed if repeat == 0 else int(np.random.SeedSequence([seed, repeat]).generate_state(1)[0])
+
+
+def make_folds(slides: Sequence[SlideInfo], n_folds: int = 5, seed: int = 0, repeats: int = 1) -> list[Fold]:
+    """The folds to run, `repeats` x `n_folds` of them in (repeat, fold) order."""
     if all(s.split for s in slides):
         parts = {name: tuple(s.slide_id for s in slides if s.split == name) for name in ("train", "val", "test")}
         unknown = sorted({s.split for s in slides} - set(parts))
         if unknown or not parts["train"] or not parts["test"]:
             raise SplitError(f"the labels' split column must use train/val/test (with train and test non-empty); "
                              f"found {sorted(Counter(s.split for s in slides).items())}")
-        return [Fold(0, parts["train"], parts["val"], parts["test"])], {s: 0 for s in parts["test"]}
+        if repeats != 1:
+            raise SplitError(f"the labels fix one split (their split column); cv.repeats={repeats} cannot repeat it")
+        return [Fold(0, parts["train"], parts["val"], parts["test"])]
     if n_folds < 3:
         raise SplitError("need at least 3 folds (train, validation and test parts)")
-    folds = assign_folds(slides, n_folds, seed)
+    if repeats < 1:
+        raise SplitError(f"cv.repeats must be at least 1, got {repeats}")
     runs = []
-    for fold in range(n_folds):
-        val_fold = (fold + 1) % n_folds
-        runs.append(Fold(fold,
-                         tuple(s for s, f in folds.items() if f not in (fold, val_fold)),
-                         tuple(s for s, f in folds.items() if f == val_fold),
-                         tuple(s for s, f in folds.items() if f == fold)))
-    return runs, folds
+    for repeat in range(repeats):
+        folds = assign_folds(slides, n_folds, repeat_seed(seed, repeat))
+        for fold in range(n_folds):
+            val_fold = (fold + 1) % n_folds
+            runs.append(Fold(fold,
+                             tuple(s for s, f in folds.items() if f not in (fold, val_fold)),
+                             tuple(s for s, f in folds.items() if f == val_fold),
+                             tuple(s for s, f in folds.items() if f == fold), repeat))
+    return runs
+
+
+SPLITS_HEADER = "repeat,fold,slide_id,patient_id,label,part"
 
 
 def write_splits(path: str | Path, slides: Sequence[SlideInfo], folds: Sequence[Fold]) -> None:
-    """splits.csv: one row per slide and fold with its part (train/val/test)."""
+    """splits.csv: one row per slide, repeat and fold with its part (train/val/test)."""
     by_id = {s.slide_id: s for s in slides}
-    lines = ["fold,slide_id,patient_id,label,part"]
+    lines = [SPLITS_HEADER]
     for fold in folds:
         for part in ("train", "val", "test"):
-            lines += [f"{fold.index},{s},{by_id[s].patient_id},{by_id[s].label},{part}" for s in getattr(fold, part)]
+            lines += [f"{fold.repeat},{fold.index},{s},{by_id[s].patient_id},{by_id[s].label},{part}"
+                      for s in getattr(fold, part)]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def read_splits(path: str | Path) -> list[Fold]:
-    rows = list(csv.DictReader(open(path, newline="")))
-    folds = sorted({int(r["fold"]) for r in rows})
-    return [Fold(f, *(tuple(r["slide_id"] for r in rows if int(r["fold"]) == f and r["part"] == part)
-                      for part in ("train", "val", "test"))) for f in folds]
+    """The folds of a splits.csv (files from before repeats, without that column, are repeat 0)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    parts: dict[tuple[int, int], dict[str, list[str]]] = {}
+    for row in rows:
+        key = (int(row.get("repeat") or 0), int(row["fold"]))
+        parts.setdefault(key, {"train": [], "val": [], "test": []})[row["part"]].append(row["slide_id"])
+    return [Fold(fold, *(tuple(parts[(repeat, fold)][part]) for part in ("train", "val", "test")), repeat)
+            for repeat, fold in sorted(parts)]

@@ -5,8 +5,8 @@ path), scaled to the thumbnail, so a cell of the heatmap is exactly the area tha
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 

@@ -21,7 +21,8 @@ from hipt_e2e.training.encoders import (
 from hipt_e2e.training.recipe import recipe_config
 
 __all__ = [
-    "BACKBONE_EXPORT", "CHECKPOINT", "DINO_DEFAULTS", "DINOTrainer", "EpochBatches", "NonFiniteLossError", "REGION_MODEL_DEFAULTS", "TILE_MODEL_DEFAULTS", "TRAIN_LOG", "WEIGHTS_DEFAULTS",
+    "BACKBONE_EXPORT", "CHECKPOINT", "DINO_DEFAULTS", "DINOTrainer", "EpochBatches", "NonFiniteLossError",
+    "REGION_MODEL_DEFAULTS", "TILE_MODEL_DEFAULTS", "TRAIN_LOG", "WEIGHTS_DEFAULTS",
     "build_region_encoder", "build_tile_encoder", "collate", "count_tiles", "derived_seed", "export_safetensors",
     "load_checkpoint_state", "load_encoder_weights", "make_crops", "recipe_config", "save_checkpoint", "train_dino",
 ]

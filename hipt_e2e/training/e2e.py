@@ -1,7 +1,8 @@
 """End-to-end fine-tuning of the nested HIPT: raw region pixels from shards -> slide label.
 
 One training micro-step is one slide: k of its regions (seeded by seed, epoch and slide id; all when
-it has fewer) go through tile encoder -> ViT4K -> slide model with gradients into every stage that
+it has fewer), augmented when `augment.enabled` (hipt_e2e.data.augment: poses, stain and colour
+jitter), go through tile encoder -> ViT4K -> slide model with gradients into every stage that
 is not frozen. Memory stays bounded by gradient checkpointing over chunks of tiles (and optionally
 every ViT block), mixed precision, and gradient accumulation over slides; tiles that the shard's
 tissue fractions mark as background can be skipped. Validation and test use every region of a
@@ -11,7 +12,7 @@ Splits, class-imbalance settings, model selection with early stopping and the re
 slide-level training (`slide_level.run_folds`, `ModelSelection`, `epoch_order`), so the staged and
 the end-to-end paths are evaluated identically. Each fold is a resumable run like a DINO run
 (`fold_i/checkpoint.pt`, `fold_i/train_log.jsonl`): the slide order, the sampled regions and every
-random draw (dropout, stochastic depth) are functions of (seed, fold, epoch, step, place in the global
+random draw (augmentation, dropout, stochastic depth) are functions of (seed, fold, epoch, step, place in the global
 batch), so ``resume=true`` continues exactly, and k processes x a slides per step equal one process
 accumulating k*a slides. Data parallelism is Accelerate's DDP, or FSDP with ``train.fsdp=true``.
 """
@@ -41,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from hipt_e2e.data.augment import AUGMENT_DEFAULTS, augment_regions, check_augment
 from hipt_e2e.data.manifest import load_manifest, shard_urls
 from hipt_e2e.data.streams import SlideBagStream
 from hipt_e2e.data.synthetic import make_dataset
@@ -71,6 +73,7 @@ from shards.build import build
 log = logging.getLogger(__name__)
 
 BEST_MODEL = "best_model.safetensors"
+AUGMENT_STREAM = 1  # appended to a step's seed key: augmentation draws apart from dropout's
 
 # The embedded default is the demo: synthetic slides, the tiny preset from random weights, CPU-sized.
 # A tiny HIPT from random weights sits on a plateau (constant predictions) for some 300-600 steps before
@@ -82,6 +85,7 @@ E2E_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "resume": False,
     "folds": 3,
+    "cv": {"repeats": 1},  # repeated cross-validation: repeats x folds, each repeat's split derived from seed
     "imbalance": "none",  # none | weighted_loss | balanced_sampling, as slide-level training
     "patience": 30,  # epochs without a better validation balanced accuracy before a fold stops
     "data": {
@@ -125,6 +129,7 @@ E2E_DEFAULTS: dict[str, Any] = {
         "stop_after": None,  # end this run after this many optimizer steps over all folds (resume=true continues)
         "log_every": 10,
     },
+    "augment": dict(AUGMENT_DEFAULTS),  # training regions only (hipt_e2e.data.augment); off in the demo
     "demo": {"dir": "demo_out", "slides_per_class": 24, "size": 512, "region_px": 128},
 }
 
@@ -319,11 +324,12 @@ class FoldTrainer:
         self.train_labels = [labels[s] for s in self.train_ids]
         self.val_y = np.array([labels[s] for s in fold.val])
         self.n_classes = len(classes)
-        self.seed = cfg["seed"] + fold.index
+        self.seed = cfg["seed"] + fold.seed_offset
         self.checkpoint_path = fold_dir / CHECKPOINT
 
         torch.manual_seed(self.seed)  # the same initial weights on every process
-        model = build_model(cfg, self.n_classes, regions.manifest["build_args"]["tile_px"])
+        self.tile_px = regions.manifest["build_args"]["tile_px"]
+        model = build_model(cfg, self.n_classes, self.tile_px)
         self.eval_model = copy.deepcopy(model).to(self.device).eval()
         optimizer = torch.optim.AdamW(param_groups(model, cfg["optim"]))
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -352,7 +358,7 @@ class FoldTrainer:
         self.steps, self.run_steps = state["steps"], state["run_steps"]
         self.epoch_losses = list(state["epoch_losses"])
         self.test_probs = state["test_probs"].numpy() if state["test_probs"] is not None else None
-        log.info("fold %d: resuming %s at epoch %d, step %d", self.fold.index, self.checkpoint_path, self.epoch,
+        log.info("%s: resuming %s at epoch %d, step %d", self.fold.name, self.checkpoint_path, self.epoch,
                  self.step)
 
     def save(self) -> None:
@@ -398,13 +404,17 @@ class FoldTrainer:
     def _loss_of(self, n: int, item: dict) -> torch.Tensor:
         """The loss of one slide: micro-batch n of this process's part of the global batch."""
         place = n * self.world + self.rank  # the slide's index in the global batch
-        torch.manual_seed(derived_seed(self.cfg["seed"], self.fold.index, self.epoch, self.step, place))
-        mask = tile_mask(item["tissue"], self.cfg["data"]["min_tile_tissue"])
-        logits = self.model(item["pixels"].to(self.device, non_blocking=True),
-                            mask.to(self.device) if mask is not None else None)
+        key = (self.cfg["seed"], self.fold.seed_offset, self.epoch, self.step, place)
+        torch.manual_seed(derived_seed(*key))  # dropout, stochastic depth
+        pixels, tissue = item["pixels"].to(self.device, non_blocking=True), item["tissue"]
+        if self.cfg["augment"]["enabled"]:
+            generator = torch.Generator().manual_seed(derived_seed(*key, AUGMENT_STREAM))
+            pixels, tissue = augment_regions(pixels, tissue, self.cfg["augment"], self.tile_px, generator)
+        mask = tile_mask(tissue, self.cfg["data"]["min_tile_tissue"])
+        logits = self.model(pixels, mask.to(self.device) if mask is not None else None)
         return self.loss_fn(logits.float(), torch.tensor([item["label_index"]], device=self.device))
 
-    def _train_epoch(self, progress: tqdm) -> None:
+    def train_epoch(self, progress: tqdm) -> None:
         train = self.cfg["train"]
         order = epoch_order(self.train_labels, self.n_classes, balanced=self.cfg["imbalance"] == "balanced_sampling",
                             seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world)
@@ -421,7 +431,7 @@ class FoldTrainer:
             loss = self.accelerator.reduce(torch.tensor(total / len(group), device=self.device), "mean").item()
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
-                    f"fold {self.fold.index}: loss {loss} at epoch {self.epoch} step {self.step}; nothing was saved "
+                    f"{self.fold.name}: loss {loss} at epoch {self.epoch} step {self.step}; nothing was saved "
                     f"after it (last checkpoint: {self.checkpoint_path}). Lower the learning rates or use bf16.")
             self.epoch_losses.append(loss)
             if self.main:
@@ -444,7 +454,7 @@ class FoldTrainer:
         with open(self.dir / TRAIN_LOG, "a") as handle:
             handle.write(json.dumps(entry) + "\n")
         if (self.steps + 1) % self.cfg["train"]["log_every"] == 0:
-            log.info("fold %d step %d epoch %d loss %.4f", self.fold.index, self.steps + 1, self.epoch, loss)
+            log.info("%s step %d epoch %d loss %.4f", self.fold.name, self.steps + 1, self.epoch, loss)
 
     def _end_epoch(self) -> None:
         """Validate, update model selection, checkpoint."""
@@ -453,7 +463,7 @@ class FoldTrainer:
         entry = {"epoch": self.epoch, "train_loss": float(np.mean(self.epoch_losses))}
         self.selection.update(entry, self.val_y, probs,
                               lambda: {k: v.detach().cpu().clone() for k, v in self.eval_model.state_dict().items()})
-        log.info("fold %d epoch %d: %s", self.fold.index, self.epoch,
+        log.info("%s epoch %d: %s", self.fold.name, self.epoch,
                  ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))
         self.epoch, self.step, self.epoch_losses = self.epoch + 1, 0, []
         self.save()
@@ -467,15 +477,16 @@ class FoldTrainer:
             keep_log_before(self.dir / TRAIN_LOG, self.steps)
         epochs = self.cfg["train"]["epochs"]
         progress = tqdm(total=epochs * self.steps_per_epoch, initial=self.epoch * self.steps_per_epoch + self.step,
-                        desc=f"fold {self.fold.index}", unit="step", disable=not self.main)
+                        desc=self.fold.name, unit="step", disable=not self.main)
         while self.epoch < epochs and not self.selection.stopped:
-            self._train_epoch(progress)
+            self.train_epoch(progress)
             self._end_epoch()
         progress.close()
         self.eval_model.load_state_dict(self.selection.best_state)
         self.test_probs = self.predict(self.fold.test)
         if self.main:
-            export_safetensors(self.eval_model, self.dir / BEST_MODEL, {"source": "e2e", "fold": str(self.fold.index)})
+            export_safetensors(self.eval_model, self.dir / BEST_MODEL, {"source": "e2e", "fold": str(self.fold.index),
+                                                                           "repeat": str(self.fold.repeat)})
             atomic_write_json(self.dir / "history.json", self.selection.history)
         self.save()
         return self.test_probs
@@ -514,6 +525,7 @@ def train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def _train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     train = cfg["train"]
+    check_augment(cfg["augment"])
     precision = "no" if train["mixed_precision"] is False else train["mixed_precision"]  # YAML reads a bare no as false
     accelerator = Accelerator(mixed_precision=precision,
                               fsdp_plugin=fsdp_plugin() if train["fsdp"] else None)
@@ -542,6 +554,7 @@ def _train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     extra = {"title": f"HIPT fine-tuned {mode} from region pixels", "mode": mode, "preset": cfg["model"]["preset"],
              "tile_encoder": cfg["model"]["encoder"], "initial_weights": cfg["model"]["weights"],
              "regions_per_slide": cfg["data"]["regions_per_slide"], "grad_accum": train["grad_accum"],
+             "augment": {k: v for k, v in cfg["augment"].items() if k != "enabled"} if cfg["augment"]["enabled"] else "off",
              "mixed_precision": accelerator.mixed_precision}
     try:
         metrics = run_folds(regions.infos(), classes, cfg, accelerator, test_probs, extra)

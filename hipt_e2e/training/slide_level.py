@@ -13,8 +13,9 @@ import contextlib
 import copy
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ SLIDE_DEFAULTS: dict[str, Any] = {
     "imbalance": "balanced_sampling",  # none | weighted_loss | balanced_sampling (weight N / N_class)
     "vote": "majority",  # fc only: majority | mean
     "folds": 5,
+    "cv": {"repeats": 1},  # repeated cross-validation: repeats x folds, each repeat's split derived from seed
     "seed": 0,
     "patience": 5,  # epochs without a better validation balanced accuracy before stopping
     "mixed_precision": "no",
@@ -252,8 +254,9 @@ def training_slides(bags: list[SlideBag], data: dict, seed: int) -> list[SlideBa
 def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], classes: list[str], cfg: dict,
              fold_dir: Path) -> tuple[nn.Module, list[dict]]:
     """Train on fold.train, select on fold.val (balanced accuracy, then loss), return the best model."""
-    set_seed(cfg["seed"] + fold.index)
-    train = training_slides([bags[s] for s in fold.train], cfg["data"], cfg["seed"] + fold.index)
+    seed = cfg["seed"] + fold.seed_offset
+    set_seed(seed)
+    train = training_slides([bags[s] for s in fold.train], cfg["data"], seed)
     val = [bags[s] for s in fold.val]
     dim = train[0].features.shape[1]
     model = build_slide_model(cfg, len(classes), dim)
@@ -266,10 +269,10 @@ def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], cl
     loss_fn = WeightedCrossEntropy(weights).to(accelerator.device)
     val_y = np.array([classes.index(bag.label) for bag in val])
     selection = ModelSelection(cfg["patience"])
-    bar = tqdm(range(optim["epochs"]), desc=f"fold {fold.index}", disable=not accelerator.is_main_process)
+    bar = tqdm(range(optim["epochs"]), desc=fold.name, disable=not accelerator.is_main_process)
     for epoch in bar:
         order = epoch_order(labels, len(classes), balanced=cfg["imbalance"] == "balanced_sampling",
-                            seed=cfg["seed"] + fold.index, epoch=epoch, rank=accelerator.process_index,
+                            seed=seed, epoch=epoch, rank=accelerator.process_index,
                             world_size=accelerator.num_processes)
         entry = {"epoch": epoch, "train_loss": train_epoch(accelerator, model, optimizer, loss_fn,
                                                             units.batches(order), optim["accumulate"])}
@@ -278,7 +281,7 @@ def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], cl
                                 lambda: copy.deepcopy(accelerator.unwrap_model(model).state_dict()))
         bar.set_postfix({k: round(v, 3) for k, v in entry.items() if k != "epoch"})
         if stop:
-            log.info("fold %d: early stop after epoch %d (best %s)", fold.index, epoch, selection.best_key)
+            log.info("%s: early stop after epoch %d (best %s)", fold.name, epoch, selection.best_key)
             break
     final = accelerator.unwrap_model(model)
     final.load_state_dict(selection.best_state)
@@ -290,10 +293,11 @@ def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], cl
 
 def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], cfg: dict, accelerator: Accelerator,
               test_probs: Callable[[Fold, Path], np.ndarray], extra: dict[str, Any]) -> dict:
-    """The cross-validation every slide-level trainer shares: patient-grouped stratified folds (or the
-    labels' fixed split), then per fold test_probs(fold, fold_dir) -> probabilities [len(fold.test), K]
-    (training and model selection are the caller's), then splits.csv, predictions.csv, metrics.json,
-    plots and report.md in cfg["out"]. Returns the metrics (on every process)."""
+    """The cross-validation every slide-level trainer shares: patient-grouped stratified folds, repeated
+    cfg["cv"]["repeats"] times (or the labels' fixed split), then per fold test_probs(fold, fold_dir) ->
+    probabilities [len(fold.test), K] (training and model selection are the caller's), then splits.csv,
+    predictions.csv, metrics.json (each fold's metrics with its repeat, index and part sizes, which the
+    paired comparison needs) plots and report.md in cfg["out"]. Returns the metrics (on every process)."""
     if cfg["imbalance"] not in IMBALANCE:
         raise ValueError(f"imbalance must be one of {IMBALANCE}, got {cfg['imbalance']!r}")
     classes = list(classes)
@@ -302,7 +306,7 @@ def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], cfg: dict, acc
     if missing:
         raise ValueError(f"slides without a label cannot be trained on: {missing[:10]}")
     check_labels(infos, classes)
-    folds, _ = make_folds(infos, cfg["folds"], cfg["seed"])
+    folds = make_folds(infos, cfg["folds"], cfg["seed"], cfg.get("cv", {}).get("repeats", 1))
     by_id = {info.slide_id: info for info in infos}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -310,16 +314,19 @@ def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], cfg: dict, acc
         write_splits(out / "splits.csv", infos, folds)
     rows, per_fold = [], []
     for fold in folds:
-        probs = test_probs(fold, out / f"fold_{fold.index}")
+        probs = test_probs(fold, out / fold.name)
         test = [by_id[s] for s in fold.test]
-        per_fold.append(classification_metrics([classes.index(info.label) for info in test], probs, classes))
-        rows += [{"slide_id": info.slide_id, "patient_id": info.patient_id, "fold": fold.index,
-                  "true_label": info.label, "probs": p.tolist()} for info, p in zip(test, probs)]
-        log.info("fold %d: test balanced accuracy %.3f, macro AUC %.3f", fold.index,
+        per_fold.append({"repeat": fold.repeat, "fold": fold.index, "n_train": len(fold.train) + len(fold.val),
+                         **classification_metrics([classes.index(info.label) for info in test], probs, classes)})
+        rows += [{"slide_id": info.slide_id, "patient_id": info.patient_id, "repeat": fold.repeat,
+                  "fold": fold.index, "true_label": info.label, "probs": p.tolist()} for info, p in zip(test, probs)]
+        log.info("%s: test balanced accuracy %.3f, macro AUC %.3f", fold.name,
                  per_fold[-1]["balanced_accuracy"], per_fold[-1]["auc_macro"])
     metrics = {}
     if accelerator.is_main_process:
-        extra = {**extra, "imbalance": cfg["imbalance"], "seed": cfg["seed"], "n_folds": len(folds),
+        repeats = folds[-1].repeat + 1
+        extra = {**extra, "imbalance": cfg["imbalance"], "seed": cfg["seed"], "n_folds": len(folds) // repeats,
+                 "repeats": repeats,
                  "processes": accelerator.num_processes}
         metrics = write_report(out, rows, per_fold, classes, extra)
         summary = metrics["summary"]

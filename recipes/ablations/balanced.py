@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from hipt_e2e.data.embeddings import read_slide_bags
-from hipt_e2e.evaluation.ablation import compare, write_ablation
+from hipt_e2e.evaluation.ablation import paired_answer, write_ablation
 from hipt_e2e.training.recipe import recipe_config
 from hipt_e2e.training.slide_level import IMBALANCE, SLIDE_DEFAULTS, cross_validate
 
@@ -32,7 +32,7 @@ def main(argv=None) -> dict:
     dominant = cfg["data"]["dominant_class"]
     minority = [c for c in classes if c != dominant]
     recall = {name: {c: m["summary"]["recall"][c]["mean"] for c in classes} for name, m in variants.items()}
-    answer = (compare(variants) + " Mean recall of the subsampled classes (" + ", ".join(minority) + "): "
+    answer = (paired_answer(variants) + " Mean recall of the subsampled classes (" + ", ".join(minority) + "): "
               + "; ".join(f"{name} {sum(r[c] for c in minority) / len(minority):.3f}" for name, r in recall.items())
               + f"; of the dominant class {dominant}: "
               + "; ".join(f"{name} {r[dominant]:.3f}" for name, r in recall.items()) + ".")

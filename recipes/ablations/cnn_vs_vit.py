@@ -23,7 +23,7 @@ from torch import nn
 from hipt_e2e.config import load_yaml
 from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.data.manifest import load_manifest
-from hipt_e2e.evaluation.ablation import compare, write_ablation
+from hipt_e2e.evaluation.ablation import paired_answer, write_ablation
 from hipt_e2e.training import BACKBONE_EXPORT, build_tile_encoder, load_encoder_weights, recipe_config
 from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, cross_validate
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
              *(f"| {name} | {params / 1e6:.2f} M | {rate:.0f} |" for name, (params, rate) in speed.items()), "",
              f"Throughput: forward passes over one batch of {cfg['throughput']['batch']} random {tile_px} px tiles "
              f"on the CPU ({torch.get_num_threads()} threads), best of {cfg['throughput']['rounds']} rounds.", ""]
-    answer = (compare(variants) + " Throughput and size: "
+    answer = (paired_answer(variants) + " Throughput and size: "
               + "; ".join(f"{name} {rate:.0f} tiles/s with {params / 1e6:.2f} M parameters"
                           for name, (params, rate) in speed.items()) + ".")
     write_ablation(cfg["docs"], "cnn_vs_vit", "CNN vs ViT tile encoder",

@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from hipt_e2e.data.embeddings import read_slide_bags
-from hipt_e2e.evaluation.ablation import compare, write_ablation
+from hipt_e2e.evaluation.ablation import paired_answer, write_ablation
 from hipt_e2e.io import atomic_open
 from hipt_e2e.training.recipe import recipe_config
 from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, cross_validate
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
             variants[f"{model} @ {fraction:.0%}"] = cross_validate(bags, classes, run)
     full = {name: metrics for name, metrics in variants.items() if name.endswith("@ 100%")}
     smallest = {name: metrics for name, metrics in variants.items() if name.endswith(f"@ {min(cfg['fractions']):.0%}")}
-    answer = (f"With all training slides: {compare(full)} With the smallest share: {compare(smallest)} "
+    answer = (f"With all training slides: {paired_answer(full)} With the smallest share: {paired_answer(smallest)} "
               "Read the learning curves for whether the slide transformer is still improving at 100 %.")
     docs = Path(cfg["docs"])
     docs.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from hipt_e2e.data.manifest import load_manifest
-from hipt_e2e.evaluation.ablation import compare, write_ablation
+from hipt_e2e.evaluation.ablation import paired_answer, write_ablation
 from hipt_e2e.training.e2e import E2E_DEFAULTS, train_e2e
 from hipt_e2e.training.recipe import recipe_config
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     start_from = ", ".join(f"{stage} {path}" for stage, path in weights.items() if path) or "random init (seeded)"
     write_ablation(cfg["docs"], "e2e_vs_frozen", "End-to-end fine-tuning vs a frozen encoder",
                    "Does end-to-end fine-tuning beat training only the head, from the same pretrained start and "
-                   "with the same budget in steps?", variants, manifest["classes"], answer=compare(variants),
+                   "with the same budget in steps?", variants, manifest["classes"], answer=paired_answer(variants),
                    runtime_s=time.time() - start,
                    setup=f"{len(manifest['slides'])} slides from `{cfg['data']['shards']}` "
                          f"({manifest['build_args']['region_px']} px regions of {manifest['build_args']['tile_px']} "

@@ -1,0 +1,145 @@
+"""Training-time augmentation of uint8 regions, on their device, before normalisation.
+
+Geometry: each whole region gets one of the 8 dihedral poses (a horizontal flip or not, then 0-3
+quarter turns; half turns only when the region is not square). Tiles are cut after it, so tile (r, c)
+of the augmented region is the rotated source tile from the rotated position, and the tissue grid
+[M, rows, cols] takes the same pose (background masks follow their tiles).
+
+Colour, per region or per tile (`per`): stain jitter in HED space, then brightness, contrast and
+saturation. HED: optical density OD = -ln((x + 1) / 256) (exact back to uint8 for every x) projected
+on Ruifrok & Johnson's haematoxylin / eosin / DAB vectors; each stain amount s -> a * s + b with
+a ~ U(1 - hed_scale, 1 + hed_scale), b ~ U(-hed_shift, hed_shift) in OD units (Tellez et al. 2018/2019:
+"HED-light" 0.05, "HED-strong" 0.2). Brightness / contrast / saturation factors ~ U(1 - x, 1 + x) as
+torchvision's ColorJitter. Every parameter is drawn on the CPU from the generator the caller seeds (the
+training engine: seed, fold, epoch, step, place in the global batch), so resumed runs and any number of
+processes draw the same; validation, test and prediction never call this.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from hipt_e2e.ssl import colour
+
+AUGMENT_DEFAULTS: dict[str, Any] = {
+    "enabled": False,
+    "flips": True,  # random horizontal flip of each region
+    "rotations": True,  # random quarter turns of each region (half turns when not square)
+    "hed_scale": 0.05,  # stain amount factor a ~ U(1 - x, 1 + x) per H, E, D; 0: off
+    "hed_shift": 0.05,  # stain amount offset b ~ U(-x, x), optical-density units; 0: off
+    "brightness": 0.1,  # factor ~ U(1 - x, 1 + x); 0: off
+    "contrast": 0.1,
+    "saturation": 0.1,
+    "per": "region",  # colour parameters per region or per tile
+}
+PER = ("region", "tile")
+
+# Ruifrok & Johnson (2001) stain optical-density vectors (rows: haematoxylin, eosin, DAB), unit length.
+RGB_FROM_HED = torch.nn.functional.normalize(torch.tensor(
+    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64), dim=1)
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+
+
+def check_augment(cfg: Mapping[str, Any]) -> None:
+    if cfg["per"] not in PER:
+        raise ValueError(f"augment.per must be one of {PER}, got {cfg['per']!r}")
+    for key in ("hed_scale", "hed_shift", "brightness", "contrast", "saturation"):
+        if not 0 <= cfg[key] < 1:
+            raise ValueError(f"augment.{key} must be in [0, 1), got {cfg[key]!r}")
+
+
+# ------------------------------------------------------------------------------------------ geometry
+def pose(images: torch.Tensor, flip: bool, quarter_turns: int) -> torch.Tensor:
+    """[..., H, W] flipped left-right (when flip), then turned counter-clockwise quarter_turns times."""
+    if flip:
+        images = images.flip(-1)
+    return torch.rot90(images, quarter_turns, dims=(-2, -1)) if quarter_turns % 4 else images
+
+
+def random_poses(regions: torch.Tensor, tissue: torch.Tensor | None, cfg: Mapping[str, Any],
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each region (and its tissue grid) in a random pose; regions sharing a pose are moved together."""
+    n, square = len(regions), regions.shape[-1] == regions.shape[-2]
+    flips = torch.rand(n, generator=generator) < 0.5 if cfg["flips"] else torch.zeros(n, dtype=torch.bool)
+    steps = 1 if square else 2  # a non-square region turns by half turns only, keeping its shape
+    turns = (torch.randint(0, 4 // steps, (n,), generator=generator) * steps if cfg["rotations"]
+             else torch.zeros(n, dtype=torch.long))
+    if not (flips.any() or (turns % 4).any()):
+        return regions, tissue
+    regions, tissue = regions.clone(), tissue.clone() if tissue is not None else None
+    for flip, turn in {(bool(f), int(t)) for f, t in zip(flips, turns)}:
+        rows = ((flips == flip) & (turns == turn)).nonzero().flatten()
+        regions[rows.to(regions.device)] = pose(regions[rows.to(regions.device)], flip, turn)
+        if tissue is not None:
+            tissue[rows] = pose(tissue[rows], flip, turn)
+    return regions, tissue
+
+
+# ------------------------------------------------------------------------------------------ colour
+def rgb_to_hed(pixels: torch.Tensor) -> torch.Tensor:
+    """0-255 valued RGB [B, 3, H, W] -> stain amounts [B, 3 (H, E, D), H, W] (float64 maths in float32)."""
+    density = -torch.log((pixels.float() + 1.0) / 256.0)
+    return torch.einsum("bchw,cs->bshw", density, HED_FROM_RGB.to(density))
+
+
+def hed_to_rgb(stains: torch.Tensor) -> torch.Tensor:
+    """Stain amounts [B, 3, H, W] -> 0-255 valued RGB (float, not rounded or clipped)."""
+    density = torch.einsum("bshw,sc->bchw", stains, RGB_FROM_HED.to(stains))
+    return 256.0 * torch.exp(-density) - 1.0
+
+
+def _uniform(spread: float, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Factors ~ U(1 - spread, 1 + spread)."""
+    return 1.0 + spread * (2.0 * torch.rand(shape, generator=generator) - 1.0)
+
+
+def jitter_colour(units: torch.Tensor, cfg: Mapping[str, Any], generator: torch.Generator) -> torch.Tensor:
+    """uint8 images [B, 3, h, w] (regions or tiles) -> colour-jittered uint8, parameters per image."""
+    n = len(units)
+    scale = _uniform(cfg["hed_scale"], (n, 3), generator)
+    shift = cfg["hed_shift"] * (2.0 * torch.rand((n, 3), generator=generator) - 1.0)
+    factors = [_uniform(cfg[key], (n,), generator) for key in ("brightness", "contrast", "saturation")]
+    images = units.float()
+    if cfg["hed_scale"] or cfg["hed_shift"]:
+        stains = rgb_to_hed(images)
+        stains = stains * scale.to(stains).view(n, 3, 1, 1) + shift.to(stains).view(n, 3, 1, 1)
+        images = hed_to_rgb(stains)
+    images = (images / 255.0).clamp(0.0, 1.0)
+    for key, op, factor in zip(("brightness", "contrast", "saturation"),
+                               (colour.adjust_brightness, colour.adjust_contrast, colour.adjust_saturation), factors):
+        if cfg[key]:
+            images = op(images, factor)
+    return (images * 255.0).round_().to(torch.uint8)
+
+
+def _as_tiles(region: torch.Tensor, tile_px: int) -> torch.Tensor:
+    """[3, H, W] -> [rows * cols, 3, t, t] in raster order (a copy)."""
+    rows, cols = region.shape[-2] // tile_px, region.shape[-1] // tile_px
+    return region.unflatten(2, (cols, tile_px)).unflatten(1, (rows, tile_px)).permute(1, 3, 0, 2, 4).flatten(0, 1)
+
+
+def _from_tiles(tiles: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of _as_tiles."""
+    t = tiles.shape[-1]
+    return tiles.unflatten(0, (rows, cols)).permute(2, 0, 3, 1, 4).reshape(3, rows * t, cols * t)
+
+
+def augment_regions(regions: torch.Tensor, tissue: torch.Tensor | None, cfg: Mapping[str, Any], tile_px: int,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 regions [M, 3, H, W] of one slide (and their tissue grids [M, rows, cols]) -> augmented copies.
+
+    Colour is applied one region at a time, so the float working copy stays one region's size.
+    """
+    regions, tissue = random_poses(regions, tissue, cfg, generator)
+    if not any(cfg[key] for key in ("hed_scale", "hed_shift", "brightness", "contrast", "saturation")):
+        return regions, tissue
+    rows, cols = regions.shape[-2] // tile_px, regions.shape[-1] // tile_px
+    out = torch.empty_like(regions)
+    for index, region in enumerate(regions):
+        if cfg["per"] == "tile":
+            out[index] = _from_tiles(jitter_colour(_as_tiles(region, tile_px), cfg, generator), rows, cols)
+        else:
+            out[index] = jitter_colour(region[None], cfg, generator)[0]
+    return out, tissue

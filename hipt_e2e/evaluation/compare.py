@@ -1,0 +1,279 @@
+"""Paired comparison of variants cross-validated on identical splits: is A better than B, and by how much?
+
+Per test fold (repeat r, fold k) the difference d = metric(A) - metric(B) on the same test slides. The
+mean of the R*K differences gets a confidence interval from the corrected resampled t-test for repeated
+cross-validation (Nadeau & Bengio 2003; Bouckaert & Frank 2004): the folds' training sets overlap, so the
+differences are correlated and the naive variance s^2 / (R*K) is too small; the corrected one is
+(1 / (R*K) + n_test / n_train) * s^2, with R*K - 1 degrees of freedom. n_train counts every slide a fold's
+model was fitted or selected on (its train and validation parts). Beside it, a Wilcoxon signed-rank
+p-value (no normality assumption, but no correction for the overlap either). Each variant also gets its
+pooled out-of-fold metric (test folds pooled within a repeat, averaged over repeats) with a percentile
+bootstrap CI over slides. "Better" means the corrected CI excludes 0; the sentences say so or not.
+
+    python -m hipt_e2e.evaluation.compare RUN_A RUN_B [...] [--metric balanced_accuracy auc_macro]
+
+reads each finished run's predictions.csv and splits.csv (any slide-level recipe, e2e, the colour
+baseline); runs whose splits differ are refused, naming the first difference.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import balanced_accuracy_score
+
+from hipt_e2e.evaluation.metrics import classification_metrics, macro_auc
+
+METRIC_NAMES = {"balanced_accuracy": "balanced accuracy", "auc_macro": "macro AUC"}
+METRIC_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "balanced_accuracy": lambda y, probs: float(balanced_accuracy_score(y, probs.argmax(axis=1))),
+    "auc_macro": macro_auc,
+}
+LEVEL = 0.95
+
+
+class SplitMismatch(ValueError):
+    """Variants that were not evaluated on identical splits cannot be paired."""
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.3f}"
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """metric(a) - metric(b) on each of the R*K test folds both variants were scored on."""
+
+    a: str
+    b: str
+    metric: str
+    differences: tuple[float, ...]
+    test_train_ratio: float  # mean n_test / n_train over the folds
+    level: float = LEVEL
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.differences))
+
+    def interval(self, corrected: bool = True) -> tuple[float, float]:
+        """Two-sided t interval of the mean difference; corrected=False: the naive one (ignores overlap)."""
+        d = np.asarray(self.differences)
+        n = len(d)
+        if n < 2:
+            return (-math.inf, math.inf)
+        variance = np.var(d, ddof=1) * (1.0 / n + (self.test_train_ratio if corrected else 0.0))
+        half = stats.t.ppf(0.5 + self.level / 2, df=n - 1) * math.sqrt(variance)
+        return self.mean - half, self.mean + half
+
+    @cached_property
+    def p_wilcoxon(self) -> float:
+        """Two-sided Wilcoxon signed-rank p-value of the differences (1.0 when every difference is 0)."""
+        d = np.asarray(self.differences)
+        if not np.any(d != 0):
+            return 1.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # small samples: scipy warns that it switches methods
+            return float(stats.wilcoxon(d, zero_method="zsplit").pvalue)
+
+    @property
+    def separated(self) -> bool:
+        low, high = self.interval()
+        return low > 0 or high < 0
+
+    def sentence(self) -> str:
+        """The report's sentence: who beats whom by how much with the corrected CI, or 'not separated'."""
+        low, high = self.interval()
+        name = METRIC_NAMES.get(self.metric, self.metric.replace("_", " "))
+        ci = f"{self.level:.0%}".replace("%", " %")
+        if not self.separated:
+            return (f"{self.a} and {self.b} are not separated (difference {_signed(self.mean)}, "
+                    f"{ci} CI {_signed(low)} to {_signed(high)}).")
+        winner, loser, sign = (self.a, self.b, 1) if self.mean > 0 else (self.b, self.a, -1)
+        low, high = sorted((sign * low, sign * high))
+        return f"{winner} beats {loser} by {_signed(sign * self.mean)} {name} ({ci} CI {_signed(low)} to {_signed(high)})."
+
+    def row(self) -> str:
+        """Markdown row: pair | metric | mean | corrected CI | naive CI | Wilcoxon p | folds."""
+        (low, high), (naive_low, naive_high) = self.interval(), self.interval(corrected=False)
+        return (f"| {self.a} - {self.b} | {METRIC_NAMES.get(self.metric, self.metric)} | {_signed(self.mean)} | "
+                f"{_signed(low)} to {_signed(high)} | {_signed(naive_low)} to {_signed(naive_high)} | "
+                f"{self.p_wilcoxon:.3f} | {len(self.differences)} |")
+
+
+PAIRED_HEADER = ["| A - B | metric | mean difference | 95 % CI (corrected) | 95 % CI (naive) | Wilcoxon p | folds |",
+                 "|---|---|---|---|---|---|---|"]
+
+
+def _fold_key(entry: Mapping) -> tuple[int, int]:
+    return int(entry.get("repeat", 0)), int(entry["fold"])
+
+
+def paired_difference(a: str, a_folds: Sequence[Mapping], b: str, b_folds: Sequence[Mapping],
+                      metric: str = "balanced_accuracy") -> PairedDifference:
+    """Pair two variants' per-fold metrics (dicts with repeat, fold, n_train, n and the metric, as
+    metrics.json's "folds" holds them). Folds where either metric is undefined (NaN AUC) are left out."""
+    by_key = [{_fold_key(entry): entry for entry in folds} for folds in (a_folds, b_folds)]
+    if set(by_key[0]) != set(by_key[1]):
+        raise SplitMismatch(f"{a} and {b} were scored on different folds: {sorted(set(by_key[0]) ^ set(by_key[1]))}")
+    differences, ratios = [], []
+    for key in sorted(by_key[0]):
+        first, second = by_key[0][key], by_key[1][key]
+        if (first["n"], first["n_train"]) != (second["n"], second["n_train"]):
+            raise SplitMismatch(f"{a} and {b}: repeat {key[0]} fold {key[1]} has different test/training sizes "
+                                f"({first['n']}/{first['n_train']} vs {second['n']}/{second['n_train']})")
+        if not (math.isnan(first[metric]) or math.isnan(second[metric])):
+            differences.append(first[metric] - second[metric])
+            ratios.append(first["n"] / first["n_train"])
+    if not differences:
+        raise ValueError(f"{metric} is undefined on every fold of {a} and {b}")
+    return PairedDifference(a, b, metric, tuple(differences), float(np.mean(ratios)))
+
+
+def comparisons(variants: Mapping[str, Sequence[Mapping]], metric: str = "balanced_accuracy",
+                reference: str | None = None) -> list[PairedDifference]:
+    """Every pair of variants (first named first), or each variant against `reference`."""
+    names = list(variants)
+    if reference is not None:
+        pairs = [(reference, name) for name in names if name != reference]
+    else:
+        pairs = [(names[i], names[j]) for i in range(len(names)) for j in range(i + 1, len(names))]
+    return [paired_difference(x, variants[x], y, variants[y], metric) for x, y in pairs]
+
+
+def best_against_rest(variants: Mapping[str, Mapping], metric: str = "balanced_accuracy") -> list[PairedDifference]:
+    """The variant with the highest mean `metric` over folds against every other (metrics.json dicts)."""
+    best = max(variants, key=lambda name: np.nanmean([f[metric] for f in variants[name]["folds"]]))
+    return comparisons({name: m["folds"] for name, m in variants.items()}, metric, reference=best)
+
+
+# ------------------------------------------------------------------------------------------ runs
+@dataclass(frozen=True)
+class Run:
+    """A finished cross-validated run: its test predictions and its splits."""
+
+    name: str
+    classes: tuple[str, ...]
+    repeat: np.ndarray  # per prediction row
+    fold: np.ndarray
+    slide_id: np.ndarray
+    y_true: np.ndarray
+    probs: np.ndarray
+    splits: frozenset[tuple[int, int, str, str]]  # (repeat, fold, slide id, part)
+
+    def fold_metrics(self) -> list[dict]:
+        """Per test fold: repeat, fold, n_train (train + validation slides) and classification_metrics."""
+        n_train: dict[tuple[int, int], int] = {}
+        for repeat, fold, _, part in self.splits:
+            if part in ("train", "val"):
+                n_train[(repeat, fold)] = n_train.get((repeat, fold), 0) + 1
+        out = []
+        for repeat, fold in sorted(set(zip(self.repeat.tolist(), self.fold.tolist()))):
+            rows = (self.repeat == repeat) & (self.fold == fold)
+            out.append({"repeat": repeat, "fold": fold, "n_train": n_train[(repeat, fold)],
+                        **classification_metrics(self.y_true[rows], self.probs[rows], self.classes)})
+        return out
+
+    def pooled(self, metric: str, n_boot: int = 1000, seed: int = 0, level: float = LEVEL) -> tuple[float, float, float]:
+        """Pooled out-of-fold metric (per repeat, averaged) and its percentile bootstrap CI over slides."""
+        function = METRIC_FUNCTIONS[metric]
+        slides = np.unique(self.slide_id)
+        repeats = np.unique(self.repeat)
+        # rows of each repeat in the order of `slides` (every slide has one test prediction per repeat)
+        order = [np.flatnonzero(self.repeat == r)[np.argsort(self.slide_id[self.repeat == r])] for r in repeats]
+
+        def value(index: np.ndarray) -> float:
+            return float(np.mean([function(self.y_true[rows[index]], self.probs[rows[index]]) for rows in order]))
+
+        rng = np.random.default_rng(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # resamples that miss a class
+            draws = np.array([value(rng.integers(0, len(slides), len(slides))) for _ in range(n_boot)])
+        draws = draws[~np.isnan(draws)]
+        tail = (1 - level) / 2 * 100
+        return value(np.arange(len(slides))), float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))
+
+
+def load_run(path: str | Path, name: str | None = None) -> Run:
+    """A run directory's predictions.csv and splits.csv (a clear error when either is missing)."""
+    path = Path(path)
+    for needed in ("predictions.csv", "splits.csv"):
+        if not (path / needed).is_file():
+            raise FileNotFoundError(f"{path / needed} not found: {path} is not a finished cross-validated run")
+    with open(path / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    classes = tuple(column[len("prob_"):] for column in rows[0] if column.startswith("prob_"))
+    with open(path / "splits.csv", newline="") as handle:
+        splits = frozenset((int(r.get("repeat") or 0), int(r["fold"]), r["slide_id"], r["part"])
+                           for r in csv.DictReader(handle))
+    return Run(name or path.name, classes,
+               np.array([int(r.get("repeat") or 0) for r in rows]), np.array([int(r["fold"]) for r in rows]),
+               np.array([r["slide_id"] for r in rows]), np.array([classes.index(r["true_label"]) for r in rows]),
+               np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows]), splits)
+
+
+def check_same_splits(runs: Sequence[Run]) -> None:
+    """Raise SplitMismatch naming the first difference when the runs' splits or classes differ."""
+    first = runs[0]
+    for other in runs[1:]:
+        if other.classes != first.classes:
+            raise SplitMismatch(f"{first.name} and {other.name} have different classes: {first.classes} vs {other.classes}")
+        if other.splits != first.splits:
+            example = sorted(first.splits ^ other.splits)[0]
+            owner = first.name if example in first.splits else other.name
+            raise SplitMismatch(f"{first.name} and {other.name} were not run on identical splits: e.g. only "
+                                f"{owner} has slide {example[2]!r} in the {example[3]} part of repeat {example[0]} "
+                                f"fold {example[1]}; pair variants run with the same folds, seed and cv.repeats")
+
+
+def compare_runs(runs: Sequence[Run], metrics: Sequence[str] = ("balanced_accuracy", "auc_macro"),
+                 n_boot: int = 1000) -> tuple[list[str], list[PairedDifference]]:
+    """Markdown lines (per-variant table, paired table, sentences) and the balanced-accuracy pairs."""
+    check_same_splits(runs)
+    folds = {run.name: run.fold_metrics() for run in runs}
+    n_folds = len(next(iter(folds.values())))
+    lines = ["| variant | " + " | ".join(f"{METRIC_NAMES[m]} (mean +- sd over {n_folds} folds) | "
+                                         f"pooled {METRIC_NAMES[m]} [95 % bootstrap CI]" for m in metrics) + " |",
+             "|---|" + "---|---|" * len(metrics)]
+    for run in runs:
+        cells = []
+        for metric in metrics:
+            values = np.array([f[metric] for f in folds[run.name]])
+            value, low, high = run.pooled(metric, n_boot)
+            cells += [f"{np.nanmean(values):.3f} +- {np.nanstd(values, ddof=1):.3f}", f"{value:.3f} [{low:.3f}, {high:.3f}]"]
+        lines.append(f"| {run.name} | " + " | ".join(cells) + " |")
+    pairs = {metric: comparisons(folds, metric) for metric in metrics}
+    lines += ["", *PAIRED_HEADER, *[pair.row() for metric in metrics for pair in pairs[metric]], ""]
+    lines += [pair.sentence() for metric in metrics for pair in pairs[metric]]
+    return lines, pairs[metrics[0]]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="finished run directories (predictions.csv, splits.csv)")
+    parser.add_argument("--names", nargs="+", help="a name per run (default: the directory names)")
+    parser.add_argument("--metric", nargs="+", default=["balanced_accuracy", "auc_macro"], choices=list(METRIC_NAMES))
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the pooled metrics")
+    args = parser.parse_args(argv)
+    if len(args.runs) < 2:
+        parser.error("give at least two runs to compare")
+    names = args.names or [None] * len(args.runs)
+    if len(names) != len(args.runs):
+        parser.error(f"--names has {len(names)} names for {len(args.runs)} runs")
+    try:
+        lines, _ = compare_runs([load_run(path, name) for path, name in zip(args.runs, names)], args.metric,
+                                args.bootstrap)
+    except (SplitMismatch, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
