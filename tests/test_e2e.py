@@ -220,6 +220,35 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(shards: Path,
             json.loads((tmp_path / "whole" / f"fold_{fold}" / "history.json").read_text())
 
 
+def test_slides_sharing_a_call_give_the_slide_by_slide_gradient(shards: Path, tmp_path: Path) -> None:
+    """train.slides_per_call batches slides through the tile encoder and ViT4K; without random draws the
+    update equals the slide-by-slide one, including an epoch's last, shorter step (4 slides, 3 per step)."""
+    regions = ShardRegions(shards, regions_per_slide=2, seed=0)
+    items = [regions[regions.sample(slide, 0)] for slide in list(regions.slides)[:3]]
+    model = build_model(tiny_cfg(), 3).eval()
+    alone = torch.cat([model(item["pixels"]) for item in items])
+    together = model(torch.cat([item["pixels"] for item in items]), bag_sizes=[len(item["pixels"]) for item in items])
+    assert together.shape == (3, 3) and torch.allclose(together, alone, atol=1e-5)
+
+    step = ["train.stop_after=2", "train.grad_accum=3", "model.dropout=0", "model.drop_path_rate=0", "optim.clip_grad=0"]
+    recipe = load_recipe()
+    for per_call in (1, 3):
+        recipe.main(settings(shards, tmp_path / f"per_call_{per_call}", *step, f"train.slides_per_call={per_call}"))
+    one, three = (load_checkpoint_state(tmp_path / f"per_call_{n}" / "fold_0" / CHECKPOINT) for n in (1, 3))
+    assert one["steps"] == three["steps"] == 2
+    # gradients agree to rounding (bf16-free fp32 sums in another order), measured on the largest entry's scale:
+    # some tensors (attention pooling over a one-region slide) have only rounding noise for a gradient
+    scale = max(m["exp_avg"].abs().max().item() for m in one["optimizer"]["state"].values())
+    for name, moments in one["optimizer"]["state"].items():
+        assert torch.allclose(three["optimizer"]["state"][name]["exp_avg"], moments["exp_avg"], rtol=0,
+                              atol=1e-4 * scale), name
+    logs = [[json.loads(line)["loss"] for line in (tmp_path / f"per_call_{n}" / "fold_0" / TRAIN_LOG).read_text().splitlines()]
+            for n in (1, 3)]
+    assert logs[0] == pytest.approx(logs[1], abs=1e-5)
+    with pytest.raises(ValueError, match="slides_per_call=2 must divide train.grad_accum=3"):
+        recipe.main(settings(shards, tmp_path / "bad", *step, "train.slides_per_call=2"))
+
+
 def test_augmentation_trains_but_never_evaluates(shards: Path, tmp_path: Path) -> None:
     """With every learning rate 0 the weights never move: augmentation changes the training losses, while
     validation and test predictions stay identical to the run without it."""

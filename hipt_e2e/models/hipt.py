@@ -7,7 +7,7 @@ each chunk is recomputed in backward) and, optionally, individual ViT blocks.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -174,9 +174,18 @@ class HIPT(nn.Module):
         """uint8 regions [M, 3, H, W] -> region embeddings [M, 192] (callers bound M to bound memory)."""
         return self._encode_regions(regions, tile_mask)[0]
 
-    def forward(self, regions: torch.Tensor, tile_mask: torch.Tensor | None = None,
-                return_attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, HIPTAttention]:
-        """uint8 regions of one slide [M, 3, H, W] -> logits [1, n_classes] (and HIPTAttention)."""
+    def forward(self, regions: torch.Tensor, tile_mask: torch.Tensor | None = None, return_attention: bool = False,
+                bag_sizes: Sequence[int] | None = None) -> torch.Tensor | tuple[torch.Tensor, HIPTAttention]:
+        """uint8 regions of one slide [M, 3, H, W] -> logits [1, n_classes] (and HIPTAttention).
+
+        bag_sizes: the regions of several slides, concatenated, with each slide's region count ->
+        logits [n_slides, n_classes]: the tile encoder and ViT4K see every region in one batch (small
+        slides fill it), the slide model each slide's own.
+        """
         embeddings, tile_attention = self._encode_regions(regions, tile_mask)
+        if bag_sizes is not None:
+            if return_attention:
+                raise ValueError("return_attention is for one slide at a time (no bag_sizes)")
+            return torch.cat([self.slide_model(bag) for bag in embeddings.split(list(bag_sizes))])
         logits, region_attention = self.slide_model(embeddings, return_attention=True)
         return (logits, HIPTAttention(tile_attention, region_attention)) if return_attention else logits

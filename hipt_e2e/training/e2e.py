@@ -25,6 +25,7 @@ import math
 import tarfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from functools import partial
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,9 @@ E2E_DEFAULTS: dict[str, Any] = {
     "train": {
         "epochs": 30,
         "grad_accum": 1,  # slides per process per optimizer step
+        # slides whose regions share one tile-encoder / ViT4K call (divides grad_accum): fills the batch when
+        # slides are small; 1 keeps every random draw per slide, so k processes equal one accumulating exactly
+        "slides_per_call": 1,
         "mixed_precision": None,  # no | bf16 | fp16; null: as `accelerate launch` says
         "fsdp": False,  # shard parameters, gradients and optimizer state instead of replicating (DDP)
         "threads": 1,  # torch CPU threads per process; null: torch's default (tiny models run best on one)
@@ -401,18 +405,31 @@ class FoldTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
 
-    def _loss_of(self, n: int, item: dict) -> torch.Tensor:
-        """The loss of one slide: micro-batch n of this process's part of the global batch."""
-        place = n * self.world + self.rank  # the slide's index in the global batch
-        key = (self.cfg["seed"], self.fold.seed_offset, self.epoch, self.step, place)
-        torch.manual_seed(derived_seed(*key))  # dropout, stochastic depth
+    def _slide_input(self, item: dict, place: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training slide's regions on the device (augmented when enabled, with draws seeded by its place
+        in the global batch) and its tile mask (False everywhere when nothing is skipped)."""
         pixels, tissue = item["pixels"].to(self.device, non_blocking=True), item["tissue"]
         if self.cfg["augment"]["enabled"]:
-            generator = torch.Generator().manual_seed(derived_seed(*key, AUGMENT_STREAM))
-            pixels, tissue = augment_regions(pixels, tissue, self.cfg["augment"], self.tile_px, generator)
+            key = (self.cfg["seed"], self.fold.seed_offset, self.epoch, self.step, place, AUGMENT_STREAM)
+            pixels, tissue = augment_regions(pixels, tissue, self.cfg["augment"], self.tile_px,
+                                             torch.Generator().manual_seed(derived_seed(*key)))
         mask = tile_mask(tissue, self.cfg["data"]["min_tile_tissue"])
-        logits = self.model(pixels, mask.to(self.device) if mask is not None else None)
-        return self.loss_fn(logits.float(), torch.tensor([item["label_index"]], device=self.device))
+        return pixels, (mask if mask is not None else torch.zeros(tissue.shape, dtype=torch.bool))
+
+    def _loss_of(self, n: int, items: list[dict], scale: float) -> torch.Tensor:
+        """Micro-batch n of this process's part of the global batch: its slides' regions through the tile
+        encoder and ViT4K together, the slide model per slide; the sum of their losses times `scale`
+        (micro-batches / slides in the step, so that accumulation_step's mean over micro-batches is the
+        mean over slides)."""
+        per_call = self.cfg["train"]["slides_per_call"]
+        places = [(n * per_call + j) * self.world + self.rank for j in range(len(items))]  # index in the global batch
+        torch.manual_seed(derived_seed(self.cfg["seed"], self.fold.seed_offset, self.epoch, self.step, places[0]))
+        pixels, masks = zip(*(self._slide_input(item, place) for item, place in zip(items, places)))
+        mask = torch.cat(masks)
+        logits = self.model(torch.cat(pixels), mask.to(self.device) if mask.any() else None,
+                            bag_sizes=[len(p) for p in pixels])
+        target = torch.tensor([item["label_index"] for item in items], device=self.device)
+        return self.loss_fn(logits.float(), target) * len(items) * scale
 
     def train_epoch(self, progress: tqdm) -> None:
         train = self.cfg["train"]
@@ -426,9 +443,11 @@ class FoldTrainer:
             self.step = step  # seeds this step's random draws (_loss_of)
             self._set_lr()
             group = [next(items) for _ in groups[self.step]]
-            total = accumulation_step(self.accelerator, self.model, self.optimizer, group, self._loss_of,
-                                      self.cfg["optim"]["clip_grad"])
-            loss = self.accelerator.reduce(torch.tensor(total / len(group), device=self.device), "mean").item()
+            calls = [group[i:i + train["slides_per_call"]] for i in range(0, len(group), train["slides_per_call"])]
+            scale = len(calls) / len(group)
+            total = accumulation_step(self.accelerator, self.model, self.optimizer, calls,
+                                      partial(self._loss_of, scale=scale), self.cfg["optim"]["clip_grad"])
+            loss = self.accelerator.reduce(torch.tensor(total / len(calls), device=self.device), "mean").item()
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
                     f"{self.fold.name}: loss {loss} at epoch {self.epoch} step {self.step}; nothing was saved "
@@ -526,6 +545,9 @@ def train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
 def _train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     train = cfg["train"]
     check_augment(cfg["augment"])
+    if train["grad_accum"] % train["slides_per_call"]:
+        raise ValueError(f"train.slides_per_call={train['slides_per_call']} must divide "
+                         f"train.grad_accum={train['grad_accum']}")
     precision = "no" if train["mixed_precision"] is False else train["mixed_precision"]  # YAML reads a bare no as false
     accelerator = Accelerator(mixed_precision=precision,
                               fsdp_plugin=fsdp_plugin() if train["fsdp"] else None)
