@@ -274,7 +274,9 @@ def test_embedded_default_runs(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert metrics["n_folds"] == 3 and metrics["mode"] == "end to end"
     rows = list(csv.DictReader(open(demo / "e2e" / "predictions.csv")))
     assert len(rows) == 12 and {row["true_label"] for row in rows} == {"class_a", "class_b"}
+    assert "![learning curves](learning_curves.png)" in (demo / "e2e" / "report.md").read_text()
     for name in ("report.md", "metrics.json", "roc.png", "confusion_matrix.png", "splits.csv", "config.yaml",
+                 "learning_curves.png",
                  "fold_2/best_model.safetensors", "fold_0/history.json", "fold_1/train_log.jsonl"):
         assert (demo / "e2e" / name).exists(), name
     assert (demo / "slides" / "labels.csv").exists() and (demo / "shards" / "manifest.json").exists()

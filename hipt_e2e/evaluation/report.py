@@ -56,13 +56,35 @@ def plot_roc(path: Path, y_true: np.ndarray, probs: np.ndarray, classes: Sequenc
     _save_figure(figure, path)
 
 
+def plot_learning_curves(path: Path, histories: dict[str, list[dict]]) -> None:
+    """Per fold: training loss, validation loss and validation balanced accuracy against the epoch, the
+    selected epoch (best validation balanced accuracy, then loss) marked."""
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    keys = (("train_loss", "training loss (mean over the epoch's steps)"), ("val_loss", "validation loss"),
+            ("val_balanced_accuracy", "validation balanced accuracy"))
+    for name, history in histories.items():
+        epochs = [entry["epoch"] for entry in history]
+        for axis, (key, _) in zip(axes, keys):
+            if all(key in entry for entry in history):
+                line, = axis.plot(epochs, [entry[key] for entry in history], label=name, lw=1.2)
+        if all("val_balanced_accuracy" in entry for entry in history):
+            best = max(history, key=lambda e: (e["val_balanced_accuracy"], -e["val_loss"]))
+            axes[2].plot(best["epoch"], best["val_balanced_accuracy"], "o", color=line.get_color())
+    for axis, (_, title) in zip(axes, keys):
+        axis.set_xlabel("epoch")
+        axis.set_title(title)
+    axes[2].legend(fontsize=7, loc="lower right")
+    _save_figure(figure, path)
+
+
 def _fmt(stat: dict) -> str:
     return f"{stat['mean']:.3f} +- {stat['sd']:.3f}"
 
 
 def write_report(out_dir: str | Path, rows: Sequence[dict], per_fold: Sequence[dict], classes: Sequence[str],
-                 extra: dict[str, Any] | None = None) -> dict:
-    """Write every output of a run and return the metrics dict (also in metrics.json)."""
+                 extra: dict[str, Any] | None = None, histories: dict[str, list[dict]] | None = None) -> dict:
+    """Write every output of a run and return the metrics dict (also in metrics.json). histories: each
+    fold's per-epoch history (history.json), plotted as learning_curves.png when given."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     y_true = np.array([classes.index(r["true_label"]) for r in rows])
@@ -85,6 +107,11 @@ def write_report(out_dir: str | Path, rows: Sequence[dict], per_fold: Sequence[d
     lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |"
               for c, row in zip(classes, metrics["pooled"]["confusion_matrix"])]
     lines += ["", "![confusion](confusion_matrix.png) ![roc](roc.png)", ""]
+    if histories:
+        plot_learning_curves(out_dir / "learning_curves.png", histories)
+        epochs = [len(h) for h in histories.values()]
+        lines += [f"Learning curves ({min(epochs)}-{max(epochs)} epochs per fold; dots: the selected epoch):", "",
+                  "![learning curves](learning_curves.png)", ""]
     for key, value in (extra or {}).items():
         if key != "title":
             lines.append(f"- {key}: {value}")

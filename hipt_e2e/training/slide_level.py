@@ -328,7 +328,9 @@ def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], cfg: dict, acc
         extra = {**extra, "imbalance": cfg["imbalance"], "seed": cfg["seed"], "n_folds": len(folds) // repeats,
                  "repeats": repeats,
                  "processes": accelerator.num_processes}
-        metrics = write_report(out, rows, per_fold, classes, extra)
+        histories = {fold.name: json.loads((out / fold.name / "history.json").read_text())
+                     for fold in folds if (out / fold.name / "history.json").is_file()}
+        metrics = write_report(out, rows, per_fold, classes, extra, histories)
         summary = metrics["summary"]
         log.info("balanced accuracy %.3f +- %.3f, macro AUC %.3f +- %.3f over %d folds -> %s",
                  summary["balanced_accuracy"]["mean"], summary["balanced_accuracy"]["sd"],
