@@ -28,7 +28,7 @@ def test_identical_variants_are_not_separated():
     pair = paired_difference("A", fold_entries(values), "B", fold_entries(values))
     low, high = pair.interval()
     assert low <= 0 <= high and not pair.separated and pair.p_wilcoxon == 1.0
-    assert pair.sentence() == "A and B are not separated (difference +0.000, 95 % CI +0.000 to +0.000)."
+    assert pair.sentence() == "A and B are not separated on balanced accuracy (difference +0.000, 95 % CI +0.000 to +0.000)."
     # two variants of the same quality with independent fold noise: still not separated
     other = np.random.default_rng(1).uniform(0.6, 0.9, 15)
     pair = paired_difference("A", fold_entries(values), "B", fold_entries(other))

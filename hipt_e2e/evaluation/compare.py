@@ -94,7 +94,7 @@ class PairedDifference:
         name = METRIC_NAMES.get(self.metric, self.metric.replace("_", " "))
         ci = f"{self.level:.0%}".replace("%", " %")
         if not self.separated:
-            return (f"{self.a} and {self.b} are not separated (difference {_signed(self.mean)}, "
+            return (f"{self.a} and {self.b} are not separated on {name} (difference {_signed(self.mean)}, "
                     f"{ci} CI {_signed(low)} to {_signed(high)}).")
         winner, loser, sign = (self.a, self.b, 1) if self.mean > 0 else (self.b, self.a, -1)
         low, high = sorted((sign * low, sign * high))
