@@ -3,7 +3,8 @@
 One training micro-step is one slide: k of its regions (seeded by seed, epoch and slide id; all when
 it has fewer), augmented when `augment.enabled` (hipt_e2e.data.augment: poses, stain and colour
 jitter), go through tile encoder -> ViT4K -> slide model with gradients into every stage that
-is not frozen. Memory stays bounded by gradient checkpointing over chunks of tiles (and optionally
+is not frozen (with `train.slides_per_call=k`, k small slides share the tile-encoder and ViT4K calls of
+a micro-step, the slide model still sees each on its own). Memory stays bounded by gradient checkpointing over chunks of tiles (and optionally
 every ViT block), mixed precision, and gradient accumulation over slides; tiles that the shard's
 tissue fractions mark as background can be skipped. Validation and test use every region of a
 slide, encoded a bounded number of regions at a time without gradients.
@@ -12,8 +13,8 @@ Splits, class-imbalance settings, model selection with early stopping and the re
 slide-level training (`slide_level.run_folds`, `ModelSelection`, `epoch_order`), so the staged and
 the end-to-end paths are evaluated identically. Each fold is a resumable run like a DINO run
 (`fold_i/checkpoint.pt`, `fold_i/train_log.jsonl`): the slide order, the sampled regions and every
-random draw (augmentation, dropout, stochastic depth) are functions of (seed, fold, epoch, step, place in the global
-batch), so ``resume=true`` continues exactly, and k processes x a slides per step equal one process
+random draw (augmentation, dropout, stochastic depth) are functions of (seed, fold, epoch, step, place in
+the global batch), so ``resume=true`` continues exactly, and k processes x a slides per step equal one process
 accumulating k*a slides. Data parallelism is Accelerate's DDP, or FSDP with ``train.fsdp=true``.
 """
 from __future__ import annotations
