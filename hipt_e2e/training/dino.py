@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from hipt_e2e.config import save_config
 from hipt_e2e.io import atomic_write_text
+from hipt_e2e.models import training_attention
 from hipt_e2e.ssl import (
     DINOHead,
     DINOLoss,
@@ -256,7 +257,7 @@ class DINOTrainer:
             inputs = inputs.float()  # token grids may be stored as float16; autocast lowers where enabled
         crops = make_crops(self.multicrop, inputs, cfg["seed"], step, place, cfg["train"]["augment_chunk"])
         torch.manual_seed(derived_seed(cfg["seed"], step, place, DROP_PATH))
-        with accelerator.accumulate(student):
+        with accelerator.accumulate(student), training_attention(self.device):
             with torch.no_grad(), accelerator.autocast():
                 teacher_output = self.teacher(crops[:2])  # the teacher sees the global crops only
             loss = self.dino_loss(student(crops), teacher_output, epoch)

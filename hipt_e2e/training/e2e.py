@@ -2,12 +2,13 @@
 
 One training micro-step is one slide: k of its regions (seeded by seed, epoch and slide id; all when
 it has fewer), augmented when `augment.enabled` (hipt_e2e.data.augment: poses, stain and colour
-jitter), go through tile encoder -> ViT4K -> slide model with gradients into every stage that
-is not frozen (with `train.slides_per_call=k`, k small slides share the tile-encoder and ViT4K calls of
-a micro-step, the slide model still sees each on its own). Memory stays bounded by gradient checkpointing over chunks of tiles (and optionally
-every ViT block), mixed precision, and gradient accumulation over slides; tiles that the shard's
-tissue fractions mark as background can be skipped. Validation and test use every region of a
-slide, encoded a bounded number of regions at a time without gradients.
+jitter), go through tile encoder -> ViT4K -> slide model with gradients into every stage that is not
+frozen (with `train.slides_per_call=k`, k small slides share the tile-encoder and ViT4K calls of a
+micro-step; the slide model still sees each on its own). Memory stays bounded by gradient
+checkpointing over chunks of tiles (and optionally every ViT block), mixed precision, and gradient
+accumulation over slides; tiles that the shard's tissue fractions mark as background can be skipped.
+Validation and test use every region of a slide, encoded a bounded number of regions at a time
+without gradients.
 
 Splits, class-imbalance settings, model selection with early stopping and the report are those of
 slide-level training (`slide_level.run_folds`, `ModelSelection`, `epoch_order`), so the staged and

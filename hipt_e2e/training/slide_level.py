@@ -32,7 +32,7 @@ from hipt_e2e.evaluation.metrics import classification_metrics, vote
 from hipt_e2e.evaluation.report import write_report
 from hipt_e2e.evaluation.splits import Fold, SlideInfo, check_labels, make_folds, write_splits
 from hipt_e2e.io import atomic_write_json
-from hipt_e2e.models import vit_wsi
+from hipt_e2e.models import training_attention, vit_wsi
 from hipt_e2e.models.mil import RegionFC, abmil
 from hipt_e2e.training.checkpointing import export_safetensors
 from hipt_e2e.training.recipe import recipe_config
@@ -156,7 +156,8 @@ def accumulation_step(accelerator: Accelerator, model: nn.Module, optimizer: tor
     total = 0.0
     for n, item in enumerate(group):
         sync = n == len(group) - 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+        with (contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast(),
+              training_attention(accelerator.device)):
             loss = loss_of(n, item)
             accelerator.backward(loss / len(group))
         total += loss.item()
