@@ -24,7 +24,6 @@ import webdataset as wds
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
-from tqdm import tqdm
 
 from hipt_e2e.config import save_config
 from hipt_e2e.data.embeddings import SlideBag, write_slide_bags
@@ -34,6 +33,7 @@ from hipt_e2e.data.streams import SlideBagStream, reader_info
 from hipt_e2e.data.writer import ShardWriter
 from hipt_e2e.io import atomic_write_json
 from hipt_e2e.normalise import normalise
+from hipt_e2e.progress import progress
 from hipt_e2e.training.data import collate
 from shards.build import FORMAT, FORMAT_VERSION, JOURNAL, part_dir, read_journal
 from shards.merge import PART, merge
@@ -202,8 +202,8 @@ def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, sett
                                       source_manifest["classes"], shard_bytes) for reader in mine}
     encoder = encoder.to(accelerator.device).eval()
     loader = DataLoader(dataset, batch_size=regions_per_batch, num_workers=workers, collate_fn=collate)
-    progress = tqdm(total=sum(dataset.samples_of_reader(reader, readers) for reader in mine), desc="embed tiles",
-                    unit="region", disable=not accelerator.is_main_process)
+    bar = progress(total=sum(dataset.samples_of_reader(reader, readers) for reader in mine), desc="embed tiles",
+                   unit="region", disable=not accelerator.is_main_process)
     for batch in loader:
         tile_px = {record["tile_px"] for record in batch["record"]}
         if len(tile_px) > 1:
@@ -217,8 +217,8 @@ def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, sett
             grid_record = {**record, "height": grid.shape[1], "width": grid.shape[2],
                            "region_height": record["height"], "region_width": record["width"]}
             writers[reader].add({"__key__": key, ext: data, "json": json.dumps(grid_record).encode()}, record)
-        progress.update(len(grids))
-    progress.close()
+        bar.update(len(grids))
+    bar.close()
     for reader, writer in writers.items():
         writer.finish(inputs=dataset.samples_of_reader(reader, readers))
     return _finish_output(accelerator, out, readers, source_manifest["samples"], settings)
@@ -241,8 +241,8 @@ def embed_regions(encoder: nn.Module, source: str | Path, out: str | Path, *, se
 
     def bags() -> Iterator[SlideBag]:
         # The slide-bag stream gives each process (and worker) the slides that start in its shards.
-        for bag in tqdm(DataLoader(SlideBagStream(source), batch_size=None, num_workers=workers),
-                        desc="embed regions", unit="slide", disable=not accelerator.is_main_process):
+        for bag in progress(DataLoader(SlideBagStream(source), batch_size=None, num_workers=workers),
+                            desc="embed regions", unit="slide", disable=not accelerator.is_main_process):
             grids = bag["pixels"].to(accelerator.device)
             with accelerator.autocast():
                 embeddings = torch.cat([encoder(chunk.float()) for chunk in grids.split(regions_per_batch)])

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
-from tqdm import tqdm
 
 from hipt_e2e.data.manifest import class_counts
 from hipt_e2e.data.samples import encode_pixels, sample_key
@@ -36,6 +35,7 @@ from hipt_e2e.data.sources import (
 from hipt_e2e.data.tiling import TISSUE_FLOOR, RegionGeometry, tile_tissue_fractions
 from hipt_e2e.data.writer import ShardWriter
 from hipt_e2e.io import atomic_write_json
+from hipt_e2e.progress import progress
 from shards.inputs import Item, class_names, discover
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "region_px": 4096,
     "tile_px": 256,
     "mpp": 0.5,  # target resolution of the regions
-    "slide_mpp": None,  # resolution of the inputs when their metadata has none (images, pt)
+    "slide_mpp": None,  # resolution of the inputs when their metadata has none (images, pt) or an implausible one
+    "allow_upsample": False,  # allow reading at an mpp finer than a slide's own by more than 1.25x
     "min_tissue": 0.25,
     "tissue_threshold": None,  # saturation 0-255; None: Otsu per slide (floored)
     "thumbnail_px": 2048,
@@ -146,7 +147,7 @@ def _slide_events(item: Item, cfg: dict, classes: list[str], start: int) -> Iter
     try:
         for region in iter_regions(reader, geometry, min_tissue=cfg["min_tissue"],
                                    threshold=cfg["tissue_threshold"], thumbnail_px=cfg["thumbnail_px"],
-                                   start=start):
+                                   start=start, allow_upsample=cfg["allow_upsample"]):
             count += 1
             yield "sample", region.index, _sample(
                 item, region.index, region.rgb, region.tissue, cfg, classes, x=region.x, y=region.y,
@@ -273,7 +274,7 @@ def build(cfg: dict) -> dict:
             streams = _events_parallel(todo, cfg, classes, spool_dir)
         else:
             streams = ((item, item_events(item, cfg, classes, start)) for item, start in todo)
-        for item, events in tqdm(streams, total=len(todo), desc=f"build {out_dir.name}", unit="item"):
+        for item, events in progress(streams, total=len(todo), desc=f"build {out_dir.name}", unit="item"):
             for kind, index, payload in events:
                 if kind == "skip":
                     if cfg["on_error"] == "fail":

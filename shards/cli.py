@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     build_cmd.add_argument("input", type=Path)
     build_cmd.add_argument("--out", type=Path, required=True)
     build_cmd.add_argument("--labels-from-folders", action="store_true", default=argparse.SUPPRESS)
+    build_cmd.add_argument("--allow-upsample", action="store_true", default=argparse.SUPPRESS,
+                           help="allow --mpp finer than a slide's own resolution by more than 1.25x")
     for flag, (key, kind) in BUILD_FLAGS.items():
         build_cmd.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS)
     add_config_arguments(build_cmd)

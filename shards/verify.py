@@ -7,13 +7,13 @@ from collections import Counter
 from pathlib import Path
 
 import webdataset as wds
-from tqdm import tqdm
 
 from hipt_e2e.data.embeddings import KIND as BAG_KIND
 from hipt_e2e.data.embeddings import decode_bag
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.data.samples import decode_sample
 from hipt_e2e.io import sha256_file
+from hipt_e2e.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def verify(root: str | Path) -> list[str]:
     check_sample = _check_bag if manifest.get("kind") == BAG_KIND else _check_region
     problems: list[str] = []
     totals: Counter = Counter()
-    for shard in tqdm(manifest["shards"], desc="verify", unit="shard"):
+    for shard in progress(manifest["shards"], desc="verify", unit="shard"):
         shard_problems, slides = _check_shard(root, shard, check_sample)
         problems += shard_problems
         totals.update(slides)

@@ -33,6 +33,27 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".svslide", ".bif", ".vms", ".vmu", ".dcm")
 
 
+# Resolutions a microscope scan can have (micrometres per pixel): 40x is ~0.25, 1.25x thumbnails ~8.
+PLAUSIBLE_MPP = (0.05, 20.0)
+# Display resolutions image writers put in TIFF/PNG headers when no microscope wrote the file.
+DISPLAY_DPI = (72, 96, 150, 300, 600)
+MICRONS_PER_UNIT = {"inch": 25_400.0, "cm": 10_000.0, "mm": 1_000.0}
+MAX_UPSAMPLE = 1.25  # reading finer than the slide's own resolution by more than this needs allow_upsample
+
+
+def implausible_mpp(mpp: float) -> str | None:
+    """Why a recorded resolution cannot be a microscope scan's, or None when it can be one."""
+    if not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+        reason = f"outside the {PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} um/px microscopes produce"
+    else:
+        reason = ""
+    for dpi in DISPLAY_DPI:
+        for unit, microns in MICRONS_PER_UNIT.items():
+            if abs(microns / dpi - mpp) <= 0.01 * mpp:
+                return f"a display resolution ({dpi} px per {unit})" + (f", {reason}" if reason else "")
+    return reason or None
+
+
 class InputError(Exception):
     """An input that cannot be used, with the file and the reason."""
 
@@ -60,6 +81,7 @@ class SlideReader(Protocol):
     width: int
     height: int
     mpp: float | None
+    mpp_recorded: bool  # mpp comes from the file's metadata (checked for plausibility), not from the user
 
     def thumbnail(self, max_px: int) -> np.ndarray: ...
 
@@ -79,7 +101,7 @@ class ImageReader:
         except Exception as exc:  # Pillow raises many types for broken files
             raise InputError(self.path, f"cannot read image ({type(exc).__name__}: {exc})") from exc
         self.width, self.height = self.image.size
-        self.mpp = mpp
+        self.mpp, self.mpp_recorded = mpp, False
 
     def thumbnail(self, max_px: int) -> np.ndarray:
         thumb = self.image.copy()
@@ -111,6 +133,7 @@ class OpenSlideReader:
             raise InputError(self.path, f"OpenSlide cannot open it ({type(exc).__name__}: {exc})") from exc
         self.width, self.height = self.slide.dimensions
         recorded = self.slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
+        self.mpp_recorded = mpp is None and bool(recorded)
         self.mpp = mpp if mpp is not None else (float(recorded) if recorded else None)
 
     def thumbnail(self, max_px: int) -> np.ndarray:
@@ -145,18 +168,34 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return np.rint(rgb).astype(np.uint8)
 
 
-def iter_regions(reader: SlideReader, geometry: RegionGeometry, *, min_tissue: float,
-                 threshold: int | None = None, thumbnail_px: int = 2048,
-                 start: int = 0) -> Iterator[Region]:
-    """Regions of one slide with tissue fraction >= min_tissue, raster order, indices from 0.
-
-    The tissue decision uses the low-resolution thumbnail mask (cheap); the per-tile fractions stored
-    with each region are measured on the region's own pixels. Regions before `start` are counted but
-    not read (used to resume a build inside a slide).
-    """
+def check_resolution(reader: SlideReader, geometry: RegionGeometry, allow_upsample: bool = False) -> None:
+    """InputError (naming the file and the values) when the slide has no usable resolution, or when
+    reading it at geometry.mpp would enlarge it by more than MAX_UPSAMPLE without allow_upsample."""
     if reader.mpp is None:
         raise InputError(reader.path, "no resolution (microns per pixel) in the slide's metadata; "
                                       "pass --slide-mpp to state it")
+    problem = implausible_mpp(reader.mpp) if reader.mpp_recorded else None
+    if problem:
+        raise InputError(reader.path, f"its metadata gives {reader.mpp:.4g} um/px, {problem}: not a microscope "
+                                      "scan's resolution, so treated as missing; pass --slide-mpp to state it")
+    factor = reader.mpp / geometry.mpp
+    if factor > MAX_UPSAMPLE and not allow_upsample:
+        raise InputError(reader.path, f"reading it at {geometry.mpp:g} um/px would enlarge its {reader.mpp:.4g} um/px "
+                                      f"{factor:.3g}x (more than {MAX_UPSAMPLE}x); use --mpp {reader.mpp:.4g} or "
+                                      "coarser, or --allow-upsample if that is meant")
+
+
+def iter_regions(reader: SlideReader, geometry: RegionGeometry, *, min_tissue: float,
+                 threshold: int | None = None, thumbnail_px: int = 2048,
+                 start: int = 0, allow_upsample: bool = False) -> Iterator[Region]:
+    """Regions of one slide with tissue fraction >= min_tissue, raster order, indices from 0.
+
+    The slide's resolution is checked first (check_resolution). The tissue decision uses the
+    low-resolution thumbnail mask (cheap); the per-tile fractions stored with each region are measured
+    on the region's own pixels. Regions before `start` are counted but not read (used to resume a build
+    inside a slide).
+    """
+    check_resolution(reader, geometry, allow_upsample)
     size = geometry.level0_size(reader.mpp)
     thumb = reader.thumbnail(thumbnail_px)
     level_threshold = tissue_threshold(thumb, threshold)

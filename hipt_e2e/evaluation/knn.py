@@ -25,12 +25,12 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from torch import nn
-from tqdm import tqdm
 
 from hipt_e2e.config import load_yaml, setup_logging
 from hipt_e2e.data.sources import IMAGE_SUFFIXES
 from hipt_e2e.embedding import token_grids
 from hipt_e2e.io import atomic_write_json
+from hipt_e2e.progress import progress
 from hipt_e2e.training import BACKBONE_EXPORT, build_tile_encoder, load_encoder_weights
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def image_features(encoder: nn.Module, images: Sequence[torch.Tensor], tile_px: 
     """uint8 [3, H, W] images -> [N, D]: each image's mean tile embedding (whole tiles only)."""
     encoder.eval()
     features = []
-    for image in tqdm(images, desc="image features", unit="image"):
+    for image in progress(images, desc="image features", unit="image"):
         rows, cols = image.shape[1] // tile_px, image.shape[2] // tile_px
         grid = token_grids(encoder, image[None, :, :rows * tile_px, :cols * tile_px], tile_px, normalisation,
                            tiles_per_call)

@@ -22,11 +22,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from hipt_e2e.config import resolve_config, save_config, setup_logging
 from hipt_e2e.data.manifest import load_manifest
-from hipt_e2e.data.sources import IMAGE_SUFFIXES, SLIDE_SUFFIXES, ImageReader, OpenSlideReader, iter_regions
+from hipt_e2e.data.sources import (
+    IMAGE_SUFFIXES,
+    SLIDE_SUFFIXES,
+    ImageReader,
+    OpenSlideReader,
+    check_resolution,
+    iter_regions,
+)
 from hipt_e2e.data.streams import SlideBagStream
 from hipt_e2e.data.tiling import RegionGeometry
 from hipt_e2e.evaluation.metrics import vote
@@ -34,6 +40,7 @@ from hipt_e2e.inference.heatmaps import plot_region_heatmap, plot_tile_heatmap, 
 from hipt_e2e.io import atomic_write_text
 from hipt_e2e.models import HIPT, load_checkpoint, model_preset
 from hipt_e2e.models.mil import RegionFC
+from hipt_e2e.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +60,8 @@ PREDICT_DEFAULTS: dict[str, Any] = {
         "trusted": False,  # allow full unpickling of released .pth files (only for files you trust)
     },
     "input_kind": "slides",  # slides | images | shards
-    "geometry": {"region_px": None, "mpp": 0.5, "slide_mpp": None, "min_tissue": 0.25, "tissue_threshold": None},
+    "geometry": {"region_px": None, "mpp": 0.5, "slide_mpp": None, "min_tissue": 0.25, "tissue_threshold": None,
+                 "allow_upsample": False},  # as hipt-shards build: --slide-mpp, --allow-upsample
     "chunk_regions": 8,
     "top_regions": 3,
     "thumbnail_px": 1024,
@@ -158,7 +166,9 @@ def _reader_inputs(paths: Sequence[Path], cfg: dict, geometry: RegionGeometry) -
     for path in paths:
         try:
             reader = opener(path, g["slide_mpp"])
-            regions = iter_regions(reader, geometry, min_tissue=g["min_tissue"], threshold=g["tissue_threshold"])
+            check_resolution(reader, geometry, g["allow_upsample"])  # now, so a bad slide is listed before reading
+            regions = iter_regions(reader, geometry, min_tissue=g["min_tissue"], threshold=g["tissue_threshold"],
+                                   allow_upsample=g["allow_upsample"])
             size = geometry.level0_size(reader.mpp) if reader.mpp else 0
             thumbnail = reader.thumbnail(cfg["thumbnail_px"])
             yield SlideInput(path.stem, path, ((r.x, r.y, r.rgb) for r in regions), size, thumbnail,
@@ -228,14 +238,14 @@ def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor
         slides, total = _reader_inputs(paths, cfg, geometry), len(paths)
     classes = predictor.classes
     rows, failed = [], 0
-    for slide in tqdm(slides, total=total, desc="predict", unit="slide"):
+    for slide in progress(slides, total=total, desc="predict", unit="slide"):
         if isinstance(slide, tuple):
             path, error = slide
             slide_id, n_regions, probs = path.stem, 0, None
         else:
             path, slide_id, error = slide.path, slide.slide_id, ""
             try:
-                regions = tqdm(slide.regions, desc=slide_id, unit="region", leave=False)
+                regions = progress(slide.regions, desc=slide_id, unit="region", leave=False)
                 result = predictor.predict(regions, slide.size)
                 _heatmaps(out / "heatmaps", slide, result, classes, cfg["top_regions"])
                 n_regions, probs = len(result.coords), result.probs

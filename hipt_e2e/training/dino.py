@@ -24,11 +24,11 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import IterableDataset
-from tqdm import tqdm
 
 from hipt_e2e.config import save_config
 from hipt_e2e.io import atomic_write_text
 from hipt_e2e.models import training_attention
+from hipt_e2e.progress import progress
 from hipt_e2e.ssl import (
     DINOHead,
     DINOLoss,
@@ -294,16 +294,16 @@ class DINOTrainer:
                      "accumulated; peak lr %.3g", self.total, train["epochs"], self.steps_per_epoch,
                      self.global_batch, train["batch_size"], self.world, train["grad_accum"], self.lr.max())
         end = min(self.total, train["stop_after"] or self.total)
-        progress = tqdm(range(self.start, end), initial=self.start, total=self.total, desc="dino", unit="step",
-                        disable=not self.main)
-        for step in progress:
+        bar = progress(range(self.start, end), initial=self.start, total=self.total, desc="dino", unit="step",
+                       disable=not self.main)
+        for step in bar:
             epoch = step // self.steps_per_epoch
             set_lr_and_weight_decay(self.optimizer, float(self.lr[step]), float(self.weight_decay[step]))
             loss = sum(self.micro_step(step, epoch, micro) for micro in range(train["grad_accum"])) / train["grad_accum"]
             update_teacher(self.accelerator.unwrap_model(self.student), self.teacher, float(self.momentum[step]))
             if self.main:
                 self._log_step(step, epoch, loss)
-                progress.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
+                bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
             if (step + 1) % train["checkpoint_every"] == 0 or step + 1 == end:
                 self.save(step + 1)
         if self.main and end == self.total:

@@ -54,6 +54,7 @@ from hipt_e2e.evaluation.splits import Fold, SlideInfo
 from hipt_e2e.io import atomic_write_json
 from hipt_e2e.models import HIPT, TileViT, load_checkpoint, model_preset, vit_wsi
 from hipt_e2e.models.hipt import STAGES
+from hipt_e2e.progress import progress
 from hipt_e2e.training.checkpointing import CHECKPOINT, export_safetensors, save_checkpoint
 from hipt_e2e.training.data import derived_seed
 from hipt_e2e.training.dino import TRAIN_LOG, NonFiniteLossError, keep_log_before, resume_state
@@ -433,7 +434,7 @@ class FoldTrainer:
         target = torch.tensor([item["label_index"] for item in items], device=self.device)
         return self.loss_fn(logits.float(), target) * len(items) * scale
 
-    def train_epoch(self, progress: tqdm) -> None:
+    def train_epoch(self, bar: tqdm) -> None:
         train = self.cfg["train"]
         order = epoch_order(self.train_labels, self.n_classes, balanced=self.cfg["imbalance"] == "balanced_sampling",
                             seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world)
@@ -458,8 +459,8 @@ class FoldTrainer:
             if self.main:
                 self._log(loss)
             self.steps, self.run_steps, self.step = self.steps + 1, self.run_steps + 1, self.step + 1
-            progress.update()
-            progress.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch)
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch)
             if train["stop_after"] is not None and self.run_steps >= train["stop_after"]:
                 self.save()
                 raise TrainingStopped(f"stopped after {self.run_steps} steps (train.stop_after); "
@@ -497,12 +498,12 @@ class FoldTrainer:
             self.dir.mkdir(parents=True, exist_ok=True)
             keep_log_before(self.dir / TRAIN_LOG, self.steps)
         epochs = self.cfg["train"]["epochs"]
-        progress = tqdm(total=epochs * self.steps_per_epoch, initial=self.epoch * self.steps_per_epoch + self.step,
-                        desc=self.fold.name, unit="step", disable=not self.main)
+        bar = progress(total=epochs * self.steps_per_epoch, initial=self.epoch * self.steps_per_epoch + self.step,
+                       desc=self.fold.name, unit="step", disable=not self.main)
         while self.epoch < epochs and not self.selection.stopped:
-            self.train_epoch(progress)
+            self.train_epoch(bar)
             self._end_epoch()
-        progress.close()
+        bar.close()
         self.eval_model.load_state_dict(self.selection.best_state)
         self.test_probs = self.predict(self.fold.test)
         if self.main:

@@ -24,7 +24,6 @@ from accelerate.utils import set_seed
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import train_test_split
 from torch import nn
-from tqdm import tqdm
 
 from hipt_e2e.config import save_config
 from hipt_e2e.data.embeddings import SlideBag, read_slide_bags
@@ -34,6 +33,7 @@ from hipt_e2e.evaluation.splits import Fold, SlideInfo, check_labels, make_folds
 from hipt_e2e.io import atomic_write_json
 from hipt_e2e.models import training_attention, vit_wsi
 from hipt_e2e.models.mil import RegionFC, abmil
+from hipt_e2e.progress import progress
 from hipt_e2e.training.checkpointing import export_safetensors
 from hipt_e2e.training.recipe import recipe_config
 
@@ -270,7 +270,7 @@ def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], cl
     loss_fn = WeightedCrossEntropy(weights).to(accelerator.device)
     val_y = np.array([classes.index(bag.label) for bag in val])
     selection = ModelSelection(cfg["patience"])
-    bar = tqdm(range(optim["epochs"]), desc=fold.name, disable=not accelerator.is_main_process)
+    bar = progress(range(optim["epochs"]), desc=fold.name, disable=not accelerator.is_main_process)
     for epoch in bar:
         order = epoch_order(labels, len(classes), balanced=cfg["imbalance"] == "balanced_sampling",
                             seed=seed, epoch=epoch, rank=accelerator.process_index,
