@@ -20,6 +20,9 @@ LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed} elapsed, {remaining
 class LogLines(tqdm):
     """tqdm whose display is a log line (at most one per `mininterval` seconds)."""
 
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)  # shown with the next timed line
+
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
         if msg != "":  # tqdm clears a bar that is not left with an empty message: nothing to log
             log.info("%s", msg or self.format_meter(**self.format_dict))

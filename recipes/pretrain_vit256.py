@@ -8,6 +8,7 @@ Outputs in `out`: config.yaml, train_log.jsonl, checkpoint.pt (resume=true conti
 released DINO layout) and backbone.safetensors (the teacher's tile encoder) for embed_tiles.
 """
 from hipt_e2e.data import TileStream
+from hipt_e2e.models.bundle import tile_architecture
 from hipt_e2e.ssl import TileMultiCrop
 from hipt_e2e.training import (
     DINO_DEFAULTS,
@@ -42,7 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     # An epoch is one pass over the tiles; counting them reads every record once (set
     # train.steps_per_epoch to skip that on very large shard sets).
     tiles = 0 if cfg["train"]["steps_per_epoch"] else count_tiles(data["shards"], data["min_tissue"])
-    train_dino(cfg, lambda drop_path_rate: build_tile_encoder(cfg["model"], drop_path_rate), stream, multicrop, tiles)
+    card = {"kind": "tile_encoder", "architecture": tile_architecture(cfg["model"]),
+            "normalisation": data["normalisation"]}
+    train_dino(cfg, lambda drop_path_rate: build_tile_encoder(cfg["model"], drop_path_rate), stream, multicrop, tiles,
+               card)
 
 
 if __name__ == "__main__":

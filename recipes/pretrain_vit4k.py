@@ -10,6 +10,7 @@ released DINO layout) and backbone.safetensors (the teacher's ViT4K) for embed_r
 import copy
 
 from hipt_e2e.data import RegionStream, load_manifest
+from hipt_e2e.models.bundle import level_geometry
 from hipt_e2e.ssl import RegionMultiCrop
 from hipt_e2e.training import DINO_DEFAULTS, REGION_MODEL_DEFAULTS, build_region_encoder, recipe_config, train_dino
 
@@ -27,8 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     stream = RegionStream(data["shards"], shuffle=data["shuffle"], seed=cfg["seed"])
     multicrop = RegionMultiCrop(crops["global_size"], crops["local_size"], crops["n_local"])
     regions = load_manifest(data["shards"])["samples"]
+    card = {"kind": "region_encoder", "architecture": level_geometry(cfg["model"], "region")}
     train_dino(cfg, lambda drop_path_rate: build_region_encoder(cfg["model"], drop_path_rate), stream, multicrop,
-               regions)
+               regions, card)
 
 
 if __name__ == "__main__":

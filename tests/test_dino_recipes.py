@@ -14,12 +14,22 @@ import numpy as np
 import pytest
 import torch
 
-from hipt_e2e.data import RegionStream, load_manifest
+from hipt_e2e.data import RegionStream, SlideBagStream, load_manifest
 from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.data.samples import encode_grid
 from hipt_e2e.embedding import GRIDS_KIND, GridPartWriter, token_grids
+from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.models import cnn256, load_checkpoint, model_preset, vit4k, vit256
-from hipt_e2e.training import BACKBONE_EXPORT, CHECKPOINT, TRAIN_LOG, NonFiniteLossError, load_checkpoint_state
+from hipt_e2e.models.bundle import CARD, load_bundle, write_card
+from hipt_e2e.training import (
+    BACKBONE_EXPORT,
+    CHECKPOINT,
+    TRAIN_LOG,
+    NonFiniteLossError,
+    export_safetensors,
+    load_checkpoint_state,
+)
+from hipt_e2e.training.slide_level import build_slide_model, embedding_stages, slide_model_card
 from shards.build import build
 from shards.verify import verify
 
@@ -106,6 +116,25 @@ def test_four_recipes_end_to_end(shards: dict[str, Path], tmp_path: Path) -> Non
         assert [tuple(xy) for xy in bag.coords.tolist()] == coords[bag.slide_id]
     for out in ("vit256", "grids", "vit4k", "slides"):
         assert (tmp_path / out / "config.yaml").exists()
+
+    # The exports describe themselves, and a slide model trained on these bags finds its encoders through the
+    # configs the embedding recipes recorded: its bundle embeds a region shard's slide as the bags hold it.
+    tile_card = json.loads((tmp_path / "vit256" / CARD).read_text())
+    assert tile_card["kind"] == "tile_encoder" and tile_card["architecture"] == {"encoder": "vit", **TINY["tile"]}
+    assert json.loads((tmp_path / "vit4k" / CARD).read_text())["architecture"] == TINY["region"]
+    stages = embedding_stages(slides_dir)
+    assert stages["tile"]["weights"] == str((tmp_path / "vit256" / BACKBONE_EXPORT).resolve())
+    assert (stages["tile_px"], stages["region_px"], stages["normalisation"]) == (32, 128, "hipt")
+    cfg = {"model": {"name": "vit_wsi", "dropout": 0.0, "hidden": None}, "data": {"shards": str(slides_dir)},
+           "vote": "majority"}
+    slide_model = build_slide_model(cfg, len(classes), 24)
+    export_safetensors(slide_model, tmp_path / "wsi" / "best_model.safetensors")
+    write_card(tmp_path / "wsi" / "best_model.safetensors", slide_model_card(cfg, classes, 24, Fold(0, (), (), ()), {}))
+    bundle = load_bundle(tmp_path / "wsi")
+    bag = bags[0]
+    item = next(b for b in SlideBagStream(regions) if b["slide_id"] == bag.slide_id)
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.model(item["pixels"]), slide_model.eval()(bag.features), rtol=1e-4, atol=1e-5)
 
 
 def test_cnn_tile_encoder_runs_through_the_same_recipe(shards: dict[str, Path], tmp_path: Path) -> None:

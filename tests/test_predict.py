@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ def plant_attention(model: HIPT, slide: Path, target: tuple[int, int]) -> None:
     The pooling input h of each region is read with a hook; attention_a scores the projection of h on
     (h_target - mean h_others), attention_b is opened fully, attention_c scales it up.
     """
-    predictor = Predictor(model, ["CLL", "FL"])
+    predictor = Predictor([(model, None)], ["CLL", "FL"])
     reader = OpenSlideReader(slide)
     from hipt_e2e.data.sources import iter_regions
     from hipt_e2e.data.tiling import RegionGeometry
@@ -75,7 +76,7 @@ def test_predict_tiff_with_planted_attention_and_a_broken_file(slide_dir, tmp_pa
     model = HIPT.from_preset("tiny", n_classes=2).eval()
     plant_attention(model, slide_dir / "slide_a.tiff", BRIGHT)
     cfg = config(tmp_path)
-    predictor = Predictor(model, ["CLL", "FL"], chunk_regions=5)
+    predictor = Predictor([(model, None)], ["CLL", "FL"], chunk_regions=5)
     assert predict_inputs(cfg, [slide_dir], predictor) == 1
     rows = {r["slide_id"]: r for r in csv.DictReader(open(tmp_path / "out" / "predictions.csv"))}
     assert rows["broken"]["status"] == "failed" and "OpenSlide" in rows["broken"]["error"]
@@ -143,3 +144,38 @@ def test_predict_region_shards_with_an_fc_head(synthetic_slides, tmp_path):
     assert sorted(r["slide_id"] for r in rows) == sorted(p.stem for p in synthetic_slides.rglob("*.png"))
     assert all(int(r["n_regions"]) == 4 for r in rows)  # 256 px slides -> 2 x 2 regions of 128 px
     assert (tmp_path / "out" / "heatmaps" / f"{rows[0]['slide_id']}_tiles_top1.png").exists()
+
+
+def test_predict_from_a_trained_run_folder(shards, tmp_path):
+    """A tiny e2e run with geometry overrides predicts its own slides from its folder: each fold model on
+    its test slides gives that run's predictions.csv, the ensemble is the mean of the fold models."""
+    from hipt_e2e.models.bundle import load_bundle
+    from tests.test_e2e import load_recipe, settings
+
+    geometry = ["model.tile.embed_dim=24", "model.tile.depth=1", "model.region.in_dim=24", "model.region.embed_dim=12",
+                "model.region.depth=1"]
+    load_recipe().main(settings(shards, tmp_path / "run", *geometry, "train.epochs=1"))
+    card = json.loads((tmp_path / "run" / "fold_1" / "model_card.json").read_text())
+    assert card["kind"] == "hipt" and card["classes"] == ["class_a", "class_b"] and card["region_px"] == 128
+    assert card["architecture"]["tile"]["embed_dim"] == 24 and card["architecture"]["slide"]["dim"] == 12
+    assert card["fold"] == {"repeat": 0, "index": 1} and 0 <= card["test_metrics"]["balanced_accuracy"] <= 1
+    assert load_bundle(tmp_path / "run" / "fold_1").model.region_encoder.num_features == 12
+
+    trained = {(int(r["fold"]), r["slide_id"]): r for r in csv.DictReader(open(tmp_path / "run" / "predictions.csv"))}
+    folds = []
+    for fold in range(3):
+        assert main([str(shards), "input_kind=shards", "--model", str(tmp_path / "run"), f"model.fold={fold}",
+                     f"out={tmp_path / f'fold_{fold}'}", "top_regions=0"]) == 0
+        rows = {r["slide_id"]: r for r in csv.DictReader(open(tmp_path / f"fold_{fold}" / "predictions.csv"))}
+        folds.append(rows)
+        for (trained_fold, slide), row in trained.items():
+            if trained_fold == fold:
+                for name in ("prob_class_a", "prob_class_b"):
+                    assert float(rows[slide][name]) == pytest.approx(float(row[name]), abs=1e-5), (fold, slide)
+    assert main([str(shards), "input_kind=shards", f"model.card={tmp_path / 'run'}", f"out={tmp_path / 'all'}",
+                 "top_regions=0"]) == 0
+    for row in csv.DictReader(open(tmp_path / "all" / "predictions.csv")):
+        mean = np.mean([float(rows[row["slide_id"]]["prob_class_a"]) for rows in folds])
+        assert float(row["prob_class_a"]) == pytest.approx(mean, abs=2e-6)
+    with pytest.raises(FileNotFoundError, match="no model_card.json and no fold folders"):
+        main([str(shards), "input_kind=shards", f"model.card={tmp_path}", f"out={tmp_path / 'none'}"])

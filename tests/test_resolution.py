@@ -79,3 +79,13 @@ def test_progress_is_log_lines_without_a_terminal(caplog, capsys):
     assert lines[0].startswith("work: 0/5 item [") and lines[-1].startswith("work: 5/5 item [")
     assert "left" in lines[-1] and "item/s" in lines[-1]
     assert "\r" not in capsys.readouterr().err
+    # set_postfix (every training step) does not add lines: they stay one per interval
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hipt_e2e.progress"):
+        bar = progress(total=100, desc="steps", unit="step")
+        for step in range(100):
+            bar.update()
+            bar.set_postfix(loss=step)
+        bar.close()
+    assert len(caplog.records) == 2 and caplog.records[-1].getMessage().startswith("steps: 100/100 step [")
+    assert "loss=99" in caplog.records[-1].getMessage()

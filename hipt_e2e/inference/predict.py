@@ -7,6 +7,11 @@ region-attention heatmap over a thumbnail plus tile-attention heatmaps of the to
 Memory is bounded whatever the slide size: regions are read and embedded `chunk_regions` at a time
 (only the [M, 192] embeddings and small attention maps are kept), then the slide model runs once.
 Slides are read through `hipt_e2e.data.sources.iter_regions`, the same tiling as shard building.
+
+The model: `--model RUN_DIR` (or model.card=...), a trained run folder (e2e, train_wsi, train_fc) whose
+fold models are rebuilt from their model cards, with classes, tile / region size, resolution and
+normalisation as trained; model.fold=all (default) averages the fold models, model.fold=i takes one. Or
+the explicit model.* keys (preset, classes, weights or the three stages).
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from hipt_e2e.evaluation.metrics import vote
 from hipt_e2e.inference.heatmaps import plot_region_heatmap, plot_tile_heatmap, region_score_map, top_regions
 from hipt_e2e.io import atomic_write_text
 from hipt_e2e.models import HIPT, load_checkpoint, model_preset
+from hipt_e2e.models.bundle import CARD, load_bundle
 from hipt_e2e.models.mil import RegionFC
 from hipt_e2e.progress import progress
 
@@ -46,6 +52,10 @@ log = logging.getLogger(__name__)
 
 PREDICT_DEFAULTS: dict[str, Any] = {
     "model": {
+        # a trained run folder (its fold models' cards), one fold folder or a model_card.json: classes,
+        # geometry, normalisation and weights come from the cards and the keys below (but trusted) are unused
+        "card": None,
+        "fold": "all",  # with a run folder: all (mean of the fold models' probabilities), i, or a fold folder name
         "preset": "hipt",  # geometry of the three levels (see hipt_e2e/models/presets.py)
         "cnn": None,  # a timm CNN name when the tile encoder is the CNN variant
         "classes": None,  # class names in the order of the model's outputs
@@ -79,29 +89,45 @@ class SlidePrediction:
 
 
 class Predictor:
-    """A trained model (HIPT with a slide model, or HIPT encoders + a region FC) applied slide by slide."""
+    """Trained models applied slide by slide: each member is a HIPT with its slide model, or HIPT encoders +
+    a region FC; with several members (fold models) the slide probabilities, region scores and tile
+    attention are their means. Every chunk of regions is read once and embedded by every member.
+    geometry: where the members were trained (from their cards); None: the caller's."""
 
-    def __init__(self, model: HIPT, classes: Sequence[str], fc: RegionFC | None = None, vote_method: str = "majority",
-                 chunk_regions: int = 8):
-        self.model, self.classes, self.fc = model.eval(), list(classes), fc
-        self.vote_method, self.chunk_regions = vote_method, chunk_regions
+    def __init__(self, members: Sequence[tuple[HIPT, RegionFC | None]], classes: Sequence[str],
+                 vote_method: str = "majority", chunk_regions: int = 8, geometry: RegionGeometry | None = None):
+        self.members = [(model.eval(), fc.eval() if fc is not None else None) for model, fc in members]
+        self.classes, self.vote_method, self.chunk_regions, self.geometry = list(classes), vote_method, chunk_regions, geometry
 
     @torch.no_grad()
-    def _embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grids = self.model.token_grids(pixels)
-        embeddings, attention = self.model.region_encoder.forward_with_attention(grids)
+    def _embed(self, model: HIPT, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grids = model.token_grids(pixels)
+        embeddings, attention = model.region_encoder.forward_with_attention(grids)
         return embeddings, attention.mean(dim=1)
+
+    @torch.no_grad()
+    def _slide(self, model: HIPT, fc: RegionFC | None, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(slide probabilities, region scores) of one member."""
+        if fc is None:
+            logits, weights = model.slide_model(features, return_attention=True)
+            return logits.softmax(-1)[0].numpy(), weights.numpy()
+        region_probs = fc(features).softmax(-1).numpy()
+        probs = vote(region_probs, self.vote_method)
+        return probs, region_probs[:, int(np.argmax(probs))]
 
     @torch.no_grad()
     def predict(self, regions: Iterable[tuple[int, int, np.ndarray]], size: int) -> SlidePrediction:
         """regions: (x, y, rgb [H, W, 3]) of one slide, consumed `chunk_regions` at a time."""
-        embeddings, attentions, coords, chunk = [], [], [], []
+        embeddings: list[list[torch.Tensor]] = [[] for _ in self.members]
+        attentions: list[list[torch.Tensor]] = [[] for _ in self.members]
+        coords, chunk = [], []
 
         def flush() -> None:
             pixels = torch.stack([torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1) for rgb in chunk])
-            embedded, attention = self._embed(pixels)
-            embeddings.append(embedded)
-            attentions.append(attention)
+            for n, (model, _) in enumerate(self.members):
+                embedded, attention = self._embed(model, pixels)
+                embeddings[n].append(embedded)
+                attentions[n].append(attention)
             chunk.clear()
 
         for x, y, rgb in regions:
@@ -113,20 +139,53 @@ class Predictor:
             flush()
         if not coords:
             raise ValueError("no region with enough tissue")
-        features = torch.cat(embeddings)
-        if self.fc is None:
-            logits, weights = self.model.slide_model(features, return_attention=True)
-            probs, scores = logits.softmax(-1)[0].numpy(), weights.numpy()
-        else:
-            region_probs = self.fc(features).softmax(-1).numpy()
-            probs = vote(region_probs, self.vote_method)
-            scores = region_probs[:, int(np.argmax(probs))]
-        return SlidePrediction(probs, np.array(coords), size, scores, torch.cat(attentions).numpy())
+        probs, scores = zip(*(self._slide(model, fc, torch.cat(embeddings[n]))
+                              for n, (model, fc) in enumerate(self.members)))
+        tile_attention = np.mean([torch.cat(a).numpy() for a in attentions], axis=0)
+        return SlidePrediction(np.mean(probs, axis=0), np.array(coords), size, np.mean(scores, axis=0), tile_attention)
+
+
+def card_paths(source: str | Path, fold: str | int = "all") -> list[Path]:
+    """The model cards named by model.card: a card file, a folder with one (a fold), or a run folder whose
+    fold folders hold them (fold=all: every one; an index: that fold of the first repeat; or a folder name)."""
+    source = Path(source)
+    if source.is_file() or (source / CARD).is_file():
+        return [source]
+    cards = sorted(source.glob(f"*fold_*/{CARD}"), key=lambda p: (p.parent.name.startswith("repeat"), p.parent.name))
+    if not cards:
+        raise FileNotFoundError(f"{source}: no {CARD} and no fold folders holding one (fold_*/{CARD}); give a run "
+                                "folder of e2e, train_wsi or train_fc, or name the weights with the model.* keys")
+    if str(fold) == "all":
+        return cards
+    name = f"fold_{fold}" if str(fold).isdigit() else str(fold)
+    chosen = [card for card in cards if card.parent.name == name]
+    if not chosen:
+        raise ValueError(f"model.fold={fold}: {source} has {', '.join(c.parent.name for c in cards)}")
+    return chosen
+
+
+def predictor_from_cards(cfg: dict) -> Predictor:
+    """The fold models named by model.card / model.fold, rebuilt from their cards (load_bundle)."""
+    spec = cfg["model"]
+    bundles = [load_bundle(path, trusted=spec["trusted"]) for path in card_paths(spec["card"], spec["fold"])]
+    first = bundles[0].card
+    for bundle in bundles[1:]:
+        if [bundle.classes, bundle.card["tile_px"], bundle.card["region_px"]] != [bundles[0].classes, first["tile_px"],
+                                                                                  first["region_px"]]:
+            raise ValueError(f"{spec['card']}: its fold models differ in classes or geometry; pick one with model.fold")
+    geometry = RegionGeometry(first["region_px"], first["tile_px"], first.get("mpp") or cfg["geometry"]["mpp"])
+    log.info("%d model(s) from %s: %s, classes %s, %d px regions of %d px tiles at %s um/px", len(bundles), spec["card"],
+             first["source"], bundles[0].classes, geometry.region_px, geometry.tile_px, geometry.mpp)
+    return Predictor([(b.model, b.fc) for b in bundles], bundles[0].classes, bundles[0].vote, cfg["chunk_regions"],
+                     geometry)
 
 
 def build_predictor(cfg: dict) -> Predictor:
-    """The model named by the `model:` section, loaded without unpickling unless `trusted`."""
+    """The model named by the `model:` section (model.card, or the explicit keys), loaded without unpickling
+    unless `trusted`."""
     spec = cfg["model"]
+    if spec["card"]:
+        return predictor_from_cards(cfg)
     if not spec["classes"]:
         raise ValueError("model.classes must list the class names in the model's output order")
     classes = list(spec["classes"])
@@ -145,7 +204,7 @@ def build_predictor(cfg: dict) -> Predictor:
     if not spec["weights"] and not all(spec[s] for s in ("tile_encoder", "region_encoder", "slide_model")):
         raise ValueError("give model.weights (a whole HIPT) or all of model.tile_encoder, model.region_encoder "
                          "and model.slide_model")
-    return Predictor(model, classes, fc, spec["vote"], cfg["chunk_regions"])
+    return Predictor([(model, fc)], classes, spec["vote"], cfg["chunk_regions"])
 
 
 @dataclass
@@ -229,7 +288,7 @@ def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor
     save_config(cfg, out)
     preset = model_preset(cfg["model"]["preset"])
     region_px = cfg["geometry"]["region_px"] or preset["tile_px"] * preset["region_tiles"]
-    geometry = RegionGeometry(region_px, preset["tile_px"], cfg["geometry"]["mpp"])
+    geometry = predictor.geometry or RegionGeometry(region_px, preset["tile_px"], cfg["geometry"]["mpp"])
     if cfg["input_kind"] == "shards":
         slides: Iterable = (s for root in inputs for s in _shard_inputs(Path(root), cfg))
         total = sum(len(load_manifest(root)["slides"]) for root in inputs)
@@ -273,9 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hipt-predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="slide/image files or folders, or shard folders; then key=value")
     parser.add_argument("--config", type=Path, default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a trained run folder, fold folder or model_card.json (same as model.card=...)")
+    args = parser.parse_intermixed_args(argv)  # flags may come between the inputs and the key=value settings
     setup_logging()
-    overrides = [a for a in args.inputs if "=" in a]
+    overrides = [a for a in args.inputs if "=" in a] + ([f"model.card={args.model}"] if args.model else [])
     cfg = resolve_config(PREDICT_DEFAULTS, args.config, overrides)
     if not cfg["out"]:
         parser.error("set out=DIR (in the --config file or as key=value)")

@@ -28,6 +28,7 @@ from torch.utils.data import IterableDataset
 from hipt_e2e.config import save_config
 from hipt_e2e.io import atomic_write_text
 from hipt_e2e.models import training_attention
+from hipt_e2e.models.bundle import write_card
 from hipt_e2e.progress import progress
 from hipt_e2e.ssl import (
     DINOHead,
@@ -166,8 +167,9 @@ class DINOTrainer:
     """
 
     def __init__(self, cfg: Mapping[str, Any], backbone: Callable[[float], nn.Module], stream: IterableDataset,
-                 multicrop: Callable[..., list[torch.Tensor]], samples_per_epoch: int) -> None:
-        self.cfg, self.multicrop = cfg, multicrop
+                 multicrop: Callable[..., list[torch.Tensor]], samples_per_epoch: int,
+                 card: Mapping[str, Any] | None = None) -> None:
+        self.cfg, self.multicrop, self.card = cfg, multicrop, card
         train, optim, dino = cfg["train"], cfg["optim"], cfg["dino"]
         self.out = Path(cfg["out"])
         self.checkpoint_path = self.out / CHECKPOINT
@@ -309,6 +311,8 @@ class DINOTrainer:
         if self.main and end == self.total:
             export_safetensors(self.teacher.backbone, self.out / BACKBONE_EXPORT,
                                {"format": "pt", "source": "DINO teacher backbone", "steps": str(self.total)})
+            if self.card is not None:
+                write_card(self.out / BACKBONE_EXPORT, {**self.card, "source": "dino", "steps": self.total})
             log.info("done: %s (teacher backbone), %s (DINO layout)", self.out / BACKBONE_EXPORT, self.checkpoint_path)
         elif self.main:
             log.info("stopped after step %d of %d; continue with resume=true", end, self.total)
@@ -316,9 +320,11 @@ class DINOTrainer:
 
 
 def train_dino(cfg: Mapping[str, Any], backbone: Callable[[float], nn.Module], stream: IterableDataset,
-               multicrop: Callable[..., list[torch.Tensor]], samples_per_epoch: int) -> Path:
+               multicrop: Callable[..., list[torch.Tensor]], samples_per_epoch: int,
+               card: Mapping[str, Any] | None = None) -> Path:
     """Train (or continue) DINO as configured and return the output folder, which receives config.yaml,
     train_log.jsonl (one line per step), checkpoint.pt (every train.checkpoint_every steps and at the end,
     in the released DINO layout: student/teacher with backbone./head. keys, optimizer, dino_loss, epoch)
-    and, once training is complete, backbone.safetensors (the teacher's backbone under its own key names)."""
-    return DINOTrainer(cfg, backbone, stream, multicrop, samples_per_epoch).train()
+    and, once training is complete, backbone.safetensors (the teacher's backbone under its own key names)
+    with `card` (kind, architecture, normalisation: hipt_e2e.models.bundle) as its model_card.json."""
+    return DINOTrainer(cfg, backbone, stream, multicrop, samples_per_epoch, card).train()

@@ -50,9 +50,11 @@ from hipt_e2e.data.manifest import load_manifest, shard_urls
 from hipt_e2e.data.streams import SlideBagStream
 from hipt_e2e.data.synthetic import make_dataset
 from hipt_e2e.embedding import GRIDS_KIND
+from hipt_e2e.evaluation.metrics import classification_metrics
 from hipt_e2e.evaluation.splits import Fold, SlideInfo
 from hipt_e2e.io import atomic_write_json
-from hipt_e2e.models import HIPT, TileViT, load_checkpoint, model_preset, vit_wsi
+from hipt_e2e.models import HIPT, TileViT, load_checkpoint, model_preset
+from hipt_e2e.models.bundle import hipt_from, level_geometry, tile_architecture, write_card
 from hipt_e2e.models.hipt import STAGES
 from hipt_e2e.progress import progress
 from hipt_e2e.training.checkpointing import CHECKPOINT, export_safetensors, save_checkpoint
@@ -61,8 +63,6 @@ from hipt_e2e.training.dino import TRAIN_LOG, NonFiniteLossError, keep_log_befor
 from hipt_e2e.training.encoders import (
     REGION_MODEL_DEFAULTS,
     TILE_MODEL_DEFAULTS,
-    build_region_encoder,
-    build_tile_encoder,
 )
 from hipt_e2e.training.slide_level import (
     ModelSelection,
@@ -229,26 +229,30 @@ def tile_mask(tissue: torch.Tensor, min_tissue: float) -> torch.Tensor | None:
 
 
 # ------------------------------------------------------------------------------------------ model
+def architecture(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved architecture of cfg["model"] (hipt_e2e.models.bundle), as the model cards record it."""
+    region = level_geometry(model_cfg, "region")
+    # the slide model takes the region encoder's width, as train_wsi.py takes the bags' width
+    slide = {"name": "vit_wsi", **model_preset(model_cfg["preset"])["slide"], "dim": region["embed_dim"],
+             "dropout": model_cfg["dropout"]}
+    return {"tile": tile_architecture(model_cfg), "region": region, "slide": slide}
+
+
 def build_model(cfg: Mapping[str, Any], n_classes: int, tile_px: int | None = None) -> HIPT:
     """The nested HIPT of cfg["model"] with cfg["memory"]'s settings and any initial weights loaded, for
     tiles of tile_px (the shards'; None: the preset's)."""
     model_cfg, memory = cfg["model"], cfg["memory"]
-    geometry = model_preset(model_cfg["preset"])
-    tile_px = tile_px or geometry["tile_px"]
-    tile_encoder = build_tile_encoder(model_cfg, model_cfg["drop_path_rate"])
+    tile_px = tile_px or model_preset(model_cfg["preset"])["tile_px"]
+    model = hipt_from(architecture(model_cfg), n_classes, drop_path_rate=model_cfg["drop_path_rate"],
+                      tile_px=tile_px, normalisation=model_cfg["normalisation"], chunk_size=memory["chunk_size"],
+                      freeze_tile=model_cfg["freeze_tile"], freeze_region=model_cfg["freeze_region"],
+                      checkpoint_chunks=memory["checkpoint_chunks"], checkpoint_blocks=memory["checkpoint_blocks"])
+    tile_encoder, region_encoder = model.tile_encoder, model.region_encoder
     if isinstance(tile_encoder, TileViT) and tile_px % tile_encoder.patch_size:
         raise ValueError(f"{tile_px} px tiles do not split into the tile ViT's {tile_encoder.patch_size} px patches")
-    region_encoder = build_region_encoder(model_cfg)
     if region_encoder.in_dim != tile_encoder.num_features:
         raise ValueError(f"the tile encoder gives {tile_encoder.num_features}-d embeddings but ViT4K takes "
                          f"{region_encoder.in_dim}: set model.region.in_dim={tile_encoder.num_features}")
-    # the slide model takes the region encoder's width, as train_wsi.py takes the bags' width
-    slide_model = vit_wsi(n_classes, **{**geometry["slide"], "dim": region_encoder.num_features},
-                          dropout=model_cfg["dropout"])
-    model = HIPT(tile_encoder, region_encoder, slide_model, tile_px=tile_px,
-                 normalisation=model_cfg["normalisation"], chunk_size=memory["chunk_size"],
-                 freeze_tile=model_cfg["freeze_tile"], freeze_region=model_cfg["freeze_region"],
-                 checkpoint_chunks=memory["checkpoint_chunks"], checkpoint_blocks=memory["checkpoint_blocks"])
     for stage, path in model_cfg["weights"].items():
         if path is not None:  # every tensor must fit: a wrong file fails here, not as a silent random init
             load_checkpoint(model.stage(stage), path, trusted=model_cfg["trusted"], strict=True)
@@ -326,7 +330,9 @@ class FoldTrainer:
         self.accelerator, self.cfg, self.regions, self.fold, self.dir = accelerator, cfg, regions, fold, fold_dir
         self.device, self.rank, self.world = accelerator.device, accelerator.process_index, accelerator.num_processes
         self.main = accelerator.is_main_process
-        labels = {info.slide_id: classes.index(info.label) for info in regions.infos() if info.label is not None}
+        self.classes = list(classes)
+        self.labels = labels = {info.slide_id: classes.index(info.label) for info in regions.infos()
+                                if info.label is not None}
         self.train_ids = list(fold.train)
         self.train_labels = [labels[s] for s in self.train_ids]
         self.val_y = np.array([labels[s] for s in fold.val])
@@ -490,6 +496,21 @@ class FoldTrainer:
         self.epoch, self.step, self.epoch_losses = self.epoch + 1, 0, []
         self.save()
 
+    def _card(self) -> dict[str, Any]:
+        """What hipt_e2e.models.load_bundle needs to rebuild the selected model, and what it scored."""
+        model_cfg, build_args = self.cfg["model"], self.regions.manifest["build_args"]
+        test_y = [self.labels[slide] for slide in self.fold.test]
+        return {
+            "kind": "hipt", "source": "e2e", "architecture": architecture(model_cfg), "classes": self.classes,
+            "normalisation": model_cfg["normalisation"], "tile_px": self.tile_px,
+            "region_px": build_args["region_px"], "mpp": build_args.get("mpp"), "head": "slide",
+            "frozen": {"tile": model_cfg["freeze_tile"], "region": model_cfg["freeze_region"]},
+            "initial_weights": {stage: str(Path(path).resolve()) if path else None
+                                for stage, path in model_cfg["weights"].items()},
+            "fold": {"repeat": self.fold.repeat, "index": self.fold.index},
+            "test_metrics": classification_metrics(test_y, self.test_probs, self.classes) if test_y else None,
+        }
+
     def run(self) -> np.ndarray:
         """Train (or continue) to the end of the fold; returns the selected model's test probabilities."""
         if self.test_probs is not None:  # finished in an earlier run
@@ -509,6 +530,7 @@ class FoldTrainer:
         if self.main:
             export_safetensors(self.eval_model, self.dir / BEST_MODEL, {"source": "e2e", "fold": str(self.fold.index),
                                                                            "repeat": str(self.fold.repeat)})
+            write_card(self.dir / BEST_MODEL, self._card())
             atomic_write_json(self.dir / "history.json", self.selection.history)
         self.save()
         return self.test_probs

@@ -27,11 +27,16 @@ from typing import Any
 
 from torch import nn
 
-from hipt_e2e.models import cnn256, load_checkpoint, model_preset, vit4k, vit256
+from hipt_e2e.models import load_checkpoint
+from hipt_e2e.models.bundle import (
+    level_geometry,
+    region_encoder_from,
+    tile_architecture,
+    tile_encoder_from,
+)
 
 log = logging.getLogger(__name__)
 
-TILE_ENCODERS = ("vit", "cnn")
 TILE_OVERRIDES = ("patch_size", "embed_dim", "depth", "num_heads", "pos_grid")
 REGION_OVERRIDES = ("in_dim", "embed_dim", "depth", "num_heads", "pos_grid")
 REGION_MODEL_DEFAULTS = {"preset": "hipt", "region": dict.fromkeys(REGION_OVERRIDES)}
@@ -39,25 +44,14 @@ TILE_MODEL_DEFAULTS = {"preset": "hipt", "encoder": "vit", "cnn": "resnet50", "t
 WEIGHTS_DEFAULTS = {"weights": None, "trusted": False}
 
 
-def _geometry(model: Mapping[str, Any], level: str) -> dict[str, Any]:
-    """The preset's geometry of a level with the config's non-null changes applied."""
-    return {**model_preset(model["preset"])[level],
-            **{key: value for key, value in (model.get(level) or {}).items() if value is not None}}
-
-
 def build_tile_encoder(model: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
     """The tile encoder [B, 3, H, W] -> [B, D] named by the config, randomly initialised."""
-    geometry = _geometry(model, "tile")
-    if model["encoder"] == "vit":
-        return vit256(**geometry, drop_path_rate=drop_path_rate)
-    if model["encoder"] == "cnn":
-        return cnn256(model["cnn"], embed_dim=geometry["embed_dim"], drop_path_rate=drop_path_rate)
-    raise ValueError(f"model.encoder must be one of {TILE_ENCODERS}, got {model['encoder']!r}")
+    return tile_encoder_from(tile_architecture(model), drop_path_rate)
 
 
 def build_region_encoder(model: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
     """The region encoder (ViT4K) [B, D, rows, cols] -> [B, D'] of the config, randomly initialised."""
-    return vit4k(**_geometry(model, "region"), drop_path_rate=drop_path_rate)
+    return region_encoder_from(level_geometry(model, "region"), drop_path_rate)
 
 
 def load_encoder_weights(encoder: nn.Module, model: Mapping[str, Any]) -> nn.Module:

@@ -27,12 +27,14 @@ from torch import nn
 
 from hipt_e2e.config import save_config
 from hipt_e2e.data.embeddings import SlideBag, read_slide_bags
+from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.evaluation.metrics import classification_metrics, vote
 from hipt_e2e.evaluation.report import write_report
 from hipt_e2e.evaluation.splits import Fold, SlideInfo, check_labels, make_folds, write_splits
 from hipt_e2e.io import atomic_write_json
-from hipt_e2e.models import training_attention, vit_wsi
-from hipt_e2e.models.mil import RegionFC, abmil
+from hipt_e2e.models import training_attention
+from hipt_e2e.models.bundle import level_geometry, slide_model_from, tile_architecture, write_card
+from hipt_e2e.models.mil import RegionFC
 from hipt_e2e.progress import progress
 from hipt_e2e.training.checkpointing import export_safetensors
 from hipt_e2e.training.recipe import recipe_config
@@ -59,16 +61,41 @@ SLIDE_DEFAULTS: dict[str, Any] = {
 }
 
 
-def build_slide_model(cfg: dict, n_classes: int, dim: int) -> nn.Module:
+def slide_architecture(cfg: dict, dim: int) -> dict[str, Any]:
+    """The slide model of cfg["model"] on `dim`-wide region embeddings (hipt_e2e.models.bundle)."""
     name, dropout, hidden = cfg["model"]["name"], cfg["model"]["dropout"], cfg["model"]["hidden"]
     if name == "vit_wsi":
-        heads = 3 if dim % 3 == 0 else 1
-        return vit_wsi(n_classes, dim=dim, num_heads=heads, dropout=dropout)
-    if name == "abmil":
-        return abmil(n_classes, dim=dim, hidden=hidden, dropout=dropout)
-    if name == "fc":
-        return RegionFC(n_classes, dim=dim, hidden=hidden, dropout=dropout)
+        return {"name": name, "dim": dim, "depth": 2, "num_heads": 3 if dim % 3 == 0 else 1, "dropout": dropout}
+    if name in ("abmil", "fc"):
+        return {"name": name, "dim": dim, "hidden": hidden, "dropout": dropout}
     raise ValueError(f"unknown slide model {name!r}; choose vit_wsi, abmil or fc")
+
+
+def build_slide_model(cfg: dict, n_classes: int, dim: int) -> nn.Module:
+    return slide_model_from(slide_architecture(cfg, dim), n_classes)
+
+
+def _resolved(path: str | None) -> str:
+    if not path:
+        raise ValueError("no weights recorded (a randomly initialised encoder)")
+    return str(Path(path).resolve())
+
+
+def embedding_stages(bags: str | Path | None) -> dict[str, Any] | None:
+    """The tile and region encoders (architecture and weights) and the pixel geometry that slide-embedding
+    bags were made with, traced through the configs embed_regions and embed_tiles recorded in their
+    manifests; None when the bags were not made that way (or from random encoders)."""
+    try:
+        regions = load_manifest(bags)["build_args"]
+        tiles = load_manifest(regions["data"]["shards"])["build_args"]
+        pixels = load_manifest(tiles["data"]["shards"])["build_args"]
+        return {"tile": {"architecture": tile_architecture(tiles["model"]), "weights": _resolved(tiles["model"]["weights"])},
+                "region": {"architecture": level_geometry(regions["model"], "region"),
+                           "weights": _resolved(regions["model"]["weights"])},
+                "normalisation": tiles["embed"]["normalisation"], "tile_px": pixels["tile_px"],
+                "region_px": pixels["region_px"], "mpp": pixels["mpp"]}
+    except (KeyError, TypeError, ValueError, FileNotFoundError):
+        return None
 
 
 def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
@@ -292,6 +319,16 @@ def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], cl
     return final, selection.history
 
 
+def slide_model_card(cfg: dict, classes: list[str], dim: int, fold: Fold, test_metrics: dict) -> dict[str, Any]:
+    """A staged fold model's card: its own architecture and, under "stages", the encoders of its bags."""
+    stages = embedding_stages(cfg["data"]["shards"])
+    pixels = {key: stages.pop(key) for key in ("normalisation", "tile_px", "region_px", "mpp")} if stages else {}
+    return {"kind": "slide_model", "source": f"train_{'fc' if cfg['model']['name'] == 'fc' else 'wsi'}",
+            "architecture": {"slide": slide_architecture(cfg, dim)}, "classes": classes,
+            "head": "fc" if cfg["model"]["name"] == "fc" else "slide", "vote": cfg["vote"], "stages": stages,
+            **pixels, "fold": {"repeat": fold.repeat, "index": fold.index}, "test_metrics": test_metrics}
+
+
 def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], cfg: dict, accelerator: Accelerator,
               test_probs: Callable[[Fold, Path], np.ndarray], extra: dict[str, Any]) -> dict:
     """The cross-validation every slide-level trainer shares: patient-grouped stratified folds, repeated
@@ -349,7 +386,13 @@ def cross_validate(bags: Sequence[SlideBag], classes: Sequence[str], cfg: dict,
 
     def test_probs(fold: Fold, fold_dir: Path) -> np.ndarray:
         model, _ = run_fold(accelerator, fold, by_id, list(classes), cfg, fold_dir)
-        return predict(model, [by_id[s] for s in fold.test], cfg["vote"])
+        test = [by_id[s] for s in fold.test]
+        probs = predict(model, test, cfg["vote"])
+        if accelerator.is_main_process:
+            metrics = classification_metrics([classes.index(bag.label) for bag in test], probs, classes)
+            write_card(fold_dir / "best_model.safetensors",
+                       slide_model_card(cfg, list(classes), test[0].features.shape[1], fold, metrics))
+        return probs
 
     infos = [SlideInfo(bag.slide_id, bag.label, bag.patient_id, bag.split) for bag in bags]
     extra = {"title": f"{cfg['model']['name']} on region embeddings", "model": cfg["model"]["name"],

@@ -1,0 +1,152 @@
+"""Trained models that describe themselves: architectures, model cards and `load_bundle`.
+
+An architecture is the resolved geometry of each level (a preset with a recipe's changes applied):
+
+    tile:   {encoder: vit, patch_size, embed_dim, depth, num_heads, pos_grid} | {encoder: cnn, cnn, embed_dim}
+    region: {in_dim, embed_dim, depth, num_heads, pos_grid}
+    slide:  {name: vit_wsi, dim, depth, num_heads, dropout} | {name: abmil | fc, dim, hidden, dropout}
+
+Training builds its models from these dicts (one code path), and every recipe that writes a model writes
+a card (`model_card.json`) beside it, as timm's pretrained configs and Hugging Face's config.json: the
+architecture, the classes in output order, the pixel normalisation, tile and region size and target
+resolution, the head (slide model, or FC + vote), the weights each stage started from, that fold's test
+metrics and the package version. `load_bundle(card or folder)` rebuilds the exact model from it; a staged
+slide model's card names the tile and region encoder exports its bags were embedded with.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from hipt_e2e import __version__
+from hipt_e2e.io import atomic_write_json
+
+from .checkpoint import load_checkpoint
+from .cnn import cnn256
+from .hipt import HIPT
+from .mil import RegionFC, abmil
+from .presets import model_preset
+from .slide import vit_wsi
+from .vit import vit4k, vit256
+
+CARD = "model_card.json"
+CARD_FORMAT = "hipt-e2e-model-card"
+TILE_ENCODERS = ("vit", "cnn")
+SLIDE_MODELS = ("vit_wsi", "abmil", "fc")
+
+
+# ------------------------------------------------------------------------------------------ architectures
+def level_geometry(model: Mapping[str, Any], level: str) -> dict[str, Any]:
+    """A config's geometry of one level: the preset's, with the config's non-null changes (model.tile, ...)."""
+    return {**model_preset(model["preset"])[level],
+            **{key: value for key, value in (model.get(level) or {}).items() if value is not None}}
+
+
+def tile_architecture(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The tile encoder of a recipe's model section (preset, encoder, cnn, tile changes)."""
+    geometry = level_geometry(model, "tile")
+    if model["encoder"] == "vit":
+        return {"encoder": "vit", **geometry}
+    if model["encoder"] == "cnn":
+        return {"encoder": "cnn", "cnn": model["cnn"], "embed_dim": geometry["embed_dim"]}
+    raise ValueError(f"model.encoder must be one of {TILE_ENCODERS}, got {model['encoder']!r}")
+
+
+def tile_encoder_from(arch: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
+    settings = {key: value for key, value in arch.items() if key not in ("encoder", "cnn")}
+    if arch["encoder"] == "cnn":
+        return cnn256(arch["cnn"], **settings, drop_path_rate=drop_path_rate)
+    return vit256(**settings, drop_path_rate=drop_path_rate)
+
+
+def region_encoder_from(arch: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
+    return vit4k(**arch, drop_path_rate=drop_path_rate)
+
+
+def slide_model_from(arch: Mapping[str, Any], n_classes: int) -> nn.Module:
+    settings = {key: value for key, value in arch.items() if key != "name"}
+    builders = {"vit_wsi": vit_wsi, "abmil": abmil, "fc": RegionFC}
+    if arch["name"] not in builders:
+        raise ValueError(f"unknown slide model {arch['name']!r}; choose one of {SLIDE_MODELS}")
+    return builders[arch["name"]](n_classes, **settings)
+
+
+def hipt_from(arch: Mapping[str, Any], n_classes: int, **settings: Any) -> HIPT:
+    """The nested HIPT of an architecture with tile, region and slide levels (random weights); settings go
+    to HIPT (normalisation, tile_px, chunking, freezing). An fc slide level is not part of the HIPT
+    (the bundle keeps it beside it), so the HIPT gets an identity there."""
+    slide = arch["slide"]
+    return HIPT(tile_encoder_from(arch["tile"], settings.pop("drop_path_rate", 0.0)), region_encoder_from(arch["region"]),
+                nn.Identity() if slide["name"] == "fc" else slide_model_from(slide, n_classes), **settings)
+
+
+# ------------------------------------------------------------------------------------------ cards
+def write_card(weights: str | Path, card: Mapping[str, Any]) -> Path:
+    """model_card.json beside `weights` (atomic), with the format, the package version and the weights file."""
+    weights = Path(weights)
+    path = weights.parent / CARD
+    atomic_write_json(path, {"format": CARD_FORMAT, "version": 1, "package_version": __version__,
+                             "weights": weights.name, **card})
+    return path
+
+
+def read_card(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """(card, its path) from a card file or a folder holding one; a clear error otherwise."""
+    path = Path(path)
+    card_path = path / CARD if path.is_dir() else path
+    if not card_path.is_file():
+        raise FileNotFoundError(f"{path}: no {CARD} (written beside every model this toolkit trains: e2e, "
+                                "train_wsi and train_fc folds, DINO exports); name the weights with the model.* keys")
+    card = json.loads(card_path.read_text())
+    if card.get("format") != CARD_FORMAT:
+        raise ValueError(f"{card_path} is not a hipt-e2e model card (format {card.get('format')!r})")
+    return card, card_path
+
+
+@dataclass
+class Bundle:
+    """A trained model ready for prediction: HIPT encoders (+ slide model), or + a region FC head."""
+
+    model: HIPT
+    fc: RegionFC | None
+    classes: list[str]
+    card: dict[str, Any]
+
+    @property
+    def vote(self) -> str:
+        return self.card.get("vote", "majority")
+
+
+def load_bundle(path: str | Path, trusted: bool = False) -> Bundle:
+    """Rebuild the model a card describes and load its weights (every tensor must fit).
+
+    An end-to-end card ("kind": "hipt") holds the whole model in one file; a staged one ("slide_model")
+    holds the slide model (or FC) and names, under "stages", the tile and region encoder exports."""
+    card, card_path = read_card(path)
+    weights = card_path.parent / card["weights"]
+    classes = list(card["classes"])
+    if card["kind"] == "hipt":
+        model = hipt_from(card["architecture"], len(classes), tile_px=card["tile_px"],
+                          normalisation=card["normalisation"])
+        load_checkpoint(model, weights, trusted=trusted, strict=True)
+        return Bundle(model.eval(), None, classes, card)
+    if card["kind"] != "slide_model":
+        raise ValueError(f"{card_path}: a {card['kind']} card describes one encoder, not a model that predicts "
+                         "slides; give the card of an e2e, train_wsi or train_fc fold")
+    stages = card.get("stages")
+    if not stages:
+        raise ValueError(f"{card_path}: this slide model's bags were not embedded by embed_tiles / embed_regions, "
+                         "so its card names no encoders; give model.tile_encoder and model.region_encoder instead")
+    arch = {"tile": stages["tile"]["architecture"], "region": stages["region"]["architecture"],
+            "slide": card["architecture"]["slide"]}
+    model = hipt_from(arch, len(classes), tile_px=card["tile_px"], normalisation=card["normalisation"])
+    for stage, module in (("tile", model.tile_encoder), ("region", model.region_encoder)):
+        load_checkpoint(module, stages[stage]["weights"], trusted=trusted, strict=True)
+    fc = slide_model_from(arch["slide"], len(classes)) if arch["slide"]["name"] == "fc" else None
+    load_checkpoint(fc if fc is not None else model.slide_model, weights, trusted=trusted, strict=True)
+    return Bundle(model.eval(), fc.eval() if fc is not None else None, classes, card)
