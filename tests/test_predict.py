@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,8 @@ from hipt_e2e.models import HIPT
 from hipt_e2e.training.checkpointing import export_safetensors
 from tests.conftest import lymphoma_images, read_rgb
 from tests.test_openslide import write_pyramid
+
+REPO = Path(__file__).resolve().parents[1]
 
 BRIGHT = (384, 256)  # level-0 origin of the injected region (128 px regions at 0.5 um/px)
 
@@ -179,3 +185,42 @@ def test_predict_from_a_trained_run_folder(shards, tmp_path):
         assert float(row["prob_class_a"]) == pytest.approx(mean, abs=2e-6)
     with pytest.raises(FileNotFoundError, match="no model_card.json and no fold folders"):
         main([str(shards), "input_kind=shards", f"model.card={tmp_path}", f"out={tmp_path / 'none'}"])
+
+
+def test_prefetch_reads_ahead_boundedly_and_passes_errors_on():
+    from hipt_e2e.inference.predict import prefetch
+
+    produced = []
+
+    def regions(fail_at: int | None = None):
+        for n in range(10):
+            if n == fail_at:
+                raise OSError(f"corrupt tile in region {n}")
+            produced.append(n)
+            yield n
+
+    ahead = prefetch(regions(), 2)
+    assert next(ahead) == 0
+    time.sleep(0.3)
+    assert len(produced) <= 4  # 1 consumed + 2 queued + 1 waiting to be queued: memory stays bounded
+    assert list(ahead) == list(range(1, 10))
+    with pytest.raises(OSError, match="corrupt tile in region 3"):
+        list(prefetch(regions(fail_at=3), 2))
+
+
+def test_two_processes_write_the_one_process_predictions(shards, tmp_path):
+    """accelerate launch --num_processes 2 splits the slides and writes one predictions.csv, equal to one process's."""
+    model = HIPT.from_preset("tiny", n_classes=2)
+    export_safetensors(model, tmp_path / "hipt.safetensors")
+    settings = [str(shards), "input_kind=shards", "model.preset=tiny", "model.classes=[a, b]",
+                f"model.weights={tmp_path / 'hipt.safetensors'}", "top_regions=1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523"]
+    result = subprocess.run([*launch, str(REPO / "recipes" / "predict.py"), *settings, f"out={tmp_path / 'two'}"],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main([*settings, f"out={tmp_path / 'one'}"]) == 0
+    one, two = ((tmp_path / run / "predictions.csv").read_text() for run in ("one", "two"))
+    assert one == two and len(one.splitlines()) == 13  # 12 slides and the header
+    assert len(list((tmp_path / "two" / "heatmaps").glob("*_regions.png"))) == 12  # both processes drew theirs

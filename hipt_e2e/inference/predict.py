@@ -16,17 +16,22 @@ the explicit model.* keys (preset, classes, weights or the three stages).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import logging
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Full, Queue
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from hipt_e2e.config import resolve_config, save_config, setup_logging
 from hipt_e2e.data.manifest import load_manifest
@@ -72,7 +77,8 @@ PREDICT_DEFAULTS: dict[str, Any] = {
     "input_kind": "slides",  # slides | images | shards
     "geometry": {"region_px": None, "mpp": 0.5, "slide_mpp": None, "min_tissue": 0.25, "tissue_threshold": None,
                  "allow_upsample": False},  # as hipt-shards build: --slide-mpp, --allow-upsample
-    "chunk_regions": 8,
+    "chunk_regions": 8,  # regions read, embedded and held at a time (the next chunk is read meanwhile)
+    "mixed_precision": None,  # no | bf16 | fp16; null: as `accelerate launch` says
     "top_regions": 3,
     "thumbnail_px": 1024,
     "out": None,
@@ -98,6 +104,13 @@ class Predictor:
                  vote_method: str = "majority", chunk_regions: int = 8, geometry: RegionGeometry | None = None):
         self.members = [(model.eval(), fc.eval() if fc is not None else None) for model, fc in members]
         self.classes, self.vote_method, self.chunk_regions, self.geometry = list(classes), vote_method, chunk_regions, geometry
+        self.device, self.autocast = torch.device("cpu"), contextlib.nullcontext
+
+    def to(self, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager]) -> Predictor:
+        """Run the members on `device` under `autocast` (e.g. Accelerator.autocast for mixed precision)."""
+        self.members = [(model.to(device), fc.to(device) if fc is not None else None) for model, fc in self.members]
+        self.device, self.autocast = device, autocast
+        return self
 
     @torch.no_grad()
     def _embed(self, model: HIPT, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +123,8 @@ class Predictor:
         """(slide probabilities, region scores) of one member."""
         if fc is None:
             logits, weights = model.slide_model(features, return_attention=True)
-            return logits.softmax(-1)[0].numpy(), weights.numpy()
-        region_probs = fc(features).softmax(-1).numpy()
+            return logits.float().softmax(-1)[0].cpu().numpy(), weights.float().cpu().numpy()
+        region_probs = fc(features).float().softmax(-1).cpu().numpy()
         probs = vote(region_probs, self.vote_method)
         return probs, region_probs[:, int(np.argmax(probs))]
 
@@ -124,10 +137,14 @@ class Predictor:
 
         def flush() -> None:
             pixels = torch.stack([torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1) for rgb in chunk])
+            if self.device.type == "cuda":
+                pixels = pixels.pin_memory()
+            pixels = pixels.to(self.device, non_blocking=True)
             for n, (model, _) in enumerate(self.members):
-                embedded, attention = self._embed(model, pixels)
-                embeddings[n].append(embedded)
-                attentions[n].append(attention)
+                with self.autocast():
+                    embedded, attention = self._embed(model, pixels)
+                embeddings[n].append(embedded.float())
+                attentions[n].append(attention.float().cpu())
             chunk.clear()
 
         for x, y, rgb in regions:
@@ -139,8 +156,9 @@ class Predictor:
             flush()
         if not coords:
             raise ValueError("no region with enough tissue")
-        probs, scores = zip(*(self._slide(model, fc, torch.cat(embeddings[n]))
-                              for n, (model, fc) in enumerate(self.members)))
+        with self.autocast():
+            probs, scores = zip(*(self._slide(model, fc, torch.cat(embeddings[n]))
+                                  for n, (model, fc) in enumerate(self.members)))
         tile_attention = np.mean([torch.cat(a).numpy() for a in attentions], axis=0)
         return SlidePrediction(np.mean(probs, axis=0), np.array(coords), size, np.mean(scores, axis=0), tile_attention)
 
@@ -239,8 +257,9 @@ def _reader_inputs(paths: Sequence[Path], cfg: dict, geometry: RegionGeometry) -
 
 
 def _shard_inputs(root: Path, cfg: dict) -> Iterator[SlideInput]:
-    """Slides of a region-shard set; the thumbnail is a mosaic of the regions at their coordinates."""
-    for bag in SlideBagStream(root):
+    """Slides of a region-shard set, all of them in every process (predict_inputs splits them); the
+    thumbnail is a mosaic of the regions at their coordinates."""
+    for bag in SlideBagStream(root, rank=0, world_size=1):
         coords = bag["coords"].numpy()
         rgb = bag["pixels"].permute(0, 2, 3, 1).numpy()
         size = int(rgb.shape[1])
@@ -280,51 +299,109 @@ def _heatmaps(out: Path, slide: SlideInput, result: SlidePrediction, classes: Se
                           result.tile_attention[index], f"{title}\nregion {rank + 1} at ({x}, {y})")
 
 
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def prefetch(items: Iterable, ahead: int) -> Iterator:
+    """The items of `items`, produced by a background thread at most `ahead` items in advance: reading and
+    decoding the next regions (OpenSlide and Pillow release the GIL) overlaps the model, and memory stays
+    bounded. An error in the thread is raised here; a consumer that stops early stops the thread."""
+    queue: Queue = Queue(maxsize=max(1, ahead))
+    done, stop = object(), threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        queue.put(item, timeout=0.1)
+                        break
+                    except Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as error:  # handed to the consumer
+            queue.put(_Failed(error))
+        queue.put(done)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()  # a slide is closed only after its reader thread has let go of it
+
+
 def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor | None = None) -> int:
-    """Predict every input slide; returns the number that failed (each listed in predictions.csv)."""
-    predictor = predictor or build_predictor(cfg)
+    """Predict every input slide; returns the number that failed (each listed in predictions.csv).
+
+    Under `accelerate launch --num_processes N` the slides are split over the processes (each on its
+    device, with the configured mixed precision) and the main process writes one predictions.csv in input
+    order."""
+    accelerator = Accelerator(mixed_precision=cfg["mixed_precision"] or None)
+    predictor = (predictor or build_predictor(cfg)).to(accelerator.device, accelerator.autocast)
+    rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg["out"])
-    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    if accelerator.is_main_process:
+        (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+    accelerator.wait_for_everyone()
     preset = model_preset(cfg["model"]["preset"])
     region_px = cfg["geometry"]["region_px"] or preset["tile_px"] * preset["region_tiles"]
     geometry = predictor.geometry or RegionGeometry(region_px, preset["tile_px"], cfg["geometry"]["mpp"])
     if cfg["input_kind"] == "shards":
-        slides: Iterable = (s for root in inputs for s in _shard_inputs(Path(root), cfg))
+        every: Iterable = (s for root in inputs for s in _shard_inputs(Path(root), cfg))
+        slides: Iterable = (s for n, s in enumerate(every) if n % world == rank)
         total = sum(len(load_manifest(root)["slides"]) for root in inputs)
     else:
         paths = expand_inputs(inputs, cfg["input_kind"])
-        slides, total = _reader_inputs(paths, cfg, geometry), len(paths)
+        slides, total = _reader_inputs(paths[rank::world], cfg, geometry), len(paths)
     classes = predictor.classes
-    rows, failed = [], 0
-    for slide in progress(slides, total=total, desc="predict", unit="slide"):
+    rows = []
+    mine = len(range(rank, total, world))
+    for slide in progress(slides, total=mine, desc="predict", unit="slide", disable=not accelerator.is_local_main_process):
         if isinstance(slide, tuple):
             path, error = slide
             slide_id, n_regions, probs = path.stem, 0, None
         else:
             path, slide_id, error = slide.path, slide.slide_id, ""
+            ahead = prefetch(slide.regions, predictor.chunk_regions)
             try:
-                regions = progress(slide.regions, desc=slide_id, unit="region", leave=False)
+                regions = progress(ahead, desc=slide_id, unit="region", leave=False,
+                                   disable=not accelerator.is_local_main_process)
                 result = predictor.predict(regions, slide.size)
                 _heatmaps(out / "heatmaps", slide, result, classes, cfg["top_regions"])
                 n_regions, probs = len(result.coords), result.probs
             except Exception as exc:
                 n_regions, probs, error = 0, None, f"{type(exc).__name__}: {exc}"
             finally:
+                ahead.close()
                 if slide.close:
                     slide.close()
         if error:
-            failed += 1
             log.warning("failed %s: %s", path, error)
         rows.append([slide_id, str(path), "failed" if error else "ok", error, n_regions,
                      *([f"{p:.6f}" for p in probs] if probs is not None else [""] * len(classes)),
                      classes[int(np.argmax(probs))] if probs is not None else ""])
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["slide_id", "path", "status", "error", "n_regions", *[f"prob_{c}" for c in classes], "predicted"])
-    writer.writerows(rows)
-    atomic_write_text(out / "predictions.csv", buffer.getvalue())
-    log.info("%d slides: %d predicted, %d failed -> %s", len(rows), len(rows) - failed, failed, out / "predictions.csv")
+    # process r predicted inputs r, r + N, ...: interleave the parts back into input order
+    parts = gather_object([rows])
+    rows = [part[n] for n in range(max(map(len, parts))) for part in parts if n < len(part)]
+    failed = sum(row[2] == "failed" for row in rows)
+    if accelerator.is_main_process:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["slide_id", "path", "status", "error", "n_regions", *[f"prob_{c}" for c in classes],
+                         "predicted"])
+        writer.writerows(rows)
+        atomic_write_text(out / "predictions.csv", buffer.getvalue())
+        log.info("%d slides: %d predicted, %d failed -> %s", len(rows), len(rows) - failed, failed,
+                 out / "predictions.csv")
     return failed
 
 
