@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (compiles first)")
+    parser.add_argument("--no-tf32", action="store_true", help="fp32 on a GPU without TF32 (for the error column)")
     args = parser.parse_args(argv)
+    if args.no_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

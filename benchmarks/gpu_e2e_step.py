@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=64, help="tiles per tile-encoder call")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--plain", action="store_true", help="also one region without checkpointing")
+    parser.add_argument("--gpu-gb", type=float, default=None, help="also the regions per step that fit this much memory")
+    parser.add_argument("--project", type=int, default=100, help="project the step time of a slide of this many regions")
     args = parser.parse_args()
     setup_logging()
     if not torch.cuda.is_available():
@@ -66,6 +68,13 @@ def main() -> None:
         fits = int((total - torch.cuda.memory_allocated() - intercept) // per_region)
         print(f"\nwith checkpointing: {per_region / GIB:.3f} GiB per added region, {intercept / GIB:.2f} GiB "
               f"besides -> about {fits} regions per step fit in this GPU's memory")
+        if args.gpu_gb:
+            budget = args.gpu_gb * 1e9 - torch.cuda.memory_allocated() - intercept
+            print(f"in {args.gpu_gb:g} GB: about {int(budget // per_region)} regions per step")
+        seconds, fixed = slope([k for k, _ in checkpointed],
+                               [r["seconds"] for mode, _, r in rows if mode == "checkpointing"])
+        print(f"{args.project}-region step ({args.project * tiles_per_region} tiles): projected "
+              f"{fixed + seconds * args.project:.1f} s ({seconds:.3f} s per region)")
 
 
 if __name__ == "__main__":

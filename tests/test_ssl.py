@@ -308,6 +308,7 @@ def test_identical_tiles_get_different_crops() -> None:
         assert all(not torch.allclose(crop[0], crop[i]) for i in range(1, 4))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_tile_crops_run_on_the_input_device_with_the_same_parameters() -> None:
     multicrop = TileMultiCrop("hipt", global_size=28, local_size=12, n_local=2)

@@ -1,0 +1,23 @@
+"""benchmarks/gpu_check.py's dry run on the CPU, so the prepared GPU command cannot rot."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_check  # noqa: E402
+
+
+def test_dry_run_writes_every_part(tmp_path):
+    results = gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--tiny"])
+    assert list(results) == ["tile", "e2e", "predict", "tests"]
+    assert all(result["exit_code"] == 0 for result in results.values()), {n: r["error"] for n, r in results.items()}
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == results
+    assert results["predict"]["last_line"].startswith("predict tiles/s: ")
+    assert any(line.startswith("| vit256, bf16 autocast |") for line in results["tile"]["table"])
+    assert "| part | result (last line) | s | status |" in (tmp_path / "gpu_check.md").read_text()
+    # a part that runs past its time box is recorded as such, and the rest still runs
+    timed_out = gpu_check.run_part([sys.executable, "-c", "import time; print('| started |'); time.sleep(30)"], 2)
+    assert timed_out["exit_code"] is None and timed_out["error"] == "timed out after 2 s"
