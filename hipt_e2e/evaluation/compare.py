@@ -31,6 +31,7 @@ from scipy import stats
 from sklearn.metrics import balanced_accuracy_score
 
 from hipt_e2e.evaluation.metrics import classification_metrics, macro_auc
+from hipt_e2e.evaluation.splits import read_splits
 
 METRIC_NAMES = {"balanced_accuracy": "balanced accuracy", "auc_macro": "macro AUC"}
 METRIC_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
@@ -210,9 +211,8 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     with open(path / "predictions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     classes = tuple(column[len("prob_"):] for column in rows[0] if column.startswith("prob_"))
-    with open(path / "splits.csv", newline="") as handle:
-        splits = frozenset((int(r.get("repeat") or 0), int(r["fold"]), r["slide_id"], r["part"])
-                           for r in csv.DictReader(handle))
+    splits = frozenset((fold.repeat, fold.index, slide, part) for fold in read_splits(path / "splits.csv")
+                       for part in ("train", "val", "test") for slide in getattr(fold, part))
     return Run(name or path.name, classes,
                np.array([int(r.get("repeat") or 0) for r in rows]), np.array([int(r["fold"]) for r in rows]),
                np.array([r["slide_id"] for r in rows]), np.array([classes.index(r["true_label"]) for r in rows]),

@@ -47,6 +47,12 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Se
     }
 
 
+def selection_key(entry: dict) -> tuple[float, float]:
+    """How model selection ranks an epoch's history entry: validation balanced accuracy, then the lower
+    validation loss (training's ModelSelection and the reports' learning curves share it)."""
+    return entry["val_balanced_accuracy"], -entry["val_loss"]
+
+
 def _mean_sd(values: list[float]) -> dict:
     finite = [v for v in values if not math.isnan(v)]
     if not finite:

@@ -14,7 +14,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
-from hipt_e2e.evaluation.metrics import SUMMARY_KEYS, classification_metrics, summarise_folds  # noqa: E402
+from hipt_e2e.evaluation.metrics import (  # noqa: E402
+    SUMMARY_KEYS,
+    classification_metrics,
+    selection_key,
+    summarise_folds,
+)
 from hipt_e2e.io import atomic_open, atomic_write_json, atomic_write_text  # noqa: E402
 
 
@@ -68,7 +73,7 @@ def plot_learning_curves(path: Path, histories: dict[str, list[dict]]) -> None:
             if all(key in entry for entry in history):
                 line, = axis.plot(epochs, [entry[key] for entry in history], label=name, lw=1.2)
         if all("val_balanced_accuracy" in entry for entry in history):
-            best = max(history, key=lambda e: (e["val_balanced_accuracy"], -e["val_loss"]))
+            best = max(history, key=selection_key)
             axes[2].plot(best["epoch"], best["val_balanced_accuracy"], "o", color=line.get_color())
     for axis, (_, title) in zip(axes, keys):
         axis.set_xlabel("epoch")

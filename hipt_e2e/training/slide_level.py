@@ -28,7 +28,7 @@ from torch import nn
 from hipt_e2e.config import save_config
 from hipt_e2e.data.embeddings import SlideBag, read_slide_bags
 from hipt_e2e.data.manifest import load_manifest
-from hipt_e2e.evaluation.metrics import classification_metrics, vote
+from hipt_e2e.evaluation.metrics import classification_metrics, selection_key, vote
 from hipt_e2e.evaluation.report import write_report
 from hipt_e2e.evaluation.splits import Fold, SlideInfo, check_labels, make_folds, write_splits
 from hipt_e2e.io import atomic_write_json
@@ -228,7 +228,7 @@ class ModelSelection:
         if val_probs is not None and len(val_y):
             entry["val_balanced_accuracy"] = float(balanced_accuracy_score(val_y, val_probs.argmax(1)))
             entry["val_loss"] = float(-np.mean(np.log(val_probs[np.arange(len(val_y)), val_y] + 1e-12)))
-            key = (entry["val_balanced_accuracy"], -entry["val_loss"])
+            key = selection_key(entry)
         else:
             key = (entry["epoch"],)  # no validation part: the last epoch is kept
         self.history.append(entry)
