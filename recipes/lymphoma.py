@@ -15,6 +15,7 @@ Every random choice (shard order, DINO, folds, training, augmentation) derives f
 `--budget smoke` runs every step with a few steps each (the test suite's check that the command works).
 """
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,13 @@ def resumed(out: Path) -> list[str]:
     return ["resume=true"] if out.exists() else []
 
 
+def finished(run: Path, repeats: int) -> bool:
+    """The cross-validated run in `run` is complete with this many repeats (a run asked for more repeats
+    continues where the fewer-repeat one stopped)."""
+    metrics = run / "metrics.json"
+    return metrics.exists() and json.loads(metrics.read_text())["repeats"] == repeats
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, required=True)
@@ -80,12 +88,12 @@ def main(argv: list[str] | None = None) -> str:
         recipe("pretrain_vit4k", "--config", str(RECIPES / "configs" / "pretrain_vit4k.yaml"), *REGION, *VIT4K,
                f"data.shards={out / 'grids'}", f"out={out / 'vit4k'}", f"seed={seed}", *resumed(out / "vit4k"),
                *budget["vit4k"])
-    if not (out / "e2e" / "metrics.json").exists():
+    if not finished(out / "e2e", args.repeats):
         recipe("e2e", "--config", str(RECIPES / "configs" / "lymphoma_e2e.yaml"), f"data.shards={out / 'shards256'}",
                f"model.weights.tile={out / 'dino' / 'backbone.safetensors'}",
                f"model.weights.region={out / 'vit4k' / 'backbone.safetensors'}", f"seed={seed}",
                f"cv.repeats={args.repeats}", f"out={out / 'e2e'}", *resumed(out / "e2e"), *budget["e2e"])
-    if not (out / "colour" / "metrics.json").exists():
+    if not finished(out / "colour", args.repeats):
         colour_baseline(args.images, out / "colour", folds=5, seed=seed, repeats=args.repeats)
 
     runs = [load_run(out / "e2e", "HIPT end to end"), load_run(out / "colour", "colour baseline")]

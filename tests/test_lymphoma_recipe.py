@@ -32,3 +32,13 @@ def test_lymphoma_command_runs_every_step_and_resumes(lymphoma_dir, tmp_path, ca
     # everything is done: the same command only re-reads the runs and gives the same answer
     stamp = (run / "e2e" / "metrics.json").stat().st_mtime
     assert recipe.main(argv) == last and (run / "e2e" / "metrics.json").stat().st_mtime == stamp
+    # more repeats continue the finished run: the first repeat's folds are kept, not trained again
+    first = {path: path.stat().st_mtime for path in (run / "e2e").glob("fold_*/*")}
+    more = recipe.main([*argv, "--repeats", "2"])
+    assert " over 2 x 5 folds " in more and more != last
+    assert {path: path.stat().st_mtime for path in (run / "e2e").glob("fold_*/*")} == first
+    metrics = json.loads((run / "e2e" / "metrics.json").read_text())
+    assert metrics["repeats"] == 2 and [(f["repeat"], f["fold"]) for f in metrics["folds"]] == [
+        (r, f) for r in range(2) for f in range(5)]
+    assert (run / "e2e" / "repeat_1_fold_4" / "model_card.json").exists()
+    assert (run / "e2e" / "splits.csv").read_text() == (run / "colour" / "splits.csv").read_text()

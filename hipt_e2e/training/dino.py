@@ -89,8 +89,10 @@ DINO_DEFAULTS: dict[str, Any] = {
         "log_every": 50,
     },
 }
-# Settings a resumed run may change: they decide when to stop, save or log, never what is computed.
-RUN_CONTROL = ("out", "resume", "train.checkpoint_every", "train.stop_after", "train.log_every")
+# Settings a resumed run may change: they decide when to stop, save or log, never what is computed. More
+# cv.repeats only adds folds after the existing ones (repeat 0 keeps its split and seeds), so a finished
+# one-repeat run continues to three without training its first five folds again.
+RUN_CONTROL = ("out", "resume", "train.checkpoint_every", "train.stop_after", "train.log_every", "cv.repeats")
 
 
 class NonFiniteLossError(RuntimeError):
