@@ -9,12 +9,15 @@ time-out or a crash loses only the part in flight. DIR/gpu_check.md holds the su
 docs/benchmarks.md. Parts:
   tile     vit256 tiles/s: naive reference vs fp32, bf16 (and torch.compile on a GPU), fp32 error vs naive
            with TF32 off (benchmarks/bench_tile_encoder.py)
+  embed    staged embedding from JPEG shards of 4096 px regions: tiles/s including decode, decoded by CPU
+           DataLoader workers vs on the GPU (data.decode=gpu), and the grids' difference (benchmarks/bench_embed.py)
   e2e      end-to-end training step at HIPT geometry: peak memory and s/step at 1-8 regions, per-region slope,
            regions per step in 80 GB, projected 100-region step (benchmarks/gpu_e2e_step.py; on the CPU the
            memory benchmark's tiny geometry)
   predict  hipt-predict on a generated slide: tiles/s against the tile encoder's forward-only tiles/s
            (benchmarks/bench_predict.py; 100 regions of 4096 px on a GPU)
-  tests    the GPU tests (pytest -m gpu)
+  tests    the GPU tests (pytest -m gpu: nvJPEG vs CPU decoding, pinned memory, bf16 e2e with device decoding,
+           FSDP2 on one GPU)
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ def parts(device: str, tiny: bool) -> dict[str, tuple[list[str], int]]:
         return {
             "tile": ([*python, str(BENCH / "bench_tile_encoder.py"), "--device", device, "--batch", "2", "--rounds", "1",
                       "--no-tf32"], 120),
+            "embed": ([*python, str(BENCH / "bench_embed.py"), "--preset", "tiny", "--regions", "4", "--rounds", "1"],
+                      120),
             "e2e": ([*python, str(BENCH / "bench_e2e_memory.py"), "--preset", "tiny", "--region-px", "128",
                      "--regions", "1", "2", "--repeats", "1"], 120),
             "predict": ([*python, str(BENCH / "bench_predict.py"), "--preset", "tiny", "--regions", "16", "--rounds", "1"],
@@ -46,12 +51,14 @@ def parts(device: str, tiny: bool) -> dict[str, tuple[list[str], int]]:
         }
     return {
         "tile": ([*python, str(BENCH / "bench_tile_encoder.py"), "--device", device, "--batch", "256", "--rounds", "5",
-                  "--compile", "--no-tf32"], 150),
+                  "--compile", "--no-tf32"], 110),
+        "embed": ([*python, str(BENCH / "bench_embed.py"), "--preset", "hipt", "--regions", "48", "--distinct", "8",
+                   "--workers", "8", "--regions-per-batch", "8", "--rounds", "2"], 90),
         "e2e": ([*python, str(BENCH / "gpu_e2e_step.py"), "--regions", "1", "2", "4", "8", "--gpu-gb", "80",
-                 "--project", "100"], 150),
+                 "--project", "100"], 120),
         "predict": ([*python, str(BENCH / "bench_predict.py"), "--preset", "hipt", "--regions", "100", "--rounds", "3"],
-                    120),
-        "tests": ([*python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(REPO / "tests")], 60),
+                    90),
+        "tests": ([*python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(REPO / "tests")], 70),
     }
 
 
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="the dry run: every part on small inputs")
-    parser.add_argument("--parts", nargs="+", default=None, help="a subset of: tile e2e predict tests")
+    parser.add_argument("--parts", nargs="+", default=None, help="a subset of: tile embed e2e predict tests")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     chosen = parts(args.device, args.tiny)

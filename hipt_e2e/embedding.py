@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from hipt_e2e.config import save_config
 from hipt_e2e.data.embeddings import SlideBag, write_slide_bags
 from hipt_e2e.data.manifest import class_counts, load_manifest, shard_urls
-from hipt_e2e.data.samples import decode_sample, encode_grid
+from hipt_e2e.data.samples import decode_mode, decode_sample, device_pixels, encode_grid
 from hipt_e2e.data.streams import SlideBagStream, reader_info
 from hipt_e2e.data.writer import ShardWriter
 from hipt_e2e.io import atomic_write_json
@@ -74,10 +74,12 @@ def slide_units(manifest: Mapping[str, Any]) -> list[list[int]]:
 
 class WholeSlideRegions(IterableDataset):
     """The regions of a shard set in build order; reader i of n (ranks x DataLoader workers) reads
-    slide units i, i+n, ... Items: {"pixels", "record", "key", "reader"}."""
+    slide units i, i+n, ... Items: {"pixels", "record", "key", "reader"}; with decode="gpu" JPEG pixels
+    stay encoded for the device to decode."""
 
-    def __init__(self, source: str | Path) -> None:
+    def __init__(self, source: str | Path, decode: str = "cpu") -> None:
         super().__init__()
+        self.decode = decode
         manifest = load_manifest(source)
         self.urls = shard_urls(source)
         self.units = slide_units(manifest)
@@ -91,7 +93,7 @@ class WholeSlideRegions(IterableDataset):
         for unit in self.units[reader::readers]:
             for position in unit:
                 for sample in wds.tariterators.tarfile_samples([{"url": self.urls[position]}]):
-                    pixels, record = decode_sample(sample)
+                    pixels, record = decode_sample(sample, self.decode)
                     yield {"pixels": pixels, "record": record, "key": sample["__key__"], "reader": reader}
 
 
@@ -184,24 +186,27 @@ def _finish_output(accelerator: Accelerator, out: Path, readers: int, inputs: in
 def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, settings: Mapping[str, Any],
                 normalisation: str, regions_per_batch: int, tiles_per_call: int, workers: int = 0,
                 dtype: str = "float16", shard_bytes: int = 1_000_000_000,
-                mixed_precision: str | None = None) -> dict:
+                mixed_precision: str | None = None, decode: str = "cpu") -> dict:
     """Every region of the shard set ``source`` -> its token grid, written as shards to ``out``.
 
-    ``settings`` (e.g. the recipe config) is recorded as the output's build_args. Returns the manifest.
+    ``settings`` (e.g. the recipe config) is recorded as the output's build_args. ``decode="gpu"``:
+    JPEG regions are decoded on the CUDA device in batches (the CPU readers when there is none). Returns
+    the manifest.
     """
     out = Path(out)
     accelerator = Accelerator(mixed_precision=mixed_precision)
     if (manifest := _existing_output(out, settings)) is not None:
         return manifest
     source_manifest = load_manifest(source)
-    dataset = WholeSlideRegions(source)
+    dataset = WholeSlideRegions(source, decode_mode(decode, accelerator.device))
     readers = accelerator.num_processes * max(workers, 1)
     mine = [accelerator.process_index * max(workers, 1) + w for w in range(max(workers, 1))]
     _clear_stale_parts(accelerator, out, readers)
     writers = {reader: GridPartWriter(part_dir(out, f"{reader}/{readers}" if readers > 1 else None), settings,
                                       source_manifest["classes"], shard_bytes) for reader in mine}
     encoder = encoder.to(accelerator.device).eval()
-    loader = DataLoader(dataset, batch_size=regions_per_batch, num_workers=workers, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=regions_per_batch, num_workers=workers, collate_fn=collate,
+                        pin_memory=accelerator.device.type == "cuda")
     bar = progress(total=sum(dataset.samples_of_reader(reader, readers) for reader in mine), desc="embed tiles",
                    unit="region", disable=not accelerator.is_main_process)
     for batch in loader:
@@ -209,8 +214,8 @@ def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, sett
         if len(tile_px) > 1:
             raise ValueError(f"regions of one batch have different tile sizes {sorted(tile_px)}")
         with accelerator.autocast():
-            grids = token_grids(encoder, batch["pixels"].to(accelerator.device), tile_px.pop(), normalisation,
-                                tiles_per_call)
+            grids = token_grids(encoder, device_pixels(batch["pixels"], accelerator.device), tile_px.pop(),
+                                normalisation, tiles_per_call)
         grids = grids.to(DTYPES[dtype]).cpu().numpy()
         for key, record, grid, reader in zip(batch["key"], batch["record"], grids, batch["reader"]):
             ext, data = encode_grid(grid)

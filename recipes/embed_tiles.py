@@ -18,7 +18,7 @@ from hipt_e2e.training import (
 
 DEFAULTS = {
     "out": None,
-    "data": {"shards": None, "workers": 2},
+    "data": {"shards": None, "workers": 2, "decode": "cpu"},  # decode: cpu (readers) | gpu (nvJPEG, batched)
     "model": {**TILE_MODEL_DEFAULTS, **WEIGHTS_DEFAULTS},
     "embed": {
         "normalisation": "hipt",  # the released weights' (x/127.5 - 1); use what your weights were trained with
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     embed_tiles(encoder, cfg["data"]["shards"], cfg["out"], settings=cfg, normalisation=embed["normalisation"],
                 regions_per_batch=embed["regions_per_batch"], tiles_per_call=embed["tiles_per_call"],
                 workers=cfg["data"]["workers"], dtype=embed["dtype"], shard_bytes=int(embed["shard_bytes"]),
-                mixed_precision=embed["mixed_precision"])
+                mixed_precision=embed["mixed_precision"], decode=cfg["data"]["decode"])
 
 
 if __name__ == "__main__":

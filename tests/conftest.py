@@ -36,14 +36,29 @@ def synthetic_slides(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shards(tmp_path_factory) -> Path:
-    """12 synthetic slides (3 patients per class, so 3 folds) of 4 regions of 128 px = 4 x 4 tiles of 32 px;
-    the right-hand regions are half glass, so their tiles' tissue fractions differ."""
+def e2e_slides(tmp_path_factory) -> Path:
+    """12 synthetic slides of 256 px (3 patients per class, so 3 folds); the right-hand regions of 128 px
+    are half glass, so their tiles' tissue fractions differ."""
     from hipt_e2e.data.synthetic import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("e2e") / "slides", slides_per_class=6, size=256, region_px=128)
+
+
+def _build_shards(slides: Path, out: Path, encoding: str) -> Path:
     from shards.build import build
 
-    root = tmp_path_factory.mktemp("e2e")
-    slides = make_dataset(root / "slides", slides_per_class=6, size=256, region_px=128)
-    build({"kind": "images", "input": str(slides), "labels": str(slides / "labels.csv"), "out": str(root / "shards"),
-           "slide_mpp": 0.5, "region_px": 128, "tile_px": 32, "encoding": "png", "shard_bytes": 200_000})
-    return root / "shards"
+    build({"kind": "images", "input": str(slides), "labels": str(slides / "labels.csv"), "out": str(out),
+           "slide_mpp": 0.5, "region_px": 128, "tile_px": 32, "encoding": encoding, "shard_bytes": 200_000})
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards(e2e_slides, tmp_path_factory) -> Path:
+    """e2e_slides as PNG shards: 4 regions of 128 px = 4 x 4 tiles of 32 px per slide."""
+    return _build_shards(e2e_slides, tmp_path_factory.mktemp("png") / "shards", "png")
+
+
+@pytest.fixture(scope="session")
+def jpeg_shards(e2e_slides, tmp_path_factory) -> Path:
+    """The same slides as JPEG q95 shards (the encoding GPU decoding applies to)."""
+    return _build_shards(e2e_slides, tmp_path_factory.mktemp("jpeg") / "shards", "jpeg")

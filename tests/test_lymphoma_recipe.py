@@ -25,7 +25,8 @@ def test_lymphoma_command_runs_every_step_and_resumes(lymphoma_dir, tmp_path, ca
     for name in ("dino/model_card.json", "vit4k/model_card.json", "e2e/fold_4/model_card.json", "e2e/learning_curves.png",
                  "colour/splits.csv"):
         assert (run / name).exists(), name
-    assert json.loads((run / "e2e" / "metrics.json").read_text())["seed"] == 3
+    metrics = json.loads((run / "e2e" / "metrics.json").read_text())
+    assert metrics["seed"] == 3 and metrics["processes"] == 2 and metrics["grad_accum"] == 2  # global batch 4
     assert (run / "e2e" / "splits.csv").read_text() == (run / "colour" / "splits.csv").read_text()
     report = (run / "report.md").read_text()
     assert "| HIPT end to end - colour baseline | balanced accuracy |" in report and last in report

@@ -2,13 +2,25 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 from hipt_e2e.data import RegionStream, SlideBagStream, TileStream, load_manifest
+from hipt_e2e.data.samples import (
+    JpegBatch,
+    decode_mode,
+    decode_pixels,
+    device_pixels,
+    encode_pixels,
+    stack_pixels,
+)
+from hipt_e2e.training.data import collate
 from shards.build import build
 
 
@@ -101,3 +113,47 @@ def test_streams_read_urls(shard_dir):
     from_urls = [r["record"]["region_index"] for r in RegionStream(urls)]
     from_dir = [r["record"]["region_index"] for r in RegionStream(shard_dir)]
     assert from_urls == from_dir and len(from_dir) == load_manifest(shard_dir)["samples"]
+
+
+# ---------------------------------------------------------------- decoding on the device (data.decode=gpu)
+
+def test_decode_gpu_falls_back_to_the_cpu_readers_without_cuda(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert decode_mode("gpu", torch.device("cpu")) == "cpu"
+    assert "data.decode=gpu but the device is cpu" in caplog.text
+    assert decode_mode("cpu", torch.device("cpu")) == "cpu"
+    with pytest.raises(ValueError, match="data.decode='nvjpeg'"):
+        decode_mode("nvjpeg", torch.device("cpu"))
+
+
+def test_deferred_jpeg_regions_decode_to_the_readers_pixels(jpeg_shards, shards):
+    """What decode=gpu hands on (JPEG bytes, batched) decodes in one call to what the CPU readers give; the
+    CPU run of that call is torchvision's libjpeg-turbo, the device's is nvJPEG (tests/test_gpu.py)."""
+    deferred = list(SlideBagStream(jpeg_shards, decode="gpu"))
+    decoded = list(SlideBagStream(jpeg_shards))
+    assert [bag["slide_id"] for bag in deferred] == [bag["slide_id"] for bag in decoded]
+    for lazy, bag in zip(deferred, decoded):
+        assert isinstance(lazy["pixels"], JpegBatch) and len(lazy["pixels"]) == len(bag["pixels"]) == 4
+        pixels = device_pixels(lazy["pixels"], torch.device("cpu"))
+        assert pixels.dtype == torch.uint8 and pixels.shape == bag["pixels"].shape == (4, 3, 128, 128)
+        assert (pixels.int() - bag["pixels"].int()).abs().max() <= 1
+        assert torch.equal(lazy["tissue"], bag["tissue"]) and torch.equal(lazy["coords"], bag["coords"])
+    # regions across slides batch into one JpegBatch (DataLoader collate); lossless entries stay decoded
+    batch = collate([{"pixels": bag["pixels"]} for bag in deferred[:3]])["pixels"]
+    assert isinstance(batch, JpegBatch) and len(batch) == 12
+    assert torch.equal(device_pixels(batch, torch.device("cpu")),
+                       torch.cat([device_pixels(bag["pixels"], torch.device("cpu")) for bag in deferred[:3]]))
+    png = next(iter(SlideBagStream(shards, decode="gpu")))["pixels"]
+    assert isinstance(png, torch.Tensor) and png.shape == (4, 3, 128, 128)
+
+
+def test_deferred_jpeg_sizes_are_checked():
+    one = decode_pixels("jpg", encode_pixels(np.zeros((32, 64, 3), np.uint8), "jpeg")[1],
+                        {"height": 32, "width": 64}, decode="gpu")
+    other = decode_pixels("jpg", encode_pixels(np.zeros((64, 64, 3), np.uint8), "jpeg")[1],
+                          {"height": 64, "width": 64}, decode="gpu")
+    with pytest.raises(ValueError, match=r"differ in size \[\(3, 32, 64\), \(3, 64, 64\)\]"):
+        stack_pixels([one, other])
+    lying = JpegBatch(one.data, (3, 64, 64))  # a record that does not match its pixels
+    with pytest.raises(ValueError, match=r"decoded JPEG regions of size \[\(3, 32, 64\)\], their records say"):
+        device_pixels(lying, torch.device("cpu"))

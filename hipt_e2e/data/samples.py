@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+log = logging.getLogger(__name__)
+
 ENCODINGS = {"jpeg": "jpg", "png": "png", "npy": "npy"}
+DECODE_MODES = ("cpu", "gpu")
 GRID_EXT = "grid.npy"
 PIXEL_EXTS = (*ENCODINGS.values(), GRID_EXT)
 
@@ -53,9 +60,36 @@ def encode_grid(grid: np.ndarray) -> tuple[str, bytes]:
     return GRID_EXT, npy_bytes(grid)
 
 
-def decode_pixels(ext: str, data: bytes) -> torch.Tensor:
+@dataclass(frozen=True)
+class JpegBatch:
+    """JPEG-encoded regions whose decoding is left to the device (data.decode=gpu): readers hand these on
+    instead of pixels, batches concatenate them, and `device_pixels` decodes them all in one call."""
+    data: tuple[torch.Tensor, ...]  # uint8 [n_bytes] each
+    shape: tuple[int, int, int]  # [3, H, W] of every region (from the records; checked after decoding)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def decode_mode(requested: str, device: torch.device) -> str:
+    """The decoding that will run: "gpu" (nvJPEG through torchvision) needs a CUDA device, otherwise the
+    readers decode on the CPU, said once in the log."""
+    if requested not in DECODE_MODES:
+        raise ValueError(f"data.decode={requested!r}: choose one of {list(DECODE_MODES)}")
+    if requested == "gpu" and device.type != "cuda":
+        log.warning("data.decode=gpu but the device is %s: JPEG regions are decoded on the CPU", device)
+        return "cpu"
+    return requested
+
+
+def decode_pixels(ext: str, data: bytes, record: dict[str, Any] | None = None,
+                  decode: str = "cpu") -> torch.Tensor | JpegBatch:
     """(extension, bytes) -> contiguous RGB uint8 tensor [3, H, W], the layout models take (a token
-    grid: float [C, rows, cols])."""
+    grid: float [C, rows, cols]). With decode="gpu" a JPEG stays encoded: a JpegBatch of one, its size
+    taken from the sample's record."""
+    if decode == "gpu" and ext == "jpg":
+        return JpegBatch((torch.frombuffer(bytearray(data), dtype=torch.uint8),),
+                         (3, record["height"], record["width"]))
     if ext == GRID_EXT:
         grid = npy_array(data)
         if grid.dtype.kind != "f" or grid.ndim != 3:
@@ -89,8 +123,36 @@ def pixel_entry(sample: dict) -> str:
     raise ValueError(f"sample {sample.get('__key__')} has no pixel entry ({', '.join(PIXEL_EXTS)})")
 
 
-def decode_sample(sample: dict) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Raw webdataset sample (bytes per entry) -> (RGB uint8 tensor [3, H, W], record)."""
+def decode_sample(sample: dict, decode: str = "cpu") -> tuple[torch.Tensor | JpegBatch, dict[str, Any]]:
+    """Raw webdataset sample (bytes per entry) -> (RGB uint8 tensor [3, H, W] or, decode="gpu", a JPEG
+    left encoded, record)."""
     ext = pixel_entry(sample)
     record = json.loads(sample["json"])
-    return decode_pixels(ext, sample[ext]), record
+    return decode_pixels(ext, sample[ext], record, decode), record
+
+
+def stack_pixels(items: Sequence[torch.Tensor | JpegBatch]) -> torch.Tensor | JpegBatch:
+    """Regions of one batch -> uint8 [B, 3, H, W], or one JpegBatch when they are still encoded."""
+    if not isinstance(items[0], JpegBatch):
+        return torch.stack(items)
+    shapes = {item.shape for item in items}
+    if len(shapes) > 1:
+        raise ValueError(f"regions of one batch differ in size {sorted(shapes)}")
+    return JpegBatch(tuple(data for item in items for data in item.data), items[0].shape)
+
+
+def device_pixels(pixels: torch.Tensor | JpegBatch, device: torch.device) -> torch.Tensor:
+    """A batch's pixels on `device`: tensors copied (non-blocking from pinned memory), a JpegBatch decoded
+    there in one call (nvJPEG on a CUDA device; libjpeg-turbo on the CPU, which is how the CPU tests run it)."""
+    if not isinstance(pixels, JpegBatch):
+        return pixels.to(device, non_blocking=True)
+    from torchvision.io import ImageReadMode, decode_jpeg  # only this path needs torchvision's decoder
+
+    with warnings.catch_warnings():
+        # torchvision >= 0.29 warns that its decoders move to TorchCodec; the nvJPEG path still works.
+        warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of TorchVision")
+        decoded = decode_jpeg(list(pixels.data), mode=ImageReadMode.RGB, device=device)
+    wrong = {tuple(region.shape) for region in decoded} - {pixels.shape}
+    if wrong:
+        raise ValueError(f"decoded JPEG regions of size {sorted(wrong)}, their records say {pixels.shape}")
+    return torch.stack(decoded)

@@ -26,7 +26,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 
 from hipt_e2e.data.manifest import load_manifest, shard_urls
-from hipt_e2e.data.samples import decode_sample
+from hipt_e2e.data.samples import decode_sample, stack_pixels
 from hipt_e2e.data.tiling import cut_tiles
 
 
@@ -104,18 +104,23 @@ class _ShardStream(IterableDataset):
         return wds.filters._shuffle(items, bufsize=self.shuffle, initial=self.shuffle, rng=self._rng(salt))
 
 
-def _region(sample: dict) -> dict:
-    pixels, record = decode_sample(sample)
-    return {"pixels": pixels.contiguous(), "record": record}
+def _region(sample: dict, decode: str = "cpu") -> dict:
+    pixels, record = decode_sample(sample, decode)
+    return {"pixels": pixels, "record": record}
 
 
 class RegionStream(_ShardStream):
-    """One item per region: {"pixels": uint8 [3, H, W] (a token grid float [C, rows, cols]), "record": the
-    sample's JSON record}."""
+    """One item per region: {"pixels": uint8 [3, H, W] (a token grid float [C, rows, cols]; with
+    decode="gpu" a JPEG region stays a JpegBatch for samples.device_pixels), "record": the sample's JSON
+    record}."""
+
+    def __init__(self, source: str | Path | Sequence[str], *, decode: str = "cpu", **kwargs: Any):
+        super().__init__(source, **kwargs)
+        self.decode = decode
 
     def __iter__(self) -> Iterator[dict]:
         for sample in self._shuffled(self.raw_samples(), salt=2):
-            yield _region(sample)
+            yield _region(sample, self.decode)
 
 
 class TileStream(_ShardStream):
@@ -153,14 +158,16 @@ class SlideBagStream(_ShardStream):
 
     {"slide_id", "patient_id", "label", "label_index", "pixels": uint8 [k, 3, H, W],
      "coords": int64 [k, 2] (level-0 x, y; -1 when unknown), "region_index": int64 [k],
-     "tissue": float32 [k, rows, cols]}. Only the sampled regions are decoded.
+     "tissue": float32 [k, rows, cols]}. Only the sampled regions are decoded; with decode="gpu" JPEG
+    regions stay encoded ("pixels" is a JpegBatch, decoded on the device by samples.device_pixels).
     """
 
-    def __init__(self, source: str | Path, *, regions_per_slide: int | None = None, **kwargs: Any):
+    def __init__(self, source: str | Path, *, regions_per_slide: int | None = None, decode: str = "cpu",
+                 **kwargs: Any):
         if isinstance(source, (list, tuple)):
             raise ValueError("slide bags need a shard directory with a manifest (slides may span shards)")
         super().__init__(source, **kwargs)
-        self.regions_per_slide = regions_per_slide
+        self.regions_per_slide, self.decode = regions_per_slide, decode
         self.continues = [shard["slide_continues"] for shard in self.manifest["shards"]]
 
     def _bags_of_shard(self, position: int) -> Iterator[list[dict]]:
@@ -205,7 +212,7 @@ class SlideBagStream(_ShardStream):
 
     def decode_bag(self, bag: list[dict]) -> dict:
         first = json.loads(bag[0]["json"])
-        chosen = [_region(bag[i]) for i in self.sample_indices(first["slide_id"], len(bag))]
+        chosen = [_region(bag[i], self.decode) for i in self.sample_indices(first["slide_id"], len(bag))]
         shapes = {tuple(region["pixels"].shape) for region in chosen}
         if len(shapes) > 1:
             raise ValueError(f"slide {first['slide_id']}: regions differ in size {sorted(shapes)}; "
@@ -214,7 +221,7 @@ class SlideBagStream(_ShardStream):
         return {
             "slide_id": first["slide_id"], "patient_id": first.get("patient_id"), "label": first["label"],
             "label_index": first["label_index"],
-            "pixels": torch.stack([region["pixels"] for region in chosen]),
+            "pixels": stack_pixels([region["pixels"] for region in chosen]),
             "coords": torch.tensor([[r["x"] if r["x"] is not None else -1, r["y"] if r["y"] is not None else -1]
                                     for r in records], dtype=torch.int64),
             "region_index": torch.tensor([r["region_index"] for r in records], dtype=torch.int64),

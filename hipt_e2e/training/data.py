@@ -10,18 +10,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from hipt_e2e.data.manifest import shard_urls
+from hipt_e2e.data.samples import stack_pixels
 
 
 def collate(items: Sequence[dict]) -> dict:
     """Stack the "pixels" (or token grids) of stream items; every other field becomes a list (records hold
     None values, which the default collate refuses)."""
     batch = {key: [item[key] for item in items] for key in items[0] if key != "pixels"}
-    batch["pixels"] = torch.stack([item["pixels"] for item in items])
+    batch["pixels"] = stack_pixels([item["pixels"] for item in items])
     return batch
 
 

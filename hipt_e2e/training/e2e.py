@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from hipt_e2e.data.augment import AUGMENT_DEFAULTS, augment_regions, check_augment
 from hipt_e2e.data.manifest import load_manifest, shard_urls
+from hipt_e2e.data.samples import decode_mode, device_pixels
 from hipt_e2e.data.streams import SlideBagStream
 from hipt_e2e.data.synthetic import make_dataset
 from hipt_e2e.embedding import GRIDS_KIND
@@ -97,6 +98,7 @@ E2E_DEFAULTS: dict[str, Any] = {
         "regions_per_slide": 8,  # k regions sampled per slide per training step (all when fewer)
         "min_tile_tissue": 0.0,  # skip tiles with a smaller tissue fraction (zero embedding); 0: none
         "workers": 0,  # DataLoader workers per process (decoding overlaps compute)
+        "decode": "cpu",  # cpu: readers decode JPEG regions | gpu: decoded on the CUDA device in one batch per step
     },
     "model": {
         **copy.deepcopy(TILE_MODEL_DEFAULTS),  # preset, encoder, cnn, tile: changes to the preset's tile geometry
@@ -170,12 +172,13 @@ class ShardRegions(Dataset):
     regions of a training step are drawn by its seeded sampler, so both readers agree exactly.
     """
 
-    def __init__(self, source: str | Path, *, regions_per_slide: int | None, seed: int) -> None:
+    def __init__(self, source: str | Path, *, regions_per_slide: int | None, seed: int, decode: str = "cpu") -> None:
         self.manifest = load_manifest(source)
         if self.manifest.get("kind") == GRIDS_KIND:
             raise ValueError(f"{source} holds token grids; end-to-end training reads region shards (pixels)")
         self.sampler = SlideBagStream(source, regions_per_slide=regions_per_slide, seed=seed)
-        self.decoder = SlideBagStream(source)  # decodes whatever regions it is given
+        self.decode = decode
+        self.decoder = SlideBagStream(source, decode=decode)  # decodes whatever regions it is given
         samples: dict[str, dict[str, tuple[str, int, int]]] = {}
         for url in shard_urls(source):
             for key, ext, offset, size in _tar_members(url):
@@ -310,7 +313,7 @@ def slide_probabilities(model: HIPT, chunks: Iterable[dict], device: torch.devic
             embeddings = []
             for part in parts:
                 mask = tile_mask(part["tissue"], min_tile_tissue)
-                embeddings.append(model.region_embeddings(part["pixels"].to(device, non_blocking=True),
+                embeddings.append(model.region_embeddings(device_pixels(part["pixels"], device),
                                                           mask.to(device) if mask is not None else None))
             logits = model.slide_model(torch.cat(embeddings))
         probs[slide_id] = logits.float().softmax(dim=-1)[0].cpu().numpy()
@@ -417,7 +420,7 @@ class FoldTrainer:
     def _slide_input(self, item: dict, place: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A training slide's regions on the device (augmented when enabled, with draws seeded by its place
         in the global batch) and its tile mask (False everywhere when nothing is skipped)."""
-        pixels, tissue = item["pixels"].to(self.device, non_blocking=True), item["tissue"]
+        pixels, tissue = device_pixels(item["pixels"], self.device), item["tissue"]
         if self.cfg["augment"]["enabled"]:
             key = (self.cfg["seed"], self.fold.seed_offset, self.epoch, self.step, place, AUGMENT_STREAM)
             pixels, tissue = augment_regions(pixels, tissue, self.cfg["augment"], self.tile_px,
@@ -580,12 +583,14 @@ def _train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
         cfg = prepare_demo(cfg, accelerator)
     if cfg["out"] is None:
         raise ValueError("set out=DIR")
-    regions = ShardRegions(cfg["data"]["shards"], regions_per_slide=cfg["data"]["regions_per_slide"], seed=cfg["seed"])
+    regions = ShardRegions(cfg["data"]["shards"], regions_per_slide=cfg["data"]["regions_per_slide"], seed=cfg["seed"],
+                           decode=decode_mode(cfg["data"]["decode"], accelerator.device))
     classes = regions.manifest["classes"]
     log.info("global batch %d slides = %d per process x %d processes, %s regions per slide of %d px tiles "
-             "(model.preset %s); %s precision", train["grad_accum"] * accelerator.num_processes, train["grad_accum"],
-             accelerator.num_processes, cfg["data"]["regions_per_slide"] or "all",
-             regions.manifest["build_args"]["tile_px"], cfg["model"]["preset"], accelerator.mixed_precision)
+             "(model.preset %s); %s precision; parallelism %s; JPEG decoded on the %s",
+             train["grad_accum"] * accelerator.num_processes, train["grad_accum"], accelerator.num_processes,
+             cfg["data"]["regions_per_slide"] or "all", regions.manifest["build_args"]["tile_px"], cfg["model"]["preset"],
+             accelerator.mixed_precision, accelerator.distributed_type.value, regions.decode)
     run_steps = 0
 
     def test_probs(fold: Fold, fold_dir: Path) -> np.ndarray:
