@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from hipt_e2e.data.embeddings import write_slide_bags
+from hipt_e2e.evaluation.ablation import convergence_table
 from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, training_slides
 from tests.test_slide_training import CLASSES, make_bags
 
@@ -18,6 +19,20 @@ import data_scaling  # noqa: E402
 import e2e_vs_frozen  # noqa: E402
 
 FAST = ["folds=3", "optim.epochs=2", "patience=2"]
+
+
+def test_convergence_table_says_where_folds_selected(tmp_path):
+    def history(accuracies: list[float]) -> str:
+        return json.dumps([{"epoch": e, "train_loss": 1.0, "val_loss": 1.0, "val_balanced_accuracy": a}
+                           for e, a in enumerate(accuracies)])
+
+    for run, folds in {"rising": [[0.5, 0.6, 0.7, 0.8, 0.9], [0.5, 0.6, 0.9, 0.7]],
+                       "peaked": [[0.5, 0.9, 0.6, 0.6, 0.6, 0.6], [0.9, 0.5, 0.5, 0.5, 0.5]]}.items():
+        for fold, accuracies in enumerate(folds):
+            (tmp_path / run / f"repeat_1_fold_{fold}").mkdir(parents=True)
+            (tmp_path / run / f"repeat_1_fold_{fold}" / "history.json").write_text(history(accuracies))
+    rows = convergence_table({name: tmp_path / name for name in ("rising", "peaked")})
+    assert rows[2:] == ["| rising | 2 | 4-5 | 3 | 2 of 2 |", "| peaked | 2 | 5-6 | 0 | 0 of 2 |"]
 
 
 def test_dominant_class_subsampling():
@@ -60,6 +75,8 @@ def test_e2e_vs_frozen_smoke(shards: Path, tmp_path: Path):
     assert "per variant: frozen: tile, region;" in report
     assert set(json.loads((tmp_path / "docs" / "e2e_vs_frozen.json").read_text())["variants"]) == set(variants)
     assert (tmp_path / "docs" / "e2e_vs_frozen.png").stat().st_size > 0
+    assert "| end_to_end | 3 | 2-2 |" in report and "![e2e_vs_frozen learning curves](e2e_vs_frozen_curves.png)" in report
+    assert (tmp_path / "docs" / "e2e_vs_frozen_curves.png").stat().st_size > 0
     # the same budget: every variant trained every epoch of every fold
     assert all(len(json.loads((tmp_path / "runs" / name / f"fold_{i}" / "history.json").read_text())) == 2
                for name in variants for i in range(3))

@@ -8,19 +8,22 @@ it as `<name>.json`.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from hipt_e2e.evaluation.compare import PAIRED_HEADER, best_against_rest  # noqa: E402
+from hipt_e2e.evaluation.metrics import selection_key  # noqa: E402
 from hipt_e2e.io import atomic_open, atomic_write_json, atomic_write_text  # noqa: E402
 
 
@@ -68,13 +71,62 @@ def bar_plot(path: Path, variants: dict[str, dict], metric: str = "balanced_accu
     return path
 
 
+def fold_histories(run_dir: str | Path) -> list[list[dict]]:
+    """Each fold's per-epoch history (history.json of fold_i/ and repeat_r_fold_i/) of a cross-validated run."""
+    return [json.loads(path.read_text()) for path in sorted(Path(run_dir).glob("*fold_*/history.json"))]
+
+
+def convergence_table(run_dirs: Mapping[str, str | Path]) -> list[str]:
+    """Markdown rows: how long each variant's folds trained and where their selected epochs lie; a variant
+    whose folds select their last epochs was still improving when it stopped."""
+    lines = ["| variant | folds | epochs trained (min-max) | selected epoch (median) | folds selecting one of their last 3 epochs |",
+             "|---|---|---|---|---|"]
+    for name, run_dir in run_dirs.items():
+        histories = [h for h in fold_histories(run_dir) if h]
+        if not histories:
+            continue
+        trained = [len(h) for h in histories]
+        selected = [max(h, key=selection_key)["epoch"] for h in histories]
+        late = sum(pick >= h[-1]["epoch"] - 2 for pick, h in zip(selected, histories))
+        lines.append(f"| {name} | {len(histories)} | {min(trained)}-{max(trained)} | {np.median(selected):.0f} | "
+                     f"{late} of {len(histories)} |")
+    return lines
+
+
+def variant_curves(path: Path, run_dirs: Mapping[str, str | Path]) -> Path:
+    """Training loss and validation balanced accuracy per epoch, each variant's mean over its folds (over
+    the folds still training at that epoch)."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, run_dir in run_dirs.items():
+        histories = [h for h in fold_histories(run_dir) if h]
+        longest = max((len(h) for h in histories), default=0)
+        for axis, key in zip(axes, ("train_loss", "val_balanced_accuracy")):
+            means = [np.mean([h[e][key] for h in histories if len(h) > e and key in h[e]] or [np.nan])
+                     for e in range(longest)]
+            axis.plot(range(longest), means, label=name, lw=1.3)
+    for axis, title in zip(axes, ("training loss (mean over folds)", "validation balanced accuracy (mean over folds)")):
+        axis.set_xlabel("epoch")
+        axis.set_title(title)
+    axes[1].legend(fontsize=7, loc="lower right")
+    with atomic_open(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
 def write_ablation(docs_dir: str | Path, name: str, title: str, question: str, variants: dict[str, dict],
                    classes: Sequence[str], *, answer: str, runtime_s: float, setup: str,
-                   plot: Path | None = None, extra_lines: Sequence[str] = ()) -> Path:
-    """docs/ablations/<name>.md + <name>.json (+ <name>.png unless a plot is given)."""
+                   plot: Path | None = None, extra_lines: Sequence[str] = (),
+                   run_dirs: Mapping[str, str | Path] | None = None) -> Path:
+    """docs/ablations/<name>.md + <name>.json (+ <name>.png unless a plot is given); with the variants' run
+    folders, their learning curves (<name>_curves.png) and a convergence table as well."""
     docs_dir = Path(docs_dir)
     docs_dir.mkdir(parents=True, exist_ok=True)
     plot = plot or bar_plot(docs_dir / f"{name}.png", variants)
+    if run_dirs and any(fold_histories(run_dir) for run_dir in run_dirs.values()):
+        curves = variant_curves(docs_dir / f"{name}_curves.png", run_dirs)
+        extra_lines = [*extra_lines, "Learning curves of every variant (test folds never enter them):", "",
+                       *convergence_table(run_dirs), "", f"![{name} learning curves]({curves.name})", ""]
     atomic_write_json(docs_dir / f"{name}.json", {"classes": list(classes), "variants": variants})
     lines = [f"# {title}", "", f"**Question.** {question}", "", f"**Answer.** {answer}", "",
              f"**Setup.** {setup}", "", *results_table(variants, classes), "", *paired_table(variants), "",

@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     write_ablation(cfg["docs"], "balanced", "Balanced training when one class dominates",
                    "Does class-weighted loss or class-balanced sampling help when one class dominates training "
                    "(as Hodgkin lymphoma does in the lab's cohort)?", variants, classes, answer=answer,
-                   runtime_s=time.time() - start,
+                   runtime_s=time.time() - start, run_dirs={name: Path(cfg["out"]) / name for name in variants},
                    setup=f"{len(bags)} slides from `{cfg['data']['shards']}`; in each fold's training part "
                          f"{dominant} keeps all its slides and every other class is subsampled to "
                          f"1:{cfg['data']['dominant_ratio']:g} of it; validation and test folds untouched; "

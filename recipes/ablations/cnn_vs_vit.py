@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "Can a CNN produce the tile embeddings, pretrained with the same DINO recipe and budget as the "
                    "ViT and followed by the same slide model?", variants, classes, answer=answer,
                    runtime_s=time.time() - start, extra_lines=table,
+                   run_dirs={name: Path(cfg["out"]) / name / "slide" for name in variants},
                    setup=f"{len(bags)} slides from `{shards}` ({tile_px} px tiles); encoders: "
                          + "; ".join(f"{n} {' '.join([*cfg['tile_model'], *a])}" for n, a in cfg["encoders"].items())
                          + f"; DINO ({cfg['pretrain']['config'] or 'recipe defaults'}) for {budget['epochs']} epochs "

@@ -42,7 +42,7 @@ def learning_curves(path: Path, variants: dict, models: list, fractions: list) -
 def main(argv=None) -> dict:
     cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
     bags, classes = read_slide_bags(cfg["data"]["shards"])
-    start, variants = time.time(), {}
+    start, variants, run_dirs = time.time(), {}, {}
     for model in cfg["models"]:
         for fraction in cfg["fractions"]:
             run = copy.deepcopy(cfg)
@@ -51,6 +51,7 @@ def main(argv=None) -> dict:
             run["optim"]["lr"] = cfg["fc_lr"] if model == "fc" else cfg["optim"]["lr"]
             run["out"] = str(Path(cfg["out"]) / f"{model}_{int(fraction * 100)}")
             variants[f"{model} @ {fraction:.0%}"] = cross_validate(bags, classes, run)
+            run_dirs[f"{model} @ {fraction:.0%}"] = run["out"]
     full = {name: metrics for name, metrics in variants.items() if name.endswith("@ 100%")}
     smallest = {name: metrics for name, metrics in variants.items() if name.endswith(f"@ {min(cfg['fractions']):.0%}")}
     answer = (f"With all training slides: {paired_answer(full)} With the smallest share: {paired_answer(smallest)} "
@@ -61,7 +62,7 @@ def main(argv=None) -> dict:
     write_ablation(docs, "data_scaling", "Is there enough data for the slide transformer?",
                    "Can the final slide transformer be trained with the data at hand, compared with attention-MIL "
                    "and FC + majority vote, as the training set shrinks?", variants, classes, answer=answer,
-                   runtime_s=time.time() - start, plot=plot,
+                   runtime_s=time.time() - start, plot=plot, run_dirs=run_dirs,
                    setup=f"{len(bags)} slides from `{cfg['data']['shards']}`, {cfg['folds']} patient-grouped "
                          f"stratified folds (seed {cfg['seed']}), imbalance={cfg['imbalance']}, "
                          f"{cfg['optim']['epochs']} epochs with early stopping (patience {cfg['patience']}); "

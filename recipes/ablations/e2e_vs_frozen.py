@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_ablation(cfg["docs"], "e2e_vs_frozen", "End-to-end fine-tuning vs a frozen encoder",
                    "Does end-to-end fine-tuning beat training only the head, from the same pretrained start and "
                    "with the same budget in steps?", variants, manifest["classes"], answer=paired_answer(variants),
-                   runtime_s=time.time() - start,
+                   runtime_s=time.time() - start, run_dirs={name: Path(cfg["out"]) / name for name in variants},
                    setup=f"{len(manifest['slides'])} slides from `{cfg['data']['shards']}` "
                          f"({manifest['build_args']['region_px']} px regions of {manifest['build_args']['tile_px']} "
                          f"px tiles); start: {start_from}; model preset {cfg['model']['preset']}; "
