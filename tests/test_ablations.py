@@ -61,6 +61,8 @@ def test_balanced_smoke(tmp_path):
     assert sorted(variants) == ["balanced_sampling", "none", "weighted_loss"]
     report = (tmp_path / "docs" / "balanced.md").read_text()
     assert "recall a" in report and "subsampled to 1:3 of it" in report
+    assert "| weighted_loss - none | mean recall of the minority classes |" in report
+    assert "| balanced_sampling - none | mean recall of the minority classes |" in report
 
 
 def test_e2e_vs_frozen_smoke(shards: Path, tmp_path: Path):

@@ -117,9 +117,10 @@ def variant_curves(path: Path, run_dirs: Mapping[str, str | Path]) -> Path:
 def write_ablation(docs_dir: str | Path, name: str, title: str, question: str, variants: dict[str, dict],
                    classes: Sequence[str], *, answer: str, runtime_s: float, setup: str,
                    plot: Path | None = None, extra_lines: Sequence[str] = (),
-                   run_dirs: Mapping[str, str | Path] | None = None) -> Path:
+                   run_dirs: Mapping[str, str | Path] | None = None, lab_scale: str = "") -> Path:
     """docs/ablations/<name>.md + <name>.json (+ <name>.png unless a plot is given); with the variants' run
-    folders, their learning curves (<name>_curves.png) and a convergence table as well."""
+    folders, their learning curves (<name>_curves.png) and a convergence table as well; `lab_scale`: what
+    would change on slides of hundreds of regions and on GPUs."""
     docs_dir = Path(docs_dir)
     docs_dir.mkdir(parents=True, exist_ok=True)
     plot = plot or bar_plot(docs_dir / f"{name}.png", variants)
@@ -129,6 +130,7 @@ def write_ablation(docs_dir: str | Path, name: str, title: str, question: str, v
                        *convergence_table(run_dirs), "", f"![{name} learning curves]({curves.name})", ""]
     atomic_write_json(docs_dir / f"{name}.json", {"classes": list(classes), "variants": variants})
     lines = [f"# {title}", "", f"**Question.** {question}", "", f"**Answer.** {answer}", "",
+             *([f"**At the lab's scale.** {lab_scale}", ""] if lab_scale else []),
              f"**Setup.** {setup}", "", *results_table(variants, classes), "", *paired_table(variants), "",
              *extra_lines,
              f"![{name}]({plot.name})", "",
@@ -137,6 +139,14 @@ def write_ablation(docs_dir: str | Path, name: str, title: str, question: str, v
     path = docs_dir / f"{name}.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def with_mean_recall(variants: Mapping[str, Mapping], classes: Sequence[str], metric: str) -> dict[str, dict]:
+    """The variants' metrics with `metric` added to every fold: the mean recall of `classes` there (e.g. the
+    minority classes), so that it can be paired like balanced accuracy."""
+    return {name: {**metrics, "folds": [{**fold, metric: float(np.mean([fold["recall"][c] for c in classes]))}
+                                        for fold in metrics["folds"]]}
+            for name, metrics in variants.items()}
 
 
 def paired_answer(variants: dict[str, dict], metric: str = "balanced_accuracy") -> str:

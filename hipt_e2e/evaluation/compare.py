@@ -33,7 +33,8 @@ from sklearn.metrics import balanced_accuracy_score
 from hipt_e2e.evaluation.metrics import classification_metrics, macro_auc
 from hipt_e2e.evaluation.splits import read_splits
 
-METRIC_NAMES = {"balanced_accuracy": "balanced accuracy", "auc_macro": "macro AUC"}
+METRIC_NAMES = {"balanced_accuracy": "balanced accuracy", "auc_macro": "macro AUC",
+                "minority_recall": "mean recall of the minority classes"}
 METRIC_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "balanced_accuracy": lambda y, probs: float(balanced_accuracy_score(y, probs.argmax(axis=1))),
     "auc_macro": macro_auc,

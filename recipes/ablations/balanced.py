@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from hipt_e2e.data.embeddings import read_slide_bags
-from hipt_e2e.evaluation.ablation import paired_answer, write_ablation
+from hipt_e2e.evaluation.ablation import paired_answer, with_mean_recall, write_ablation
+from hipt_e2e.evaluation.compare import PAIRED_HEADER, paired_difference
 from hipt_e2e.training.recipe import recipe_config
 from hipt_e2e.training.slide_level import IMBALANCE, SLIDE_DEFAULTS, cross_validate
 
@@ -32,7 +33,12 @@ def main(argv=None) -> dict:
     dominant = cfg["data"]["dominant_class"]
     minority = [c for c in classes if c != dominant]
     recall = {name: {c: m["summary"]["recall"][c]["mean"] for c in classes} for name, m in variants.items()}
-    answer = (paired_answer(variants) + " Mean recall of the subsampled classes (" + ", ".join(minority) + "): "
+    # each correction against none on the minority classes' mean recall, paired over the same folds
+    folds = {name: m["folds"] for name, m in with_mean_recall(variants, minority, "minority_recall").items()}
+    minority_pairs = [paired_difference(name, folds[name], "none", folds["none"], "minority_recall")
+                      for name in folds if name != "none"]
+    answer = (paired_answer(variants) + " " + " ".join(pair.sentence() for pair in minority_pairs)
+              + " Mean recall of the subsampled classes (" + ", ".join(minority) + "): "
               + "; ".join(f"{name} {sum(r[c] for c in minority) / len(minority):.3f}" for name, r in recall.items())
               + f"; of the dominant class {dominant}: "
               + "; ".join(f"{name} {r[dominant]:.3f}" for name, r in recall.items()) + ".")
@@ -40,6 +46,8 @@ def main(argv=None) -> dict:
                    "Does class-weighted loss or class-balanced sampling help when one class dominates training "
                    "(as Hodgkin lymphoma does in the lab's cohort)?", variants, classes, answer=answer,
                    runtime_s=time.time() - start, run_dirs={name: Path(cfg["out"]) / name for name in variants},
+                   extra_lines=["Minority-class recall, each correction against none on the same folds:", "",
+                                *PAIRED_HEADER, *(pair.row() for pair in minority_pairs), ""],
                    setup=f"{len(bags)} slides from `{cfg['data']['shards']}`; in each fold's training part "
                          f"{dominant} keeps all its slides and every other class is subsampled to "
                          f"1:{cfg['data']['dominant_ratio']:g} of it; validation and test folds untouched; "
