@@ -63,6 +63,11 @@ def main(argv=None) -> dict:
                    "Can the final slide transformer be trained with the data at hand, compared with attention-MIL "
                    "and FC + majority vote, as the training set shrinks?", variants, classes, answer=answer,
                    runtime_s=time.time() - start, plot=plot, run_dirs=run_dirs,
+                   lab_scale="Here a slide is a field of 1-2 regions, so the slide transformer attends over almost "
+                             "nothing and acts as an MLP on one or two embeddings; on the lab's slides of hundreds "
+                             "of regions it has real sequences to aggregate, where attention-MIL and the "
+                             "transformer are expected to separate from FC + majority vote by more, and the "
+                             "number of slides (not regions) is what these curves count.",
                    setup=f"{len(bags)} slides from `{cfg['data']['shards']}`, {cfg['folds']} patient-grouped "
                          f"stratified folds (seed {cfg['seed']}), imbalance={cfg['imbalance']}, "
                          f"{cfg['optim']['epochs']} epochs with early stopping (patience {cfg['patience']}); "

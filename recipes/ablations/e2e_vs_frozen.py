@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> dict:
                    "Does end-to-end fine-tuning beat training only the head, from the same pretrained start and "
                    "with the same budget in steps?", variants, manifest["classes"], answer=paired_answer(variants),
                    runtime_s=time.time() - start, run_dirs={name: Path(cfg["out"]) / name for name in variants},
+                   lab_scale="A slide of hundreds of 4096 px regions does not fit one backward pass: end to end then "
+                             "trains on data.regions_per_slide sampled regions per step (chunk and block "
+                             "checkpointing bound the memory; docs/benchmarks.md gives memory and time per region), "
+                             "while the frozen variants can read every region's precomputed embedding, so each "
+                             "step of end to end sees less of a slide at several times the cost. Fields of 1-2 "
+                             "regions, all used in every step, are the case most favourable to end to end.",
                    setup=f"{len(manifest['slides'])} slides from `{cfg['data']['shards']}` "
                          f"({manifest['build_args']['region_px']} px regions of {manifest['build_args']['tile_px']} "
                          f"px tiles); start: {start_from}; model preset {cfg['model']['preset']}; "
