@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -88,12 +89,20 @@ def test_cnn_vs_vit_smoke(shards: Path, tmp_path: Path):
     tiny = REPO / "recipes" / "configs" / "tiny"
     variants = cnn_vs_vit.main([
         f"data.shards={shards}", f"out={tmp_path / 'runs'}", f"docs={tmp_path / 'docs'}", *FAST,
-        f"pretrain.config={tiny / 'pretrain_vit256.yaml'}", "pretrain.overrides=[train.epochs=1, train.steps_per_epoch=2]",
+        f"pretrain.config={tiny / 'pretrain_vit256.yaml'}", "pretrain.overrides=[train.steps_per_epoch=2]",
+        "pretrain.minutes=0.03", "pretrain.probe_steps=8",
         f"embed_tiles.config={tiny / 'embed_tiles.yaml'}", f"embed_regions.config={tiny / 'embed_regions.yaml'}",
         "throughput.batch=4", "throughput.rounds=1"])
     assert list(variants) == ["vit", "cnn"]
     report = (tmp_path / "docs" / "cnn_vs_vit.md").read_text()
-    assert "| vit |" in report and "| cnn |" in report and "| encoder | parameters | tiles/s |" in report
+    assert "| encoder | parameters | tiles/s | DINO steps | probed s/step | DINO minutes (this run) |" in report
+    # the same wall-clock budget: each encoder's epochs from its own probed step time
+    rows = {name: re.search(rf"\| {name} \| [\d.]+ M \| \d+ \| (\d+) x 2 \| ([\d.]+) \| ([\d.]+) \|", report)
+            for name in ("vit", "cnn")}
+    assert all(rows.values()), report
+    for row in rows.values():  # epochs x 2 steps x s/step fill the 1.8 s (up to one epoch and the rounding shown)
+        epochs, per_step = int(row.group(1)), float(row.group(2))
+        assert abs(epochs * 2 * per_step - 1.8) <= 2 * per_step + 0.2
     assert "model.cnn=resnet18" in report and "random init, frozen" in report
     assert set(json.loads((tmp_path / "docs" / "cnn_vs_vit.json").read_text())["variants"]) == set(variants)
     assert (tmp_path / "docs" / "cnn_vs_vit.png").stat().st_size > 0

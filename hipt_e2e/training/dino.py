@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -277,10 +278,10 @@ class DINOTrainer:
             optimizer.zero_grad(set_to_none=True)
         return value
 
-    def _log_step(self, step: int, epoch: int, loss: float) -> dict[str, Any]:
+    def _log_step(self, step: int, epoch: int, loss: float, seconds: float) -> dict[str, Any]:
         entry = {"step": step, "epoch": epoch, "loss": loss, "lr": float(self.lr[step]),
                  "weight_decay": float(self.weight_decay[step]), "momentum": float(self.momentum[step]),
-                 "teacher_temp": self.dino_loss.teacher_temperature(epoch)}
+                 "teacher_temp": self.dino_loss.teacher_temperature(epoch), "seconds": seconds}
         with open(self.out / TRAIN_LOG, "a") as handle:
             handle.write(json.dumps(entry) + "\n")
         if (step + 1) % self.cfg["train"]["log_every"] == 0:
@@ -300,16 +301,18 @@ class DINOTrainer:
         end = min(self.total, train["stop_after"] or self.total)
         bar = progress(range(self.start, end), initial=self.start, total=self.total, desc="dino", unit="step",
                        disable=not self.main)
+        started = time.perf_counter()
         for step in bar:
             epoch = step // self.steps_per_epoch
             set_lr_and_weight_decay(self.optimizer, float(self.lr[step]), float(self.weight_decay[step]))
             loss = sum(self.micro_step(step, epoch, micro) for micro in range(train["grad_accum"])) / train["grad_accum"]
             update_teacher(self.accelerator.unwrap_model(self.student), self.teacher, float(self.momentum[step]))
-            if self.main:
-                self._log_step(step, epoch, loss)
+            if self.main:  # seconds: the step's wall clock, data included (what a time budget buys)
+                self._log_step(step, epoch, loss, time.perf_counter() - started)
                 bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
             if (step + 1) % train["checkpoint_every"] == 0 or step + 1 == end:
                 self.save(step + 1)
+            started = time.perf_counter()  # checkpoints are not part of the next step
         if self.main and end == self.total:
             export_safetensors(self.teacher.backbone, self.out / BACKBONE_EXPORT,
                                {"format": "pt", "source": "DINO teacher backbone", "steps": str(self.total)})

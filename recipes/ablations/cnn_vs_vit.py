@@ -6,16 +6,23 @@ seed), recipes/embed_tiles.py with its teacher backbone, recipes/embed_regions.p
 randomly initialised ViT4K with model.region.in_dim = the tile width, seeded so both encoders get the
 same one), then the same slide model cross-validated on the same folds (slide-level settings at the top
 level, as in the other ablations). Also measured: parameters and tile throughput (tiles/s, one batch,
-CPU) of each pretrained encoder. Writes docs/ablations/cnn_vs_vit.{md,json,png}; runs in out/<encoder>/.
+CPU) of each pretrained encoder. With pretrain.minutes set, both get the same wall-clock DINO budget
+instead of the same steps: each encoder's seconds per DINO step are timed on two short probe runs (their
+difference cancels start-up) and its train.epochs chosen to fill the minutes.
+Writes docs/ablations/cnn_vs_vit.{md,json,png}; runs in out/<encoder>/.
 
     accelerate launch recipes/ablations/cnn_vs_vit.py --config recipes/configs/ablations/cnn_vs_vit.yaml \
         data.shards=runs/lymphoma/shards256 out=runs/ablations/cnn_vs_vit
 """
 import copy
+import json
+import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import PartialState
 from torch import nn
@@ -24,7 +31,7 @@ from hipt_e2e.config import load_yaml
 from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.evaluation.ablation import paired_answer, write_ablation
-from hipt_e2e.training import BACKBONE_EXPORT, build_tile_encoder, load_encoder_weights, recipe_config
+from hipt_e2e.training import BACKBONE_EXPORT, TRAIN_LOG, build_tile_encoder, load_encoder_weights, recipe_config
 from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, cross_validate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stage recipes run as they are, not copied
@@ -39,7 +46,8 @@ DEFAULTS = {
     # key=value for pretraining and tile embedding of one encoder; tile_model: for both
     "encoders": {"vit": ["model.encoder=vit"], "cnn": ["model.encoder=cnn", "model.cnn=resnet18"]},
     "tile_model": [],
-    "pretrain": copy.deepcopy(STAGE),
+    # minutes: equal wall-clock DINO budget per encoder, from each one's step time over probe_steps steps
+    "pretrain": {**copy.deepcopy(STAGE), "minutes": None, "probe_steps": 20},
     "embed_tiles": copy.deepcopy(STAGE),
     "embed_regions": copy.deepcopy(STAGE),
     "throughput": {"batch": 64, "rounds": 3},
@@ -50,6 +58,32 @@ def run_stage(recipe, stage: dict, *overrides: str) -> None:
     """A stage recipe's main, as its command line: --config FILE, the stage's overrides, then these."""
     config = ["--config", stage["config"]] if stage["config"] else []
     recipe.main([*config, *stage["overrides"], *overrides])
+
+
+def dino_epochs_for(stage: dict, *overrides: str) -> tuple[int, float]:
+    """(train.epochs that fill stage["minutes"] of wall clock, seconds per step) for one encoder's DINO,
+    from a probe run of stage["probe_steps"] steps: the median of its logged step times after the first
+    quarter (start-up, the data stream's first fill)."""
+    probe_steps = stage["probe_steps"]
+    with tempfile.TemporaryDirectory() as probe:
+        # enough epochs for the probe whatever the epoch length; the schedule does not change a step's time
+        run_stage(pretrain_vit256, stage, *overrides, f"out={probe}", f"train.epochs={probe_steps}",
+                  f"train.stop_after={probe_steps}")
+        steps_per_epoch = load_yaml((Path(probe) / "config.yaml").read_text())["train"]["steps_per_epoch"]
+        logged = [json.loads(line) for line in (Path(probe) / TRAIN_LOG).read_text().splitlines()]
+    if not steps_per_epoch:
+        raise ValueError("pretrain.minutes needs a fixed train.steps_per_epoch in the pretraining settings")
+    per_step = float(np.median([entry["seconds"] for entry in logged[probe_steps // 4:]]))
+    return max(1, math.ceil(stage["minutes"] * 60 / per_step / steps_per_epoch)), per_step
+
+
+def budget_row(name: str, params: int, rate: float, dino_dir: Path, per_step: float | None,
+               minutes: float | None) -> str:
+    """Markdown row: encoder | parameters | tiles/s | DINO steps | probed s/step | DINO minutes."""
+    train = load_yaml((dino_dir / "config.yaml").read_text())["train"]
+    steps = f"{train['epochs']} x {train['steps_per_epoch']}" if train["steps_per_epoch"] else f"{train['epochs']} epochs"
+    measured = " | ".join(f"{value:.3g}" if value else "-" for value in (per_step, minutes))
+    return f"| {name} | {params / 1e6:.2f} M | {rate:.0f} | {steps} | {measured} |"
 
 
 @torch.no_grad()
@@ -71,12 +105,19 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
     shards = cfg["data"]["shards"]
     tile_px = load_manifest(shards)["build_args"]["tile_px"]
-    start, variants, speed = time.time(), {}, {}
+    start, variants, speed, budgets = time.time(), {}, {}, {}
     for name, encoder_args in cfg["encoders"].items():
         out = Path(cfg["out"]) / name
         model_args = [*cfg["tile_model"], *encoder_args]
-        run_stage(pretrain_vit256, cfg["pretrain"], *model_args, f"seed={cfg['seed']}", f"data.shards={shards}",
-                  f"out={out / 'dino'}")
+        dino_args = [*model_args, f"seed={cfg['seed']}", f"data.shards={shards}"]
+        if not (out / "dino" / BACKBONE_EXPORT).exists():  # (a finished encoder is kept when the recipe reruns)
+            per_step = None
+            if cfg["pretrain"]["minutes"]:
+                epochs, per_step = dino_epochs_for(cfg["pretrain"], *dino_args)
+                dino_args.append(f"train.epochs={epochs}")
+            started = time.time()
+            run_stage(pretrain_vit256, cfg["pretrain"], *dino_args, f"out={out / 'dino'}")
+            budgets[name] = (per_step, (time.time() - started) / 60)
         dino = load_yaml((out / "dino" / "config.yaml").read_text())
         backbone = out / "dino" / BACKBONE_EXPORT
         encoder = load_encoder_weights(build_tile_encoder(dino["model"]), {"weights": backbone, "trusted": False})
@@ -96,8 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
         return variants
     region = load_yaml((out / "bags" / "config.yaml").read_text())["model"]
     budget = dino["train"]
-    table = ["| encoder | parameters | tiles/s |", "|---|---|---|",
-             *(f"| {name} | {params / 1e6:.2f} M | {rate:.0f} |" for name, (params, rate) in speed.items()), "",
+    table = ["| encoder | parameters | tiles/s | DINO steps | probed s/step | DINO minutes (this run) |",
+             "|---|---|---|---|---|---|",
+             *(budget_row(name, *speed[name], Path(cfg["out"]) / name / "dino", *budgets.get(name, (None, None)))
+               for name in speed), "",
              f"Throughput: forward passes over one batch of {cfg['throughput']['batch']} random {tile_px} px tiles "
              f"on the CPU ({torch.get_num_threads()} threads), best of {cfg['throughput']['rounds']} rounds.", ""]
     answer = (paired_answer(variants) + " Throughput and size: "
