@@ -71,6 +71,13 @@ def bar_plot(path: Path, variants: dict[str, dict], metric: str = "balanced_accu
     return path
 
 
+def folds_text(cfg: Mapping) -> str:
+    """How a run was cross-validated, for the reports' setup: "5 patient-grouped folds x 3 repeats (seed 0)"."""
+    repeats = cfg.get("cv", {}).get("repeats", 1)
+    return (f"{cfg['folds']} patient-grouped stratified folds" + (f" x {repeats} repeats" if repeats > 1 else "")
+            + f" (seed {cfg['seed']})")
+
+
 def fold_histories(run_dir: str | Path) -> list[list[dict]]:
     """Each fold's per-epoch history (history.json of fold_i/ and repeat_r_fold_i/) of a cross-validated run."""
     return [json.loads(path.read_text()) for path in sorted(Path(run_dir).glob("*fold_*/history.json"))]

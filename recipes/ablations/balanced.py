@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from hipt_e2e.data.embeddings import read_slide_bags
-from hipt_e2e.evaluation.ablation import paired_answer, with_mean_recall, write_ablation
+from hipt_e2e.evaluation.ablation import folds_text, paired_answer, with_mean_recall, write_ablation
 from hipt_e2e.evaluation.compare import PAIRED_HEADER, paired_difference
 from hipt_e2e.training.recipe import recipe_config
 from hipt_e2e.training.slide_level import IMBALANCE, SLIDE_DEFAULTS, cross_validate
@@ -57,7 +57,8 @@ def main(argv=None) -> dict:
                    setup=f"{len(bags)} slides from `{cfg['data']['shards']}`; in each fold's training part "
                          f"{dominant} keeps all its slides and every other class is subsampled to "
                          f"1:{cfg['data']['dominant_ratio']:g} of it; validation and test folds untouched; "
-                         f"model {cfg['model']['name']}, {cfg['folds']} folds (seed {cfg['seed']}).")
+                         f"model {cfg['model']['name']}, {folds_text(cfg)}, at most {cfg['optim']['epochs']} epochs "
+                         f"with early stopping (patience {cfg['patience']}).")
     return variants
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from hipt_e2e.config import load_yaml
 from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.data.manifest import load_manifest
-from hipt_e2e.evaluation.ablation import paired_answer, write_ablation
+from hipt_e2e.evaluation.ablation import folds_text, paired_answer, write_ablation
 from hipt_e2e.training import BACKBONE_EXPORT, TRAIN_LOG, build_tile_encoder, load_encoder_weights, recipe_config
 from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, cross_validate
 
@@ -158,11 +158,13 @@ def main(argv: list[str] | None = None) -> dict:
                              "pretrain.overrides, so the same comparison scales with it.",
                    setup=f"{len(bags)} slides from `{shards}` ({tile_px} px tiles); encoders: "
                          + "; ".join(f"{n} {' '.join([*cfg['tile_model'], *a])}" for n, a in cfg["encoders"].items())
-                         + f"; DINO ({cfg['pretrain']['config'] or 'recipe defaults'}) for {budget['epochs']} epochs "
-                           f"of {budget['steps_per_epoch'] or 'one pass'} steps x {budget['batch_size']} tiles each; "
+                         + f"; DINO ({cfg['pretrain']['config'] or 'recipe defaults'}, {budget['batch_size']} tiles "
+                           "per step) for "
+                         + (f"the same {cfg['pretrain']['minutes']:g} wall-clock minutes each (steps below)"
+                            if cfg["pretrain"]["minutes"] else "the same steps each (below)") + "; "
                            f"ViT4K: {region['weights'] or 'random init, frozen, the same for both'}; "
-                           f"slide model {cfg['model']['name']}, {cfg['folds']} patient-grouped folds "
-                           f"(seed {cfg['seed']}), {cfg['optim']['epochs']} epochs, patience {cfg['patience']}.")
+                           f"slide model {cfg['model']['name']}, {folds_text(cfg)}, at most {cfg['optim']['epochs']} "
+                           f"epochs, patience {cfg['patience']}.")
     return variants
 
 

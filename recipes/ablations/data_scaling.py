@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from hipt_e2e.data.embeddings import read_slide_bags
-from hipt_e2e.evaluation.ablation import paired_answer, write_ablation
+from hipt_e2e.evaluation.ablation import folds_text, paired_answer, write_ablation
 from hipt_e2e.io import atomic_open
 from hipt_e2e.training.recipe import recipe_config
 from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, cross_validate
@@ -68,9 +68,9 @@ def main(argv=None) -> dict:
                              "of regions it has real sequences to aggregate, where attention-MIL and the "
                              "transformer are expected to separate from FC + majority vote by more, and the "
                              "number of slides (not regions) is what these curves count.",
-                   setup=f"{len(bags)} slides from `{cfg['data']['shards']}`, {cfg['folds']} patient-grouped "
-                         f"stratified folds (seed {cfg['seed']}), imbalance={cfg['imbalance']}, "
-                         f"{cfg['optim']['epochs']} epochs with early stopping (patience {cfg['patience']}); "
+                   setup=f"{len(bags)} slides from `{cfg['data']['shards']}`, {folds_text(cfg)}, "
+                         f"imbalance={cfg['imbalance']}, at most {cfg['optim']['epochs']} epochs with early stopping "
+                         f"(patience {cfg['patience']}); "
                          "the test folds are always complete.")
     return variants
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from hipt_e2e.data.manifest import load_manifest
-from hipt_e2e.evaluation.ablation import paired_answer, write_ablation
+from hipt_e2e.evaluation.ablation import folds_text, paired_answer, write_ablation
 from hipt_e2e.training.e2e import E2E_DEFAULTS, train_e2e
 from hipt_e2e.training.recipe import recipe_config
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
                    setup=f"{len(manifest['slides'])} slides from `{cfg['data']['shards']}` "
                          f"({manifest['build_args']['region_px']} px regions of {manifest['build_args']['tile_px']} "
                          f"px tiles); start: {start_from}; model preset {cfg['model']['preset']}; "
-                         f"{cfg['folds']} patient-grouped folds (seed {cfg['seed']}), imbalance {cfg['imbalance']}; "
+                         f"{folds_text(cfg)}, imbalance {cfg['imbalance']}; "
                          f"every variant trains {train['epochs']} epochs without early stopping, "
                          f"{cfg['data']['regions_per_slide']} regions per slide per step, {train['grad_accum']} "
                          f"slides per optimizer step, learning rates {cfg['optim']['lr']}; frozen stages per variant: "
