@@ -136,13 +136,15 @@ def write_ablation(docs_dir: str | Path, name: str, title: str, question: str, v
         extra_lines = [*extra_lines, "Learning curves of every variant (test folds never enter them):", "",
                        *convergence_table(run_dirs), "", f"![{name} learning curves]({curves.name})", ""]
     atomic_write_json(docs_dir / f"{name}.json", {"classes": list(classes), "variants": variants})
-    lines = [f"# {title}", "", f"**Question.** {question}", "", f"**Answer.** {answer}", "",
-             *([f"**At the lab's scale.** {lab_scale}", ""] if lab_scale else []),
+    # question, setup, evidence, then the answer last: the report ends in the paired sentences with their CIs
+    lines = [f"# {title}", "", f"**Question.** {question}", "",
              f"**Setup.** {setup}", "", *results_table(variants, classes), "", *paired_table(variants), "",
              *extra_lines,
              f"![{name}]({plot.name})", "",
              f"Command: `{command_line()}`", "",
-             f"Runtime: {runtime_s / 60:.1f} min on {machine()}. Raw metrics per fold: `{name}.json`.", ""]
+             f"Runtime: {runtime_s / 60:.1f} min on {machine()}. Raw metrics per fold: `{name}.json`.", "",
+             *([f"**At the lab's scale.** {lab_scale}", ""] if lab_scale else []),
+             f"**Answer.** {answer}", ""]
     path = docs_dir / f"{name}.md"
     atomic_write_text(path, "\n".join(lines))
     return path
