@@ -72,6 +72,12 @@ def resumed(out: Path) -> list[str]:
     return ["resume=true"] if out.exists() else []
 
 
+def default_processes() -> int:
+    """One per GPU (up to 4, dividing the global batch), else 2 CPU processes where there are 2 cores."""
+    available = torch.cuda.device_count() or (2 if (os.cpu_count() or 1) >= 2 else 1)
+    return max(n for n in (1, 2, 4) if n <= available)
+
+
 def finished(run: Path, repeats: int) -> bool:
     """The cross-validated run in `run` is complete with this many repeats (a run asked for more repeats
     continues where the fewer-repeat one stopped)."""
@@ -86,9 +92,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--images", type=Path, default=IMAGES, help="one folder of images per class")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full")
-    parser.add_argument("--processes", type=int, choices=(1, 2, 4), default=2,
-                        help="data-parallel processes for fine-tuning (same global batch of 4 fields; on 2 CPU cores "
-                             "2 one-thread processes train 1.4x faster than 1 two-thread process)")
+    parser.add_argument("--processes", type=int, choices=(1, 2, 4), default=default_processes(),
+                        help="data-parallel processes for fine-tuning, the same global batch of 4 fields (default: "
+                             "one per GPU, or 2 one-thread processes on 2+ CPU cores: 1.4x one two-thread process)")
     args = parser.parse_args(argv)
     setup_logging()
     out, seed, budget = args.out, args.seed, BUDGETS[args.budget]
