@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hipt_e2e.data.embeddings import write_slide_bags
 from hipt_e2e.evaluation.ablation import convergence_table
+from hipt_e2e.evaluation.metrics import selection_key
 from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, training_slides
 from tests.test_slide_training import CLASSES, make_bags
 
@@ -83,6 +84,17 @@ def test_e2e_vs_frozen_smoke(shards: Path, tmp_path: Path):
     # the same budget: every variant trained every epoch of every fold
     assert all(len(json.loads((tmp_path / "runs" / name / f"fold_{i}" / "history.json").read_text())) == 2
                for name in variants for i in range(3))
+    # budget=converged: early stopping per variant instead (patience 1 of at most 4 epochs)
+    converged = e2e_vs_frozen.main([f"data.shards={shards}", f"out={tmp_path / 'converged'}", f"docs={tmp_path / 'docs2'}",
+                                    "data.regions_per_slide=2", "train.epochs=4", "train.mixed_precision=no",
+                                    "train.log_every=1000", "budget=converged", "patience=1"])
+    assert "has not improved for 1 epochs (at most 4)" in (tmp_path / "docs2" / "e2e_vs_frozen.md").read_text()
+    for name in converged:
+        for fold in range(3):  # each fold stopped at the first epoch with no better one (patience 1), or at 4
+            history = json.loads((tmp_path / "converged" / name / f"fold_{fold}" / "history.json").read_text())
+            keys = [selection_key(entry) for entry in history]
+            stale = [e for e in range(1, len(keys)) if keys[e] <= max(keys[:e])]
+            assert len(history) == (stale[0] + 1 if stale else 4), (name, fold, keys)
 
 
 def test_cnn_vs_vit_smoke(shards: Path, tmp_path: Path):

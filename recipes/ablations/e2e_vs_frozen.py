@@ -4,9 +4,11 @@ Three variants of the end-to-end engine (hipt_e2e.training.e2e) from the same st
 the same seeded random init without them) on the same folds, seeds and sampled regions:
 frozen (tile encoder and ViT4K frozen: only the slide model trains, the staged path computed on the
 fly), partial (tile encoder frozen: ViT4K and slide model train) and end to end (nothing frozen).
-The same budget in optimizer steps: every variant trains all train.epochs epochs over the same slides
-(early stopping is switched off by patience = train.epochs, and train.stop_after is refused), and, as
-in every slide-level run, the epoch with the best validation balanced accuracy is the one tested.
+budget=steps (default): the same budget in optimizer steps, every variant trains all train.epochs epochs
+over the same slides (early stopping is switched off by patience = train.epochs); budget=converged: each
+variant trains until its validation balanced accuracy has not improved for `patience` epochs (at most
+train.epochs). train.stop_after is refused either way, and, as in every slide-level run, the epoch with
+the best validation balanced accuracy is the one tested.
 Writes docs/ablations/e2e_vs_frozen.{md,json,png}; each variant's run is in out/<variant>.
 
     accelerate launch recipes/ablations/e2e_vs_frozen.py --config recipes/configs/e2e.yaml data.shards=SHARDS \
@@ -23,7 +25,7 @@ from hipt_e2e.evaluation.ablation import folds_text, paired_answer, write_ablati
 from hipt_e2e.training.e2e import E2E_DEFAULTS, train_e2e
 from hipt_e2e.training.recipe import recipe_config
 
-DEFAULTS = {**copy.deepcopy(E2E_DEFAULTS), "docs": "docs/ablations",
+DEFAULTS = {**copy.deepcopy(E2E_DEFAULTS), "docs": "docs/ablations", "budget": "steps",  # steps | converged
             "variants": {"frozen": {"freeze_tile": True, "freeze_region": True},
                          "partial": {"freeze_tile": True, "freeze_region": False},
                          "end_to_end": {"freeze_tile": False, "freeze_region": False}}}
@@ -33,11 +35,14 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
     if cfg["train"]["stop_after"] is not None:
         raise ValueError("train.stop_after would end a variant early; the variants must share the step budget")
+    if cfg["budget"] not in ("steps", "converged"):
+        raise ValueError(f"budget={cfg['budget']!r}: choose steps or converged")
     start, variants = time.time(), {}
     for name, freeze in cfg["variants"].items():
         run = copy.deepcopy(cfg)
         run["model"].update(freeze)
-        run["patience"] = cfg["train"]["epochs"]  # no early stop: every variant takes every step
+        if cfg["budget"] == "steps":
+            run["patience"] = cfg["train"]["epochs"]  # no early stop: every variant takes every step
         run["out"] = str(Path(cfg["out"]) / name)
         variants[name] = train_e2e(run)
     if not PartialState().is_main_process:
@@ -59,8 +64,11 @@ def main(argv: list[str] | None = None) -> dict:
                          f"({manifest['build_args']['region_px']} px regions of {manifest['build_args']['tile_px']} "
                          f"px tiles); start: {start_from}; model preset {cfg['model']['preset']}; "
                          f"{folds_text(cfg)}, imbalance {cfg['imbalance']}; "
-                         f"every variant trains {train['epochs']} epochs without early stopping, "
-                         f"{cfg['data']['regions_per_slide']} regions per slide per step, {train['grad_accum']} "
+                         + (f"every variant trains {train['epochs']} epochs without early stopping, "
+                            if cfg["budget"] == "steps" else
+                            f"each variant trains until validation balanced accuracy has not improved for "
+                            f"{cfg['patience']} epochs (at most {train['epochs']}), ")
+                         + f"{cfg['data']['regions_per_slide']} regions per slide per step, {train['grad_accum']} "
                          f"slides per optimizer step, learning rates {cfg['optim']['lr']}; frozen stages per variant: "
                          + "; ".join(f"{name}: " + (", ".join(key.removeprefix("freeze_") for key, on in freeze.items()
                                                               if on) or "nothing")
