@@ -78,6 +78,11 @@ class JpegBatch:
         return len(self.data)
 
 
+def _jpeg_tensor(data: bytes) -> torch.Tensor:
+    """JPEG bytes as the uint8 tensor torchvision's decoder takes (a writable copy)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 def decode_mode(requested: str, device: torch.device) -> str:
     """The decoding that will run: "gpu" (nvJPEG through torchvision) needs a CUDA device, otherwise the
     readers decode on the CPU, said once in the log."""
@@ -96,7 +101,7 @@ def decode_pixels(ext: str, data: bytes, record: dict[str, Any] | None = None,
     grid: float [C, rows, cols]). With decode="gpu" a JPEG stays encoded: a JpegBatch of one, its size
     taken from the sample's record."""
     if decode == "gpu" and ext == "jpg":
-        return JpegBatch((torch.frombuffer(bytearray(data), dtype=torch.uint8),),
+        return JpegBatch((_jpeg_tensor(data),),
                          (3, record["height"], record["width"]))
     if ext == GRID_EXT:
         grid = npy_array(data)
@@ -105,7 +110,7 @@ def decode_pixels(ext: str, data: bytes, record: dict[str, Any] | None = None,
                              "expected float [C, rows, cols]")
         return torch.from_numpy(grid)
     if ext == "jpg" and decode_jpeg is not None:
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return decode_jpeg(_jpeg_tensor(data), mode=ImageReadMode.RGB)
     if ext == "npy":
         rgb = npy_array(data)
     elif ext in ("jpg", "png"):

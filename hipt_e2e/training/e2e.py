@@ -177,7 +177,6 @@ class ShardRegions(Dataset):
         if self.manifest.get("kind") == GRIDS_KIND:
             raise ValueError(f"{source} holds token grids; end-to-end training reads region shards (pixels)")
         self.sampler = SlideBagStream(source, regions_per_slide=regions_per_slide, seed=seed)
-        self.decode = decode
         self.decoder = SlideBagStream(source, decode=decode)  # decodes whatever regions it is given
         samples: dict[str, dict[str, tuple[str, int, int]]] = {}
         for url in shard_urls(source):
@@ -590,7 +589,7 @@ def _train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
              "(model.preset %s); %s precision; parallelism %s; JPEG decoded on the %s",
              train["grad_accum"] * accelerator.num_processes, train["grad_accum"], accelerator.num_processes,
              cfg["data"]["regions_per_slide"] or "all", regions.manifest["build_args"]["tile_px"], cfg["model"]["preset"],
-             accelerator.mixed_precision, accelerator.distributed_type.value, regions.decode)
+             accelerator.mixed_precision, accelerator.distributed_type.value, regions.decoder.decode)
     run_steps = 0
 
     def test_probs(fold: Fold, fold_dir: Path) -> np.ndarray:
