@@ -32,6 +32,7 @@ from hipt_e2e.data.samples import decode_mode, decode_sample, device_pixels, enc
 from hipt_e2e.data.streams import SlideBagStream, reader_info
 from hipt_e2e.data.writer import ShardWriter
 from hipt_e2e.io import atomic_write_json
+from hipt_e2e.models import select_attention
 from hipt_e2e.normalise import normalise
 from hipt_e2e.progress import progress
 from hipt_e2e.training.data import collate
@@ -204,7 +205,7 @@ def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, sett
     _clear_stale_parts(accelerator, out, readers)
     writers = {reader: GridPartWriter(part_dir(out, f"{reader}/{readers}" if readers > 1 else None), settings,
                                       source_manifest["classes"], shard_bytes) for reader in mine}
-    encoder = encoder.to(accelerator.device).eval()
+    encoder = select_attention(encoder.to(accelerator.device).eval(), accelerator.device, accelerator.mixed_precision)
     loader = DataLoader(dataset, batch_size=regions_per_batch, num_workers=workers, collate_fn=collate,
                         pin_memory=accelerator.device.type == "cuda")
     bar = progress(total=sum(dataset.samples_of_reader(reader, readers) for reader in mine), desc="embed tiles",
@@ -242,7 +243,7 @@ def embed_regions(encoder: nn.Module, source: str | Path, out: str | Path, *, se
     source_manifest = load_manifest(source)
     readers = accelerator.num_processes
     _clear_stale_parts(accelerator, out, readers)
-    encoder = encoder.to(accelerator.device).eval()
+    encoder = select_attention(encoder.to(accelerator.device).eval(), accelerator.device, accelerator.mixed_precision)
 
     def bags() -> Iterator[SlideBag]:
         # The slide-bag stream gives each process (and worker) the slides that start in its shards.

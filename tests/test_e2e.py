@@ -15,13 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from hipt_e2e.data import SlideBagStream
+from hipt_e2e.evaluation.splits import make_folds
 from hipt_e2e.models import load_checkpoint, model_preset, vit256
 from hipt_e2e.training import CHECKPOINT, TRAIN_LOG, export_safetensors, load_checkpoint_state
 from hipt_e2e.training.e2e import (
     E2E_DEFAULTS,
+    FoldTrainer,
     ShardRegions,
     build_model,
     param_groups,
@@ -247,6 +251,25 @@ def test_slides_sharing_a_call_give_the_slide_by_slide_gradient(shards: Path, tm
     assert logs[0] == pytest.approx(logs[1], abs=1e-5)
     with pytest.raises(ValueError, match="slides_per_call=2 must divide train.grad_accum=3"):
         recipe.main(settings(shards, tmp_path / "bad", *step, "train.slides_per_call=2"))
+
+
+@pytest.mark.parametrize("precision, fused", [("bf16", False), ("no", True)])
+def test_trainer_chooses_the_attention_path_for_its_precision(shards: Path, tmp_path: Path, precision: str,
+                                                               fused: bool) -> None:
+    """On CPUs under bf16 the fold's model, its evaluation copy and the tile encoder run timm's explicit
+    attention (benchmarks/bench_cpu_attention.py); in fp32 torch's fused kernel."""
+    cfg = tiny_cfg()
+    cfg["data"]["shards"], cfg["out"] = str(shards), str(tmp_path)
+    regions = ShardRegions(shards, regions_per_slide=2, seed=0)
+    fold = make_folds(regions.infos(), 3, 0)[0]
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide precision is set once per state
+    try:
+        trainer = FoldTrainer(Accelerator(mixed_precision=precision), cfg, regions, regions.manifest["classes"], fold,
+                              tmp_path / "fold_0", 0)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    for model in (trainer.accelerator.unwrap_model(trainer.model), trainer.eval_model):
+        assert {m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")} == {fused}
 
 
 def test_augmentation_trains_but_never_evaluates(shards: Path, tmp_path: Path) -> None:

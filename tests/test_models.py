@@ -17,6 +17,7 @@ from hipt_e2e.models import (
     load_checkpoint,
     model_preset,
     resize_pos_table,
+    select_attention,
     tokens_to_grid,
     vit4k,
     vit256,
@@ -251,6 +252,31 @@ def test_checkpointed_and_plain_gradients_match() -> None:
     assert plain.keys() == checkpointed.keys()
     for name, grad in plain.items():
         assert (grad - checkpointed[name]).abs().max() <= 1e-6, name
+
+
+def _attention_paths(model: torch.nn.Module) -> set[bool]:
+    return {module.fused_attn for module in model.modules() if hasattr(module, "fused_attn")}
+
+
+@pytest.mark.parametrize("device, precision, fused", [("cpu", "bf16", False), ("cpu", "fp16", False),
+                                                      ("cpu", "no", True), ("cuda", "bf16", True)])
+def test_select_attention_per_device_and_precision(device: str, precision: str, fused: bool) -> None:
+    model = HIPT.from_preset("tiny")
+    select_attention(model, torch.device("cpu"), "bf16")  # a previous choice is undone where it does not apply
+    assert select_attention(model, torch.device(device), precision) is model
+    assert _attention_paths(model.tile_encoder) == _attention_paths(model.region_encoder) == {fused}
+
+
+def test_explicit_attention_matches_fused_outputs_and_gradients() -> None:
+    torch.manual_seed(0)
+    model = HIPT.from_preset("tiny").train()
+    regions = _regions(2, 4, 4)
+    fused = _gradients(model, regions)
+    select_attention(model, torch.device("cpu"), "bf16")
+    assert _attention_paths(model) == {False}
+    explicit = _gradients(model, regions)  # in fp32: only the kernel differs
+    for name, grad in fused.items():
+        assert (grad - explicit[name]).abs().max() <= 1e-5 * max(grad.abs().max().item(), 1.0), name
 
 
 def test_chunk_checkpointing_bounds_saved_activations() -> None:

@@ -8,29 +8,32 @@ embeddings). State-dict names follow the released checkpoints (`cls_token`, `pos
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, trunc_normal_
+from timm.layers import PatchEmbed, trunc_normal_, use_fused_attn
 from timm.models.vision_transformer import Block
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 # The released tables cover a 14 x 14 grid (224 px tiles / 14 x 14 token crops during DINO).
 HIPT_POS_GRID = 14
 
 
-def training_attention(device: torch.device) -> contextlib.AbstractContextManager:
-    """The attention kernel for a training step's forward and backward on `device`. On CPUs the math path:
-    for tile-sized sequences (tens of tokens) the backward of torch's fused CPU kernel took 6x its forward
-    and made training 1.5x slower end to end (docs/benchmarks.md); the math path's backward is plain
-    matmuls. Elsewhere (GPUs) torch's own choice of fused kernel."""
-    return sdpa_kernel([SDPBackend.MATH]) if device.type == "cpu" else contextlib.nullcontext()
+def select_attention(model: nn.Module, device: torch.device, mixed_precision: str | None) -> nn.Module:
+    """Choose, for where and how `model` runs, how its timm attention blocks compute attention. On CPUs under
+    bf16/fp16 autocast: timm's explicit path (matmul, softmax, matmul in the autocast dtype), since torch's
+    CPU kernels for low-precision scaled-dot-product attention run tile-sized sequences 2.8-6.5x slower
+    forward + backward and up to 3.6x slower forward only (docs/benchmarks.md), at the same error against
+    fp32. Elsewhere (fp32 on CPUs, GPUs): torch's fused kernels, as timm's global setting allows."""
+    explicit = device.type == "cpu" and mixed_precision in ("bf16", "fp16")
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = not explicit and use_fused_attn()
+    return model
 
 
 def resize_pos_table(pos_embed: torch.Tensor, rows: int, cols: int, pos_grid: int) -> torch.Tensor:

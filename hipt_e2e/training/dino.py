@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset
 
 from hipt_e2e.config import save_config
 from hipt_e2e.io import atomic_write_text
-from hipt_e2e.models import training_attention
+from hipt_e2e.models import select_attention
 from hipt_e2e.models.bundle import write_card
 from hipt_e2e.progress import progress
 from hipt_e2e.ssl import (
@@ -192,7 +192,8 @@ class DINOTrainer:
         self.momentum = cosine_schedule(dino["momentum_teacher"], 1.0, epochs, spe)
 
         torch.manual_seed(cfg["seed"])  # the same initial weights on every process
-        student, self.teacher = _student_and_teacher(backbone, dino)
+        student, self.teacher = (select_attention(model, self.device, accelerator.mixed_precision)
+                                 for model in _student_and_teacher(backbone, dino))
         self.dino_loss = DINOLoss(dino["out_dim"], 2 + cfg["crops"]["n_local"], dino["warmup_teacher_temp"],
                                   dino["teacher_temp"], dino["warmup_teacher_temp_epochs"], epochs)
         state = resume_state(cfg, self.checkpoint_path)
@@ -262,7 +263,7 @@ class DINOTrainer:
             inputs = inputs.float()  # token grids may be stored as float16; autocast lowers where enabled
         crops = make_crops(self.multicrop, inputs, cfg["seed"], step, place, cfg["train"]["augment_chunk"])
         torch.manual_seed(derived_seed(cfg["seed"], step, place, DROP_PATH))
-        with accelerator.accumulate(student), training_attention(self.device):
+        with accelerator.accumulate(student):
             with torch.no_grad(), accelerator.autocast():
                 teacher_output = self.teacher(crops[:2])  # the teacher sees the global crops only
             loss = self.dino_loss(student(crops), teacher_output, epoch)

@@ -54,7 +54,7 @@ from hipt_e2e.embedding import GRIDS_KIND
 from hipt_e2e.evaluation.metrics import classification_metrics
 from hipt_e2e.evaluation.splits import Fold, SlideInfo
 from hipt_e2e.io import atomic_write_json
-from hipt_e2e.models import HIPT, TileViT, load_checkpoint, model_preset
+from hipt_e2e.models import HIPT, TileViT, load_checkpoint, model_preset, select_attention
 from hipt_e2e.models.bundle import hipt_from, level_geometry, tile_architecture, write_card
 from hipt_e2e.models.hipt import STAGES
 from hipt_e2e.progress import progress
@@ -344,7 +344,7 @@ class FoldTrainer:
 
         torch.manual_seed(self.seed)  # the same initial weights on every process
         self.tile_px = regions.manifest["build_args"]["tile_px"]
-        model = build_model(cfg, self.n_classes, self.tile_px)
+        model = select_attention(build_model(cfg, self.n_classes, self.tile_px), self.device, accelerator.mixed_precision)
         self.eval_model = copy.deepcopy(model).to(self.device).eval()
         optimizer = torch.optim.AdamW(param_groups(model, cfg["optim"]))
         self.model, self.optimizer = accelerator.prepare(model, optimizer)

@@ -32,7 +32,6 @@ from hipt_e2e.evaluation.metrics import classification_metrics, selection_key, v
 from hipt_e2e.evaluation.report import write_report
 from hipt_e2e.evaluation.splits import Fold, SlideInfo, check_labels, make_folds, write_splits
 from hipt_e2e.io import atomic_write_json
-from hipt_e2e.models import training_attention
 from hipt_e2e.models.bundle import level_geometry, slide_model_from, tile_architecture, write_card
 from hipt_e2e.models.mil import RegionFC
 from hipt_e2e.progress import progress
@@ -183,8 +182,7 @@ def accumulation_step(accelerator: Accelerator, model: nn.Module, optimizer: tor
     total = 0.0
     for n, item in enumerate(group):
         sync = n == len(group) - 1
-        with (contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast(),
-              training_attention(accelerator.device)):
+        with (contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast()):
             loss = loss_of(n, item)
             accelerator.backward(loss / len(group))
         total += loss.item()
