@@ -76,6 +76,7 @@ def test_e2e_vs_frozen_smoke(shards: Path, tmp_path: Path):
         "frozen tile encoder and ViT4K", "frozen tile encoder", "end to end"]
     report = (tmp_path / "docs" / "e2e_vs_frozen.md").read_text()
     assert all(f"| {name} |" in report for name in variants) and "without early stopping" in report
+    assert "with the same budget in steps?" in report
     assert "per variant: frozen: tile, region;" in report
     assert set(json.loads((tmp_path / "docs" / "e2e_vs_frozen.json").read_text())["variants"]) == set(variants)
     assert (tmp_path / "docs" / "e2e_vs_frozen.png").stat().st_size > 0
@@ -88,7 +89,9 @@ def test_e2e_vs_frozen_smoke(shards: Path, tmp_path: Path):
     converged = e2e_vs_frozen.main([f"data.shards={shards}", f"out={tmp_path / 'converged'}", f"docs={tmp_path / 'docs2'}",
                                     "data.regions_per_slide=2", "train.epochs=4", "train.mixed_precision=no",
                                     "train.log_every=1000", "budget=converged", "patience=1"])
-    assert "has not improved for 1 epochs (at most 4)" in (tmp_path / "docs2" / "e2e_vs_frozen.md").read_text()
+    converged_report = (tmp_path / "docs2" / "e2e_vs_frozen.md").read_text()
+    assert "has not improved for 1 epochs (at most 4)" in converged_report
+    assert "until its validation stops improving?" in converged_report and "budget in steps" not in converged_report
     for name in converged:
         for fold in range(3):  # each fold stopped at the first epoch with no better one (patience 1), or at 4
             history = json.loads((tmp_path / "converged" / name / f"fold_{fold}" / "history.json").read_text())

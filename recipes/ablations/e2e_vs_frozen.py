@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     start_from = ", ".join(f"{stage} {path}" for stage, path in weights.items() if path) or "random init (seeded)"
     write_ablation(cfg["docs"], "e2e_vs_frozen", "End-to-end fine-tuning vs a frozen encoder",
                    "Does end-to-end fine-tuning beat training only the head, from the same pretrained start and "
-                   "with the same budget in steps?", variants, manifest["classes"], answer=paired_answer(variants),
+                   + ("with the same budget in steps?" if cfg["budget"] == "steps" else
+                      "each trained until its validation stops improving?"), variants, manifest["classes"], answer=paired_answer(variants),
                    runtime_s=time.time() - start, run_dirs={name: Path(cfg["out"]) / name for name in variants},
                    lab_scale="A slide of hundreds of 4096 px regions does not fit one backward pass: end to end then "
                              "trains on data.regions_per_slide sampled regions per step (chunk and block "
