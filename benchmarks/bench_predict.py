@@ -24,7 +24,7 @@ from accelerate import Accelerator
 
 from hipt_e2e.config import resolve_config, setup_logging
 from hipt_e2e.inference.predict import PREDICT_DEFAULTS, Predictor, predict_inputs
-from hipt_e2e.models import HIPT, model_preset
+from hipt_e2e.models import HIPT, model_preset, select_attention
 from hipt_e2e.normalise import normalise
 
 
@@ -64,6 +64,7 @@ def main() -> None:
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     torch.manual_seed(0)
     model = HIPT.from_preset(args.preset, 2).eval().to(accelerator.device)
+    select_attention(model, accelerator.device, accelerator.mixed_precision)  # as the predictor will
     tiles = torch.randint(0, 256, (geometry["region_tiles"] ** 2, 3, geometry["tile_px"], geometry["tile_px"]),
                           dtype=torch.uint8, device=accelerator.device)
     with tempfile.TemporaryDirectory() as scratch:

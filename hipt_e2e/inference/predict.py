@@ -22,7 +22,7 @@ import io
 import logging
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Full, Queue
@@ -48,7 +48,7 @@ from hipt_e2e.data.tiling import RegionGeometry
 from hipt_e2e.evaluation.metrics import vote
 from hipt_e2e.inference.heatmaps import plot_region_heatmap, plot_tile_heatmap, region_score_map, top_regions
 from hipt_e2e.io import atomic_write_text
-from hipt_e2e.models import HIPT, load_checkpoint, model_preset
+from hipt_e2e.models import HIPT, load_checkpoint, model_preset, select_attention
 from hipt_e2e.models.bundle import CARD, load_bundle
 from hipt_e2e.models.mil import RegionFC
 from hipt_e2e.progress import progress
@@ -106,10 +106,13 @@ class Predictor:
         self.classes, self.vote_method, self.chunk_regions, self.geometry = list(classes), vote_method, chunk_regions, geometry
         self.device, self.autocast = torch.device("cpu"), contextlib.nullcontext
 
-    def to(self, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager]) -> Predictor:
-        """Run the members on `device` under `autocast` (e.g. Accelerator.autocast for mixed precision)."""
-        self.members = [(model.to(device), fc.to(device) if fc is not None else None) for model, fc in self.members]
-        self.device, self.autocast = device, autocast
+    def to(self, accelerator: Accelerator) -> Predictor:
+        """Run the members on the accelerator's device under its mixed precision (and the attention path
+        that suits both, `select_attention`)."""
+        device = accelerator.device
+        self.members = [(select_attention(model.to(device), device, accelerator.mixed_precision),
+                         fc.to(device) if fc is not None else None) for model, fc in self.members]
+        self.device, self.autocast = device, accelerator.autocast
         return self
 
     @torch.no_grad()
@@ -345,7 +348,7 @@ def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor
     device, with the configured mixed precision) and the main process writes one predictions.csv in input
     order."""
     accelerator = Accelerator(mixed_precision=cfg["mixed_precision"] or None)
-    predictor = (predictor or build_predictor(cfg)).to(accelerator.device, accelerator.autocast)
+    predictor = (predictor or build_predictor(cfg)).to(accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg["out"])
     if accelerator.is_main_process:
