@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from hipt_e2e.data import cut_tiles
 from hipt_e2e.models import TileViT, load_checkpoint
 from hipt_e2e.normalise import normalise
 from hipt_e2e.training.e2e import ShardRegions
@@ -67,8 +68,7 @@ def real_tiles(shards: Path, tile_px: int, batch: int) -> torch.Tensor:
     """`batch` normalised tiles cut from the first regions of a shard set."""
     regions = ShardRegions(shards, regions_per_slide=2, seed=0)
     pixels = torch.cat([regions[regions.sample(slide, 0)]["pixels"] for slide in list(regions.slides)[:batch]])
-    tiles = pixels.unfold(2, tile_px, tile_px).unfold(3, tile_px, tile_px).permute(0, 2, 3, 1, 4, 5)
-    return normalise(tiles.reshape(-1, 3, tile_px, tile_px)[:batch], "imagenet")
+    return normalise(cut_tiles(pixels, tile_px).flatten(0, 1)[:batch], "imagenet")
 
 
 def measure(encoder: TileViT, tiles: torch.Tensor, bf16: bool, rounds: int) -> dict[str, dict[str, float]]:

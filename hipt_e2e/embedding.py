@@ -30,6 +30,7 @@ from hipt_e2e.data.embeddings import SlideBag, write_slide_bags
 from hipt_e2e.data.manifest import class_counts, load_manifest, shard_urls
 from hipt_e2e.data.samples import decode_mode, decode_sample, device_pixels, encode_grid
 from hipt_e2e.data.streams import SlideBagStream, reader_info
+from hipt_e2e.data.tiling import cut_tiles
 from hipt_e2e.data.writer import ShardWriter
 from hipt_e2e.io import atomic_write_json
 from hipt_e2e.models import select_attention
@@ -52,12 +53,9 @@ def token_grids(encoder: nn.Module, regions: torch.Tensor, tile_px: int, normali
 
     The tiles of all B regions go through the encoder together, ``tiles_per_call`` at a time.
     """
-    batch, channels, height, width = regions.shape
-    if height % tile_px or width % tile_px:
-        raise ValueError(f"regions of {height}x{width} px do not split into {tile_px} px tiles")
+    batch, _, height, width = regions.shape
     rows, cols = height // tile_px, width // tile_px
-    tiles = regions.unfold(2, tile_px, tile_px).unfold(3, tile_px, tile_px)  # [B, 3, rows, cols, t, t]
-    tiles = tiles.permute(0, 2, 3, 1, 4, 5).reshape(-1, channels, tile_px, tile_px)  # raster order per region
+    tiles = cut_tiles(regions, tile_px).flatten(0, 1)  # raster order per region
     embeddings = torch.cat([encoder(normalise(chunk, normalisation)) for chunk in tiles.split(tiles_per_call)])
     return embeddings.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
 

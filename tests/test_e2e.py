@@ -32,6 +32,7 @@ from hipt_e2e.training.e2e import (
     slide_probabilities,
     tile_mask,
 )
+from tests.test_models import attention_paths
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = model_preset("tiny")
@@ -269,7 +270,7 @@ def test_trainer_chooses_the_attention_path_for_its_precision(shards: Path, tmp_
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     for model in (trainer.accelerator.unwrap_model(trainer.model), trainer.eval_model):
-        assert {m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")} == {fused}
+        assert attention_paths(model) == {fused}
 
 
 def test_augmentation_trains_but_never_evaluates(shards: Path, tmp_path: Path) -> None:

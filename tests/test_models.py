@@ -254,7 +254,8 @@ def test_checkpointed_and_plain_gradients_match() -> None:
         assert (grad - checkpointed[name]).abs().max() <= 1e-6, name
 
 
-def _attention_paths(model: torch.nn.Module) -> set[bool]:
+def attention_paths(model: torch.nn.Module) -> set[bool]:
+    """Whether each timm attention block of `model` uses torch's fused kernel (True) or the explicit path."""
     return {module.fused_attn for module in model.modules() if hasattr(module, "fused_attn")}
 
 
@@ -264,7 +265,7 @@ def test_select_attention_per_device_and_precision(device: str, precision: str, 
     model = HIPT.from_preset("tiny")
     select_attention(model, torch.device("cpu"), "bf16")  # a previous choice is undone where it does not apply
     assert select_attention(model, torch.device(device), precision) is model
-    assert _attention_paths(model.tile_encoder) == _attention_paths(model.region_encoder) == {fused}
+    assert attention_paths(model.tile_encoder) == attention_paths(model.region_encoder) == {fused}
 
 
 def test_explicit_attention_matches_fused_outputs_and_gradients() -> None:
@@ -273,7 +274,7 @@ def test_explicit_attention_matches_fused_outputs_and_gradients() -> None:
     regions = _regions(2, 4, 4)
     fused = _gradients(model, regions)
     select_attention(model, torch.device("cpu"), "bf16")
-    assert _attention_paths(model) == {False}
+    assert attention_paths(model) == {False}
     explicit = _gradients(model, regions)  # in fp32: only the kernel differs
     for name, grad in fused.items():
         assert (grad - explicit[name]).abs().max() <= 1e-5 * max(grad.abs().max().item(), 1.0), name

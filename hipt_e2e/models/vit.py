@@ -25,10 +25,10 @@ HIPT_POS_GRID = 14
 
 def select_attention(model: nn.Module, device: torch.device, mixed_precision: str | None) -> nn.Module:
     """Choose, for where and how `model` runs, how its timm attention blocks compute attention. On CPUs under
-    bf16/fp16 autocast: timm's explicit path (matmul, softmax, matmul in the autocast dtype), since torch's
-    CPU kernels for low-precision scaled-dot-product attention run tile-sized sequences 2.8-6.5x slower
-    forward + backward and up to 3.6x slower forward only (docs/benchmarks.md), at the same error against
-    fp32. Elsewhere (fp32 on CPUs, GPUs): torch's fused kernels, as timm's global setting allows."""
+    bf16/fp16 autocast: timm's explicit path (matmul, softmax, matmul in the autocast dtype), since it makes a
+    tile-encoder training step 1.28-1.39x faster than torch's math kernel and 1.3-1.65x faster than its fused
+    one, forward passes ~1.2x, for ~20 % more error against fp32 than the kernels (docs/benchmarks.md).
+    Elsewhere (fp32 on CPUs, GPUs): torch's fused kernels, as timm's global setting allows."""
     explicit = device.type == "cpu" and mixed_precision in ("bf16", "fp16")
     for module in model.modules():
         if hasattr(module, "fused_attn"):
