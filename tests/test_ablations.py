@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from hipt_e2e.data.embeddings import write_slide_bags
-from hipt_e2e.evaluation.ablation import convergence_table
+from hipt_e2e.evaluation.ablation import command_line, convergence_table
 from hipt_e2e.evaluation.metrics import selection_key
 from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, training_slides
 from tests.test_slide_training import CLASSES, make_bags
@@ -35,6 +35,14 @@ def test_convergence_table_says_where_folds_selected(tmp_path):
             (tmp_path / run / f"repeat_1_fold_{fold}" / "history.json").write_text(history(accuracies))
     rows = convergence_table({name: tmp_path / name for name in ("rising", "peaked")})
     assert rows[2:] == ["| rising | 2 | 4-5 | 3 | 2 of 2 |", "| peaked | 2 | 5-6 | 0 | 0 of 2 |"]
+
+
+def test_command_line_names_the_launch(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["recipes/ablations/balanced.py", "out=runs/a b", "cv.repeats=3"])
+    script = "recipes/ablations/balanced.py 'out=runs/a b' cv.repeats=3"
+    assert command_line() == script
+    assert command_line(2, cpu=True) == f"ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 {script}"
+    assert command_line(4) == f"accelerate launch --multi_gpu --num_processes 4 {script}"
 
 
 def test_dominant_class_subsampling():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+from accelerate import PartialState
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -31,8 +32,13 @@ def machine() -> str:
     return f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} CPU cores"
 
 
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+def command_line(processes: int = 1, cpu: bool = False) -> str:
+    """The command that ran this script; with several processes, behind the accelerate launch that starts
+    them (on CPUs `--multi_gpu` with ACCELERATE_USE_CPU, the launch that gives torchrun's CPU processes)."""
+    script = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    if processes == 1:
+        return script
+    return ("ACCELERATE_USE_CPU=true " if cpu else "") + f"accelerate launch --multi_gpu --num_processes {processes} {script}"
 
 
 def _cell(stat: dict) -> str:
@@ -128,7 +134,7 @@ def write_ablation(docs_dir: str | Path, name: str, title: str, question: str, v
     """docs/ablations/<name>.md + <name>.json (+ <name>.png unless a plot is given); with the variants' run
     folders, their learning curves (<name>_curves.png) and a convergence table as well; `lab_scale`: what
     would change on slides of hundreds of regions and on GPUs."""
-    docs_dir = Path(docs_dir)
+    docs_dir, state = Path(docs_dir), PartialState()
     docs_dir.mkdir(parents=True, exist_ok=True)
     plot = plot or bar_plot(docs_dir / f"{name}.png", variants)
     if run_dirs and any(fold_histories(run_dir) for run_dir in run_dirs.values()):
@@ -141,7 +147,7 @@ def write_ablation(docs_dir: str | Path, name: str, title: str, question: str, v
              f"**Setup.** {setup}", "", *results_table(variants, classes), "", *paired_table(variants), "",
              *extra_lines,
              f"![{name}]({plot.name})", "",
-             f"Command: `{command_line()}`", "",
+             f"Command: `{command_line(state.num_processes, state.device.type == 'cpu')}`", "",
              f"Runtime: {runtime_s / 60:.1f} min on {machine()}. Raw metrics per fold: `{name}.json`.", "",
              *([f"**At the lab's scale.** {lab_scale}", ""] if lab_scale else []),
              f"**Answer.** {answer}", ""]
