@@ -118,3 +118,24 @@ def test_compare_runs_cli(tmp_path, capsys):
         main([str(tmp_path / "strong"), str(tmp_path / "other")])
     with pytest.raises(SystemExit, match="not a finished cross-validated run"):
         main([str(tmp_path / "strong"), str(tmp_path)])
+
+
+def test_repeat_ensemble_averages_each_slides_repeats(tmp_path, capsys):
+    infos = [SlideInfo(f"s{i:03d}", CLASSES[i % 3], f"p{i}") for i in range(90)]
+    simulated_run(tmp_path / "middling", infos, 0.5, seed=3, repeats=3)
+    simulated_run(tmp_path / "weak", infos, 0.2, seed=4, repeats=3)
+    run = load_run(tmp_path / "middling")
+    ensemble = run.repeat_ensemble()
+    assert len(ensemble.slide_id) == 90 and set(ensemble.repeat.tolist()) == {0}
+    rows = [r for r in csv.DictReader(open(tmp_path / "middling" / "predictions.csv")) if r["slide_id"] == "s007"]
+    expected = np.mean([[float(r[f"prob_{c}"]) for c in CLASSES] for r in rows], axis=0)
+    assert len(rows) == 3 and ensemble.probs[list(ensemble.slide_id).index("s007")] == pytest.approx(expected)
+    # repeat 0's folds and splits: the ensemble still pairs with another run's
+    assert ensemble.splits == frozenset(entry for entry in run.splits if entry[0] == 0)
+    assert [f["fold"] for f in ensemble.fold_metrics()] == list(range(5))
+    # three models with independent errors, averaged, are right more often than one of them on average
+    assert ensemble.pooled("balanced_accuracy", n_boot=10)[0] > run.pooled("balanced_accuracy", n_boot=10)[0] + 0.05
+
+    main([str(tmp_path / "middling"), str(tmp_path / "weak"), "--bootstrap", "50", "--ensemble-repeats"])
+    printed = capsys.readouterr().out
+    assert "(mean +- sd over 5 folds)" in printed and "| middling - weak | balanced accuracy |" in printed

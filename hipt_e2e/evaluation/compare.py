@@ -10,7 +10,7 @@ p-value (no normality assumption, but no correction for the overlap either). Eac
 pooled out-of-fold metric (test folds pooled within a repeat, averaged over repeats) with a percentile
 bootstrap CI over slides. "Better" means the corrected CI excludes 0; the sentences say so or not.
 
-    python -m hipt_e2e.evaluation.compare RUN_A RUN_B [...] [--metric balanced_accuracy auc_macro]
+    python -m hipt_e2e.evaluation.compare RUN_A RUN_B [...] [--metric balanced_accuracy auc_macro] [--ensemble-repeats]
 
 reads each finished run's predictions.csv and splits.csv (any slide-level recipe, e2e, the colour
 baseline); runs whose splits differ are refused, naming the first difference.
@@ -183,6 +183,19 @@ class Run:
                         **classification_metrics(self.y_true[rows], self.probs[rows], self.classes)})
         return out
 
+    def repeat_ensemble(self) -> Run:
+        """One prediction per slide, its test probabilities averaged over the repeats: an ensemble of R
+        models none of which saw the slide in training or selection. Folds and splits are repeat 0's (the
+        paired fold test then compares ensembles on repeat 0's test folds; their other members were
+        fitted on other splits, so the correction for overlapping training sets is only approximate)."""
+        first = self.repeat == self.repeat.min()
+        order = np.argsort(self.slide_id[first])
+        probs = np.stack([self.probs[self.repeat == r][np.argsort(self.slide_id[self.repeat == r])]
+                          for r in np.unique(self.repeat)]).mean(axis=0)
+        return Run(self.name, self.classes, np.zeros(len(order), dtype=int), self.fold[first][order],
+                   self.slide_id[first][order], self.y_true[first][order], probs,
+                   frozenset(entry for entry in self.splits if entry[0] == self.repeat.min()))
+
     def pooled(self, metric: str, n_boot: int = 1000, seed: int = 0, level: float = LEVEL) -> tuple[float, float, float]:
         """Pooled out-of-fold metric (per repeat, averaged) and its percentile bootstrap CI over slides."""
         function = METRIC_FUNCTIONS[metric]
@@ -262,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--names", nargs="+", help="a name per run (default: the directory names)")
     parser.add_argument("--metric", nargs="+", default=["balanced_accuracy", "auc_macro"], choices=list(METRIC_NAMES))
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the pooled metrics")
+    parser.add_argument("--ensemble-repeats", action="store_true",
+                        help="score each run's repeat ensemble: a slide's test probabilities averaged over repeats")
     args = parser.parse_args(argv)
     if len(args.runs) < 2:
         parser.error("give at least two runs to compare")
@@ -269,8 +284,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(names) != len(args.runs):
         parser.error(f"--names has {len(names)} names for {len(args.runs)} runs")
     try:
-        lines, _ = compare_runs([load_run(path, name) for path, name in zip(args.runs, names)], args.metric,
-                                args.bootstrap)
+        runs = [load_run(path, name) for path, name in zip(args.runs, names)]
+        if args.ensemble_repeats:
+            runs = [run.repeat_ensemble() for run in runs]
+        lines, _ = compare_runs(runs, args.metric, args.bootstrap)
     except (SplitMismatch, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     print("\n".join(lines))
