@@ -113,6 +113,7 @@ def test_cnn_vs_vit_smoke(shards: Path, tmp_path: Path):
     variants = cnn_vs_vit.main([
         f"data.shards={shards}", f"out={tmp_path / 'runs'}", f"docs={tmp_path / 'docs'}", *FAST,
         f"pretrain.config={tiny / 'pretrain_vit256.yaml'}", "pretrain.overrides=[train.steps_per_epoch=2]",
+        "embed_tiles.overrides=[embed.mixed_precision=bf16]",  # stages of other precisions in one process
         "pretrain.minutes=0.03", "pretrain.probe_steps=8",
         f"embed_tiles.config={tiny / 'embed_tiles.yaml'}", f"embed_regions.config={tiny / 'embed_regions.yaml'}",
         "throughput.batch=4", "throughput.rounds=1"])

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.state import AcceleratorState
 from torch import nn
 
 from hipt_e2e.config import load_yaml
@@ -54,9 +55,16 @@ DEFAULTS = {
 }
 
 
+def fresh_precision() -> None:
+    """Let the next stage's Accelerator set its own mixed precision: accelerate fixes it once per process
+    (DINO's bf16 would refuse the slide model's fp32). The processes' PartialState is kept."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def run_stage(recipe, stage: dict, *overrides: str) -> None:
     """A stage recipe's main, as its command line: --config FILE, the stage's overrides, then these."""
     config = ["--config", stage["config"]] if stage["config"] else []
+    fresh_precision()
     recipe.main([*config, *stage["overrides"], *overrides])
 
 
@@ -132,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         bags, classes = read_slide_bags(out / "bags")
         run = copy.deepcopy(cfg)
         run["out"] = str(out / "slide")
+        fresh_precision()
         variants[name] = cross_validate(bags, classes, run)
     if not PartialState().is_main_process:
         return variants
