@@ -405,6 +405,7 @@ def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor
         atomic_write_text(out / "predictions.csv", buffer.getvalue())
         log.info("%d slides: %d predicted, %d failed -> %s", len(rows), len(rows) - failed, failed,
                  out / "predictions.csv")
+    accelerator.end_training()  # tear the process group down before exit (a live one can abort a process)
     return failed
 
 
