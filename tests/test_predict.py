@@ -221,10 +221,11 @@ def test_two_processes_write_the_one_process_predictions(shards, tmp_path):
                             env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert main([*settings, f"out={tmp_path / 'one'}"]) == 0
-    one, two = (list(csv.reader(open(tmp_path / run / "predictions.csv"))) for run in ("one", "two"))
-    assert len(one) == len(two) == 13  # 12 slides and the header
-    for row_one, row_two in zip(one, two):  # probabilities to 1e-5: one thread there, two here, other sums
-        assert [c for c in row_one if not c.startswith("0.")] == [c for c in row_two if not c.startswith("0.")]
-        assert [float(c) for c in row_one if c.startswith("0.")] == pytest.approx(
-            [float(c) for c in row_two if c.startswith("0.")], abs=1e-5)
+    one, two = (list(csv.DictReader((tmp_path / run / "predictions.csv").read_text().splitlines()))
+                for run in ("one", "two"))
+    assert len(one) == len(two) == 12
+    for row_one, row_two in zip(one, two):  # probabilities to 1e-5 (one thread there, two here: other sums)
+        probs = [column for column in row_one if column.startswith("prob_")]
+        assert {k: v for k, v in row_one.items() if k not in probs} == {k: v for k, v in row_two.items() if k not in probs}
+        assert [float(row_one[c]) for c in probs] == pytest.approx([float(row_two[c]) for c in probs], abs=1e-5)
     assert len(list((tmp_path / "two" / "heatmaps").glob("*_regions.png"))) == 12  # both processes drew theirs

@@ -188,21 +188,23 @@ class Run:
         models none of which saw the slide in training or selection. Folds and splits are repeat 0's (the
         paired fold test then compares ensembles on repeat 0's test folds; their other members were
         fitted on other splits, so the correction for overlapping training sets is only approximate)."""
-        first = self.repeat == self.repeat.min()
-        order = np.argsort(self.slide_id[first])
-        probs = np.stack([self.probs[self.repeat == r][np.argsort(self.slide_id[self.repeat == r])]
-                          for r in np.unique(self.repeat)]).mean(axis=0)
-        return Run(self.name, self.classes, np.zeros(len(order), dtype=int), self.fold[first][order],
-                   self.slide_id[first][order], self.y_true[first][order], probs,
+        order = self.rows_by_repeat()
+        first = order[0]
+        return Run(self.name, self.classes, np.zeros(len(first), dtype=int), self.fold[first], self.slide_id[first],
+                   self.y_true[first], np.stack([self.probs[rows] for rows in order]).mean(axis=0),
                    frozenset(entry for entry in self.splits if entry[0] == self.repeat.min()))
+
+    def rows_by_repeat(self) -> list[np.ndarray]:
+        """Per repeat (in order), the indices of its prediction rows sorted by slide id: every slide has one
+        test prediction per repeat, so position i is the same slide in each."""
+        return [np.flatnonzero(self.repeat == r)[np.argsort(self.slide_id[self.repeat == r])]
+                for r in np.unique(self.repeat)]
 
     def pooled(self, metric: str, n_boot: int = 1000, seed: int = 0, level: float = LEVEL) -> tuple[float, float, float]:
         """Pooled out-of-fold metric (per repeat, averaged) and its percentile bootstrap CI over slides."""
         function = METRIC_FUNCTIONS[metric]
         slides = np.unique(self.slide_id)
-        repeats = np.unique(self.repeat)
-        # rows of each repeat in the order of `slides` (every slide has one test prediction per repeat)
-        order = [np.flatnonzero(self.repeat == r)[np.argsort(self.slide_id[self.repeat == r])] for r in repeats]
+        order = self.rows_by_repeat()  # in the order of `slides`
 
         def value(index: np.ndarray) -> float:
             return float(np.mean([function(self.y_true[rows[index]], self.probs[rows[index]]) for rows in order]))
