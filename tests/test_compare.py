@@ -11,7 +11,7 @@ import pytest
 from accelerate import Accelerator
 from scipy import stats
 
-from hipt_e2e.evaluation.compare import PairedDifference, SplitMismatch, load_run, main, paired_difference
+from hipt_e2e.evaluation.compare import PairedDifference, SplitMismatch, load_run, main, paired_difference, run_labels
 from hipt_e2e.evaluation.splits import Fold, SlideInfo
 from hipt_e2e.training.slide_level import run_folds
 
@@ -139,3 +139,21 @@ def test_repeat_ensemble_averages_each_slides_repeats(tmp_path, capsys):
     main([str(tmp_path / "middling"), str(tmp_path / "weak"), "--bootstrap", "50", "--ensemble-repeats"])
     printed = capsys.readouterr().out
     assert "(mean +- sd over 5 folds)" in printed and "| middling - weak | balanced accuracy |" in printed
+
+
+def test_same_named_runs_are_told_apart_by_their_paths(tmp_path, capsys):
+    infos = [SlideInfo(f"s{i:03d}", CLASSES[i % 3], f"p{i}") for i in range(90)]
+    simulated_run(tmp_path / "seed0" / "run", infos, 0.9, seed=5)
+    simulated_run(tmp_path / "seed1" / "run", infos, 0.3, seed=6)
+    assert run_labels([tmp_path / "a" / "x", tmp_path / "b" / "c" / "x", tmp_path / "y"]) == ["a/x", "c/x", "y"]
+
+    main([str(tmp_path / "seed1" / "run"), str(tmp_path / "seed0" / "run"), "--bootstrap", "50"])
+    printed = capsys.readouterr().out
+    assert "| seed1/run |" in printed and "| seed0/run |" in printed
+    assert "| seed1/run - seed0/run | balanced accuracy |" in printed
+    assert "seed0/run beats seed1/run by +0." in printed  # the stronger run named, though given second
+
+    with pytest.raises(SystemExit, match="is given twice"):
+        main([str(tmp_path / "seed0" / "run"), str(tmp_path / "seed1" / ".." / "seed0" / "run")])
+    with pytest.raises(SystemExit, match="distinct names"):
+        main([str(tmp_path / "seed0" / "run"), str(tmp_path / "seed1" / "run"), "--names", "A", "A"])

@@ -157,9 +157,12 @@ def test_weight_decay_groups_and_scheduled_values() -> None:
     decayed, not_decayed = weight_decay_groups(head)
     assert [p.ndim for p in decayed["params"]] == [2, 2, 2, 2]  # mlp.{0,2,4}.weight, last_layer.weight_v
     assert [p.ndim for p in not_decayed["params"]] == [1, 1, 1]  # the three biases
+    assert decayed["names"] == ["mlp.0.weight", "mlp.2.weight", "mlp.4.weight", "last_layer.weight_v"]
+    assert not_decayed["names"] == ["mlp.0.bias", "mlp.2.bias", "mlp.4.bias"]
     optimizer = torch.optim.AdamW([decayed, not_decayed])
     set_lr_and_weight_decay(optimizer, lr=0.01, weight_decay=0.3)
     assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(0.01, 0.3), (0.01, 0.0)]
+    assert optimizer.state_dict()["param_groups"][0]["names"] == decayed["names"]  # saved with the state
 
 
 # ---------------------------------------------------------------- head and wrapper

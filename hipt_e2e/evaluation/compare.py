@@ -249,9 +249,31 @@ def check_same_splits(runs: Sequence[Run]) -> None:
                                 f"fold {example[1]}; pair variants run with the same folds, seed and cv.repeats")
 
 
+def run_labels(paths: Sequence[str | Path]) -> list[str]:
+    """Each run folder's label: the fewest trailing parts of its path that no other folder's path ends
+    with (runs/seed0/run, runs/seed1/run -> seed0/run, seed1/run). The same folder given twice is refused."""
+    resolved = [Path(path).resolve() for path in paths]
+    for index, path in enumerate(resolved):
+        if path in resolved[:index]:
+            raise ValueError(f"{paths[index]} is given twice (as {paths[resolved.index(path)]}): "
+                             "a run compared with itself says nothing")
+    return [_shortest_unique_suffix(path, [other for other in resolved if other != path]) for path in resolved]
+
+
+def _shortest_unique_suffix(path: Path, others: Sequence[Path]) -> str:
+    for depth in range(1, len(path.parts) + 1):
+        suffix = path.parts[-depth:]
+        if all(other.parts[-depth:] != suffix for other in others):
+            return Path(*suffix).as_posix()
+    return path.as_posix()  # unreachable for distinct resolved paths, which differ somewhere
+
+
 def compare_runs(runs: Sequence[Run], metrics: Sequence[str] = ("balanced_accuracy", "auc_macro"),
                  n_boot: int = 1000) -> tuple[list[str], list[PairedDifference]]:
     """Markdown lines (per-variant table, paired table, sentences) and the balanced-accuracy pairs."""
+    names = [run.name for run in runs]
+    if len(set(names)) < len(names):
+        raise ValueError(f"runs need distinct names to be told apart in the tables, got {names}")
     check_same_splits(runs)
     folds = {run.name: run.fold_metrics() for run in runs}
     n_folds = len(next(iter(folds.values())))
@@ -274,7 +296,8 @@ def compare_runs(runs: Sequence[Run], metrics: Sequence[str] = ("balanced_accura
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="finished run directories (predictions.csv, splits.csv)")
-    parser.add_argument("--names", nargs="+", help="a name per run (default: the directory names)")
+    parser.add_argument("--names", nargs="+",
+                        help="a name per run (default: the fewest trailing parts of each path that tell them apart)")
     parser.add_argument("--metric", nargs="+", default=["balanced_accuracy", "auc_macro"], choices=list(METRIC_NAMES))
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the pooled metrics")
     parser.add_argument("--ensemble-repeats", action="store_true",
@@ -282,15 +305,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if len(args.runs) < 2:
         parser.error("give at least two runs to compare")
-    names = args.names or [None] * len(args.runs)
-    if len(names) != len(args.runs):
-        parser.error(f"--names has {len(names)} names for {len(args.runs)} runs")
     try:
+        names = args.names or run_labels(args.runs)
+        if len(names) != len(args.runs):
+            parser.error(f"--names has {len(names)} names for {len(args.runs)} runs")
         runs = [load_run(path, name) for path, name in zip(args.runs, names)]
         if args.ensemble_repeats:
             runs = [run.repeat_ensemble() for run in runs]
         lines, _ = compare_runs(runs, args.metric, args.bootstrap)
-    except (SplitMismatch, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:  # SplitMismatch is a ValueError
         raise SystemExit(f"error: {error}") from None
     print("\n".join(lines))
 

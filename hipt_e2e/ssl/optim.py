@@ -56,15 +56,15 @@ def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer:
 
 def weight_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
     """Optimizer parameter groups: weights with ndim > 1 are decayed, biases and norm scales are not.
-    Frozen parameters (e.g. the head's fixed weight_g) are left out."""
-    decayed, not_decayed = [], []
-    for param in model.parameters():
+    Frozen parameters (e.g. the head's fixed weight_g) are left out. Each group keeps its parameters'
+    names under ``names`` (saved with the optimizer state), so a checkpoint says whose moments are whose."""
+    decayed, not_decayed = {"params": [], "names": []}, {"params": [], "names": []}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decayed if param.ndim > 1 else not_decayed).append(param)
-    return [
-        {"params": decayed, DECAY_KEY: True},
-        {"params": not_decayed, DECAY_KEY: False, "weight_decay": 0.0},
-    ]
+            group = decayed if param.ndim > 1 else not_decayed
+            group["params"].append(param)
+            group["names"].append(name)
+    return [{**decayed, DECAY_KEY: True}, {**not_decayed, DECAY_KEY: False, "weight_decay": 0.0}]
 
 
 def set_lr_and_weight_decay(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
