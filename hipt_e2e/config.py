@@ -37,7 +37,7 @@ def _merge(base: dict, update: Mapping, prefix: str = "") -> None:
     for key, value in update.items():
         if key not in base:
             raise KeyError(f"unknown config key {prefix + key!r}; known keys: {sorted(base)}")
-        if isinstance(base[key], dict) and isinstance(value, Mapping):
+        if isinstance(base[key], dict) and base[key] and isinstance(value, Mapping):  # {}: free-form (timm_kwargs)
             _merge(base[key], value, prefix + key + ".")
         else:
             base[key] = value

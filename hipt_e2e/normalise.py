@@ -1,8 +1,9 @@
 """Pixel normalisation: the one place uint8 pixels become model inputs.
 
 The released HIPT weights expect x/255 normalised with mean 0.5 and std 0.5 per channel; the tile-level
-DINO pretraining of the original method used ImageNet statistics. Which one a run uses is a recorded
-config setting (`normalisation: hipt | imagenet`), never an implicit default buried in a model.
+DINO pretraining of the original method used ImageNet statistics; pretrained encoders carry their own
+(H-optimus, Lunit). Which one a run uses is a recorded config setting (`normalisation: hipt | imagenet`,
+or the registry entry's for a pretrained encoder), never an implicit default buried in a model.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import torch
 NORMALISATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "hipt": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # the statistics pretrained pathology encoders were trained with (hipt_e2e.models.foundation)
+    "hoptimus": ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)),
+    "lunit": ((0.70322989, 0.53606487, 0.66096631), (0.21716536, 0.26081574, 0.20723464)),
 }
 
 

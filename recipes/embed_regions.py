@@ -8,7 +8,14 @@ per slide; read them with hipt_e2e.embedding.read_slide_embeddings).
 import copy
 
 from hipt_e2e.embedding import embed_regions
-from hipt_e2e.training import REGION_MODEL_DEFAULTS, WEIGHTS_DEFAULTS, build_region_encoder, load_encoder_weights, recipe_config
+from hipt_e2e.training import (
+    REGION_MODEL_DEFAULTS,
+    WEIGHTS_DEFAULTS,
+    build_region_encoder,
+    load_encoder_weights,
+    recipe_config,
+    with_grid_width,
+)
 
 DEFAULTS = {
     "out": None,
@@ -20,6 +27,7 @@ DEFAULTS = {
 
 def main(argv: list[str] | None = None) -> None:
     cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
+    with_grid_width(cfg["model"], cfg["data"]["shards"])
     encoder = load_encoder_weights(build_region_encoder(cfg["model"]), cfg["model"])
     embed = cfg["embed"]
     embed_regions(encoder, cfg["data"]["shards"], cfg["out"], settings=cfg,

@@ -1,4 +1,5 @@
-"""Embed every region of a shard set as a token grid [D, rows, cols] (D = 384 for ViT256), written as
+"""Embed every region of a shard set as a token grid [D, rows, cols] (D = 384 for ViT256, the entry's
+width for a pretrained encoder: model.encoder=uni_v1 model.weights=UNI_FILE_OR_FOLDER), written as
 new shards (one sample per region: its key, record and coordinates kept, the grid as `grid.npy`).
 
     accelerate launch recipes/embed_tiles.py --config recipes/configs/embed_tiles.yaml \
@@ -8,6 +9,7 @@ Regions are batched, their tiles encoded together; processes and DataLoader work
 by whole slides; the output manifest accounts for every input region.
 """
 from hipt_e2e.embedding import embed_tiles
+from hipt_e2e.models.bundle import tile_architecture, tile_normalisation
 from hipt_e2e.training import (
     TILE_MODEL_DEFAULTS,
     WEIGHTS_DEFAULTS,
@@ -21,7 +23,9 @@ DEFAULTS = {
     "data": {"shards": None, "workers": 2, "decode": "cpu"},  # decode: cpu (readers) | gpu (nvJPEG, batched)
     "model": {**TILE_MODEL_DEFAULTS, **WEIGHTS_DEFAULTS},
     "embed": {
-        "normalisation": "hipt",  # the released weights' (x/127.5 - 1); use what your weights were trained with
+        # the released HIPT weights' (x/127.5 - 1); use what your weights were trained with (a pretrained
+        # encoder of the registry always takes its own)
+        "normalisation": "hipt",
         "regions_per_batch": 4,
         "tiles_per_call": 512,
         "dtype": "float16",  # of the stored grids: float16 | float32
@@ -35,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
     encoder = load_encoder_weights(build_tile_encoder(cfg["model"]), cfg["model"])
     embed = cfg["embed"]
-    embed_tiles(encoder, cfg["data"]["shards"], cfg["out"], settings=cfg, normalisation=embed["normalisation"],
+    normalisation = tile_normalisation(tile_architecture(cfg["model"]), embed["normalisation"])
+    embed_tiles(encoder, cfg["data"]["shards"], cfg["out"], settings=cfg, normalisation=normalisation,
                 regions_per_batch=embed["regions_per_batch"], tiles_per_call=embed["tiles_per_call"],
                 workers=cfg["data"]["workers"], dtype=embed["dtype"], shard_bytes=int(embed["shard_bytes"]),
                 mixed_precision=embed["mixed_precision"], decode=cfg["data"]["decode"])

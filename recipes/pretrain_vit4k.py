@@ -12,7 +12,7 @@ import copy
 from hipt_e2e.data import RegionStream, load_manifest
 from hipt_e2e.models.bundle import level_geometry
 from hipt_e2e.ssl import RegionMultiCrop
-from hipt_e2e.training import DINO_DEFAULTS, REGION_MODEL_DEFAULTS, build_region_encoder, recipe_config, train_dino
+from hipt_e2e.training import DINO_DEFAULTS, REGION_MODEL_DEFAULTS, build_region_encoder, recipe_config, train_dino, with_grid_width
 
 DEFAULTS = {
     **DINO_DEFAULTS,
@@ -24,6 +24,7 @@ DEFAULTS = {
 
 def main(argv: list[str] | None = None) -> None:
     cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
+    with_grid_width(cfg["model"], cfg["data"]["shards"])
     data, crops = cfg["data"], cfg["crops"]
     stream = RegionStream(data["shards"], shuffle=data["shuffle"], seed=cfg["seed"])
     multicrop = RegionMultiCrop(crops["global_size"], crops["local_size"], crops["n_local"])

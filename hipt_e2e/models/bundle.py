@@ -3,6 +3,7 @@
 An architecture is the resolved geometry of each level (a preset with a recipe's changes applied):
 
     tile:   {encoder: vit, patch_size, embed_dim, depth, num_heads, pos_grid} | {encoder: cnn, cnn, embed_dim}
+            | {encoder: NAME, entry, tile_input, trainable, lora_rank, lora_alpha} (a pretrained encoder)
     region: {in_dim, embed_dim, depth, num_heads, pos_grid}
     slide:  {name: vit_wsi, dim, depth, num_heads, dropout} | {name: abmil | fc, dim, hidden, dropout}
 
@@ -15,6 +16,7 @@ slide model's card names the tile and region encoder exports its bags were embed
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,8 +28,9 @@ from torch import nn
 from hipt_e2e import __version__
 from hipt_e2e.io import atomic_write_json
 
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
 from .cnn import cnn256
+from .foundation import ENCODERS, EncoderEntry, PretrainedTileEncoder, encoder_entry, is_pretrained, load_stage_weights
 from .hipt import HIPT
 from .mil import RegionFC, abmil
 from .presets import model_preset
@@ -48,20 +51,55 @@ def level_geometry(model: Mapping[str, Any], level: str) -> dict[str, Any]:
 
 
 def tile_architecture(model: Mapping[str, Any]) -> dict[str, Any]:
-    """The tile encoder of a recipe's model section (preset, encoder, cnn, tile changes)."""
+    """The tile encoder of a recipe's model section (preset, encoder, cnn, tile changes; for a pretrained
+    encoder its registry entry, recorded whole so a card rebuilds it even if the registry changes)."""
     geometry = level_geometry(model, "tile")
     if model["encoder"] == "vit":
         return {"encoder": "vit", **geometry}
     if model["encoder"] == "cnn":
         return {"encoder": "cnn", "cnn": model["cnn"], "embed_dim": geometry["embed_dim"]}
-    raise ValueError(f"model.encoder must be one of {TILE_ENCODERS}, got {model['encoder']!r}")
+    if is_pretrained(model["encoder"]):
+        lora = model.get("lora") or {}
+        return {"encoder": model["encoder"],
+                "entry": dataclasses.asdict(encoder_entry(model["encoder"], model.get("timm_kwargs"))),
+                "tile_input": model.get("tile_input", "resize"), "trainable": model.get("tile_trainable", "all"),
+                "lora_rank": lora.get("rank", 0), "lora_alpha": lora.get("alpha")}
+    raise ValueError(f"model.encoder must be one of {TILE_ENCODERS}, timm:ARCH or a pretrained encoder "
+                     f"({', '.join(ENCODERS)}), got {model['encoder']!r}")
 
 
 def tile_encoder_from(arch: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
+    """A tile encoder of an architecture, random (a pretrained one's base weights are loaded after)."""
+    if "entry" in arch:
+        return PretrainedTileEncoder(arch["encoder"], EncoderEntry(**arch["entry"]), arch["tile_input"],
+                                     arch["trainable"], arch["lora_rank"], arch["lora_alpha"], drop_path_rate)
     settings = {key: value for key, value in arch.items() if key not in ("encoder", "cnn")}
     if arch["encoder"] == "cnn":
         return cnn256(arch["cnn"], **settings, drop_path_rate=drop_path_rate)
     return vit256(**settings, drop_path_rate=drop_path_rate)
+
+
+def tile_width(arch: Mapping[str, Any]) -> int:
+    """The embedding width of a tile architecture (ViT4K's in_dim follows it)."""
+    return arch["entry"]["width"] if "entry" in arch else arch["embed_dim"]
+
+
+def tile_normalisation(arch: Mapping[str, Any], configured: str) -> str:
+    """The normalisation tiles need: a pretrained encoder's own (its training statistics), else the configured."""
+    return arch["entry"]["normalisation"] if "entry" in arch else configured
+
+
+def trained_keys(model: HIPT, frozen_tile: bool) -> list[str]:
+    """The state-dict keys of `model` that training can change: all but a pretrained tile encoder's frozen
+    base (a run saves these; its card names the base weights, which supply the rest)."""
+    tile = model.tile_encoder
+    keys = list(model.state_dict())
+    if not isinstance(tile, PretrainedTileEncoder) or (tile.trainable == "all" and not frozen_tile):
+        return keys
+    trained = set() if frozen_tile else {name for name, _ in tile.trained_parameters()}
+    if not frozen_tile and tile.trainable != "lora":  # trained blocks in train mode update their buffers
+        trained |= {name for name, _ in tile.named_buffers()}
+    return [key for key in keys if not key.startswith("tile_encoder.") or key.removeprefix("tile_encoder.") in trained]
 
 
 def region_encoder_from(arch: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
@@ -133,7 +171,17 @@ def load_bundle(path: str | Path, trusted: bool = False) -> Bundle:
     if card["kind"] == "hipt":
         model = hipt_from(card["architecture"], len(classes), tile_px=card["tile_px"],
                           normalisation=card["normalisation"])
-        load_checkpoint(model, weights, trusted=trusted, strict=True)
+        if card.get("tile_base"):  # the run saved what trained; the base comes from the authors' file
+            _load_base(model.tile_encoder, card["tile_base"], card_path)
+            state = read_state_dict(weights)
+            expected = trained_keys(model, card["frozen"]["tile"])
+            if sorted(state) != sorted(expected):
+                raise CheckpointError(f"{weights} does not hold what its card says trained: missing "
+                                      f"{sorted(set(expected) - set(state))[:3]}, unexpected {sorted(set(state) - set(expected))[:3]}")
+            state = {**model.state_dict(), **state}
+        else:
+            state = weights
+        load_checkpoint(model, state, trusted=trusted, strict=True)
         return Bundle(model.eval(), None, classes, card)
     if card["kind"] != "slide_model":
         raise ValueError(f"{card_path}: a {card['kind']} card describes one encoder, not a model that predicts "
@@ -146,7 +194,18 @@ def load_bundle(path: str | Path, trusted: bool = False) -> Bundle:
             "slide": card["architecture"]["slide"]}
     model = hipt_from(arch, len(classes), tile_px=card["tile_px"], normalisation=card["normalisation"])
     for stage, module in (("tile", model.tile_encoder), ("region", model.region_encoder)):
-        load_checkpoint(module, stages[stage]["weights"], trusted=trusted, strict=True)
+        if stages[stage].get("sha256"):
+            _load_base(module, stages[stage], card_path)
+        else:
+            load_checkpoint(module, stages[stage]["weights"], trusted=trusted, strict=True)
     fc = slide_model_from(arch["slide"], len(classes)) if arch["slide"]["name"] == "fc" else None
     load_checkpoint(fc if fc is not None else model.slide_model, weights, trusted=trusted, strict=True)
     return Bundle(model.eval(), fc.eval() if fc is not None else None, classes, card)
+
+
+def _load_base(encoder: nn.Module, base: Mapping[str, str], card_path: Path) -> None:
+    """A pretrained tile encoder's weights as a card names them: the same file (by sha256) or an error."""
+    path = base.get("path") or base["weights"]
+    if load_stage_weights(encoder, path)["sha256"] != base["sha256"]:
+        raise CheckpointError(f"{card_path}: the tile encoder's base weights {path} are not the file the model "
+                              f"was trained on (sha256 differs from {base['sha256']}); restore that file")

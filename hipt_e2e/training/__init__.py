@@ -17,6 +17,7 @@ from hipt_e2e.training.encoders import (
     build_region_encoder,
     build_tile_encoder,
     load_encoder_weights,
+    with_grid_width,
 )
 from hipt_e2e.training.recipe import recipe_config
 
@@ -25,4 +26,5 @@ __all__ = [
     "REGION_MODEL_DEFAULTS", "TILE_MODEL_DEFAULTS", "TRAIN_LOG", "WEIGHTS_DEFAULTS",
     "build_region_encoder", "build_tile_encoder", "collate", "count_tiles", "derived_seed", "export_safetensors",
     "load_checkpoint_state", "load_encoder_weights", "make_crops", "recipe_config", "save_checkpoint", "train_dino",
+    "with_grid_width",
 ]

@@ -2,7 +2,7 @@
 under the final name) and read without unpickling anything but tensors and plain containers."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,12 @@ def load_checkpoint_state(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def export_safetensors(module: nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
-    """The module's state dict as safetensors, under the module's own key names."""
+def export_safetensors(module: nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None,
+                       keys: Sequence[str] | None = None) -> Path:
+    """The module's state dict (only `keys` when given) as safetensors, under the module's own key names."""
+    state = module.state_dict()
     # safetensors refuses tensors sharing storage; contiguous copies always qualify.
-    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in module.state_dict().items()}
+    tensors = {key: state[key].detach().cpu().contiguous().clone() for key in (state if keys is None else keys)}
     with atomic_open(path, "wb") as handle:
         handle.write(safetensors_bytes(tensors, metadata=dict(metadata or {})))
     return Path(path)

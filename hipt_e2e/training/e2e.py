@@ -54,8 +54,17 @@ from hipt_e2e.embedding import GRIDS_KIND
 from hipt_e2e.evaluation.metrics import classification_metrics
 from hipt_e2e.evaluation.splits import Fold, SlideInfo
 from hipt_e2e.io import atomic_write_json
-from hipt_e2e.models import HIPT, TileViT, load_checkpoint, model_preset, select_attention
-from hipt_e2e.models.bundle import hipt_from, level_geometry, tile_architecture, write_card
+from hipt_e2e.models import HIPT, TileViT, model_preset, select_attention
+from hipt_e2e.models.bundle import (
+    hipt_from,
+    level_geometry,
+    tile_architecture,
+    tile_normalisation,
+    tile_width,
+    trained_keys,
+    write_card,
+)
+from hipt_e2e.models.foundation import PretrainedTileEncoder, load_stage_weights
 from hipt_e2e.models.hipt import STAGES
 from hipt_e2e.progress import progress
 from hipt_e2e.training.checkpointing import CHECKPOINT, export_safetensors, save_checkpoint
@@ -110,6 +119,10 @@ E2E_DEFAULTS: dict[str, Any] = {
         "weights": {"tile": None, "region": None, "slide": None},  # safetensors / state dict / DINO checkpoint
         "trusted": False,  # allow unpickling released checkpoints (only files you trust)
         "freeze_tile": False,  # true: the staged features, computed on the fly
+        # pretrained tile encoders (model.encoder=uni_v1, ...) when not frozen: all | k (the last k blocks and
+        # the final norm) | lora (with lora.rank > 0: adapters on attention qkv, the base frozen)
+        "tile_trainable": "all",
+        "lora": {"rank": 0, "alpha": None},  # alpha null: = rank (scale 1)
         "freeze_region": False,  # with freeze_tile: only the slide model trains
     },
     "memory": {
@@ -233,11 +246,14 @@ def tile_mask(tissue: torch.Tensor, min_tissue: float) -> torch.Tensor | None:
 # ------------------------------------------------------------------------------------------ model
 def architecture(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The resolved architecture of cfg["model"] (hipt_e2e.models.bundle), as the model cards record it."""
+    tile = tile_architecture(model_cfg)
     region = level_geometry(model_cfg, "region")
+    if "entry" in tile and model_cfg["region"].get("in_dim") is None:
+        region["in_dim"] = tile_width(tile)  # ViT4K takes the pretrained encoder's width
     # the slide model takes the region encoder's width, as train_wsi.py takes the bags' width
     slide = {"name": "vit_wsi", **model_preset(model_cfg["preset"])["slide"], "dim": region["embed_dim"],
              "dropout": model_cfg["dropout"]}
-    return {"tile": tile_architecture(model_cfg), "region": region, "slide": slide}
+    return {"tile": tile, "region": region, "slide": slide}
 
 
 def build_model(cfg: Mapping[str, Any], n_classes: int, tile_px: int | None = None) -> HIPT:
@@ -245,8 +261,10 @@ def build_model(cfg: Mapping[str, Any], n_classes: int, tile_px: int | None = No
     tiles of tile_px (the shards'; None: the preset's)."""
     model_cfg, memory = cfg["model"], cfg["memory"]
     tile_px = tile_px or model_preset(model_cfg["preset"])["tile_px"]
-    model = hipt_from(architecture(model_cfg), n_classes, drop_path_rate=model_cfg["drop_path_rate"],
-                      tile_px=tile_px, normalisation=model_cfg["normalisation"], chunk_size=memory["chunk_size"],
+    arch = architecture(model_cfg)
+    model = hipt_from(arch, n_classes, drop_path_rate=model_cfg["drop_path_rate"], tile_px=tile_px,
+                      normalisation=tile_normalisation(arch["tile"], model_cfg["normalisation"]),
+                      chunk_size=memory["chunk_size"],
                       freeze_tile=model_cfg["freeze_tile"], freeze_region=model_cfg["freeze_region"],
                       checkpoint_chunks=memory["checkpoint_chunks"], checkpoint_blocks=memory["checkpoint_blocks"])
     tile_encoder, region_encoder = model.tile_encoder, model.region_encoder
@@ -255,9 +273,13 @@ def build_model(cfg: Mapping[str, Any], n_classes: int, tile_px: int | None = No
     if region_encoder.in_dim != tile_encoder.num_features:
         raise ValueError(f"the tile encoder gives {tile_encoder.num_features}-d embeddings but ViT4K takes "
                          f"{region_encoder.in_dim}: set model.region.in_dim={tile_encoder.num_features}")
+    if isinstance(tile_encoder, PretrainedTileEncoder) and model_cfg["weights"]["tile"] is None:
+        raise ValueError(f"model.encoder={tile_encoder.name} is a pretrained encoder: give its weights with "
+                         f"model.weights.tile=FILE_OR_SNAPSHOT_FOLDER (released as {tile_encoder.entry.release}); "
+                         "nothing is downloaded")
     for stage, path in model_cfg["weights"].items():
         if path is not None:  # every tensor must fit: a wrong file fails here, not as a silent random init
-            load_checkpoint(model.stage(stage), path, trusted=model_cfg["trusted"], strict=True)
+            load_stage_weights(model.stage(stage), path, trusted=model_cfg["trusted"])
     random = [stage for stage, path in model_cfg["weights"].items() if path is None]
     if random:
         log.info("randomly initialised stages: %s", ", ".join(random))
@@ -501,10 +523,13 @@ class FoldTrainer:
     def _card(self) -> dict[str, Any]:
         """What hipt_e2e.models.load_bundle needs to rebuild the selected model, and what it scored."""
         model_cfg, build_args = self.cfg["model"], self.regions.manifest["build_args"]
+        arch = architecture(model_cfg)
         test_y = [self.labels[slide] for slide in self.fold.test]
         return {
-            "kind": "hipt", "source": "e2e", "architecture": architecture(model_cfg), "classes": self.classes,
-            "normalisation": model_cfg["normalisation"], "tile_px": self.tile_px,
+            "kind": "hipt", "source": "e2e", "architecture": arch, "classes": self.classes,
+            "normalisation": tile_normalisation(arch["tile"], model_cfg["normalisation"]), "tile_px": self.tile_px,
+            # a pretrained tile encoder's base weights (path, sha256): the run saved only what trained
+            "tile_base": getattr(self.eval_model.tile_encoder, "weights", None),
             "region_px": build_args["region_px"], "mpp": build_args.get("mpp"), "head": "slide",
             "frozen": {"tile": model_cfg["freeze_tile"], "region": model_cfg["freeze_region"]},
             "initial_weights": {stage: str(Path(path).resolve()) if path else None
@@ -531,7 +556,8 @@ class FoldTrainer:
         self.test_probs = self.predict(self.fold.test)
         if self.main:
             export_safetensors(self.eval_model, self.dir / BEST_MODEL, {"source": "e2e", "fold": str(self.fold.index),
-                                                                           "repeat": str(self.fold.repeat)})
+                                                                           "repeat": str(self.fold.repeat)},
+                               keys=trained_keys(self.eval_model, self.cfg["model"]["freeze_tile"]))
             write_card(self.dir / BEST_MODEL, self._card())
             atomic_write_json(self.dir / "history.json", self.selection.history)
         self.save()

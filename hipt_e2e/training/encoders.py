@@ -2,8 +2,12 @@
 
 model:
   preset: hipt        # geometry from hipt_e2e.models.PRESETS (hipt | tiny)
-  encoder: vit        # tile level only: vit (ViT256) or cnn (a timm CNN projected to the same width)
+  encoder: vit        # tile level only: vit (ViT256), cnn (a timm CNN projected to the same width), a
+                      # pretrained encoder of hipt_e2e.models.foundation.ENCODERS (uni_v1, virchow2, resnet50,
+                      # ...: weights from model.weights) or timm:ARCH (any timm model, kwargs in timm_kwargs)
   cnn: resnet50       # the timm CNN when encoder = cnn
+  tile_input: resize  # pretrained encoders: resize tiles to the model's input as its card does | native
+  timm_kwargs: {}     # timm.create_model kwargs for encoder = timm:ARCH
   tile:               # optional changes to the preset's tile geometry (null keeps the preset's value)
     patch_size: null
     embed_dim: null   # also the CNN's output width
@@ -27,20 +31,23 @@ from typing import Any
 
 from torch import nn
 
-from hipt_e2e.models import load_checkpoint
+from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.models.bundle import (
     level_geometry,
     region_encoder_from,
     tile_architecture,
     tile_encoder_from,
+    tile_width,
 )
+from hipt_e2e.models.foundation import PretrainedTileEncoder, load_stage_weights
 
 log = logging.getLogger(__name__)
 
 TILE_OVERRIDES = ("patch_size", "embed_dim", "depth", "num_heads", "pos_grid")
 REGION_OVERRIDES = ("in_dim", "embed_dim", "depth", "num_heads", "pos_grid")
 REGION_MODEL_DEFAULTS = {"preset": "hipt", "region": dict.fromkeys(REGION_OVERRIDES)}
-TILE_MODEL_DEFAULTS = {"preset": "hipt", "encoder": "vit", "cnn": "resnet50", "tile": dict.fromkeys(TILE_OVERRIDES)}
+TILE_MODEL_DEFAULTS = {"preset": "hipt", "encoder": "vit", "cnn": "resnet50", "tile": dict.fromkeys(TILE_OVERRIDES),
+                       "tile_input": "resize", "timm_kwargs": {}}
 WEIGHTS_DEFAULTS = {"weights": None, "trusted": False}
 
 
@@ -49,16 +56,32 @@ def build_tile_encoder(model: Mapping[str, Any], drop_path_rate: float = 0.0) ->
     return tile_encoder_from(tile_architecture(model), drop_path_rate)
 
 
+def with_grid_width(model: dict[str, Any], grids: str) -> dict[str, Any]:
+    """model.region.in_dim, when unset, from the tile encoder that embedded the token grids `grids` (a
+    pretrained encoder's width: 1024 for UNI, 2560 for Virchow2); the preset's otherwise."""
+    if model["region"].get("in_dim") is None:
+        try:
+            model["region"]["in_dim"] = tile_width(tile_architecture(load_manifest(grids)["build_args"]["model"]))
+        except (KeyError, TypeError, ValueError):
+            pass  # grids not made by embed_tiles: the preset's width (a mismatch fails at the first batch)
+    return model
+
+
 def build_region_encoder(model: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
     """The region encoder (ViT4K) [B, D, rows, cols] -> [B, D'] of the config, randomly initialised."""
     return region_encoder_from(level_geometry(model, "region"), drop_path_rate)
 
 
 def load_encoder_weights(encoder: nn.Module, model: Mapping[str, Any]) -> nn.Module:
-    """Load model.weights into the encoder (every tensor must fit); without weights it stays random."""
+    """Load model.weights into the encoder (every tensor must fit); without weights it stays random, except a
+    pretrained tile encoder, which is refused without its weights."""
     if model["weights"] is None:
+        if isinstance(encoder, PretrainedTileEncoder):
+            raise ValueError(f"model.encoder={encoder.name} is a pretrained encoder: give its weights with "
+                             f"model.weights=FILE_OR_SNAPSHOT_FOLDER (released as {encoder.entry.release}); "
+                             "nothing is downloaded")
         log.warning("model.weights is not set: using a randomly initialised %s (a baseline, not a result)",
                     type(encoder).__name__)
     else:
-        load_checkpoint(encoder, model["weights"], trusted=model["trusted"], strict=True)
+        load_stage_weights(encoder, model["weights"], trusted=model["trusted"])
     return encoder

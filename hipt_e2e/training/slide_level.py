@@ -32,7 +32,8 @@ from hipt_e2e.evaluation.metrics import classification_metrics, selection_key, v
 from hipt_e2e.evaluation.report import write_report
 from hipt_e2e.evaluation.splits import Fold, SlideInfo, check_labels, make_folds, write_splits
 from hipt_e2e.io import atomic_write_json
-from hipt_e2e.models.bundle import level_geometry, slide_model_from, tile_architecture, write_card
+from hipt_e2e.models.bundle import level_geometry, slide_model_from, tile_architecture, tile_normalisation, write_card
+from hipt_e2e.models.foundation import sha256, weights_file
 from hipt_e2e.models.mil import RegionFC
 from hipt_e2e.progress import progress
 from hipt_e2e.training.checkpointing import export_safetensors
@@ -88,10 +89,14 @@ def embedding_stages(bags: str | Path | None) -> dict[str, Any] | None:
         regions = load_manifest(bags)["build_args"]
         tiles = load_manifest(regions["data"]["shards"])["build_args"]
         pixels = load_manifest(tiles["data"]["shards"])["build_args"]
-        return {"tile": {"architecture": tile_architecture(tiles["model"]), "weights": _resolved(tiles["model"]["weights"])},
+        tile = {"architecture": tile_architecture(tiles["model"]), "weights": _resolved(tiles["model"]["weights"])}
+        if "entry" in tile["architecture"]:  # a pretrained encoder: its authors' file, named by its hash too
+            tile["sha256"] = sha256(weights_file(tile["weights"]))
+        return {"tile": tile,
                 "region": {"architecture": level_geometry(regions["model"], "region"),
                            "weights": _resolved(regions["model"]["weights"])},
-                "normalisation": tiles["embed"]["normalisation"], "tile_px": pixels["tile_px"],
+                "normalisation": tile_normalisation(tile["architecture"], tiles["embed"]["normalisation"]),
+                "tile_px": pixels["tile_px"],
                 "region_px": pixels["region_px"], "mpp": pixels["mpp"]}
     except (KeyError, TypeError, ValueError, FileNotFoundError):
         return None

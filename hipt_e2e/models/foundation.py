@@ -1,0 +1,338 @@
+"""Pretrained tile encoders from local weights: the pathology foundation models labs already use (UNI,
+Virchow, H-optimus, Prov-GigaPath, Lunit, kaiko), CLAM's truncated ImageNet ResNet-50, or any timm model.
+
+Each registry entry is a timm architecture with its kwargs plus what its model card prescribes: the
+input size and how a tile gets there (resize, interpolation, centre crop), the normalisation, how the
+embedding is formed from the tokens, the precision the authors run it in, the resolution it was trained
+at and the file the authors release. Names follow TRIDENT's, which users know.
+
+Weights are never downloaded: `load_pretrained` takes a local file (safetensors, or a .bin/.pth state
+dict read with weights_only) or a local Hugging Face snapshot folder, loads it strictly into the timm
+model and returns its sha256, which model cards record so a run can be rebuilt on the same base.
+
+Tiles arrive normalised with the entry's statistics (hipt_e2e.normalise, the one place pixels become
+model inputs) at the shards' tile size, and are resized in the batch on the device; resizing and
+centre cropping are linear with weights summing to 1, so they commute with the per-channel affine
+normalisation and the result is the model card's "resize, then normalise".
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
+from .lora import LORA_KEYS, LoRALinear, add_lora
+
+log = logging.getLogger(__name__)
+
+IMAGENET = "imagenet"
+SNAPSHOT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth")
+EMBEDDINGS = ("cls", "cls+mean", "avgpool", "pooled")  # pooled: what the timm model itself returns
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    """A pretrained tile encoder as its authors release and use it."""
+
+    arch: str  # timm architecture
+    kwargs: Mapping[str, Any]  # timm.create_model kwargs (num_classes=0 is always added)
+    width: int  # embedding width
+    input_px: int  # the model's input size
+    resize: int  # tiles are resized to this side (a no-op when they have it), then centre cropped to input_px
+    interpolation: str  # of the resize: bilinear | bicubic
+    normalisation: str  # a name in hipt_e2e.normalise.NORMALISATIONS
+    embedding: str  # cls | cls+mean (CLS and the mean of the patch tokens, registers excluded) | avgpool
+    precision: str  # what the authors run it in: fp32 | fp16 | bf16
+    mpp: float  # microns per pixel it was trained at
+    release: str  # where the authors publish the weights (a local copy of that file is what is loaded)
+    truncate_after: str | None = None  # CNNs: keep the stages up to this one (CLAM's ResNet-50: layer3)
+    notes: str = ""
+
+
+def _swiglu_vit(**kwargs: Any) -> dict[str, Any]:
+    return {**kwargs, "mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
+
+
+_VIT = {"init_values": 1e-5, "dynamic_img_size": True}
+_VIRCHOW = _swiglu_vit(img_size=224, init_values=1e-5, mlp_ratio=5.3375, global_pool="", dynamic_img_size=True)
+
+ENCODERS: dict[str, EncoderEntry] = {
+    "resnet50": EncoderEntry(
+        "resnet50", {}, 1024, 224, 224, "bilinear", IMAGENET, "avgpool", "fp32", 0.5,
+        "torchvision ImageNet IMAGENET1K_V1 (resnet50-0676ba61.pth) or timm/resnet50.tv_in1k model.safetensors",
+        truncate_after="layer3", notes="CLAM's baseline: stages to layer3, mean-pooled; CLAM resizes to 224 "
+                                       "(fully convolutional: model.tile_input=native runs 256 px tiles as they are)"),
+    "uni_v1": EncoderEntry(
+        "vit_large_patch16_224", {"img_size": 224, "patch_size": 16, **_VIT}, 1024, 224, 224, "bilinear",
+        IMAGENET, "cls", "fp16", 0.5, "MahmoodLab/UNI pytorch_model.bin"),
+    "uni_v2": EncoderEntry(
+        "vit_giant_patch14_224",
+        _swiglu_vit(img_size=224, patch_size=14, depth=24, num_heads=24, embed_dim=1536, mlp_ratio=2.66667 * 2,
+                    no_embed_class=True, reg_tokens=8, **_VIT),
+        1536, 224, 224, "bilinear", IMAGENET, "cls", "bf16", 0.5, "MahmoodLab/UNI2-h pytorch_model.bin"),
+    "virchow": EncoderEntry(
+        "vit_huge_patch14_224", _VIRCHOW, 2560, 224, 224, "bicubic", IMAGENET, "cls+mean", "fp16", 0.5,
+        "paige-ai/Virchow pytorch_model.bin"),
+    "virchow2": EncoderEntry(
+        "vit_huge_patch14_224", {**_VIRCHOW, "reg_tokens": 4}, 2560, 224, 224, "bicubic", IMAGENET, "cls+mean",
+        "fp16", 0.5, "paige-ai/Virchow2 pytorch_model.bin", notes="trained on mixed 0.25-2 um/px"),
+    "hoptimus0": EncoderEntry(
+        "vit_giant_patch14_reg4_dinov2", {"img_size": 224, "init_values": 1e-5, "global_pool": "token",
+                                          "dynamic_img_size": True},
+        1536, 224, 224, "bilinear", "hoptimus", "cls", "fp16", 0.5, "bioptimus/H-optimus-0 pytorch_model.bin",
+        notes="trained on 224 px tiles at 0.5 um/px (no resize): shards with --tile-px 224 keep that"),
+    "hoptimus1": EncoderEntry(
+        "vit_giant_patch14_reg4_dinov2", {"img_size": 224, "init_values": 1e-5, "global_pool": "token",
+                                          "dynamic_img_size": True},
+        1536, 224, 224, "bilinear", "hoptimus", "cls", "fp16", 0.5, "bioptimus/H-optimus-1 pytorch_model.bin",
+        notes="trained on 224 px tiles at 0.5 um/px (no resize): shards with --tile-px 224 keep that"),
+    "gigapath": EncoderEntry(
+        "vit_giant_patch14_dinov2", {"img_size": 224, "patch_size": 16, "embed_dim": 1536, "depth": 40,
+                                     "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334,
+                                     "dynamic_img_size": True},
+        1536, 224, 256, "bicubic", IMAGENET, "cls", "fp16", 0.5, "prov-gigapath/prov-gigapath pytorch_model.bin",
+        notes="Resize 256 + CenterCrop 224, as its model card"),
+    "lunit-vits8": EncoderEntry(
+        "vit_small_patch8_224", {"dynamic_img_size": True}, 384, 224, 224, "bilinear", "lunit", "cls", "fp32", 0.5,
+        "1aurent/vit_small_patch8_224.lunit_dino model.safetensors (or Lunit's dino_vit_small_patch8_ep200.torch)",
+        notes="Lunit's training statistics (TRIDENT's hub config applies ImageNet's)"),
+    "kaiko-vits16": EncoderEntry(
+        "vit_small_patch16_224", {"dynamic_img_size": True}, 384, 224, 224, "bilinear", "hipt", "cls", "fp32", 0.5,
+        "1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms model.safetensors"),
+    "kaiko-vits8": EncoderEntry(
+        "vit_small_patch8_224", {"dynamic_img_size": True}, 384, 224, 224, "bilinear", "hipt", "cls", "fp32", 0.5,
+        "1aurent/vit_small_patch8_224.kaiko_ai_towards_large_pathology_fms model.safetensors"),
+    "kaiko-vitb16": EncoderEntry(
+        "vit_base_patch16_224", {"dynamic_img_size": True}, 768, 224, 224, "bilinear", "hipt", "cls", "fp32", 0.5,
+        "1aurent/vit_base_patch16_224.kaiko_ai_towards_large_pathology_fms model.safetensors"),
+    "kaiko-vitb8": EncoderEntry(
+        "vit_base_patch8_224", {"dynamic_img_size": True}, 768, 224, 224, "bilinear", "hipt", "cls", "fp32", 0.5,
+        "1aurent/vit_base_patch8_224.kaiko_ai_towards_large_pathology_fms model.safetensors"),
+    "kaiko-vitl14": EncoderEntry(
+        "vit_large_patch14_reg4_dinov2", {"img_size": 224, "dynamic_img_size": True}, 1024, 224, 224, "bilinear",
+        "hipt", "cls", "fp32", 0.5, "1aurent/vit_large_patch14_reg4_224.kaiko_ai_towards_large_pathology_fms "
+        "model.safetensors (kaiko's own L14 file holds DINOv2 keys, not timm's)"),
+}
+TIMM_PREFIX = "timm:"
+
+
+def timm_entry(arch: str, kwargs: Mapping[str, Any] | None = None, *, width: int | None = None,
+               input_px: int = 224, normalisation: str = IMAGENET, embedding: str | None = None) -> EncoderEntry:
+    """An entry for any timm model (`model.encoder=timm:ARCH`, kwargs from model.timm_kwargs): no resize
+    (the tiles go in at their own size unless input_px and tile px differ), its own pooled output."""
+    model = timm.create_model(arch, pretrained=False, num_classes=0, **dict(kwargs or {}))
+    return EncoderEntry(arch, dict(kwargs or {}), width or model.num_features, input_px, input_px, "bilinear",
+                        normalisation, embedding or "pooled", "fp32", 0.5, "your own file")
+
+
+def encoder_entry(name: str, timm_kwargs: Mapping[str, Any] | None = None) -> EncoderEntry:
+    """The registry entry of `name`, or one for `timm:ARCH`; a clear error for anything else."""
+    if name.startswith(TIMM_PREFIX):
+        return timm_entry(name.removeprefix(TIMM_PREFIX), timm_kwargs)
+    if name not in ENCODERS:
+        raise ValueError(f"unknown tile encoder {name!r}: use vit, cnn, timm:ARCH or one of {sorted(ENCODERS)}")
+    if timm_kwargs:
+        raise ValueError(f"model.timm_kwargs is for timm:ARCH encoders; {name} is built as its authors release it")
+    return ENCODERS[name]
+
+
+def is_pretrained(name: str) -> bool:
+    return name in ENCODERS or name.startswith(TIMM_PREFIX)
+
+
+# ------------------------------------------------------------------------------------------ weights
+def weights_file(path: str | Path) -> Path:
+    """A weights file, or the weights file of a local Hugging Face snapshot folder."""
+    path = Path(path)
+    if path.is_dir():
+        snapshots = sorted((path / "snapshots").glob("*")) if (path / "snapshots").is_dir() else []
+        folder = snapshots[0] if len(snapshots) == 1 else path
+        for name in SNAPSHOT_FILES:
+            if (folder / name).is_file():
+                return folder / name
+        raise FileNotFoundError(f"{path}: a folder without {' or '.join(SNAPSHOT_FILES)} (give the weights file, "
+                                "or the Hugging Face snapshot folder that holds it)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    return path
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(partial(handle.read, 1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _resolved_layers(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Entries name layers by string (JSON in model cards); timm wants the classes."""
+    out = dict(kwargs)
+    if isinstance(out.get("mlp_layer"), str):
+        out["mlp_layer"] = getattr(timm.layers, out["mlp_layer"])
+    if isinstance(out.get("act_layer"), str):
+        out["act_layer"] = timm.layers.get_act_layer(out["act_layer"].lower())
+    return out
+
+
+# ------------------------------------------------------------------------------------------ module
+class PretrainedTileEncoder(nn.Module):
+    """Normalised tiles [B, 3, t, t] at the shards' tile px -> embeddings [B, width], as the entry's card.
+
+    tile_input="resize": to the entry's input as its card does; "native": at the tile's own size (a
+    ViT built with dynamic_img_size, or a CNN). trainable: what `requires_grad_(True)` trains (how
+    HIPT unfreezes a stage): "all", the last k blocks (an int) or "lora" (adapters on attention qkv,
+    added by `add_lora`); the rest stays frozen and in eval mode.
+    """
+
+    def __init__(self, name: str, entry: EncoderEntry, tile_input: str = "resize", trainable: str | int = "all",
+                 lora_rank: int = 0, lora_alpha: float | None = None, drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        if tile_input not in ("resize", "native"):
+            raise ValueError(f"model.tile_input must be resize or native, got {tile_input!r}")
+        self.name, self.entry, self.tile_input = name, entry, tile_input
+        kwargs = {**_resolved_layers(entry.kwargs), "num_classes": 0}
+        if drop_path_rate:
+            kwargs["drop_path_rate"] = drop_path_rate
+        self.model = timm.create_model(entry.arch, pretrained=False, **kwargs)
+        self.dropped = self._truncate()
+        if self._output_width() != entry.width:
+            raise ValueError(f"tile encoder {name}: {entry.arch} gives {self._output_width()}-d embeddings, "
+                             f"the entry says {entry.width}")
+        self.embed_dim = self.num_features = entry.width
+        if lora_rank:
+            add_lora(self.model, "qkv", lora_rank, lora_alpha)
+            trainable = "lora"
+        self.trainable = trainable
+        self.weights: dict[str, str] | None = None  # the base weights loaded: path and sha256
+
+    def _truncate(self) -> tuple[str, ...]:
+        """CNN entries: the stages after `truncate_after` (and the classifier) are replaced by identities."""
+        if not self.entry.truncate_after:
+            return ()
+        names = [name for name, _ in self.model.named_children()]
+        dropped = tuple(names[names.index(self.entry.truncate_after) + 1:])
+        for name in dropped:
+            setattr(self.model, name, nn.Identity())
+        return dropped
+
+    def _output_width(self) -> int:
+        if self.entry.truncate_after:
+            return next(info["num_chs"] for info in self.model.feature_info if info["module"] == self.entry.truncate_after)
+        return self.model.num_features * (2 if self.entry.embedding == "cls+mean" else 1)
+
+    def load_pretrained(self, path: str | Path) -> dict[str, str]:
+        """Load the authors' weights strictly (the released timm layout; a hipt-e2e export of this encoder
+        too); returns {"path", "sha256"}, also kept as self.weights. Stages cut off by truncation may be in
+        the file; adapters are not, they keep their values."""
+        file = weights_file(path)
+        state = read_state_dict(file)
+        if state and all(key.startswith("model.") for key in state):
+            state = {key.removeprefix("model."): value for key, value in state.items()}
+        state = {key: value for key, value in state.items() if key.split(".")[0] not in self.dropped}
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoRALinear):
+                for part in ("weight", "bias"):
+                    if f"{name}.{part}" in state:
+                        state[f"{name}.base.{part}"] = state.pop(f"{name}.{part}")
+                state.update({f"{name}.{key}": getattr(module, key) for key in LORA_KEYS})
+        try:
+            load_checkpoint(self.model, state, strict=True)
+        except CheckpointError as error:
+            raise CheckpointError(f"{file} does not fit tile encoder {self.name} ({self.entry.arch}): {error}") from None
+        self.weights = {"path": str(file.resolve()), "sha256": sha256(file)}
+        log.info("tile encoder %s: weights %s (sha256 %s)", self.name, file, self.weights["sha256"][:12])
+        return self.weights
+
+    # -- training policy
+    def blocks(self) -> list[nn.Module]:
+        """The trainable units from pixels up: ViT blocks, or a CNN's stages."""
+        if hasattr(self.model, "blocks"):
+            return list(self.model.blocks)
+        return [module for name, module in self.model.named_children() if name.startswith("layer")
+                and not isinstance(module, nn.Identity)]
+
+    def trained_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of what the policy trains."""
+        if self.trainable == "all":
+            yield from self.named_parameters()
+        elif self.trainable == "lora":
+            yield from ((n, p) for n, p in self.named_parameters() if n.rsplit(".", 1)[-1] in LORA_KEYS)
+        else:  # the last k blocks and the final norm
+            tail = {id(p) for block in self._tail() for p in block.parameters()}
+            tail |= {id(p) for n, p in self.model.named_parameters() if n.startswith(("norm.", "fc_norm."))}
+            yield from ((n, p) for n, p in self.named_parameters() if id(p) in tail)
+
+    def _tail(self) -> list[nn.Module]:
+        blocks = self.blocks()
+        if not 0 <= int(self.trainable) <= len(blocks):
+            raise ValueError(f"model.tile_trainable={self.trainable}: {self.name} has {len(blocks)} blocks")
+        return blocks[len(blocks) - int(self.trainable):]
+
+    def train(self, mode: bool = True) -> PretrainedTileEncoder:
+        """Only what trains is in training mode: frozen blocks keep e.g. their BatchNorm statistics."""
+        super().train(mode)
+        if mode and self.trainable != "all":
+            self.model.eval()
+            if self.trainable != "lora":
+                for block in self._tail():
+                    block.train()
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> PretrainedTileEncoder:
+        super().requires_grad_(False)
+        if requires_grad:
+            for _, param in self.trained_parameters():
+                param.requires_grad_(True)
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    # -- forward
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised tiles -> the model's input, as the card's transform (resize, centre crop)."""
+        if self.tile_input == "native":
+            return x
+        size = self.entry.resize
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode=self.entry.interpolation, antialias=True,
+                              align_corners=False)
+        crop = self.entry.input_px
+        if size != crop:
+            top = (size - crop) // 2  # torchvision's CenterCrop rounds the same way
+            x = x[..., top:top + crop, top:top + crop]
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.prepare(x)
+        embedding = self.entry.embedding
+        if embedding == "pooled":
+            return self.model(x)
+        features = self.model.forward_features(x)
+        if embedding == "avgpool":
+            return features.mean(dim=(-2, -1))
+        cls = features[:, 0]
+        if embedding == "cls":
+            return cls
+        return torch.cat([cls, features[:, self.model.num_prefix_tokens:].mean(dim=1)], dim=-1)
+
+
+def load_stage_weights(module: nn.Module, source: str | Path, *, trusted: bool = False) -> dict[str, str] | None:
+    """Strictly load weights into one stage: a pretrained tile encoder takes its authors' file (returns its
+    path and sha256), any other module a checkpoint of this toolkit or a released HIPT one."""
+    if isinstance(module, PretrainedTileEncoder):
+        return module.load_pretrained(source)
+    load_checkpoint(module, source, trusted=trusted, strict=True)
+    return None
+

@@ -1,0 +1,215 @@
+"""Pretrained tile encoders (hipt_e2e.models.foundation): every registry entry at its architecture, from
+random weights written in the authors' layout and format, loaded through the public path, gives timm's
+embeddings of the same weights under the model card's transform; refusals; LoRA and partial training."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from hipt_e2e.embedding import token_grids
+from hipt_e2e.models import CheckpointError
+from hipt_e2e.models.foundation import ENCODERS, EncoderEntry, PretrainedTileEncoder, _resolved_layers, sha256
+from hipt_e2e.normalise import NORMALISATIONS
+from hipt_e2e.training import build_tile_encoder, load_encoder_weights
+from tests.conftest import LYMPHOMA, lymphoma_images, read_rgb
+
+# The suite runs ResNet-50 and one ViT-S/16 whole, the other ViTs at depth 2 (the same blocks, widths,
+# tokens and embedding rule, ~10x faster); `pytest -m slow` runs every one at full depth.
+FULL_DEPTH_IN_SUITE = {"resnet50", "kaiko-vits16"}
+# fp32 rounding only separates the two paths (normalise-then-resize vs resize-then-normalise, other batch
+# layouts): ~1e-6 of the output scale through these depths; a wrong transform moves outputs by > 1e-2.
+TOLERANCE = 1e-4
+
+
+def real_tiles(n: int = 2, px: int = 256) -> torch.Tensor:
+    """n uint8 tiles [n, 3, px, px]: real lymphoma H&E (417 x 312 fields) when the data is there, else
+    generated pseudo-H&E."""
+    if (LYMPHOMA / "CLL").is_dir():
+        crops = [read_rgb(path)[:px, :px] for path in lymphoma_images(LYMPHOMA, n)[::n][:n]]
+    else:
+        from hipt_e2e.data.synthetic import CLASSES, synthetic_slide
+
+        crops = [synthetic_slide(CLASSES[-1], seed, size=2 * px)[:px, :px] for seed in range(n)]
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+
+
+def reduced(name: str, depth: int | None) -> EncoderEntry:
+    entry = ENCODERS[name]
+    return entry if depth is None else dataclasses.replace(entry, kwargs={**entry.kwargs, "depth": depth})
+
+
+def random_release(name: str, entry, folder: Path) -> tuple[Path, torch.nn.Module]:
+    """The timm model of an entry with random, non-trivial weights (LayerScale gammas, tokens and tables
+    well away from their near-zero inits), saved as the authors release it; returns (file, that model)."""
+    kwargs = {**_resolved_layers(entry.kwargs), "num_classes": 1000 if entry.truncate_after else 0}
+    model = timm.create_model(entry.arch, pretrained=False, **kwargs).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key, tensor in model.state_dict().items():
+            if key.endswith("gamma") or "token" in key or "pos_embed" in key:
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 0.5 + 0.25)
+            elif key.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+    state = {key: value.contiguous() for key, value in model.state_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    if "model.safetensors" in entry.release.split(" (")[0]:
+        path = folder / "model.safetensors"
+        save_file(state, path)
+    else:
+        path = folder / "pytorch_model.bin"
+        torch.save(state, path)
+    return path, model
+
+
+def card_reference(model: torch.nn.Module, entry, tiles: torch.Tensor, interpolation: str | None = None,
+                   normalisation: str | None = None) -> torch.Tensor:
+    """What the model card computes: resize (torchvision), centre crop, normalise, then timm's tokens."""
+    mean, std = NORMALISATIONS[normalisation or entry.normalisation]
+    mode = InterpolationMode.BICUBIC if (interpolation or entry.interpolation) == "bicubic" else InterpolationMode.BILINEAR
+    transform = T.Compose([T.ToDtype(torch.float32, scale=True), T.Resize(entry.resize, interpolation=mode, antialias=True),
+                           T.CenterCrop(entry.input_px), T.Normalize(mean, std)])
+    x = transform(tiles)
+    with torch.no_grad():
+        if entry.truncate_after:  # CLAM: the stages to layer3, mean-pooled
+            for stage in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3"):
+                x = getattr(model, stage)(x)
+            return x.mean(dim=(2, 3))
+        tokens = model.forward_features(x)
+        if entry.embedding == "cls+mean":
+            return torch.cat([tokens[:, 0], tokens[:, model.num_prefix_tokens:].mean(1)], dim=-1)
+        return tokens[:, 0]
+
+
+def check_entry(name: str, depth: int | None, tmp_path: Path) -> None:
+    entry = reduced(name, depth)
+    path, reference = random_release(name, entry, tmp_path / name)
+    encoder = PretrainedTileEncoder(name, entry)
+    weights = encoder.load_pretrained(path.parent)  # the snapshot folder
+    assert weights == {"path": str(path.resolve()), "sha256": sha256(path)}
+    tiles = real_tiles()
+    region = torch.cat(list(tiles), dim=2)[None]  # one region of 1 x 2 tiles, through the embedding step
+    with torch.no_grad():
+        grid = token_grids(encoder.eval(), region, 256, entry.normalisation, tiles_per_call=2)
+    assert grid.shape == (1, ENCODERS[name].width, 1, 2)
+    ours = grid[0].flatten(1).t()
+    expected = card_reference(reference, entry, tiles)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(ours, expected, rtol=0, atol=TOLERANCE * scale)
+    # The test can fail: the two tiles' embeddings differ, and so does a wrong transform.
+    assert (expected[0] - expected[1]).abs().max() > 100 * TOLERANCE * scale
+    mistakes = [card_reference(reference, entry, tiles, normalisation="imagenet" if entry.normalisation == "hipt" else "hipt")]
+    if entry.resize != 256:  # tiles are resized: the interpolation matters
+        other = "bilinear" if entry.interpolation == "bicubic" else "bicubic"
+        mistakes.append(card_reference(reference, entry, tiles, interpolation=other))
+    if entry.resize != entry.input_px:  # resized, then centre cropped: squashing instead is wrong
+        mistakes.append(card_reference(reference, dataclasses.replace(entry, resize=entry.input_px), tiles))
+    for mistaken in mistakes:
+        assert (mistaken - expected).abs().max() > 10 * TOLERANCE * scale
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_every_entry_gives_timm_embeddings_under_its_cards_transform(name: str, tmp_path: Path) -> None:
+    check_entry(name, None if name in FULL_DEPTH_IN_SUITE else 2, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(set(ENCODERS) - FULL_DEPTH_IN_SUITE))
+def test_large_entries_at_full_depth(name: str, tmp_path: Path) -> None:
+    check_entry(name, None, tmp_path)
+
+
+def test_widths_and_released_geometry() -> None:
+    assert {name: entry.width for name, entry in ENCODERS.items()} == {
+        "resnet50": 1024, "uni_v1": 1024, "uni_v2": 1536, "virchow": 2560, "virchow2": 2560, "hoptimus0": 1536,
+        "hoptimus1": 1536, "gigapath": 1536, "lunit-vits8": 384, "kaiko-vits16": 384, "kaiko-vits8": 384,
+        "kaiko-vitb16": 768, "kaiko-vitb8": 768, "kaiko-vitl14": 1024}
+    virchow2 = PretrainedTileEncoder("virchow2", reduced("virchow2", 1))
+    assert virchow2.model.num_prefix_tokens == 5 and virchow2.model.patch_embed.patch_size == (14, 14)
+    gigapath = PretrainedTileEncoder("gigapath", reduced("gigapath", 1))
+    assert gigapath.model.patch_embed.patch_size == (16, 16) and gigapath.model.pos_embed.shape[1] == 1 + 14 * 14
+    uni2 = PretrainedTileEncoder("uni_v2", reduced("uni_v2", 1))
+    assert uni2.model.num_prefix_tokens == 9 and uni2.model.pos_embed.shape[1] == 16 * 16  # no_embed_class
+
+
+def test_refusals_name_the_file_and_the_entry(tmp_path: Path) -> None:
+    model = {"encoder": "kaiko-vits16", "preset": "hipt", "tile": {}, "weights": None, "trusted": False}
+    with pytest.raises(ValueError, match="pretrained encoder: give its weights with model.weights"):
+        load_encoder_weights(build_tile_encoder(model), model)
+    other, _ = random_release("lunit-vits8", reduced("lunit-vits8", 1), tmp_path / "lunit")  # patch 8, not 16
+    with pytest.raises(CheckpointError, match=rf"{other}.*kaiko-vits16.*shape mismatch.*patch_embed"):
+        load_encoder_weights(build_tile_encoder(model), {**model, "weights": str(other)})
+    path, reference = random_release("kaiko-vits16", ENCODERS["kaiko-vits16"], tmp_path / "kaiko")
+    state = dict(reference.state_dict())
+    state.pop("blocks.3.attn.qkv.weight")
+    state["extra.weight"] = torch.zeros(1)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "partial.safetensors")
+    with pytest.raises(CheckpointError, match=r"partial.safetensors.*kaiko-vits16.*blocks.3.attn.qkv.weight.*extra"):
+        load_encoder_weights(build_tile_encoder(model), {**model, "weights": str(tmp_path / "partial.safetensors")})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="model.safetensors or pytorch_model.bin"):
+        load_encoder_weights(build_tile_encoder(model), {**model, "weights": str(tmp_path / "empty")})
+    torch.save({"state": state, "args": argparse_like()}, tmp_path / "pickled.bin")
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        load_encoder_weights(build_tile_encoder(model), {**model, "weights": str(tmp_path / "pickled.bin")})
+    with pytest.raises(ValueError, match="timm:ARCH or a pretrained encoder .*uni_v1.*got 'uni'"):
+        build_tile_encoder({**model, "encoder": "uni"})
+    loaded = load_encoder_weights(build_tile_encoder(model), {**model, "weights": str(path)})
+    assert loaded.weights["sha256"] == sha256(path)
+
+
+def argparse_like():
+    import argparse
+
+    return argparse.Namespace(arch="vit_small")
+
+
+def test_timm_arch_entry_and_native_input() -> None:
+    model = {"encoder": "timm:vit_tiny_patch16_224", "preset": "hipt", "tile": {}, "tile_input": "native",
+             "timm_kwargs": {"dynamic_img_size": True, "depth": 2}}
+    encoder = build_tile_encoder(model).eval()
+    assert encoder.num_features == 192 and len(encoder.model.blocks) == 2
+    with torch.no_grad():
+        out = encoder(torch.randn(3, 3, 32, 32))  # at the tile's own size: 2 x 2 patches
+    assert out.shape == (3, 192)
+    assert encoder.prepare(torch.zeros(1, 3, 32, 32)).shape[-1] == 32
+
+
+def test_lora_starts_as_its_base_and_trains_only_adapters() -> None:
+    torch.manual_seed(0)
+    entry = ENCODERS["kaiko-vits16"]
+    base = PretrainedTileEncoder("kaiko-vits16", entry, tile_input="native").eval()
+    adapted = PretrainedTileEncoder("kaiko-vits16", entry, tile_input="native", lora_rank=4)
+    state = {k: v for k, v in adapted.state_dict().items()}
+    for key, value in base.state_dict().items():  # the base weights under the wrapped names
+        state[key.replace("qkv.", "qkv.base.")] = value
+    adapted.load_state_dict(state)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted.eval()(x), base(x), rtol=0, atol=0)  # B = 0: exactly the base
+    adapted.requires_grad_(True).train()
+    trained = [name for name, p in adapted.named_parameters() if p.requires_grad]
+    assert len(trained) == 2 * 12 and all(name.endswith(("lora_a", "lora_b")) for name in trained)
+    assert not adapted.model.training  # the frozen base stays in eval mode
+    adapted(x).square().sum().backward()
+    assert all((p.grad is None) != p.requires_grad for p in adapted.parameters())
+
+
+def test_last_blocks_trainable() -> None:
+    encoder = PretrainedTileEncoder("kaiko-vits16", ENCODERS["kaiko-vits16"], trainable=2)
+    encoder.requires_grad_(True).train()
+    trained = {name.split(".")[2] if ".blocks." in name else name for name, p in encoder.named_parameters()
+               if p.requires_grad}
+    assert trained == {"10", "11", "model.norm.weight", "model.norm.bias"}
+    assert encoder.model.blocks[11].training and not encoder.model.blocks[9].training
+    encoder.requires_grad_(False)
+    assert not any(p.requires_grad for p in encoder.parameters())
+    with pytest.raises(ValueError, match="has 12 blocks"):
+        PretrainedTileEncoder("kaiko-vits16", ENCODERS["kaiko-vits16"], trainable=13).requires_grad_(True)
