@@ -3,14 +3,16 @@ random weights written in the authors' layout and format, loaded through the pub
 embeddings of the same weights under the model card's transform; refusals; LoRA and partial training."""
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
@@ -213,3 +215,76 @@ def test_last_blocks_trainable() -> None:
     assert not any(p.requires_grad for p in encoder.parameters())
     with pytest.raises(ValueError, match="has 12 blocks"):
         PretrainedTileEncoder("kaiko-vits16", ENCODERS["kaiko-vits16"], trainable=13).requires_grad_(True)
+
+
+# ------------------------------------------------------------------------------------------ in the pipelines
+def test_staged_path_with_a_pretrained_encoder(shards: Path, tmp_path: Path) -> None:
+    """embed_tiles -> pretrain_vit4k -> embed_regions with kaiko-vits16 (its 32 px tiles native), and a slide
+    model's bundle that finds the encoder's file through the configs and checks its sha256."""
+    from hipt_e2e.data import SlideBagStream, load_manifest
+    from hipt_e2e.data.embeddings import read_slide_bags
+    from hipt_e2e.evaluation.splits import Fold
+    from hipt_e2e.models.bundle import CARD, load_bundle, write_card
+    from hipt_e2e.training import export_safetensors
+    from hipt_e2e.training.slide_level import build_slide_model, embedding_stages, slide_model_card
+    from tests.test_dino_recipes import run_recipe
+
+    path, _ = random_release("kaiko-vits16", ENCODERS["kaiko-vits16"], tmp_path / "kaiko")
+    encoder = ["model.encoder=kaiko-vits16", "model.tile_input=native", f"model.weights={path.parent}"]
+    run_recipe("embed_tiles", f"data.shards={shards}", *encoder, f"out={tmp_path / 'grids'}", "embed.dtype=float16")
+    grids = load_manifest(tmp_path / "grids")
+    assert grids["samples"] == load_manifest(shards)["samples"]
+    run_recipe("pretrain_vit4k", f"data.shards={tmp_path / 'grids'}", f"out={tmp_path / 'vit4k'}", "train.epochs=1",
+               "train.steps_per_epoch=1", "train.batch_size=4")
+    assert json.loads((tmp_path / "vit4k" / CARD).read_text())["architecture"]["in_dim"] == 384  # the width
+    run_recipe("embed_regions", f"data.shards={tmp_path / 'grids'}", f"model.weights={tmp_path / 'vit4k' / 'backbone.safetensors'}",
+               f"out={tmp_path / 'slides'}")
+    bags, classes = read_slide_bags(tmp_path / "slides")
+    stages = embedding_stages(tmp_path / "slides")
+    assert stages["tile"]["sha256"] == sha256(path) and stages["normalisation"] == "hipt"  # kaiko: 0.5 / 0.5
+    cfg = {"model": {"name": "abmil", "dropout": 0.0, "hidden": None}, "data": {"shards": str(tmp_path / "slides")},
+           "vote": "majority"}
+    slide_model = build_slide_model(cfg, len(classes), bags[0].features.shape[1])
+    export_safetensors(slide_model, tmp_path / "wsi" / "best_model.safetensors")
+    write_card(tmp_path / "wsi" / "best_model.safetensors",
+               slide_model_card(cfg, classes, bags[0].features.shape[1], Fold(0, (), (), ()), {}))
+    bundle = load_bundle(tmp_path / "wsi")
+    item = next(b for b in SlideBagStream(shards) if b["slide_id"] == bags[0].slide_id)
+    with torch.no_grad():  # the grids were stored in float16: the bundle's fp32 grids round to them
+        torch.testing.assert_close(bundle.model(item["pixels"]), slide_model.eval()(bags[0].features), rtol=0, atol=2e-3)
+    changed = {key: value.clone() for key, value in load_file(path).items()} | {"cls_token": torch.zeros(1, 1, 384)}
+    save_file(changed, tmp_path / "changed.safetensors")
+    (tmp_path / "changed.safetensors").replace(path)  # the base file was replaced since training
+    with pytest.raises(CheckpointError, match="not the file the model was trained on"):
+        load_bundle(tmp_path / "wsi")
+
+
+@pytest.mark.parametrize("mode", ["lora", "last_block", "frozen"])
+def test_end_to_end_with_a_pretrained_encoder_saves_what_trained(shards: Path, tmp_path: Path, mode: str) -> None:
+    from hipt_e2e.inference.predict import main as predict
+    from tests.test_e2e import load_recipe, settings
+
+    path, _ = random_release("kaiko-vits16", ENCODERS["kaiko-vits16"], tmp_path / "kaiko")
+    extra = {"lora": ["model.lora.rank=2"], "last_block": ["model.tile_trainable=1"], "frozen": ["model.freeze_tile=true"]}
+    run = tmp_path / "run"
+    load_recipe().main(settings(shards, run, "model.encoder=kaiko-vits16", "model.tile_input=native",
+                                f"model.weights.tile={path}", "train.epochs=1", *extra[mode]))
+    card = json.loads((run / "fold_0" / "model_card.json").read_text())
+    assert card["tile_base"] == {"path": str(path.resolve()), "sha256": sha256(path)}
+    assert card["architecture"]["region"]["in_dim"] == 384
+    saved = load_file(run / "fold_0" / "best_model.safetensors")
+    tile_keys = sorted(key for key in saved if key.startswith("tile_encoder."))
+    if mode == "lora":
+        assert len(tile_keys) == 24 and all(key.endswith(("lora_a", "lora_b")) for key in tile_keys)
+    elif mode == "last_block":
+        assert tile_keys and all(".blocks.11." in key or ".norm." in key for key in tile_keys)
+    else:
+        assert tile_keys == []
+    assert any(key.startswith("region_encoder.") for key in saved) and any(key.startswith("slide_model.") for key in saved)
+    # hipt-predict rebuilds base + what trained: the run's own test predictions
+    trained = {r["slide_id"]: r for r in csv.DictReader(open(run / "predictions.csv")) if r["fold"] == "0"}
+    assert predict([str(shards), "input_kind=shards", "--model", str(run), "model.fold=0", f"out={tmp_path / 'p'}",
+                    "top_regions=0"]) == 0
+    rows = {r["slide_id"]: r for r in csv.DictReader(open(tmp_path / "p" / "predictions.csv"))}
+    for slide, row in trained.items():
+        assert float(rows[slide]["prob_class_a"]) == pytest.approx(float(row["prob_class_a"]), abs=1e-5)
