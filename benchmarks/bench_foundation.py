@@ -109,8 +109,11 @@ def bench_e2e(args: argparse.Namespace) -> None:
         if len(mine) > 1:
             first, last = mine[0], mine[-1]
             span = last["regions"] - first["regions"]
-            print(json.dumps({"mode": mode, "s_per_region": round((last["s_per_step"] - first["s_per_step"]) / span, 2),
-                              "GiB_per_region": round((last["peak_GiB"] - first["peak_GiB"]) / span, 3)}))
+            seconds, memory = ((last[k] - first[k]) / span for k in ("s_per_step", "peak_GiB"))
+            fixed = first["peak_GiB"] - memory * first["regions"]
+            print(json.dumps({"mode": mode, "s_per_region": round(seconds, 2), "GiB_per_region": round(memory, 3),
+                              f"regions_in_{args.memory_gb}GB": int((args.memory_gb - fixed) / memory) if memory > 0 else None,
+                              "projected_s_100_regions": round(first["s_per_step"] + seconds * (100 - first["regions"]), 1)}))
 
 
 def main() -> None:
@@ -128,6 +131,7 @@ def main() -> None:
     e2e.add_argument("--regions", nargs="+", type=int, default=[1, 2])
     e2e.add_argument("--region-tiles", type=int, default=4, help="tiles per region side (16: 4096 px regions)")
     e2e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    e2e.add_argument("--memory-gb", type=int, default=80, help="the memory to fit regions into")
     one = sub.add_parser("e2e-one")
     one.add_argument("--encoder")
     one.add_argument("--mode")

@@ -16,6 +16,9 @@ docs/benchmarks.md. Parts:
            memory benchmark's tiny geometry)
   predict  hipt-predict on a generated slide: tiles/s against the tile encoder's forward-only tiles/s
            (benchmarks/bench_predict.py; 100 regions of 4096 px on a GPU)
+  foundation  end-to-end step through UNI's ViT-L/16 (frozen / LoRA / last 2 blocks) at 1 and 4 regions of 4096 px:
+           s/step and peak memory, per-region slope, regions in 80 GB, projected 100-region step
+           (benchmarks/bench_foundation.py e2e)
   tests    the GPU tests (pytest -m gpu: nvJPEG vs CPU decoding, pinned memory, bf16 e2e with device decoding,
            FSDP2 on one GPU)
 """
@@ -47,6 +50,8 @@ def parts(device: str, tiny: bool) -> dict[str, tuple[list[str], int]]:
                      "--regions", "1", "2", "--repeats", "1"], 120),
             "predict": ([*python, str(BENCH / "bench_predict.py"), "--preset", "tiny", "--regions", "16", "--rounds", "1"],
                         120),
+            "foundation": ([*python, str(BENCH / "bench_foundation.py"), "e2e", "--encoder", "kaiko-vits16",
+                            "--modes", "lora", "--region-tiles", "1", "--regions", "1", "2", "--device", device], 120),
             "tests": ([*python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(REPO / "tests")], 120),
         }
     return {
@@ -58,6 +63,8 @@ def parts(device: str, tiny: bool) -> dict[str, tuple[list[str], int]]:
                  "--project", "100"], 120),
         "predict": ([*python, str(BENCH / "bench_predict.py"), "--preset", "hipt", "--regions", "100", "--rounds", "3"],
                     90),
+        "foundation": ([*python, str(BENCH / "bench_foundation.py"), "e2e", "--encoder", "uni_v1", "--region-tiles", "16",
+                        "--regions", "1", "4", "--memory-gb", "80"], 120),
         "tests": ([*python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(REPO / "tests")], 70),
     }
 

@@ -3,7 +3,8 @@
 embed_tiles:   regions (uint8 [3, H, W]) -> token grids [D, rows, cols] (one sample per region, the
                region's key and record kept, `grid.npy` entry), batched over regions.
 embed_regions: token grids of a slide -> its region embeddings [M, D'] with their coordinates, one
-               sample per slide in the slide-embedding format of hipt_e2e.data.embeddings.
+               sample per slide in the slide-embedding format of hipt_e2e.data.embeddings; or, without a
+               region encoder, the bag of all its tile embeddings [N, D] (attention-MIL's usual input).
 
 Work is split across processes and DataLoader workers ("readers") by whole slides, so every slide
 stays contiguous in one output part, as the slide-bag stream needs. Each reader writes its own part
@@ -58,6 +59,24 @@ def token_grids(encoder: nn.Module, regions: torch.Tensor, tile_px: int, normali
     tiles = cut_tiles(regions, tile_px).flatten(0, 1)  # raster order per region
     embeddings = torch.cat([encoder(normalise(chunk, normalisation)) for chunk in tiles.split(tiles_per_call)])
     return embeddings.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
+
+
+def tile_bag(grids: torch.Tensor, coords: torch.Tensor, sizes: torch.Tensor, tissue: torch.Tensor,
+             min_tissue: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slide's token grids [M, D, rows, cols] -> every tile's embedding [N, D] and level-0 x, y [N, 2]
+    (region by region, raster order within each), without tiles of less tissue than min_tissue (all are
+    kept when none would be): the bag of attention-MIL directly over tile embeddings, no region stage."""
+    n, dim, rows, cols = grids.shape
+    features = grids.permute(0, 2, 3, 1).reshape(-1, dim)
+    step = torch.where(sizes > 0, sizes // cols, 0)  # a tile's level-0 side; unknown coordinates stay -1
+    row, col = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    x = torch.where(coords[:, :1] >= 0, coords[:, :1] + col.flatten() * step[:, None], -1)
+    y = torch.where(coords[:, 1:] >= 0, coords[:, 1:] + row.flatten() * step[:, None], -1)
+    tile_coords = torch.stack([x, y], dim=-1).reshape(-1, 2)
+    keep = tissue.reshape(-1) >= min_tissue
+    if not keep.any():
+        keep[:] = True
+    return features[keep], tile_coords[keep]
 
 
 # ------------------------------------------------------------------------------------------ input
@@ -229,11 +248,12 @@ def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, sett
 
 
 @torch.no_grad()
-def embed_regions(encoder: nn.Module, source: str | Path, out: str | Path, *, settings: Mapping[str, Any],
+def embed_regions(encoder: nn.Module | None, source: str | Path, out: str | Path, *, settings: Mapping[str, Any],
                   regions_per_batch: int, workers: int = 0, shard_bytes: int = 1_000_000_000,
-                  mixed_precision: str | None = None) -> dict:
+                  mixed_precision: str | None = None, min_tile_tissue: float = 0.0) -> dict:
     """Every slide of the token-grid shard set ``source`` -> its region embeddings [M, D] (float32) with
-    coordinates, one sample per slide, written as shards to ``out``. Returns the manifest."""
+    coordinates, one sample per slide, written as shards to ``out``. encoder None: the bag of every tile
+    embedding instead (`tile_bag`). Returns the manifest."""
     out = Path(out)
     accelerator = Accelerator(mixed_precision=mixed_precision)
     if (manifest := _existing_output(out, settings)) is not None:
@@ -241,17 +261,24 @@ def embed_regions(encoder: nn.Module, source: str | Path, out: str | Path, *, se
     source_manifest = load_manifest(source)
     readers = accelerator.num_processes
     _clear_stale_parts(accelerator, out, readers)
-    encoder = select_attention(encoder.to(accelerator.device).eval(), accelerator.device, accelerator.mixed_precision)
+    if encoder is not None:
+        encoder = select_attention(encoder.to(accelerator.device).eval(), accelerator.device, accelerator.mixed_precision)
 
     def bags() -> Iterator[SlideBag]:
         # The slide-bag stream gives each process (and worker) the slides that start in its shards.
         for bag in progress(DataLoader(SlideBagStream(source), batch_size=None, num_workers=workers),
-                            desc="embed regions", unit="slide", disable=not accelerator.is_main_process):
-            grids = bag["pixels"].to(accelerator.device)
-            with accelerator.autocast():
-                embeddings = torch.cat([encoder(chunk.float()) for chunk in grids.split(regions_per_batch)])
-            yield SlideBag(bag["slide_id"], bag["patient_id"], bag["label"], embeddings.float().cpu(), bag["coords"],
-                           split=source_manifest["slides"][bag["slide_id"]]["split"])
+                            desc="embed regions" if encoder is not None else "tile bags", unit="slide",
+                            disable=not accelerator.is_main_process):
+            if encoder is None:
+                features, coords = tile_bag(bag["pixels"].float(), bag["coords"], bag["sizes"], bag["tissue"],
+                                            min_tile_tissue)
+            else:
+                grids = bag["pixels"].to(accelerator.device)
+                with accelerator.autocast():
+                    features = torch.cat([encoder(chunk.float()) for chunk in grids.split(regions_per_batch)])
+                coords = bag["coords"]
+            yield SlideBag(bag["slide_id"], bag["patient_id"], bag["label"], features.float().cpu(), coords,
+                           split=source_manifest["slides"][bag["slide_id"]]["split"], regions=len(bag["coords"]))
 
     write_slide_bags(part_dir(out, f"{accelerator.process_index}/{readers}" if readers > 1 else None), bags(),
                      source_manifest["classes"], build_args=dict(settings), shard_bytes=shard_bytes)

@@ -221,7 +221,7 @@ def test_last_blocks_trainable() -> None:
 def test_staged_path_with_a_pretrained_encoder(shards: Path, tmp_path: Path) -> None:
     """embed_tiles -> pretrain_vit4k -> embed_regions with kaiko-vits16 (its 32 px tiles native), and a slide
     model's bundle that finds the encoder's file through the configs and checks its sha256."""
-    from hipt_e2e.data import SlideBagStream, load_manifest
+    from hipt_e2e.data import RegionStream, SlideBagStream, load_manifest
     from hipt_e2e.data.embeddings import read_slide_bags
     from hipt_e2e.evaluation.splits import Fold
     from hipt_e2e.models.bundle import CARD, load_bundle, write_card
@@ -240,6 +240,15 @@ def test_staged_path_with_a_pretrained_encoder(shards: Path, tmp_path: Path) -> 
     run_recipe("embed_regions", f"data.shards={tmp_path / 'grids'}", f"model.weights={tmp_path / 'vit4k' / 'backbone.safetensors'}",
                f"out={tmp_path / 'slides'}")
     bags, classes = read_slide_bags(tmp_path / "slides")
+    # attention-MIL's bags: every tile embedding of the slide with its level-0 corner, no region stage
+    run_recipe("embed_regions", f"data.shards={tmp_path / 'grids'}", "embed.level=tile", f"out={tmp_path / 'tile_bags'}")
+    tile_bags, _ = read_slide_bags(tmp_path / "tile_bags")
+    grid_items = [i for i in RegionStream(tmp_path / "grids") if i["record"]["slide_id"] == tile_bags[0].slide_id]
+    assert tile_bags[0].features.shape == (16 * len(grid_items), 384) and embedding_stages(tmp_path / "tile_bags") is None
+    first = grid_items[0]
+    torch.testing.assert_close(tile_bags[0].features[:16], first["pixels"].float().flatten(1).t())
+    step = first["record"]["size"] // 4
+    assert tile_bags[0].coords[6].tolist() == [first["record"]["x"] + 2 * step, first["record"]["y"] + step]  # row 1, col 2
     stages = embedding_stages(tmp_path / "slides")
     assert stages["tile"]["sha256"] == sha256(path) and stages["normalisation"] == "hipt"  # kaiko: 0.5 / 0.5
     cfg = {"model": {"name": "abmil", "dropout": 0.0, "hidden": None}, "data": {"shards": str(tmp_path / "slides")},

@@ -32,6 +32,7 @@ class SlideBag:
     features: torch.Tensor  # [M, D]
     coords: torch.Tensor  # [M, 2]
     split: str | None = None
+    regions: int | None = None  # the input regions it holds when its rows are tiles (embed_regions level=tile)
 
 
 def _sample(bag: SlideBag, ordinal: int, classes: Sequence[str], dtype: np.dtype) -> dict:
@@ -57,7 +58,7 @@ def write_slide_bags(out_dir: str | Path, bags: Iterable[SlideBag], classes: Seq
         for ordinal, bag in enumerate(bags):
             writer.add(_sample(bag, ordinal, classes, np.dtype(dtype)), bag.slide_id, (ordinal, 0))
             slides[bag.slide_id] = {"label": bag.label, "patient_id": bag.patient_id, "split": bag.split,
-                                    "regions": int(bag.features.shape[0]), "shards": [writer.name]}
+                                    "regions": bag.regions or int(bag.features.shape[0]), "shards": [writer.name]}
         writer.finish(resume=None)
     except BaseException:
         writer.abort()

@@ -157,8 +157,8 @@ class SlideBagStream(_ShardStream):
     """One item per slide: all its regions, or `regions_per_slide` of them sampled (seeded).
 
     {"slide_id", "patient_id", "label", "label_index", "pixels": uint8 [k, 3, H, W],
-     "coords": int64 [k, 2] (level-0 x, y; -1 when unknown), "region_index": int64 [k],
-     "tissue": float32 [k, rows, cols]}. Only the sampled regions are decoded; with decode="gpu" JPEG
+     "coords": int64 [k, 2] (level-0 x, y; -1 when unknown), "sizes": int64 [k] (level-0 side; -1 when
+     unknown), "region_index": int64 [k], "tissue": float32 [k, rows, cols]}. Only the sampled regions are decoded; with decode="gpu" JPEG
     regions stay encoded ("pixels" is a JpegBatch, decoded on the device by samples.device_pixels).
     """
 
@@ -224,6 +224,7 @@ class SlideBagStream(_ShardStream):
             "pixels": stack_pixels([region["pixels"] for region in chosen]),
             "coords": torch.tensor([[r["x"] if r["x"] is not None else -1, r["y"] if r["y"] is not None else -1]
                                     for r in records], dtype=torch.int64),
+            "sizes": torch.tensor([r.get("size") or -1 for r in records], dtype=torch.int64),
             "region_index": torch.tensor([r["region_index"] for r in records], dtype=torch.int64),
             "tissue": torch.tensor([r["tissue"] for r in records], dtype=torch.float32).view(
                 len(records), *records[0]["grid"]),

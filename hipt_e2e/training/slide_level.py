@@ -87,6 +87,8 @@ def embedding_stages(bags: str | Path | None) -> dict[str, Any] | None:
     manifests; None when the bags were not made that way (or from random encoders)."""
     try:
         regions = load_manifest(bags)["build_args"]
+        if regions["embed"].get("level") == "tile":
+            return None  # bags of tile embeddings: no region stage to rebuild
         tiles = load_manifest(regions["data"]["shards"])["build_args"]
         pixels = load_manifest(tiles["data"]["shards"])["build_args"]
         tile = {"architecture": tile_architecture(tiles["model"]), "weights": _resolved(tiles["model"]["weights"])}
