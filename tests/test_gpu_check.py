@@ -12,11 +12,12 @@ import gpu_check  # noqa: E402
 
 def test_dry_run_writes_every_part(tmp_path):
     results = gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--tiny"])
-    assert list(results) == ["tile", "embed", "e2e", "predict", "tests"]
+    assert list(results) == ["tile", "embed", "e2e", "predict", "foundation", "tests"]
     assert all(result["exit_code"] == 0 for result in results.values()), {n: r["error"] for n, r in results.items()}
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == results
     assert results["predict"]["last_line"].startswith("predict tiles/s: ")
     assert results["embed"]["last_line"].startswith("embed tiles/s: cpu decode ")
+    assert json.loads(results["foundation"]["last_line"])["mode"] == "lora"  # the per-region slope line
     assert any(line.startswith("| vit256, bf16 autocast |") for line in results["tile"]["table"])
     assert "| part | result (last line) | s | status |" in (tmp_path / "gpu_check.md").read_text()
     # a part that runs past its time box is recorded as such, and the rest still runs
