@@ -109,6 +109,10 @@ def test_e2e_vs_frozen_smoke(shards: Path, tmp_path: Path):
 
 
 def test_cnn_vs_vit_smoke(shards: Path, tmp_path: Path):
+    from hipt_e2e.models.foundation import ENCODERS
+    from tests.test_foundation import random_release
+
+    kaiko, _ = random_release("kaiko-vits16", ENCODERS["kaiko-vits16"], tmp_path / "kaiko")
     tiny = REPO / "recipes" / "configs" / "tiny"
     variants = cnn_vs_vit.main([
         f"data.shards={shards}", f"out={tmp_path / 'runs'}", f"docs={tmp_path / 'docs'}", *FAST,
@@ -116,13 +120,20 @@ def test_cnn_vs_vit_smoke(shards: Path, tmp_path: Path):
         "embed_tiles.overrides=[embed.mixed_precision=bf16]",  # stages of other precisions in one process
         "pretrain.minutes=0.03", "pretrain.probe_steps=8",
         f"embed_tiles.config={tiny / 'embed_tiles.yaml'}", f"embed_regions.config={tiny / 'embed_regions.yaml'}",
-        "throughput.batch=4", "throughput.rounds=1"])
-    assert list(variants) == ["vit", "cnn"]
+        "throughput.batch=4", "throughput.rounds=1",
+        f"encoders={{vit: [model.encoder=vit], cnn: [model.encoder=cnn, model.cnn=resnet18, model.cnn_stem=small, "
+        f"optim.name=sgd, optim.lr=0.03], kaiko: [model.encoder=kaiko-vits16, model.tile_input=native, "
+        f"model.weights={kaiko}]}}"])
+    assert list(variants) == ["vit", "cnn", "kaiko"]
+    assert "| kaiko | 21.67 M |" in (tmp_path / "docs" / "cnn_vs_vit.md").read_text()  # pretrained: no DINO row
+    assert not (tmp_path / "runs" / "kaiko" / "dino").exists()
+    cnn = json.loads((tmp_path / "runs" / "cnn" / "dino" / "model_card.json").read_text())
+    assert cnn["architecture"]["stem"] == "small"
     report = (tmp_path / "docs" / "cnn_vs_vit.md").read_text()
     assert "| encoder | parameters | tiles/s | DINO steps | probed s/step | DINO minutes (this run) |" in report
     # the same wall-clock budget: each encoder's epochs from its own probed step time
     rows = {name: re.search(rf"\| {name} \| [\d.]+ M \| \d+ \| (\d+) x 2 \| ([\d.]+) \| ([\d.]+) \|", report)
-            for name in ("vit", "cnn")}
+            for name in ("vit", "cnn")}  # (the pretrained encoder has no DINO budget)
     assert all(rows.values()), report
     for row in rows.values():  # epochs x 2 steps x s/step fill the 1.8 s (up to one epoch and the rounding shown)
         epochs, per_step = int(row.group(1)), float(row.group(2))

@@ -91,18 +91,22 @@ def fold_histories(run_dir: str | Path) -> list[list[dict]]:
 
 def convergence_table(run_dirs: Mapping[str, str | Path]) -> list[str]:
     """Markdown rows: how long each variant's folds trained and where their selected epochs lie; a variant
-    whose folds select their last epochs was still improving when it stopped."""
-    lines = ["| variant | folds | epochs trained (min-max) | selected epoch (median) | folds selecting one of their last 3 epochs |",
-             "|---|---|---|---|---|"]
+    whose folds select their last epochs was still improving when it stopped. The validation score of the
+    selected epochs is what choices between variants (a recipe, a setting) are made on, never the test folds."""
+    lines = ["| variant | folds | epochs trained (min-max) | selected epoch (median) | folds selecting one of their last 3 epochs "
+             "| validation balanced accuracy of the selected epochs (mean) |",
+             "|---|---|---|---|---|---|"]
     for name, run_dir in run_dirs.items():
         histories = [h for h in fold_histories(run_dir) if h]
         if not histories:
             continue
         trained = [len(h) for h in histories]
-        selected = [max(h, key=selection_key)["epoch"] for h in histories]
+        best = [max(h, key=selection_key) for h in histories]
+        selected = [entry["epoch"] for entry in best]
         late = sum(pick >= h[-1]["epoch"] - 2 for pick, h in zip(selected, histories))
+        validation = np.mean([entry.get("val_balanced_accuracy", np.nan) for entry in best])
         lines.append(f"| {name} | {len(histories)} | {min(trained)}-{max(trained)} | {np.median(selected):.0f} | "
-                     f"{late} of {len(histories)} |")
+                     f"{late} of {len(histories)} | {validation:.3f} |")
     return lines
 
 

@@ -2,7 +2,7 @@
 
 An architecture is the resolved geometry of each level (a preset with a recipe's changes applied):
 
-    tile:   {encoder: vit, patch_size, embed_dim, depth, num_heads, pos_grid} | {encoder: cnn, cnn, embed_dim}
+    tile:   {encoder: vit, patch_size, embed_dim, depth, num_heads, pos_grid} | {encoder: cnn, cnn, embed_dim, stem}
             | {encoder: NAME, entry, tile_input, trainable, lora_rank, lora_alpha} (a pretrained encoder)
     region: {in_dim, embed_dim, depth, num_heads, pos_grid}
     slide:  {name: vit_wsi, dim, depth, num_heads, dropout} | {name: abmil | fc, dim, hidden, dropout}
@@ -57,7 +57,8 @@ def tile_architecture(model: Mapping[str, Any]) -> dict[str, Any]:
     if model["encoder"] == "vit":
         return {"encoder": "vit", **geometry}
     if model["encoder"] == "cnn":
-        return {"encoder": "cnn", "cnn": model["cnn"], "embed_dim": geometry["embed_dim"]}
+        return {"encoder": "cnn", "cnn": model["cnn"], "embed_dim": geometry["embed_dim"],
+                "stem": model.get("cnn_stem", "default")}
     if is_pretrained(model["encoder"]):
         lora = model.get("lora") or {}
         return {"encoder": model["encoder"],

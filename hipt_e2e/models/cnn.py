@@ -15,13 +15,25 @@ from .checkpoint import load_checkpoint
 
 
 class CNNTileEncoder(nn.Module):
-    """Normalised tiles [B, 3, H, W] -> [B, embed_dim] via timm CNN `cnn` + linear `proj`."""
+    """Normalised tiles [B, 3, H, W] -> [B, embed_dim] via timm CNN `cnn` + linear `proj`.
+
+    stem="small": a ResNet's 7 x 7 stride-2 convolution and max-pool become one 3 x 3 stride-1
+    convolution (as ResNets for 32 px images), so small tiles keep their resolution: at 64 px the last
+    stage sees 8 x 8 instead of 2 x 2.
+    """
 
     def __init__(self, name: str = "resnet50", embed_dim: int = 384, weights: str | Path | None = None,
-                 **timm_kwargs) -> None:
+                 stem: str = "default", **timm_kwargs) -> None:
         super().__init__()
         # pretrained=False: never reach for the hub; weights come from a local file or nowhere.
         self.cnn = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
+        if stem == "small":
+            if not isinstance(getattr(self.cnn, "conv1", None), nn.Conv2d) or not hasattr(self.cnn, "maxpool"):
+                raise ValueError(f"model.cnn_stem=small needs a ResNet-style CNN (conv1 + maxpool), not {name}")
+            self.cnn.conv1 = nn.Conv2d(3, self.cnn.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+            self.cnn.maxpool = nn.Identity()
+        elif stem != "default":
+            raise ValueError(f"model.cnn_stem must be default or small, got {stem!r}")
         if weights is not None:
             load_checkpoint(self.cnn, weights)
         self.proj = nn.Linear(self.cnn.num_features, embed_dim)

@@ -71,6 +71,9 @@ DINO_DEFAULTS: dict[str, Any] = {
         "drop_path_rate": 0.1,  # student only
     },
     "optim": {
+        # adamw (DINO's ViT recipe) | sgd (momentum 0.9: DINO's ResNet-50 recipe, with lr 0.03 and a constant
+        # weight decay of 1e-4 at weight_decay = weight_decay_end)
+        "name": "adamw",
         "lr": 0.0005,  # for a global batch of 256, scaled linearly
         "min_lr": 1.0e-6,
         "warmup_epochs": 10,
@@ -154,6 +157,15 @@ def make_crops(multicrop: Callable[..., list[torch.Tensor]], inputs: torch.Tenso
     return [torch.cat(crop) for crop in zip(*views)]
 
 
+def dino_optimizer(name: str, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The optimizer of optim.name; its lr and weight decay are set every step by the schedules."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+    raise ValueError(f"optim.name must be adamw or sgd, got {name!r}")
+
+
 def keep_log_before(path: Path, step: int) -> None:
     """Drop log lines of steps a resumed run will redo (a run may have gone past its last checkpoint)."""
     if path.exists():
@@ -201,7 +213,7 @@ class DINOTrainer:
             student.load_state_dict(state["student"])
             self.teacher.load_state_dict(state["teacher"])
             self.dino_loss.load_state_dict(state["dino_loss"])
-        optimizer = torch.optim.AdamW(weight_decay_groups(student))
+        optimizer = dino_optimizer(optim["name"], weight_decay_groups(student))
         self.student, self.optimizer = accelerator.prepare(student, optimizer)
         self.teacher.to(self.device)
         self.dino_loss.to(self.device)

@@ -6,6 +6,7 @@ model:
                       # pretrained encoder of hipt_e2e.models.foundation.ENCODERS (uni_v1, virchow2, resnet50,
                       # ...: weights from model.weights) or timm:ARCH (any timm model, kwargs in timm_kwargs)
   cnn: resnet50       # the timm CNN when encoder = cnn
+  cnn_stem: default   # small: a ResNet's stem at stride 1 without max-pool (keeps small tiles' resolution)
   tile_input: resize  # pretrained encoders: resize tiles to the model's input as its card does | native
   timm_kwargs: {}     # timm.create_model kwargs for encoder = timm:ARCH
   tile:               # optional changes to the preset's tile geometry (null keeps the preset's value)
@@ -47,7 +48,7 @@ TILE_OVERRIDES = ("patch_size", "embed_dim", "depth", "num_heads", "pos_grid")
 REGION_OVERRIDES = ("in_dim", "embed_dim", "depth", "num_heads", "pos_grid")
 REGION_MODEL_DEFAULTS = {"preset": "hipt", "region": dict.fromkeys(REGION_OVERRIDES)}
 TILE_MODEL_DEFAULTS = {"preset": "hipt", "encoder": "vit", "cnn": "resnet50", "tile": dict.fromkeys(TILE_OVERRIDES),
-                       "tile_input": "resize", "timm_kwargs": {}}
+                       "cnn_stem": "default", "tile_input": "resize", "timm_kwargs": {}}
 WEIGHTS_DEFAULTS = {"weights": None, "trusted": False}
 
 

@@ -1,8 +1,11 @@
-"""Ablation: can a CNN produce the tile embeddings?
+"""Ablation: which tile encoder, a CNN or a ViT, trained here or pretrained elsewhere?
 
-For each tile encoder of `encoders` (a ViT and a timm CNN, both from random init) the staged path runs
-with the same settings: DINO pretraining with recipes/pretrain_vit256.py (the same config, budget and
-seed), recipes/embed_tiles.py with its teacher backbone, recipes/embed_regions.py (by default a frozen,
+For each tile encoder of `encoders` (by default a ViT and a timm CNN, both from random init; an entry
+with model.weights=FILE, e.g. [model.encoder=resnet50, model.weights=/models/resnet50.pth] or
+[model.encoder=uni_v1, model.weights=/models/UNI], is taken as pretrained and skips DINO) the staged path
+runs with the same settings: DINO pretraining with recipes/pretrain_vit256.py (the same config, budget and
+seed, plus the encoder's own settings, e.g. a CNN's optimizer), recipes/embed_tiles.py with its teacher
+backbone (or the given weights), recipes/embed_regions.py (by default a frozen,
 randomly initialised ViT4K with model.region.in_dim = the tile width, seeded so both encoders get the
 same one), then the same slide model cross-validated on the same folds (slide-level settings at the top
 level, as in the other ablations). Also measured: parameters and tile throughput (tiles/s, one batch,
@@ -88,6 +91,8 @@ def dino_epochs_for(stage: dict, *overrides: str) -> tuple[int, float]:
 def budget_row(name: str, params: int, rate: float, dino_dir: Path, per_step: float | None,
                minutes: float | None) -> str:
     """Markdown row: encoder | parameters | tiles/s | DINO steps | probed s/step | DINO minutes."""
+    if not (dino_dir / "config.yaml").exists():
+        return f"| {name} | {params / 1e6:.2f} M | {rate:.0f} | pretrained elsewhere | - | - |"
     train = load_yaml((dino_dir / "config.yaml").read_text())["train"]
     steps = f"{train['epochs']} x {train['steps_per_epoch']}" if train["steps_per_epoch"] else f"{train['epochs']} epochs"
     measured = " | ".join(f"{value:.3g}" if value else "-" for value in (per_step, minutes))
@@ -109,6 +114,20 @@ def tiles_per_second(encoder: nn.Module, tile_px: int, batch: int, rounds: int) 
     return batch / min(times)
 
 
+def pretrain(cfg: dict, name: str, model_args: list[str], out: Path, budgets: dict) -> None:
+    """DINO of one encoder into out/dino (kept when the recipe reruns), with the same budget for all."""
+    if (out / "dino" / BACKBONE_EXPORT).exists():
+        return
+    dino_args = [*model_args, f"seed={cfg['seed']}", f"data.shards={cfg['data']['shards']}"]
+    per_step = None
+    if cfg["pretrain"]["minutes"]:
+        epochs, per_step = dino_epochs_for(cfg["pretrain"], *dino_args)
+        dino_args.append(f"train.epochs={epochs}")
+    started = time.time()
+    run_stage(pretrain_vit256, cfg["pretrain"], *dino_args, f"out={out / 'dino'}")
+    budgets[name] = (per_step, (time.time() - started) / 60)
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
     shards = cfg["data"]["shards"]
@@ -116,24 +135,20 @@ def main(argv: list[str] | None = None) -> dict:
     start, variants, speed, budgets = time.time(), {}, {}, {}
     for name, encoder_args in cfg["encoders"].items():
         out = Path(cfg["out"]) / name
-        model_args = [*cfg["tile_model"], *encoder_args]
-        dino_args = [*model_args, f"seed={cfg['seed']}", f"data.shards={shards}"]
-        if not (out / "dino" / BACKBONE_EXPORT).exists():  # (a finished encoder is kept when the recipe reruns)
-            per_step = None
-            if cfg["pretrain"]["minutes"]:
-                epochs, per_step = dino_epochs_for(cfg["pretrain"], *dino_args)
-                dino_args.append(f"train.epochs={epochs}")
-            started = time.time()
-            run_stage(pretrain_vit256, cfg["pretrain"], *dino_args, f"out={out / 'dino'}")
-            budgets[name] = (per_step, (time.time() - started) / 60)
-        dino = load_yaml((out / "dino" / "config.yaml").read_text())
-        backbone = out / "dino" / BACKBONE_EXPORT
-        encoder = load_encoder_weights(build_tile_encoder(dino["model"]), {"weights": backbone, "trusted": False})
+        # model.* settings describe the encoder (every stage); the rest (optim.*, crops.*, ...) its DINO recipe
+        model_args = [arg for arg in [*cfg["tile_model"], *encoder_args] if arg.startswith("model.")]
+        if any(arg.startswith("model.weights=") for arg in encoder_args):  # pretrained elsewhere: no DINO here
+            embed_args = model_args
+        else:
+            pretrain(cfg, name, [*cfg["tile_model"], *encoder_args], out, budgets)
+            dino = load_yaml((out / "dino" / "config.yaml").read_text())
+            embed_args = [*model_args, f"model.weights={out / 'dino' / BACKBONE_EXPORT}",
+                          f"embed.normalisation={dino['data']['normalisation']}"]
+        run_stage(embed_tiles, cfg["embed_tiles"], *embed_args, f"data.shards={shards}", f"out={out / 'grids'}")
+        embedded = load_yaml((out / "grids" / "config.yaml").read_text())["model"]
+        encoder = load_encoder_weights(build_tile_encoder(embedded), embedded)
         speed[name] = (sum(p.numel() for p in encoder.parameters()),
                        tiles_per_second(encoder, tile_px, cfg["throughput"]["batch"], cfg["throughput"]["rounds"]))
-        run_stage(embed_tiles, cfg["embed_tiles"], *model_args, f"model.weights={backbone}",
-                  f"embed.normalisation={dino['data']['normalisation']}", f"data.shards={shards}",
-                  f"out={out / 'grids'}")
         torch.manual_seed(cfg["seed"])  # a random ViT4K is then the same one for every encoder
         run_stage(embed_regions, cfg["embed_regions"], f"model.region.in_dim={encoder.num_features}",
                   f"data.shards={out / 'grids'}", f"out={out / 'bags'}")
@@ -145,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not PartialState().is_main_process:
         return variants
     region = load_yaml((out / "bags" / "config.yaml").read_text())["model"]
-    budget = dino["train"]
+    dino_budget = load_yaml(Path(cfg["pretrain"]["config"]).read_text()).get("train", {}) if cfg["pretrain"]["config"] else {}
+    batch = dino_budget.get("batch_size", "the recipe's")
     table = ["| encoder | parameters | tiles/s | DINO steps | probed s/step | DINO minutes (this run) |",
              "|---|---|---|---|---|---|",
              *(budget_row(name, *speed[name], Path(cfg["out"]) / name / "dino", *budgets.get(name, (None, None)))
@@ -156,19 +172,22 @@ def main(argv: list[str] | None = None) -> dict:
               + "; ".join(f"{name} {rate:.0f} tiles/s with {params / 1e6:.2f} M parameters"
                           for name, (params, rate) in speed.items()) + ".")
     write_ablation(cfg["docs"], "cnn_vs_vit", "CNN vs ViT tile encoder",
-                   "Can a CNN produce the tile embeddings, pretrained with the same DINO recipe and budget as the "
-                   "ViT and followed by the same slide model?", variants, classes, answer=answer,
+                   "Can a CNN produce the tile embeddings, each encoder trained with a recipe for its kind (or "
+                   "pretrained elsewhere) and followed by the same slide model on the same folds?", variants, classes,
+                   answer=answer,
                    runtime_s=time.time() - start, extra_lines=table,
                    run_dirs={name: Path(cfg["out"]) / name / "slide" for name in variants},
-                   lab_scale="At 256 px tiles of 4096 px regions on GPUs the encoders differ mostly in throughput "
-                             "(ViT-S/16 in bf16 and a ResNet both reach thousands of tiles/s; benchmarks/"
-                             "gpu_check.py measures the ViT) and DINO runs for GPU-days rather than CPU-minutes, "
-                             "where both converge further than here; the recipe takes the budget as "
-                             "pretrain.overrides, so the same comparison scales with it.",
+                   lab_scale="At 256 px tiles of 4096 px regions on GPUs a lab compares the encoders it has weights "
+                             "for: `accelerate launch recipes/ablations/cnn_vs_vit.py --config recipes/configs/ablations/"
+                             "cnn_vs_vit.yaml data.shards=SHARDS out=runs/encoders 'encoders={vit: [model.encoder=vit], "
+                             "resnet50: [model.encoder=resnet50, model.weights=/models/resnet50.pth], uni: "
+                             "[model.encoder=uni_v1, model.weights=/models/UNI]}'` (pretrained entries skip DINO; "
+                             "tiles are resized to their 224 px input on the device). DINO then runs for GPU-days "
+                             "rather than CPU-minutes; the recipe takes the budget as pretrain.overrides.",
                    setup=f"{len(bags)} slides from `{shards}` ({tile_px} px tiles); encoders: "
                          + "; ".join(f"{n} {' '.join([*cfg['tile_model'], *a])}" for n, a in cfg["encoders"].items())
-                         + f"; DINO ({cfg['pretrain']['config'] or 'recipe defaults'}, {budget['batch_size']} tiles "
-                           "per step) for "
+                         + f"; DINO of the encoders without weights ({cfg['pretrain']['config'] or 'recipe defaults'}, "
+                           f"{batch} tiles per step, pretrain.overrides and each encoder's own) for "
                          + (f"the same {cfg['pretrain']['minutes']:g} wall-clock minutes each (steps below)"
                             if cfg["pretrain"]["minutes"] else "the same steps each (below)") + "; "
                            f"ViT4K: {region['weights'] or 'random init, frozen, the same for both'}; "
