@@ -43,12 +43,14 @@ import embed_regions  # noqa: E402
 import embed_tiles  # noqa: E402
 import pretrain_vit256  # noqa: E402
 
+DEFAULT_ENCODERS = {"vit": ["model.encoder=vit"], "cnn": ["model.encoder=cnn", "model.cnn=resnet18"]}
 STAGE = {"config": None, "overrides": []}  # a stage recipe's --config file and key=value overrides
 DEFAULTS = {
     **copy.deepcopy(SLIDE_DEFAULTS),  # data.shards: the region shards every stage starts from
     "docs": "docs/ablations",
-    # key=value for pretraining and tile embedding of one encoder; tile_model: for both
-    "encoders": {"vit": ["model.encoder=vit"], "cnn": ["model.encoder=cnn", "model.cnn=resnet18"]},
+    # name -> key=value settings of one encoder (model.* for every stage, the rest for its DINO); {} means
+    # DEFAULT_ENCODERS; tile_model: model.* settings for all
+    "encoders": {},
     "tile_model": [],
     # minutes: equal wall-clock DINO budget per encoder, from each one's step time over probe_steps steps
     "pretrain": {**copy.deepcopy(STAGE), "minutes": None, "probe_steps": 20},
@@ -130,6 +132,7 @@ def pretrain(cfg: dict, name: str, model_args: list[str], out: Path, budgets: di
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
+    cfg["encoders"] = cfg["encoders"] or DEFAULT_ENCODERS
     shards = cfg["data"]["shards"]
     tile_px = load_manifest(shards)["build_args"]["tile_px"]
     start, variants, speed, budgets = time.time(), {}, {}, {}
