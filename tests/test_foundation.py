@@ -297,3 +297,20 @@ def test_end_to_end_with_a_pretrained_encoder_saves_what_trained(shards: Path, t
     rows = {r["slide_id"]: r for r in csv.DictReader(open(tmp_path / "p" / "predictions.csv"))}
     for slide, row in trained.items():
         assert float(rows[slide]["prob_class_a"]) == pytest.approx(float(row["prob_class_a"]), abs=1e-5)
+
+
+def test_lora_run_resumes_from_checkpoints_without_the_base(shards: Path, tmp_path: Path) -> None:
+    from hipt_e2e.training import CHECKPOINT, load_checkpoint_state
+    from tests.test_e2e import load_recipe, settings
+
+    path, _ = random_release("kaiko-vits16", ENCODERS["kaiko-vits16"], tmp_path / "kaiko")
+    common = settings(shards, tmp_path, "model.encoder=kaiko-vits16", "model.tile_input=native",
+                      f"model.weights.tile={path}", "model.lora.rank=2", "train.checkpoint_every=3")
+    recipe = load_recipe()
+    recipe.main([*common, f"out={tmp_path / 'whole'}"])
+    assert recipe.main([*common, f"out={tmp_path / 'parts'}", "train.stop_after=10"]) is None
+    recipe.main([*common, f"out={tmp_path / 'parts'}", "resume=true"])
+    assert (tmp_path / "parts" / "predictions.csv").read_text() == (tmp_path / "whole" / "predictions.csv").read_text()
+    state = load_checkpoint_state(tmp_path / "parts" / "fold_1" / CHECKPOINT)
+    tile_keys = [key for key in state["model"] if key.startswith("tile_encoder.")]
+    assert len(tile_keys) == 24 and all(key.endswith(("lora_a", "lora_b")) for key in tile_keys)

@@ -191,8 +191,9 @@ class PretrainedTileEncoder(nn.Module):
 
     tile_input="resize": to the entry's input as its card does; "native": at the tile's own size (a
     ViT built with dynamic_img_size, or a CNN). trainable: what `requires_grad_(True)` trains (how
-    HIPT unfreezes a stage): "all", the last k blocks (an int) or "lora" (adapters on attention qkv,
-    added by `add_lora`); the rest stays frozen and in eval mode.
+    HIPT unfreezes a stage): "all", the last k blocks and the final norm (an int: ViT blocks, or a
+    CNN's stages) or, with lora_rank > 0, "lora" (rank-r adapters on every attention qkv); the rest
+    stays frozen and in eval mode.
     """
 
     def __init__(self, name: str, entry: EncoderEntry, tile_input: str = "resize", trainable: str | int = "all",
@@ -200,6 +201,10 @@ class PretrainedTileEncoder(nn.Module):
         super().__init__()
         if tile_input not in ("resize", "native"):
             raise ValueError(f"model.tile_input must be resize or native, got {tile_input!r}")
+        if entry.embedding not in EMBEDDINGS:
+            raise ValueError(f"tile encoder {name}: embedding {entry.embedding!r} is not one of {EMBEDDINGS}")
+        if trainable == "lora" and not lora_rank:
+            raise ValueError("model.tile_trainable=lora needs model.lora.rank > 0")
         self.name, self.entry, self.tile_input = name, entry, tile_input
         kwargs = {**_resolved_layers(entry.kwargs), "num_classes": 0}
         if drop_path_rate:

@@ -368,6 +368,9 @@ class FoldTrainer:
         self.tile_px = regions.manifest["build_args"]["tile_px"]
         model = select_attention(build_model(cfg, self.n_classes, self.tile_px), self.device, accelerator.mixed_precision)
         self.eval_model = copy.deepcopy(model).to(self.device).eval()
+        # what training changes: checkpoints, the selected state and the export hold only these (all keys
+        # but a pretrained tile encoder's frozen base, which build_model loaded from its file)
+        self.trained = trained_keys(self.eval_model, cfg["model"]["freeze_tile"])
         optimizer = torch.optim.AdamW(param_groups(model, cfg["optim"]))
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         weights = class_weights(self.train_labels, self.n_classes) if cfg["imbalance"] == "weighted_loss" else None
@@ -386,8 +389,12 @@ class FoldTrainer:
 
     # ------------------------------------------------------------------ state
     def _restore(self, state: dict[str, Any]) -> None:
+        missing = set(self.trained) - set(state["model"])
+        if missing:
+            raise ValueError(f"{self.checkpoint_path} lacks trained tensors, e.g. {sorted(missing)[:3]}")
+        # strict=False: the frozen base is not in the checkpoint (it came from its file); the rest is checked above
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+                       optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True, strict=False))
         if self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.selection.load_state_dict(state["selection"])
@@ -405,7 +412,7 @@ class FoldTrainer:
         if self.main:
             scaler = self.accelerator.scaler
             save_checkpoint(self.checkpoint_path, {
-                "model": model_state, "optimizer": optim_state,
+                "model": {key: model_state[key] for key in self.trained}, "optimizer": optim_state,
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "selection": self.selection.state_dict(), "epoch": self.epoch, "step": self.step,
                 "steps": self.steps, "run_steps": self.run_steps, "epoch_losses": self.epoch_losses,
@@ -513,12 +520,15 @@ class FoldTrainer:
         self._sync_eval_model()
         probs = self.predict(self.fold.val) if self.fold.val else None
         entry = {"epoch": self.epoch, "train_loss": float(np.mean(self.epoch_losses))}
-        self.selection.update(entry, self.val_y, probs,
-                              lambda: {k: v.detach().cpu().clone() for k, v in self.eval_model.state_dict().items()})
+        self.selection.update(entry, self.val_y, probs, self._trained_state)
         log.info("%s epoch %d: %s", self.fold.name, self.epoch,
                  ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))
         self.epoch, self.step, self.epoch_losses = self.epoch + 1, 0, []
         self.save()
+
+    def _trained_state(self) -> dict[str, torch.Tensor]:
+        state = self.eval_model.state_dict()
+        return {key: state[key].detach().cpu().clone() for key in self.trained}
 
     def _card(self) -> dict[str, Any]:
         """What hipt_e2e.models.load_bundle needs to rebuild the selected model, and what it scored."""
@@ -552,12 +562,12 @@ class FoldTrainer:
             self.train_epoch(bar)
             self._end_epoch()
         bar.close()
-        self.eval_model.load_state_dict(self.selection.best_state)
+        self.eval_model.load_state_dict({**self.eval_model.state_dict(), **self.selection.best_state})
         self.test_probs = self.predict(self.fold.test)
         if self.main:
             export_safetensors(self.eval_model, self.dir / BEST_MODEL, {"source": "e2e", "fold": str(self.fold.index),
                                                                            "repeat": str(self.fold.repeat)},
-                               keys=trained_keys(self.eval_model, self.cfg["model"]["freeze_tile"]))
+                               keys=self.trained)
             write_card(self.dir / BEST_MODEL, self._card())
             atomic_write_json(self.dir / "history.json", self.selection.history)
         self.save()
