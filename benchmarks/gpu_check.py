@@ -16,7 +16,7 @@ docs/benchmarks.md. Parts:
            memory benchmark's tiny geometry)
   predict  hipt-predict on a generated slide: tiles/s against the tile encoder's forward-only tiles/s
            (benchmarks/bench_predict.py; 100 regions of 4096 px on a GPU)
-  foundation  end-to-end step through UNI's ViT-L/16 (frozen / LoRA / last 2 blocks) at 1 and 4 regions of 4096 px:
+  foundation  end-to-end step through UNI's ViT-L/16 (frozen / LoRA / last 2 blocks) at 1 and 2 regions of 4096 px:
            s/step and peak memory, per-region slope, regions in 80 GB, projected 100-region step
            (benchmarks/bench_foundation.py e2e)
   tests    the GPU tests (pytest -m gpu: nvJPEG vs CPU decoding, pinned memory, bf16 e2e with device decoding,
@@ -56,7 +56,7 @@ def parts(device: str, tiny: bool) -> dict[str, tuple[list[str], int]]:
         }
     return {
         "tile": ([*python, str(BENCH / "bench_tile_encoder.py"), "--device", device, "--batch", "256", "--rounds", "5",
-                  "--compile", "--no-tf32"], 110),
+                  "--compile", "--no-tf32"], 100),
         "embed": ([*python, str(BENCH / "bench_embed.py"), "--preset", "hipt", "--regions", "48", "--distinct", "8",
                    "--workers", "8", "--regions-per-batch", "8", "--rounds", "2"], 90),
         "e2e": ([*python, str(BENCH / "gpu_e2e_step.py"), "--regions", "1", "2", "4", "8", "--gpu-gb", "80",
@@ -64,7 +64,7 @@ def parts(device: str, tiny: bool) -> dict[str, tuple[list[str], int]]:
         "predict": ([*python, str(BENCH / "bench_predict.py"), "--preset", "hipt", "--regions", "100", "--rounds", "3"],
                     90),
         "foundation": ([*python, str(BENCH / "bench_foundation.py"), "e2e", "--encoder", "uni_v1", "--region-tiles", "16",
-                        "--regions", "1", "4", "--memory-gb", "80"], 120),
+                        "--regions", "1", "2", "--memory-gb", "80"], 80),
         "tests": ([*python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(REPO / "tests")], 70),
     }
 
