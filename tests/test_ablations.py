@@ -29,12 +29,13 @@ def test_convergence_table_says_where_folds_selected(tmp_path):
                            for e, a in enumerate(accuracies)])
 
     for run, folds in {"rising": [[0.5, 0.6, 0.7, 0.8, 0.9], [0.5, 0.6, 0.9, 0.7]],
-                       "peaked": [[0.5, 0.9, 0.6, 0.6, 0.6, 0.6], [0.9, 0.5, 0.5, 0.5, 0.5]]}.items():
+                       "peaked": [[0.5, 0.9, 0.6, 0.6, 0.6, 0.6], [0.8, 0.5, 0.5, 0.5, 0.5]]}.items():
         for fold, accuracies in enumerate(folds):
             (tmp_path / run / f"repeat_1_fold_{fold}").mkdir(parents=True)
             (tmp_path / run / f"repeat_1_fold_{fold}" / "history.json").write_text(history(accuracies))
     rows = convergence_table({name: tmp_path / name for name in ("rising", "peaked")})
-    assert rows[2:] == ["| rising | 2 | 4-5 | 3 | 2 of 2 |", "| peaked | 2 | 5-6 | 0 | 0 of 2 |"]
+    # the last column: the selected epochs' validation score, what choices between variants are made on
+    assert rows[2:] == ["| rising | 2 | 4-5 | 3 | 2 of 2 | 0.900 |", "| peaked | 2 | 5-6 | 0 | 0 of 2 | 0.850 |"]
 
 
 def test_command_line_names_the_launch(monkeypatch):
