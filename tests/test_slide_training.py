@@ -124,11 +124,19 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     assert json.loads((tmp_path / "2" / "metrics.json").read_text())["processes"] == 2
     two, one = (load_file(tmp_path / p / "fold_0" / "best_model.safetensors") for p in ("2", "1"))
     assert two.keys() == one.keys()
-    # Adam moves entries whose gradient is zero in exact arithmetic (e.g. attention_c's bias, to which
-    # softmax is blind) by up to lr per step on rounding noise, so parameters are compared to lr / 4
-    # (5e-5); a wrong slide order, loss scale or reduction moves them by ~10 lr (seen: 2.4e-3).
+    # One thread per process there, two here: sums split differently, gradients differ by rounding. Adam
+    # normalises each entry's gradient, so entries whose gradient is zero in exact arithmetic (attention_c's
+    # bias, the key third of each in_proj_bias: softmax is blind to both) step by up to lr on that rounding
+    # alone: they say nothing about the batch and are left out. The rest have gradients far above rounding
+    # (seen: within 1e-4 lr after the 12 steps) and are compared to lr / 4 (5e-5); a wrong slide order or
+    # loss scale moves them by 5-9 lr.
+    blind = {"global_attn_pool.attention_c.bias": torch.ones(1, dtype=torch.bool)}
     for key in one:
-        torch.testing.assert_close(two[key], one[key], atol=5e-5, rtol=0)
+        if key.endswith("self_attn.in_proj_bias"):
+            blind[key] = torch.arange(len(one[key])) // (len(one[key]) // 3) == 1  # q, k, v: the k third
+    for key in one:
+        keep = ~blind.get(key, torch.zeros(one[key].shape, dtype=torch.bool))
+        torch.testing.assert_close(two[key][keep], one[key][keep], atol=5e-5, rtol=0, msg=key)
 
 
 def test_weighted_loss_weights_single_slides():
