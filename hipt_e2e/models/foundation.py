@@ -66,6 +66,11 @@ def _swiglu_vit(**kwargs: Any) -> dict[str, Any]:
 _VIT = {"init_values": 1e-5, "dynamic_img_size": True}
 _VIRCHOW = _swiglu_vit(img_size=224, init_values=1e-5, mlp_ratio=5.3375, global_pool="", dynamic_img_size=True)
 
+def _kaiko(arch: str, width: int) -> EncoderEntry:
+    return EncoderEntry(arch, {"dynamic_img_size": True}, width, 224, 224, "bilinear", "hipt", "cls", "fp32", 0.5,
+                        f"1aurent/{arch}.kaiko_ai_towards_large_pathology_fms model.safetensors")
+
+
 ENCODERS: dict[str, EncoderEntry] = {
     "resnet50": EncoderEntry(
         "resnet50", {}, 1024, 224, 224, "bilinear", IMAGENET, "avgpool", "fp32", 0.5,
@@ -106,18 +111,8 @@ ENCODERS: dict[str, EncoderEntry] = {
         "vit_small_patch8_224", {"dynamic_img_size": True}, 384, 224, 224, "bilinear", "lunit", "cls", "fp32", 0.5,
         "1aurent/vit_small_patch8_224.lunit_dino model.safetensors (or Lunit's dino_vit_small_patch8_ep200.torch)",
         notes="Lunit's training statistics (TRIDENT's hub config applies ImageNet's)"),
-    "kaiko-vits16": EncoderEntry(
-        "vit_small_patch16_224", {"dynamic_img_size": True}, 384, 224, 224, "bilinear", "hipt", "cls", "fp32", 0.5,
-        "1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms model.safetensors"),
-    "kaiko-vits8": EncoderEntry(
-        "vit_small_patch8_224", {"dynamic_img_size": True}, 384, 224, 224, "bilinear", "hipt", "cls", "fp32", 0.5,
-        "1aurent/vit_small_patch8_224.kaiko_ai_towards_large_pathology_fms model.safetensors"),
-    "kaiko-vitb16": EncoderEntry(
-        "vit_base_patch16_224", {"dynamic_img_size": True}, 768, 224, 224, "bilinear", "hipt", "cls", "fp32", 0.5,
-        "1aurent/vit_base_patch16_224.kaiko_ai_towards_large_pathology_fms model.safetensors"),
-    "kaiko-vitb8": EncoderEntry(
-        "vit_base_patch8_224", {"dynamic_img_size": True}, 768, 224, 224, "bilinear", "hipt", "cls", "fp32", 0.5,
-        "1aurent/vit_base_patch8_224.kaiko_ai_towards_large_pathology_fms model.safetensors"),
+    **{f"kaiko-vit{size[0]}{patch}": _kaiko(f"vit_{size}_patch{patch}_224", width)
+       for size, width in (("small", 384), ("base", 768)) for patch in (16, 8)},
     "kaiko-vitl14": EncoderEntry(
         "vit_large_patch14_reg4_dinov2", {"img_size": 224, "dynamic_img_size": True}, 1024, 224, 224, "bilinear",
         "hipt", "cls", "fp32", 0.5, "1aurent/vit_large_patch14_reg4_224.kaiko_ai_towards_large_pathology_fms "
