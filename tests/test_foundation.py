@@ -39,7 +39,7 @@ def real_tiles(n: int = 2, px: int = 256) -> torch.Tensor:
     else:
         from hipt_e2e.data.synthetic import CLASSES, synthetic_slide
 
-        crops = [synthetic_slide(CLASSES[-1], seed, size=2 * px)[:px, :px] for seed in range(n)]
+        crops = [synthetic_slide(CLASSES[seed % len(CLASSES)], seed, size=2 * px)[:px, :px] for seed in range(n)]
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -106,7 +106,7 @@ def check_entry(name: str, depth: int | None, tmp_path: Path) -> None:
     scale = expected.abs().max().item()
     torch.testing.assert_close(ours, expected, rtol=0, atol=TOLERANCE * scale)
     # The test can fail: the two tiles' embeddings differ, and so does a wrong transform.
-    assert (expected[0] - expected[1]).abs().max() > 100 * TOLERANCE * scale
+    assert (expected[0] - expected[1]).abs().max() > 10 * TOLERANCE * scale
     mistakes = [card_reference(reference, entry, tiles, normalisation="imagenet" if entry.normalisation == "hipt" else "hipt")]
     if entry.resize != 256:  # tiles are resized: the interpolation matters
         other = "bilinear" if entry.interpolation == "bicubic" else "bicubic"
