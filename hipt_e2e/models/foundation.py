@@ -336,3 +336,10 @@ def load_stage_weights(module: nn.Module, source: str | Path, *, trusted: bool =
     load_checkpoint(module, source, trusted=trusted, strict=True)
     return None
 
+
+
+def require_weights(encoder: nn.Module, source: str | Path | None, key: str) -> None:
+    """A pretrained tile encoder without its weights file is an error, never a silent random encoder."""
+    if source is None and isinstance(encoder, PretrainedTileEncoder):
+        raise ValueError(f"model.encoder={encoder.name} is a pretrained encoder: give its weights with "
+                         f"{key}=FILE_OR_SNAPSHOT_FOLDER (released as {encoder.entry.release}); nothing is downloaded")

@@ -64,7 +64,7 @@ from hipt_e2e.models.bundle import (
     trained_keys,
     write_card,
 )
-from hipt_e2e.models.foundation import PretrainedTileEncoder, load_stage_weights
+from hipt_e2e.models.foundation import load_stage_weights, require_weights
 from hipt_e2e.models.hipt import STAGES
 from hipt_e2e.progress import progress
 from hipt_e2e.training.checkpointing import CHECKPOINT, export_safetensors, save_checkpoint
@@ -273,10 +273,7 @@ def build_model(cfg: Mapping[str, Any], n_classes: int, tile_px: int | None = No
     if region_encoder.in_dim != tile_encoder.num_features:
         raise ValueError(f"the tile encoder gives {tile_encoder.num_features}-d embeddings but ViT4K takes "
                          f"{region_encoder.in_dim}: set model.region.in_dim={tile_encoder.num_features}")
-    if isinstance(tile_encoder, PretrainedTileEncoder) and model_cfg["weights"]["tile"] is None:
-        raise ValueError(f"model.encoder={tile_encoder.name} is a pretrained encoder: give its weights with "
-                         f"model.weights.tile=FILE_OR_SNAPSHOT_FOLDER (released as {tile_encoder.entry.release}); "
-                         "nothing is downloaded")
+    require_weights(tile_encoder, model_cfg["weights"]["tile"], "model.weights.tile")
     for stage, path in model_cfg["weights"].items():
         if path is not None:  # every tensor must fit: a wrong file fails here, not as a silent random init
             load_stage_weights(model.stage(stage), path, trusted=model_cfg["trusted"])

@@ -40,7 +40,7 @@ from hipt_e2e.models.bundle import (
     tile_encoder_from,
     tile_width,
 )
-from hipt_e2e.models.foundation import PretrainedTileEncoder, load_stage_weights
+from hipt_e2e.models.foundation import load_stage_weights, require_weights
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,8 @@ def build_region_encoder(model: Mapping[str, Any], drop_path_rate: float = 0.0) 
 def load_encoder_weights(encoder: nn.Module, model: Mapping[str, Any]) -> nn.Module:
     """Load model.weights into the encoder (every tensor must fit); without weights it stays random, except a
     pretrained tile encoder, which is refused without its weights."""
+    require_weights(encoder, model["weights"], "model.weights")
     if model["weights"] is None:
-        if isinstance(encoder, PretrainedTileEncoder):
-            raise ValueError(f"model.encoder={encoder.name} is a pretrained encoder: give its weights with "
-                             f"model.weights=FILE_OR_SNAPSHOT_FOLDER (released as {encoder.entry.release}); "
-                             "nothing is downloaded")
         log.warning("model.weights is not set: using a randomly initialised %s (a baseline, not a result)",
                     type(encoder).__name__)
     else:
