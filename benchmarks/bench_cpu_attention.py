@@ -26,9 +26,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hipt_e2e.data import cut_tiles
+from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.models import TileViT, load_checkpoint
 from hipt_e2e.normalise import normalise
-from hipt_e2e.training.e2e import ShardRegions
 
 GEOMETRIES = {  # name: (encoder settings, tile px, tiles per call)
     "lymphoma ViT (patch 8, 192-d, 4 blocks, 64 px)": (dict(patch_size=8, embed_dim=192, depth=4, num_heads=3,

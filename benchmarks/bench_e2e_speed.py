@@ -26,10 +26,11 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from hipt_e2e.config import resolve_config, setup_logging
+from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.data.synthetic import make_dataset
 from hipt_e2e.evaluation.splits import make_folds
 from hipt_e2e.normalise import normalise
-from hipt_e2e.training.e2e import E2E_DEFAULTS, FoldTrainer, ShardRegions
+from hipt_e2e.training.e2e import E2E_DEFAULTS, FoldTrainer
 from shards.build import build
 
 log = logging.getLogger("bench_e2e_speed")

@@ -21,15 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import webdataset as wds
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from hipt_e2e.config import save_config
 from hipt_e2e.data.embeddings import SlideBag, write_slide_bags
-from hipt_e2e.data.manifest import class_counts, load_manifest, shard_urls
+from hipt_e2e.data.index import journal_rows, write_index
+from hipt_e2e.data.manifest import GRIDS_KIND, class_counts, load_manifest, shard_urls
 from hipt_e2e.data.samples import decode_mode, decode_sample, device_pixels, encode_grid
+from hipt_e2e.data.storage import tar_samples
 from hipt_e2e.data.streams import SlideBagStream, reader_info
 from hipt_e2e.data.tiling import cut_tiles
 from hipt_e2e.data.writer import ShardWriter
@@ -43,7 +44,6 @@ from shards.merge import PART, merge
 
 log = logging.getLogger(__name__)
 
-GRIDS_KIND = "token_grids"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -110,7 +110,7 @@ class WholeSlideRegions(IterableDataset):
         reader, readers = reader_info()
         for unit in self.units[reader::readers]:
             for position in unit:
-                for sample in wds.tariterators.tarfile_samples([{"url": self.urls[position]}]):
+                for sample in tar_samples(self.urls[position]):
                     pixels, record = decode_sample(sample, self.decode)
                     yield {"pixels": pixels, "record": record, "key": sample["__key__"], "reader": reader}
 
@@ -156,6 +156,7 @@ class GridPartWriter:
             "inputs": inputs, "written": self.regions, "n_skipped": 0, "skipped": [],
             "samples": sum(shard["samples"] for shard in shards), "slides": self.slides, "shards": shards,
         }
+        write_index(self.out_dir, shards, journal_rows(self.journal))
         atomic_write_json(self.out_dir / "manifest.json", manifest)
         return manifest
 

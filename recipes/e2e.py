@@ -18,14 +18,37 @@ A run stopped with train.stop_after or killed continues exactly with resume=true
 Outputs in `out`: config.yaml, splits.csv, predictions.csv, metrics.json, confusion_matrix.png, roc.png,
 report.md, and per fold best_model.safetensors, history.json, train_log.jsonl, checkpoint.pt.
 """
+from pathlib import Path
+
 from accelerate import PartialState
 
+from hipt_e2e.data.synthetic import make_dataset
+from hipt_e2e.models import model_preset
 from hipt_e2e.training import recipe_config
 from hipt_e2e.training.e2e import E2E_DEFAULTS, train_e2e
+from shards.build import build
+
+DEFAULTS = {**E2E_DEFAULTS, "demo": {"dir": "demo_out", "slides_per_class": 24, "size": 512, "region_px": 128}}
+
+
+def prepare_demo(cfg: dict) -> dict:
+    """The demo's data: synthetic pseudo-H&E slides (SYNTHETIC, see hipt_e2e.data.synthetic) -> region
+    shards in demo.dir, both reused when present; returns cfg pointing at them (out: demo.dir/e2e)."""
+    demo, state = cfg["demo"], PartialState()
+    root = Path(demo["dir"])
+    if state.is_main_process:
+        slides = make_dataset(root / "slides", demo["slides_per_class"], demo["size"], demo["region_px"])
+        build({"kind": "images", "input": str(slides), "out": str(root / "shards"), "labels": str(slides / "labels.csv"),
+               "slide_mpp": 0.5, "mpp": 0.5, "region_px": demo["region_px"],
+               "tile_px": model_preset(cfg["model"]["preset"])["tile_px"], "encoding": "png"})
+    state.wait_for_everyone()
+    return {**cfg, "data": {**cfg["data"], "shards": str(root / "shards")}, "out": cfg["out"] or str(root / "e2e")}
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    cfg = recipe_config(E2E_DEFAULTS, __doc__, argv, required=())
+    cfg = recipe_config(DEFAULTS, __doc__, argv, required=())
+    if cfg["data"]["shards"] is None:
+        cfg = prepare_demo(cfg)
     metrics = train_e2e(cfg)
     if metrics is not None and PartialState().is_main_process:
         accuracy, auc = metrics["summary"]["balanced_accuracy"], metrics["summary"]["auc_macro"]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from hipt_e2e.data.index import journal_rows, write_index
 from hipt_e2e.data.manifest import class_counts
 from hipt_e2e.data.samples import encode_pixels, sample_key
 from hipt_e2e.data.sources import (
@@ -291,6 +292,7 @@ def build(cfg: dict) -> dict:
         shutil.rmtree(spool_dir, ignore_errors=True)
     shards, skipped, _ = read_journal(journal, args)
     manifest = make_manifest(cfg, mine, classes, shards, skipped)
+    write_index(out_dir, shards, journal_rows(journal))
     atomic_write_json(manifest_path, manifest)
     log.info("%d inputs = %d written + %d skipped; %d samples in %d shards -> %s", manifest["inputs"],
              manifest["written"], manifest["n_skipped"], manifest["samples"], len(shards), out_dir)

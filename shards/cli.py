@@ -45,13 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     add_config_arguments(build_cmd)
 
     commands.add_parser("merge", help="combine --part builds").add_argument("dir", type=Path)
-    commands.add_parser("verify", help="re-hash and decode everything").add_argument("dir", type=Path)
+    commands.add_parser("verify", help="re-hash and decode everything").add_argument("dir", help="folder or URL")
     inspect_cmd = commands.add_parser("inspect", help="counts per class and slide")
-    inspect_cmd.add_argument("dir", type=Path)
+    inspect_cmd.add_argument("dir", help="folder or URL")
     inspect_cmd.add_argument("--mosaic", type=Path, help="write a PNG mosaic of sample regions")
     inspect_cmd.add_argument("--mosaic-count", type=int, default=16)
     bench_cmd = commands.add_parser("bench", help="decoded tiles/s of the tile stream")
-    bench_cmd.add_argument("dir", type=Path)
+    bench_cmd.add_argument("dir", help="folder or URL")
     bench_cmd.add_argument("--seconds", type=float, default=10.0)
     bench_cmd.add_argument("--workers", type=int, default=0)
     return parser

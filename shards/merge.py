@@ -5,7 +5,8 @@ import json
 import re
 from pathlib import Path
 
-from hipt_e2e.data.manifest import class_counts
+from hipt_e2e.data.index import ShardIndex, open_index
+from hipt_e2e.data.manifest import class_counts, load_manifest
 from hipt_e2e.io import atomic_write_json
 from shards.build import BuildError, build_args
 
@@ -38,5 +39,6 @@ def merge(out: str | Path) -> dict:
         merged["shards"] += [{**shard, "name": f"{part.name}/{shard['name']}"} for shard in manifest["shards"]]
         merged["skipped"] += manifest["skipped"]
     merged["class_counts"] = class_counts(merged["slides"])
+    ShardIndex.concatenate([open_index(load_manifest(part)) for part in parts]).write(out)
     atomic_write_json(out / "manifest.json", merged)
     return merged

@@ -1,18 +1,19 @@
-"""`hipt-shards verify`: re-hash every shard, decode every sample, check every count. Pixel and token-grid
-shards are checked region by region; slide-embedding shards (one bag of regions per slide) bag by bag."""
+"""`hipt-shards verify`: re-hash every shard, decode every sample, check every count and the index. Pixel and
+token-grid shards are checked region by region; slide-embedding shards (one bag of regions per slide) bag by
+bag. The shard set may be a folder or a URL."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from pathlib import Path
 
-import webdataset as wds
-
 from hipt_e2e.data.embeddings import KIND as BAG_KIND
 from hipt_e2e.data.embeddings import decode_bag
+from hipt_e2e.data.index import INDEX, ShardIndex, index_file
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.data.samples import decode_sample
-from hipt_e2e.io import sha256_file
+from hipt_e2e.data.storage import child, exists, local_path, open_stream, read_bytes, tar_samples
 from hipt_e2e.progress import progress
 
 log = logging.getLogger(__name__)
@@ -45,19 +46,27 @@ def _check_bag(name: str, sample: dict) -> tuple[str | None, int, str | None]:
     return bag.slide_id, bag.features.shape[0], None
 
 
-def _check_shard(root: Path, shard: dict, check_sample) -> tuple[list[str], Counter]:
+def _sha256(location: str) -> str:
+    digest = hashlib.sha256()
+    with open_stream(location) as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_shard(root: str, shard: dict, check_sample) -> tuple[list[str], Counter]:
     """Problems of one shard, and the regions it holds per slide."""
-    path = root / shard["name"]
-    if not path.exists():
+    location = child(root, shard["name"])
+    if not exists(location):
         return [f"{shard['name']}: missing"], Counter()
     problems = []
-    if sha256_file(path) != shard["sha256"]:
+    if _sha256(location) != shard["sha256"]:
         problems.append(f"{shard['name']}: sha256 differs from the manifest (altered or truncated)")
     samples: Counter = Counter()  # per slide, as the shard's manifest entry counts them
     regions: Counter = Counter()
     count = 0
     try:
-        for sample in wds.tariterators.tarfile_samples([{"url": str(path)}]):
+        for sample in tar_samples(location):
             count += 1
             slide_id, held, problem = check_sample(shard["name"], sample)
             if problem:
@@ -74,13 +83,37 @@ def _check_shard(root: Path, shard: dict, check_sample) -> tuple[list[str], Coun
     return problems, regions
 
 
+def _check_index(root: str, manifest: dict) -> list[str]:
+    """Problems of the shard index: it must describe these shards, sample by sample and member by member
+    (a shard set built before the index has none; it is made on first open)."""
+    location = child(root, INDEX)
+    if not exists(location):
+        log.info("%s: no index (built before it; training makes it on first open)", root)
+        return []
+    index = ShardIndex.from_bytes(read_bytes(location), location)
+    if index.shard_sha256.tolist() != [shard["sha256"] for shard in manifest["shards"]]:
+        return [f"{INDEX}: describes other shards than the manifest lists (stale; delete it to rebuild)"]
+    problems = []
+    for position, shard in enumerate(manifest["shards"]):
+        try:
+            found = index_file(child(root, shard["name"]))
+        except Exception:  # noqa: BLE001 - a missing or unreadable shard is reported by _check_shard
+            continue
+        listed = index.rows(position)
+        wrong = next((mine[0] for mine, theirs in zip(listed, found) if mine != theirs), None)
+        if wrong is not None or len(listed) != len(found):
+            problems.append(f"{INDEX}: {shard['name']}: differs from the shard's own headers and bytes "
+                            f"({f'first at sample {wrong}' if wrong else f'{len(listed)} samples, the shard {len(found)}'})")
+    return problems
+
+
 def verify(root: str | Path) -> list[str]:
-    """Every problem found in a shard directory (empty list: all good)."""
+    """Every problem found in a shard set, a folder or URL (empty list: all good)."""
     try:
         manifest = load_manifest(root)
     except FileNotFoundError as exc:
         return [str(exc)]
-    root = Path(manifest["root"])
+    root = manifest["root"]
     check_sample = _check_bag if manifest.get("kind") == BAG_KIND else _check_region
     problems: list[str] = []
     totals: Counter = Counter()
@@ -91,9 +124,11 @@ def verify(root: str | Path) -> list[str]:
     for slide_id, entry in manifest["slides"].items():
         if totals[slide_id] != entry["regions"]:
             problems.append(f"slide {slide_id}: {totals[slide_id]} regions found, manifest says {entry['regions']}")
+    problems += _check_index(root, manifest)
     listed = {shard["name"] for shard in manifest["shards"]}
-    for path in sorted(root.rglob("shard-*.tar*")):
-        name = path.relative_to(root).as_posix()
+    folder = local_path(root)
+    for path in sorted(folder.rglob("shard-*.tar*")) if folder is not None else []:  # a URL lists nothing
+        name = path.relative_to(folder).as_posix()
         if name not in listed:
             problems.append(f"{name}: not in the manifest (left over from an interrupted build?)")
     if manifest["samples"] != sum(shard["samples"] for shard in manifest["shards"]):

@@ -20,13 +20,13 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from hipt_e2e.data import SlideBagStream
+from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.evaluation.splits import make_folds
 from hipt_e2e.models import load_checkpoint, model_preset, vit256
 from hipt_e2e.training import CHECKPOINT, TRAIN_LOG, export_safetensors, load_checkpoint_state
 from hipt_e2e.training.e2e import (
     E2E_DEFAULTS,
     FoldTrainer,
-    ShardRegions,
     build_model,
     param_groups,
     slide_probabilities,

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from hipt_e2e.data import SlideBagStream
+from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.data.samples import device_pixels
-from hipt_e2e.training.e2e import ShardRegions, _loader
+from hipt_e2e.training.e2e import _loader
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 REPO = Path(__file__).resolve().parents[1]

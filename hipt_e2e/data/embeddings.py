@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 
+from hipt_e2e.data.index import journal_rows, write_index
 from hipt_e2e.data.manifest import class_counts, load_manifest, shard_urls
 from hipt_e2e.data.samples import npy_array, npy_bytes, sample_key
+from hipt_e2e.data.storage import tar_samples
 from hipt_e2e.data.writer import ShardWriter
 from hipt_e2e.io import atomic_write_json
 
@@ -68,6 +69,7 @@ def write_slide_bags(out_dir: str | Path, bags: Iterable[SlideBag], classes: Seq
     manifest = {"format": "hipt-e2e-shards", "version": 1, "kind": KIND, "build_args": build_args,
                 "classes": list(classes), "class_counts": class_counts(slides), "inputs": len(slides), "written": len(slides),
                 "n_skipped": 0, "samples": len(slides), "slides": slides, "shards": shards, "skipped": []}
+    write_index(out_dir, shards, journal_rows(journal))
     atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest
 
@@ -78,8 +80,7 @@ def read_slide_bags(source: str | Path) -> tuple[list[SlideBag], list[str]]:
     if manifest["kind"] != KIND:
         raise ValueError(f"{source}: holds {manifest['kind']!r} shards, expected slide embeddings "
                          "(the output of recipes/embed_regions.py)")
-    bags = [decode_bag(sample)
-            for sample in wds.tariterators.tarfile_samples([{"url": url} for url in shard_urls(source)])]
+    bags = [decode_bag(sample) for url in shard_urls(source) for sample in tar_samples(url)]
     return bags, manifest["classes"]
 
 

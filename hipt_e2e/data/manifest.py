@@ -5,19 +5,27 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from hipt_e2e.data.storage import child, local_path, parent, read_bytes
+
 MANIFEST = "manifest.json"
+GRIDS_KIND = "token_grids"  # the kind of embed_tiles' output: one token grid [D, rows, cols] per region
 
 
-def load_manifest(root: str | Path) -> dict:
-    """The manifest of a shard directory (or the manifest file itself), with a clear error when absent."""
-    path = Path(root)
-    if path.is_dir():
-        path = path / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no manifest; is this a finished `hipt-shards build` output "
-                                "(or a set of parts that still needs `hipt-shards merge`)?")
-    manifest = json.loads(path.read_text())
-    manifest["root"] = str(path.parent)
+def load_manifest(root: str | Path | Mapping) -> dict:
+    """The manifest of a shard set (a folder or URL, or its manifest.json itself), with a clear error when
+    absent; manifest["root"] is where the shards are. A manifest already loaded is returned as it is."""
+    if isinstance(root, Mapping):
+        return dict(root)
+    text = str(root)
+    path = local_path(text)
+    if not text.endswith(MANIFEST) or (path is not None and path.is_dir()):
+        text = child(text, MANIFEST)
+    try:
+        manifest = json.loads(read_bytes(text))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{text}: no manifest; is this a finished `hipt-shards build` output "
+                                "(or a set of parts that still needs `hipt-shards merge`)?") from None
+    manifest["root"] = parent(text)
     return manifest
 
 
@@ -31,12 +39,13 @@ def class_counts(slides: Mapping[str, Mapping]) -> dict[str, dict[str, int]]:
     return {level: dict(sorted(c.items())) for level, c in counts.items()}
 
 
-def shard_urls(source: str | Path | Sequence[str]) -> list[str]:
+def shard_urls(source: str | Path | Mapping | Sequence[str]) -> list[str]:
     """Shard URLs in build order from a shard directory, a manifest, or an explicit list of paths/URLs.
 
-    URLs (http://, pipe:, ...) are passed to webdataset as they are; nothing else is fetched.
+    An explicit list (paths or URLs) is the user's own and taken as it is; a manifest's shard names only ever resolve to
+    files inside its own folder or URL (storage.child).
     """
     if isinstance(source, (list, tuple)):
         return [str(url) for url in source]
     manifest = load_manifest(source)
-    return [str(Path(manifest["root"]) / shard["name"]) for shard in manifest["shards"]]
+    return [child(manifest["root"], shard["name"]) for shard in manifest["shards"]]

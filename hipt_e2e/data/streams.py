@@ -27,6 +27,7 @@ from torch.utils.data import IterableDataset
 
 from hipt_e2e.data.manifest import load_manifest, shard_urls
 from hipt_e2e.data.samples import decode_sample, stack_pixels
+from hipt_e2e.data.storage import tar_samples
 from hipt_e2e.data.tiling import cut_tiles
 
 
@@ -48,7 +49,7 @@ def assign_shards(urls: Sequence[str], *, seed: int, epoch: int, shuffle: bool, 
 
 
 def _read_shard(url: str) -> Iterator[dict]:
-    return iter(wds.tariterators.tarfile_samples([{"url": url}]))
+    return tar_samples(url)
 
 
 def _label_of(sample: dict) -> str | None:

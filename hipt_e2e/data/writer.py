@@ -1,8 +1,9 @@
 """Writing shards: `shard-%06d.tar` files of at most `shard_bytes`, each renamed into place when full.
 
-After a shard is complete its name, sample count, size, sha256, per-slide counts and the position to
-resume from are appended (fsynced) to a journal, which is what makes interrupted builds resumable and
-what manifests are made from. Shard building and the embedding recipes write through this class.
+After a shard is complete its name, sample count, size, sha256, per-slide counts, the position to
+resume from and its index rows (hipt_e2e.data.index: member offsets, sizes, CRC-32) are appended
+(fsynced) to a journal, which is what makes interrupted builds resumable and what manifests and the
+index are made from. Shard building and the embedding recipes write through this class.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import webdataset as wds
 
+from hipt_e2e.data.index import index_file
 from hipt_e2e.io import sha256_file
 
 
@@ -62,6 +64,7 @@ class ShardWriter:
             entry["shard"] = {"name": self.name, "samples": self.count, "bytes": final.stat().st_size,
                               "sha256": sha256_file(final), "slides": self.slides,
                               "slide_continues": slide_continues}
+            entry["index"] = index_file(final)  # read back while the shard is in the page cache
             self.index += 1
         with open(self.journal, "a") as handle:
             handle.write(json.dumps(entry) + "\n")

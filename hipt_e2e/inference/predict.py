@@ -231,7 +231,7 @@ def build_predictor(cfg: dict) -> Predictor:
 @dataclass
 class SlideInput:
     slide_id: str
-    path: Path
+    path: Path | str  # a slide file, or the shard set (folder or URL) it came from
     regions: Iterator[tuple[int, int, np.ndarray]]
     size: int
     thumbnail: np.ndarray
@@ -259,9 +259,9 @@ def _reader_inputs(paths: Sequence[Path], cfg: dict, geometry: RegionGeometry) -
             yield (path, f"{type(exc).__name__}: {exc}")
 
 
-def _shard_inputs(root: Path, cfg: dict) -> Iterator[SlideInput]:
+def _shard_inputs(root: str, cfg: dict) -> Iterator[SlideInput]:
     """Slides of a region-shard set, all of them in every process (predict_inputs splits them); the
-    thumbnail is a mosaic of the regions at their coordinates."""
+    thumbnail is a mosaic of the regions at their coordinates. root: a folder or URL."""
     for bag in SlideBagStream(root, rank=0, world_size=1):
         coords = bag["coords"].numpy()
         rgb = bag["pixels"].permute(0, 2, 3, 1).numpy()
@@ -359,7 +359,7 @@ def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor
     region_px = cfg["geometry"]["region_px"] or preset["tile_px"] * preset["region_tiles"]
     geometry = predictor.geometry or RegionGeometry(region_px, preset["tile_px"], cfg["geometry"]["mpp"])
     if cfg["input_kind"] == "shards":
-        every: Iterable = (s for root in inputs for s in _shard_inputs(Path(root), cfg))
+        every: Iterable = (s for root in inputs for s in _shard_inputs(str(root), cfg))
         slides: Iterable = (s for n, s in enumerate(every) if n % world == rank)
         total = sum(len(load_manifest(root)["slides"]) for root in inputs)
     else:

@@ -24,7 +24,6 @@ import copy
 import json
 import logging
 import math
-import tarfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from functools import partial
@@ -42,17 +41,14 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hipt_e2e.data.augment import AUGMENT_DEFAULTS, augment_regions, check_augment
-from hipt_e2e.data.manifest import load_manifest, shard_urls
+from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.data.samples import decode_mode, device_pixels
-from hipt_e2e.data.streams import SlideBagStream
-from hipt_e2e.data.synthetic import make_dataset
-from hipt_e2e.embedding import GRIDS_KIND
 from hipt_e2e.evaluation.metrics import classification_metrics
-from hipt_e2e.evaluation.splits import Fold, SlideInfo
+from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.io import atomic_write_json
 from hipt_e2e.models import HIPT, TileViT, model_preset, select_attention
 from hipt_e2e.models.bundle import (
@@ -82,20 +78,19 @@ from hipt_e2e.training.slide_level import (
     epoch_order,
     run_folds,
 )
-from shards.build import build
 
 log = logging.getLogger(__name__)
 
 BEST_MODEL = "best_model.safetensors"
 AUGMENT_STREAM = 1  # appended to a step's seed key: augmentation draws apart from dropout's
 
-# The embedded default is the demo: synthetic slides, the tiny preset from random weights, CPU-sized.
+# The defaults are the demo's (recipes/e2e.py: synthetic slides), the tiny preset from random weights, CPU-sized.
 # A tiny HIPT from random weights sits on a plateau (constant predictions) for some 300-600 steps before
 # it separates the demo's classes (measured: 14-18 of these epochs); dropout, weight decay or a lower
 # learning rate stretch that, so the demo trains without them, long enough, and never stops early.
 # Real shards take recipes/configs/e2e.yaml (HIPT's geometry and fine-tuning settings) on top of these.
 E2E_DEFAULTS: dict[str, Any] = {
-    "out": None,  # null in the demo: <demo.dir>/e2e
+    "out": None,
     "seed": 0,
     "resume": False,
     "folds": 3,
@@ -103,11 +98,13 @@ E2E_DEFAULTS: dict[str, Any] = {
     "imbalance": "none",  # none | weighted_loss | balanced_sampling, as slide-level training
     "patience": 30,  # epochs without a better validation balanced accuracy before a fold stops
     "data": {
-        "shards": None,  # region shards (hipt-shards build); null: build the synthetic demo's shards
+        "shards": None,  # region shards (hipt-shards build): a folder or URL (file://, http(s)://, s3://, gs://)
         "regions_per_slide": 8,  # k regions sampled per slide per training step (all when fewer)
         "min_tile_tissue": 0.0,  # skip tiles with a smaller tissue fraction (zero embedding); 0: none
         "workers": 0,  # DataLoader workers per process (decoding overlaps compute)
         "decode": "cpu",  # cpu: readers decode JPEG regions | gpu: decoded on the CUDA device in one batch per step
+        "cache_dir": None,  # remote shards: keep the regions read in this local folder (shared by processes)
+        "cache_gb": 50.0,  # at most this much in cache_dir (the oldest entries go first)
     },
     "model": {
         **copy.deepcopy(TILE_MODEL_DEFAULTS),  # preset, encoder, cnn, tile: changes to the preset's tile geometry
@@ -152,7 +149,6 @@ E2E_DEFAULTS: dict[str, Any] = {
         "log_every": 10,
     },
     "augment": dict(AUGMENT_DEFAULTS),  # training regions only (hipt_e2e.data.augment); off in the demo
-    "demo": {"dir": "demo_out", "slides_per_class": 24, "size": 512, "region_px": 128},
 }
 
 
@@ -161,73 +157,6 @@ class TrainingStopped(Exception):
 
 
 # ------------------------------------------------------------------------------------------ data
-def _tar_members(url: str) -> Iterable[tuple[str, str, int, int]]:
-    """(key, extension, data offset, size) of each file in an uncompressed tar, reading headers only."""
-    with tarfile.open(url, "r:") as tar:
-        for member in tar:
-            if member.isfile():
-                key, ext = member.name.split(".", 1)  # webdataset: the key ends at the first dot
-                yield key, ext, member.offset_data, member.size
-
-
-def _read(url: str, offset: int, size: int) -> bytes:
-    with open(url, "rb") as handle:
-        handle.seek(offset)
-        return handle.read(size)
-
-
-class ShardRegions(Dataset):
-    """Random access to the regions of a region-shard directory, by (slide id, region positions).
-
-    Training visits slides in a seeded order per fold, epoch and process, which a sequential stream over
-    shards cannot give; so the tar headers are indexed once (offsets only) and just the regions asked
-    for are read and decoded. Items are SlideBagStream's slide items, decoded by SlideBagStream, and the
-    regions of a training step are drawn by its seeded sampler, so both readers agree exactly.
-    """
-
-    def __init__(self, source: str | Path, *, regions_per_slide: int | None, seed: int, decode: str = "cpu") -> None:
-        self.manifest = load_manifest(source)
-        if self.manifest.get("kind") == GRIDS_KIND:
-            raise ValueError(f"{source} holds token grids; end-to-end training reads region shards (pixels)")
-        self.sampler = SlideBagStream(source, regions_per_slide=regions_per_slide, seed=seed)
-        self.decoder = SlideBagStream(source, decode=decode)  # decodes whatever regions it is given
-        samples: dict[str, dict[str, tuple[str, int, int]]] = {}
-        for url in shard_urls(source):
-            for key, ext, offset, size in _tar_members(url):
-                samples.setdefault(key, {})[ext] = (url, offset, size)
-        slides: dict[str, list[tuple[int, dict]]] = {}
-        for entries in samples.values():
-            record = json.loads(_read(*entries["json"]))
-            slides.setdefault(record["slide_id"], []).append((record["region_index"], entries))
-        # slide id -> its samples in region order, as SlideBagStream sees a slide's bag
-        self.slides = {slide: [entries for _, entries in sorted(found, key=lambda x: x[0])]
-                       for slide, found in slides.items()}
-        wrong = {s: (len(self.slides.get(s, [])), e["regions"]) for s, e in self.manifest["slides"].items()
-                 if len(self.slides.get(s, [])) != e["regions"]}
-        if wrong:
-            raise ValueError(f"{source}: regions found in the shards differ from the manifest (found, listed): {wrong}")
-
-    def infos(self) -> list[SlideInfo]:
-        return [SlideInfo(slide, entry["label"], entry["patient_id"], entry["split"])
-                for slide, entry in self.manifest["slides"].items()]
-
-    def sample(self, slide_id: str, epoch: int) -> tuple[str, tuple[int, ...]]:
-        """The key of a training item: the slide's regions drawn for this epoch."""
-        self.sampler.set_epoch(epoch)
-        return slide_id, tuple(self.sampler.sample_indices(slide_id, len(self.slides[slide_id])))
-
-    def chunks(self, slide_id: str, size: int) -> list[tuple[str, tuple[int, ...]]]:
-        """Keys covering every region of a slide, `size` regions each."""
-        count = len(self.slides[slide_id])
-        return [(slide_id, tuple(range(start, min(count, start + size)))) for start in range(0, count, size)]
-
-    def __getitem__(self, key: tuple[str, Sequence[int]]) -> dict:
-        slide_id, positions = key
-        raw = [{ext: _read(*where) for ext, where in self.slides[slide_id][position].items()}
-               for position in positions]
-        return self.decoder.decode_bag(raw)
-
-
 def _loader(regions: ShardRegions, keys: Sequence[tuple[str, tuple[int, ...]]], workers: int,
             device: torch.device) -> DataLoader:
     """Items in the order of `keys`; workers decode ahead while the model computes."""
@@ -572,27 +501,11 @@ class FoldTrainer:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def prepare_demo(cfg: Mapping[str, Any], accelerator: Accelerator) -> dict[str, Any]:
-    """The embedded demo's data: synthetic pseudo-H&E slides (SYNTHETIC, see hipt_e2e.data.synthetic) ->
-    region shards in demo.dir, both reused when present; returns cfg pointing at them."""
-    demo = cfg["demo"]
-    root = Path(demo["dir"])
-    shards = root / "shards"
-    if accelerator.is_main_process:
-        slides = make_dataset(root / "slides", demo["slides_per_class"], demo["size"], demo["region_px"])
-        build({"kind": "images", "input": str(slides), "out": str(shards), "labels": str(slides / "labels.csv"),
-               "slide_mpp": 0.5, "mpp": 0.5, "region_px": demo["region_px"],
-               "tile_px": model_preset(cfg["model"]["preset"])["tile_px"], "encoding": "png"})
-    accelerator.wait_for_everyone()
-    return {**cfg, "data": {**cfg["data"], "shards": str(shards)}, "out": cfg["out"] or str(root / "e2e")}
-
-
 def train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Cross-validated end-to-end fine-tuning as configured (E2E_DEFAULTS); with data.shards null, the
-    embedded demo. Writes what slide-level training writes (splits.csv, predictions.csv, metrics.json,
-    plots, report.md, fold_i/best_model.safetensors and history.json) plus fold_i/checkpoint.pt and
-    train_log.jsonl. Returns the metrics (with "report": the report's path), or None when stopped by
-    train.stop_after."""
+    """Cross-validated end-to-end fine-tuning as configured (E2E_DEFAULTS). Writes what slide-level
+    training writes (splits.csv, predictions.csv, metrics.json, plots, report.md,
+    fold_i/best_model.safetensors and history.json) plus fold_i/checkpoint.pt and train_log.jsonl.
+    Returns the metrics (with "report": the report's path), or None when stopped by train.stop_after."""
     train = cfg["train"]
     threads = torch.get_num_threads()
     torch.set_num_threads(train["threads"] or threads)
@@ -611,12 +524,12 @@ def _train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     precision = "no" if train["mixed_precision"] is False else train["mixed_precision"]  # YAML reads a bare no as false
     accelerator = Accelerator(mixed_precision=precision,
                               fsdp_plugin=fsdp_plugin() if train["fsdp"] else None)
-    if cfg["data"]["shards"] is None:
-        cfg = prepare_demo(cfg, accelerator)
-    if cfg["out"] is None:
-        raise ValueError("set out=DIR")
-    regions = ShardRegions(cfg["data"]["shards"], regions_per_slide=cfg["data"]["regions_per_slide"], seed=cfg["seed"],
-                           decode=decode_mode(cfg["data"]["decode"], accelerator.device))
+    if cfg["data"]["shards"] is None or cfg["out"] is None:
+        raise ValueError("set data.shards=SHARDS (a folder or URL of region shards) and out=DIR")
+    data = cfg["data"]
+    regions = ShardRegions(data["shards"], regions_per_slide=data["regions_per_slide"], seed=cfg["seed"],
+                           decode=decode_mode(data["decode"], accelerator.device), cache_dir=data["cache_dir"],
+                           cache_bytes=int(data["cache_gb"] * 2**30))
     classes = regions.manifest["classes"]
     log.info("global batch %d slides = %d per process x %d processes, %s regions per slide of %d px tiles "
              "(model.preset %s); %s precision; parallelism %s; JPEG decoded on the %s",

@@ -1,0 +1,135 @@
+"""Random access to the regions of a region-shard set, by (slide id, region positions).
+
+End-to-end training visits slides in a seeded order per fold, epoch and process, which a sequential
+stream over shards cannot give; so the shard index (hipt_e2e.data.index) says where each region's
+members are, and just the regions asked for are read (one range read per region, from a local folder
+or a URL), checked against the index's CRC-32 and decoded. Items are SlideBagStream's slide items,
+decoded by SlideBagStream, and the regions of a training step are drawn by its seeded sampler, so both
+readers agree exactly. Remote regions can go through a bounded local cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from hipt_e2e.data.index import ShardIndex, open_index
+from hipt_e2e.data.manifest import GRIDS_KIND, load_manifest, shard_urls
+from hipt_e2e.data.storage import local_path, read_bytes
+from hipt_e2e.data.streams import SlideBagStream
+from hipt_e2e.evaluation.splits import SlideInfo
+
+
+class RegionCache:
+    """Region bytes of remote shards kept in a local folder, at most `max_bytes` (oldest written go first).
+
+    Entries are named by a hash of (shard URL, byte range) and written atomically, so processes can share
+    the folder; every entry is checked against the index's CRC-32 on use, and one that fails is refetched.
+    """
+
+    def __init__(self, folder: str | Path, max_bytes: int) -> None:
+        self.folder, self.max_bytes = Path(folder), int(max_bytes)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.held = sum(path.stat().st_size for path in self.folder.glob("*.bin"))
+
+    def _path(self, url: str, start: int, end: int) -> Path:
+        return self.folder / (hashlib.sha256(f"{url}\0{start}\0{end}".encode()).hexdigest()[:32] + ".bin")
+
+    def get(self, url: str, start: int, end: int) -> bytes | None:
+        path = self._path(url, start, end)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def drop(self, url: str, start: int, end: int) -> None:
+        self._path(url, start, end).unlink(missing_ok=True)
+
+    def put(self, url: str, start: int, end: int, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        if self.held + len(data) > self.max_bytes:
+            self._evict(self.max_bytes - len(data))
+        path = self._path(url, start, end)
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+        self.held += len(data)
+
+    def _evict(self, target: int) -> None:
+        entries = sorted(((p.stat().st_mtime, p) for p in self.folder.glob("*.bin")), key=lambda e: e[0])
+        self.held = sum(p.stat().st_size for _, p in entries)
+        for _, path in entries:
+            if self.held <= target:
+                break
+            self.held -= path.stat().st_size
+            path.unlink(missing_ok=True)
+
+
+class ShardRegions(Dataset):
+    """Regions of a region-shard set (a folder or URL) by (slide id, region positions); see the module."""
+
+    def __init__(self, source: str | Path, *, regions_per_slide: int | None, seed: int, decode: str = "cpu",
+                 cache_dir: str | Path | None = None, cache_bytes: int = 0) -> None:
+        self.manifest = load_manifest(source)
+        if self.manifest.get("kind") == GRIDS_KIND:
+            raise ValueError(f"{source} holds token grids; end-to-end training reads region shards (pixels)")
+        self.sampler = SlideBagStream(self.manifest, regions_per_slide=regions_per_slide, seed=seed)
+        self.decoder = SlideBagStream(self.manifest, decode=decode)  # decodes whatever regions it is given
+        self.urls = shard_urls(self.manifest)
+        self.index = open_index(self.manifest)
+        remote = local_path(self.manifest["root"]) is None
+        self.cache = RegionCache(cache_dir, cache_bytes) if cache_dir and cache_bytes and remote else None
+        self.slides = self._rows_per_slide(self.index)
+        wrong = {s: (len(self.slides.get(s, [])), e["regions"]) for s, e in self.manifest["slides"].items()
+                 if len(self.slides.get(s, [])) != e["regions"]}
+        if wrong:
+            raise ValueError(f"{source}: regions in the index differ from the manifest (found, listed): {wrong}")
+
+    @staticmethod
+    def _rows_per_slide(index: ShardIndex) -> dict[str, np.ndarray]:
+        """slide id -> its index rows in region order, as SlideBagStream sees a slide's bag."""
+        order = np.lexsort((index.region_index, index.slide))
+        order = order[index.slide[order] >= 0]
+        codes = index.slide[order]
+        starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+        return {str(index.slide_ids[codes[start]]): rows
+                for start, rows in zip(starts, np.split(order, starts[1:]))}
+
+    def infos(self) -> list[SlideInfo]:
+        return [SlideInfo(slide, entry["label"], entry["patient_id"], entry["split"])
+                for slide, entry in self.manifest["slides"].items()]
+
+    def sample(self, slide_id: str, epoch: int) -> tuple[str, tuple[int, ...]]:
+        """The key of a training item: the slide's regions drawn for this epoch."""
+        self.sampler.set_epoch(epoch)
+        return slide_id, tuple(self.sampler.sample_indices(slide_id, len(self.slides[slide_id])))
+
+    def chunks(self, slide_id: str, size: int) -> list[tuple[str, tuple[int, ...]]]:
+        """Keys covering every region of a slide, `size` regions each."""
+        count = len(self.slides[slide_id])
+        return [(slide_id, tuple(range(start, min(count, start + size)))) for start in range(0, count, size)]
+
+    def read(self, row: int) -> dict[str, bytes]:
+        """The raw sample (ext -> bytes) of index row `row`: one range read, or the cache's copy."""
+        url = self.urls[self.index.shard[row]]
+        start, end = self.index.member_range(row)
+        if self.cache is not None and (data := self.cache.get(url, start, end)) is not None:
+            try:
+                return self.index.read_sample(row, data, start, url)
+            except OSError:
+                self.cache.drop(url, start, end)  # a damaged cache entry: fetch it again
+        data = read_bytes(url, start, end - start)
+        sample = self.index.read_sample(row, data, start, url)
+        if self.cache is not None:
+            self.cache.put(url, start, end, data)
+        return sample
+
+    def __getitem__(self, key: tuple[str, Sequence[int]]) -> dict:
+        slide_id, positions = key
+        rows = self.slides[slide_id]
+        return self.decoder.decode_bag([self.read(int(rows[position])) for position in positions])

@@ -1,0 +1,224 @@
+"""Shard sets from anywhere, and the index that opens them: local folders, file://, HTTP with Range (a
+server on 127.0.0.1 that also drops connections or flips a byte), fsspec's memory://; the index written
+with every shard set, checked by verify, rebuilt for shard sets made before it; manifests that name
+files outside their shard set refused."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tarfile
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+
+from hipt_e2e.data import RegionStream, SlideBagStream, load_manifest, shard_urls, storage
+from hipt_e2e.data.index import INDEX, ShardDataError, ShardIndex, open_index
+from hipt_e2e.data.regions import RegionCache, ShardRegions
+from shards.verify import verify
+from tests.http_server import ShardServer
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.001)
+
+
+def copy_set(shards: Path, to: Path) -> Path:
+    shutil.copytree(shards, to)
+    return to
+
+
+def bags(source) -> list[dict]:
+    regions = ShardRegions(source, regions_per_slide=None, seed=0)
+    return [regions[regions.chunks(slide, 100)[0]] for slide in sorted(regions.slides)]
+
+
+def assert_same_bags(mine: list[dict], theirs: list[dict]) -> None:
+    assert len(mine) == len(theirs) > 0
+    for a, b in zip(mine, theirs):
+        assert a["slide_id"] == b["slide_id"] and torch.equal(a["pixels"], b["pixels"])
+        assert torch.equal(a["tissue"], b["tissue"]) and torch.equal(a["coords"], b["coords"])
+
+
+# ------------------------------------------------------------------------------------------ the index
+def test_index_matches_the_tar_headers_and_bytes(shards: Path) -> None:
+    manifest = load_manifest(shards)
+    index = open_index(manifest)
+    assert len(index) == manifest["samples"] and index.shard_sha256.tolist() == [s["sha256"] for s in manifest["shards"]]
+    assert set(index.exts.tolist()) == {"png", "json"}
+    for position, shard in enumerate(manifest["shards"]):
+        with tarfile.open(shards / shard["name"]) as tar:
+            members = [m for m in tar if m.isfile()]
+            rows = np.flatnonzero(index.shard == position)
+            assert len(members) == 2 * len(rows)
+            for member in members:
+                key, ext = member.name.split(".", 1)
+                row = rows[index.key[rows] == key.encode()][0]
+                column = index.exts.tolist().index(ext)
+                assert (index.offset[row, column], index.size[row, column]) == (member.offset_data, member.size)
+                if ext == "json":
+                    record = json.loads(tar.extractfile(member).read())
+                    assert index.slide_ids[index.slide[row]] == record["slide_id"]
+                    assert index.region_index[row] == record["region_index"]
+    assert verify(shards) == []
+
+
+def test_opening_reads_the_manifest_and_the_index_only(shards: Path, monkeypatch) -> None:
+    opened = []
+    for name in ("read_bytes", "open_stream"):  # what the index module reads
+        real = getattr(storage, name)
+        monkeypatch.setattr(f"hipt_e2e.data.index.{name}", lambda loc, *a, real=real: opened.append(loc) or real(loc, *a))
+    ShardRegions(shards, regions_per_slide=2, seed=0)
+    assert [Path(p).name for p in opened] == [INDEX]
+
+
+def test_a_set_built_before_the_index_is_indexed_on_first_open(shards: Path, tmp_path: Path, caplog) -> None:
+    old = copy_set(shards, tmp_path / "old")
+    (old / INDEX).unlink()
+    with caplog.at_level(logging.INFO):
+        assert_same_bags(bags(old), bags(shards))
+    assert "no index" in caplog.text and (old / INDEX).read_bytes() == (shards / INDEX).read_bytes()
+    assert verify(old) == []
+    # An index of other shards (here: one shard rewritten) is noticed and rebuilt, not trusted.
+    stale = copy_set(shards, tmp_path / "stale")
+    manifest = json.loads((stale / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = "0" * 64
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    assert any("describes other shards" in p for p in verify(stale))
+    with caplog.at_level(logging.WARNING):
+        open_index(load_manifest(stale))
+    assert "reindexing" in caplog.text
+
+
+def test_verify_finds_an_index_that_lies(shards: Path, tmp_path: Path) -> None:
+    bad = copy_set(shards, tmp_path / "bad")
+    index = ShardIndex.from_bytes((bad / INDEX).read_bytes(), "x")
+    index.offset[3, 0] += 512
+    index.write(bad)
+    problems = verify(bad)
+    name = load_manifest(bad)["shards"][index.shard[3]]["name"]
+    assert problems == [f"{INDEX}: {name}: differs from the shard's own headers and bytes (first at sample "
+                        f"{index.key[3].decode()})"]
+
+
+def test_merged_parts_have_one_index(e2e_slides: Path, tmp_path: Path) -> None:
+    from shards.build import build
+    from shards.merge import merge
+
+    settings = {"kind": "images", "input": str(e2e_slides), "labels": str(e2e_slides / "labels.csv"),
+                "out": str(tmp_path / "parts"), "slide_mpp": 0.5, "region_px": 128, "tile_px": 32, "encoding": "png",
+                "shard_bytes": 200_000}
+    for part in ("0/2", "1/2"):
+        build({**settings, "part": part})
+    merge(tmp_path / "parts")
+    whole = build({**settings, "out": str(tmp_path / "whole")})
+    assert verify(tmp_path / "parts") == [] and len(open_index(load_manifest(tmp_path / "parts"))) == whole["samples"]
+    assert_same_bags(sorted(bags(tmp_path / "parts"), key=lambda b: b["slide_id"]), bags(tmp_path / "whole"))
+
+
+# ------------------------------------------------------------------------------------------ locations
+@pytest.mark.parametrize("name", ["../outside.tar", "/etc/passwd", "pipe:cat x.tar", "http://elsewhere/x.tar",
+                                  "a/../../x.tar", "s3://bucket/x.tar", ""])
+def test_manifest_names_outside_the_shard_set_are_refused(shards: Path, tmp_path: Path, name: str) -> None:
+    evil = copy_set(shards, tmp_path / "evil")
+    manifest = json.loads((evil / "manifest.json").read_text())
+    manifest["shards"][0]["name"] = name
+    (evil / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="is not a file inside the shard set"):
+        shard_urls(evil)
+    with pytest.raises(ValueError, match="is not a file inside the shard set"):
+        storage.child("http://127.0.0.1:1/set", name)
+
+
+def test_file_urls_and_fsspec_memory_read_what_the_folder_holds(shards: Path) -> None:
+    regions = [r["record"]["region_index"] for r in RegionStream(shards)]
+    assert [r["record"]["region_index"] for r in RegionStream(shards.absolute().as_uri())] == regions
+    memory = fsspec.filesystem("memory")
+    for path in shards.iterdir():
+        memory.pipe_file(f"/sets/png/{path.name}", path.read_bytes())
+    assert [r["record"]["region_index"] for r in RegionStream("memory://sets/png")] == regions
+    assert_same_bags(bags("memory://sets/png"), bags(shards))
+    with pytest.raises(FileNotFoundError, match="memory://sets/none/manifest.json: no manifest"):
+        load_manifest("memory://sets/none")
+
+
+def test_a_missing_filesystem_names_what_to_install() -> None:
+    with pytest.raises(ValueError, match=r"nosuch://bucket/manifest.json: no reader for nosuch://"):
+        storage.read_bytes("nosuch://bucket/manifest.json")
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"s3://bucket/set/manifest.json: reading s3:// needs pip install 'hipt-e2e\[s3\]'"):
+            load_manifest("s3://bucket/set")
+
+
+# ------------------------------------------------------------------------------------------ HTTP
+def test_http_shards_read_as_the_folder_through_dropped_connections(shards: Path) -> None:
+    with ShardServer(shards.parent, drop_every=5) as server:
+        url = f"{server.url}/{shards.name}"
+        assert verify(url) == []
+        assert [r["record"]["region_index"] for r in RegionStream(url)] == [
+            r["record"]["region_index"] for r in RegionStream(shards)]
+        assert [b["slide_id"] for b in SlideBagStream(url)] == [b["slide_id"] for b in SlideBagStream(shards)]
+        assert_same_bags(bags(url), bags(shards))
+    assert server.dropped >= 4  # both kinds of break (no answer; half a body) were retried
+
+
+def test_a_training_read_fetches_only_its_regions(shards: Path) -> None:
+    with ShardServer(shards.parent) as server:
+        regions = ShardRegions(f"{server.url}/{shards.name}", regions_per_slide=2, seed=0)
+        opened = server.bytes_sent
+        slide = sorted(regions.slides)[0]
+        regions[regions.sample(slide, 0)]
+        total = sum(s["bytes"] for s in load_manifest(shards)["shards"])
+        rows = regions.slides[slide][list(regions.sample(slide, 0)[1])]
+        members = int(sum(regions.index.size[r][regions.index.size[r] > 0].sum() for r in rows))
+        assert server.requests == 2 + 2  # manifest, index; then one range read per region
+        # per region its members, and between them one tar header and the first one's padding to 512 bytes
+        assert members <= server.bytes_sent - opened <= members + 2 * (512 + 511)
+        assert server.bytes_sent - opened < total / 10
+
+
+def test_a_corrupted_byte_stops_with_the_url_and_the_member(shards: Path) -> None:
+    manifest = load_manifest(shards)
+    index = open_index(manifest)
+    row = 5
+    name = manifest["shards"][index.shard[row]]["name"]
+    column = index.exts.tolist().index("png")
+    flipped = int(index.offset[row, column]) + 100
+    with ShardServer(shards.parent, corrupt={f"{shards.name}/{name}": flipped}) as server:
+        url = f"{server.url}/{shards.name}"
+        regions = ShardRegions(url, regions_per_slide=None, seed=0)
+        slide = str(index.slide_ids[index.slide[row]])
+        position = int(np.flatnonzero(regions.slides[slide] == row)[0])
+        with pytest.raises(ShardDataError, match=rf"{url}/{name}: member {index.key[row].decode()}\.png .* checksum"):
+            regions[(slide, (position,))]
+        assert any("sha256 differs" in p for p in verify(url))
+    with ShardServer(shards.parent) as server:
+        with pytest.raises(FileNotFoundError, match=rf"{server.url}/nothing/manifest.json"):
+            load_manifest(f"{server.url}/nothing")
+
+
+def test_the_cache_serves_repeated_reads_and_stays_bounded(shards: Path, tmp_path: Path) -> None:
+    with ShardServer(shards.parent) as server:
+        url = f"{server.url}/{shards.name}"
+        regions = ShardRegions(url, regions_per_slide=None, seed=0, cache_dir=tmp_path / "cache", cache_bytes=10**9)
+        keys = [regions.chunks(slide, 100)[0] for slide in sorted(regions.slides)]
+        first = [regions[key] for key in keys]
+        before = server.requests
+        again = [regions[key] for key in keys]
+        assert server.requests == before
+        assert_same_bags(again, first)
+        # A damaged cache entry is fetched again, not trusted.
+        entry = next((tmp_path / "cache").glob("*.bin"))
+        entry.write_bytes(b"x" + entry.read_bytes()[1:])
+        assert_same_bags([regions[key] for key in keys], first) and server.requests == before + 1
+    small = RegionCache(tmp_path / "small", max_bytes=3000)
+    for n in range(10):
+        small.put("u", n, n + 1000, bytes(1000))
+    assert sum(p.stat().st_size for p in (tmp_path / "small").glob("*.bin")) <= 3000
+    assert small.get("u", 9, 1009) == bytes(1000) and small.get("u", 0, 1000) is None
