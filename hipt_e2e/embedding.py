@@ -6,45 +6,48 @@ embed_regions: token grids of a slide -> its region embeddings [M, D'] with thei
                sample per slide in the slide-embedding format of hipt_e2e.data.embeddings; or, without a
                region encoder, the bag of all its tile embeddings [N, D] (attention-MIL's usual input).
 
-Work is split across processes and DataLoader workers ("readers") by whole slides, so every slide
-stays contiguous in one output part, as the slide-bag stream needs. Each reader writes its own part
-(`part-i-of-n`, the layout of `hipt-shards build --part`), which are merged into one manifest at the
-end; the manifest accounts for every input region (inputs = written + skipped, and skipped is empty).
+Work goes by input units (the shards whose slides belong together: a slide continuing into the next
+shard keeps them in one unit), unit i to reader i mod n of the processes x DataLoader workers; each unit
+becomes one output shard (UnitOutputs), so every slide stays contiguous, as the slide-bag stream needs.
+The output does not depend on the number of readers, a killed run continues where it stopped (finished
+units are kept and skipped), and the manifest accounts for every input region (inputs = written +
+skipped, and skipped is empty).
 """
 from __future__ import annotations
 
 import json
 import logging
-import shutil
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import webdataset as wds
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from hipt_e2e.config import save_config
-from hipt_e2e.data.embeddings import SlideBag, write_slide_bags
-from hipt_e2e.data.index import journal_rows, write_index
-from hipt_e2e.data.manifest import GRIDS_KIND, class_counts, load_manifest, shard_urls
-from hipt_e2e.data.samples import decode_mode, decode_sample, device_pixels, encode_grid
+from hipt_e2e.data.embeddings import KIND as BAG_KIND
+from hipt_e2e.data.embeddings import SlideBag, bag_sample
+from hipt_e2e.data.index import index_file, write_index
+from hipt_e2e.data.manifest import FORMAT, FORMAT_VERSION, GRIDS_KIND, MANIFEST, class_counts, load_manifest, shard_urls
+from hipt_e2e.data.samples import collate, decode_mode, decode_sample, device_pixels, encode_grid
 from hipt_e2e.data.storage import tar_samples
 from hipt_e2e.data.streams import SlideBagStream, reader_info
 from hipt_e2e.data.tiling import cut_tiles
-from hipt_e2e.data.writer import ShardWriter
-from hipt_e2e.io import atomic_write_json
+from hipt_e2e.io import atomic_write_json, sha256_file
 from hipt_e2e.models import select_attention
 from hipt_e2e.normalise import normalise
 from hipt_e2e.progress import progress
-from hipt_e2e.training.data import collate
-from shards.build import FORMAT, FORMAT_VERSION, JOURNAL, part_dir, read_journal
-from shards.merge import PART, merge
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
+UNITS = "units"  # out/units/: the settings and one record per finished unit, what a rerun skips
 
 
 # ------------------------------------------------------------------------------------------ maths
@@ -90,123 +93,187 @@ def slide_units(manifest: Mapping[str, Any]) -> list[list[int]]:
     return [unit for unit in units if unit]
 
 
-class WholeSlideRegions(IterableDataset):
-    """The regions of a shard set in build order; reader i of n (ranks x DataLoader workers) reads
-    slide units i, i+n, ... Items: {"pixels", "record", "key", "reader"}; with decode="gpu" JPEG pixels
-    stay encoded for the device to decode."""
+class UnitItems(IterableDataset):
+    """What one reader (of ranks x DataLoader workers) has to embed: input units i, i + n, ... that are
+    not done yet, in order. Items: {"unit", ...} from `items_of(unit)`, then {"unit", "end": True}."""
 
-    def __init__(self, source: str | Path, decode: str = "cpu") -> None:
+    def __init__(self, source: str | Path | Mapping, done: set[int]) -> None:
         super().__init__()
-        self.decode = decode
-        manifest = load_manifest(source)
-        self.urls = shard_urls(source)
-        self.units = slide_units(manifest)
-        self.unit_samples = [sum(manifest["shards"][p]["samples"] for p in unit) for unit in self.units]
+        self.manifest = load_manifest(source)
+        self.urls = shard_urls(self.manifest)
+        self.units = slide_units(self.manifest)
+        self.done = done
 
-    def samples_of_reader(self, reader: int, readers: int) -> int:
-        return sum(self.unit_samples[reader::readers])
+    def todo(self, reader: int, readers: int) -> list[int]:
+        return [unit for unit in range(len(self.units))[reader::readers] if unit not in self.done]
+
+    def regions(self, units: Sequence[int]) -> int:
+        """The input samples (regions) of these units."""
+        return sum(self.manifest["shards"][p]["samples"] for unit in units for p in self.units[unit])
+
+    def samples(self, unit: int) -> Iterator[dict]:
+        for position in self.units[unit]:
+            yield from tar_samples(self.urls[position])
+
+    def items_of(self, unit: int) -> Iterator[dict]:
+        raise NotImplementedError
 
     def __iter__(self) -> Iterator[dict]:
-        reader, readers = reader_info()
-        for unit in self.units[reader::readers]:
-            for position in unit:
-                for sample in tar_samples(self.urls[position]):
-                    pixels, record = decode_sample(sample, self.decode)
-                    yield {"pixels": pixels, "record": record, "key": sample["__key__"], "reader": reader}
+        for unit in self.todo(*reader_info()):
+            for item in self.items_of(unit):
+                yield {"unit": unit, **item}
+            yield {"unit": unit, "end": True}
+
+
+class UnitRegionBatches(UnitItems):
+    """Regions of each unit in batches of `batch` (batches never span units, so a unit's grids do not
+    depend on which reader computes it): {"pixels", "record", "key"} lists, pixels stacked (with
+    decode="gpu" JPEG pixels stay encoded for the device)."""
+
+    def __init__(self, source: str | Path | Mapping, done: set[int], batch: int, decode: str = "cpu") -> None:
+        super().__init__(source, done)
+        self.batch, self.decode = batch, decode
+
+    def items_of(self, unit: int) -> Iterator[dict]:
+        regions = []
+        for sample in self.samples(unit):
+            pixels, record = decode_sample(sample, self.decode)
+            regions.append({"pixels": pixels, "record": record, "key": sample["__key__"]})
+            if len(regions) == self.batch:
+                yield collate(regions)
+                regions = []
+        if regions:
+            yield collate(regions)
+
+
+class UnitSlideBags(UnitItems):
+    """The slides of each unit, one bag of all its regions each (SlideBagStream's slide items), with the
+    slide's place in the manifest ("ordinal")."""
+
+    def __init__(self, source: str | Path | Mapping, done: set[int]) -> None:
+        super().__init__(source, done)
+        self.bags = SlideBagStream(self.manifest)
+        self.ordinals = {slide: n for n, slide in enumerate(self.manifest["slides"])}
+
+    def items_of(self, unit: int) -> Iterator[dict]:
+        for slide_id, samples in groupby(self.samples(unit), key=lambda s: json.loads(s["json"])["slide_id"]):
+            yield {"bag": self.bags.decode_bag(list(samples)), "ordinal": self.ordinals[slide_id]}
 
 
 # ----------------------------------------------------------------------------------------- output
-class GridPartWriter:
-    """Token-grid samples of one reader -> shards, journal and manifest in one folder (a part to merge,
-    or the whole output)."""
+class UnitOutputs:
+    """An embedding step's output: one shard per input unit, `shard-{unit:06d}.tar`, written to a temporary
+    file and renamed into place, then recorded in `units/{unit:06d}.json` (its shard entry, slides and index
+    rows). The layout depends on the input alone, so any number of processes or machines write the same
+    files; a rerun skips the recorded units (a killed run redoes only the units it was writing); and the
+    manifest and index are made from the records when every unit is done."""
 
-    def __init__(self, out_dir: Path, settings: Mapping[str, Any], classes: list[str], shard_bytes: int) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in [*out_dir.glob("shard-*.tar*"), out_dir / JOURNAL, out_dir / "manifest.json"]:
-            leftover.unlink(missing_ok=True)  # of an interrupted run
-        self.out_dir, self.settings, self.classes = out_dir, dict(settings), classes
-        self.journal = out_dir / JOURNAL
-        self.journal.write_text(json.dumps({"build_args": self.settings}) + "\n")
-        self.writer = ShardWriter(out_dir, shard_bytes, self.journal, first_shard=0)
-        self.slides: dict[str, dict[str, Any]] = {}
-        self.regions = 0
+    def __init__(self, out: Path, settings: Mapping[str, Any]) -> None:
+        self.out, self.settings = out, dict(settings)
+        self.records = out / UNITS
+        self.open: dict[int, tuple[Any, wds.TarWriter, dict[str, dict]]] = {}
 
-    def add(self, sample: dict, record: Mapping[str, Any]) -> None:
-        """The grid sample of the region whose (input) record is ``record``."""
-        self.writer.add(sample, record["slide_id"], position=(len(self.slides), self.regions))
-        entry = self.slides.setdefault(record["slide_id"], {
-            "label": record["label"], "patient_id": record["patient_id"], "split": record.get("split"), "regions": 0})
-        entry["regions"] += 1
-        self.regions += 1
+    def done(self, accelerator: Accelerator) -> set[int]:
+        """Units finished by an earlier run with the same settings (refuses one with other settings)."""
+        settings = self.records / "settings.json"
+        if accelerator.is_main_process:
+            self.records.mkdir(parents=True, exist_ok=True)
+            if not settings.exists():
+                atomic_write_json(settings, self.settings)
+        accelerator.wait_for_everyone()
+        if json.loads(settings.read_text()) != json.loads(json.dumps(self.settings)):
+            raise FileExistsError(f"{self.out} holds an interrupted run with other settings; choose another out= "
+                                  "or delete it")
+        return {int(path.stem) for path in self.records.glob("[0-9]*.json")}
 
-    def finish(self, inputs: int) -> dict:
-        """Close the last shard and write the manifest; ``inputs`` = the input regions this part had to write."""
-        self.writer.finish(resume=None)
-        shards, _, _ = read_journal(self.journal, self.settings)
-        if self.regions != inputs:
-            raise RuntimeError(f"{self.out_dir}: wrote {self.regions} regions of {inputs} inputs")
-        for entry in self.slides.values():
-            entry["shards"] = []
-        for shard in shards:
-            for slide_id in shard["slides"]:
-                self.slides[slide_id]["shards"].append(shard["name"])
-        manifest = {
-            "format": FORMAT, "version": FORMAT_VERSION, "kind": GRIDS_KIND, "build_args": self.settings,
-            "classes": self.classes, "class_counts": class_counts(self.slides),
-            "inputs": inputs, "written": self.regions, "n_skipped": 0, "skipped": [],
-            "samples": sum(shard["samples"] for shard in shards), "slides": self.slides, "shards": shards,
-        }
-        write_index(self.out_dir, shards, journal_rows(self.journal))
-        atomic_write_json(self.out_dir / "manifest.json", manifest)
+    def add(self, unit: int, sample: dict, slide: Mapping[str, Any], regions: int) -> None:
+        """A sample of `unit` for the slide `slide` (its input record or bag: label, patient, split), holding
+        `regions` input regions."""
+        if unit not in self.open:
+            stream = open(self.out / f"{self._name(unit)}.tmp", "wb")
+            self.open[unit] = (stream, wds.TarWriter(stream, encoder=False, mtime=0), {})
+        _, tar, slides = self.open[unit]
+        tar.write(sample)
+        entry = slides.setdefault(slide["slide_id"], {"label": slide["label"], "patient_id": slide["patient_id"],
+                                                      "split": slide.get("split"), "regions": 0, "samples": 0})
+        entry["regions"] += regions
+        entry["samples"] += 1
+
+    def close(self, unit: int, inputs: int) -> None:
+        """Rename unit's shard into place and record it; `inputs`: the input regions the unit held."""
+        stream, tar, slides = self.open.pop(unit)
+        tar.close()
+        stream.flush()
+        os.fsync(stream.fileno())
+        stream.close()
+        final = self.out / self._name(unit)
+        os.replace(self.out / f"{final.name}.tmp", final)
+        written = sum(entry["regions"] for entry in slides.values())
+        if written != inputs:
+            raise RuntimeError(f"{final}: wrote {written} regions of the {inputs} its input holds")
+        shard = {"name": final.name, "samples": sum(e["samples"] for e in slides.values()), "bytes": final.stat().st_size,
+                 "sha256": sha256_file(final), "slides": {s: e.pop("samples") for s, e in slides.items()},
+                 "slide_continues": False}
+        atomic_write_json(self.records / f"{unit:06d}.json", {"shard": shard, "slides": slides,
+                                                              "index": index_file(final)})
+
+    @staticmethod
+    def _name(unit: int) -> str:
+        return f"shard-{unit:06d}.tar"
+
+    def finish(self, accelerator: Accelerator, kind: str, source: Mapping[str, Any], units: int) -> dict:
+        """When every process is done: the manifest and index from the unit records (main process), the
+        config beside them; checks that every input region was written."""
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            records = [json.loads((self.records / f"{unit:06d}.json").read_text()) for unit in range(units)]
+            shards = [record["shard"] for record in records]
+            slides = {slide: {**entry, "shards": [record["shard"]["name"]]}
+                      for record in records for slide, entry in record["slides"].items()}
+            written = sum(entry["regions"] for entry in slides.values())
+            manifest = {
+                "format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "build_args": self.settings,
+                "classes": source["classes"], "class_counts": class_counts(slides), "inputs": source["samples"],
+                "written": written, "n_skipped": 0, "skipped": [], "samples": sum(s["samples"] for s in shards),
+                "slides": slides, "shards": shards}
+            write_index(self.out, shards, {r["shard"]["name"]: [tuple(row) for row in r["index"]] for r in records})
+            atomic_write_json(self.out / MANIFEST, manifest)
+            save_config(self.settings, self.out)
+        accelerator.wait_for_everyone()
+        manifest = load_manifest(self.out)
+        if manifest["written"] != source["samples"]:
+            raise RuntimeError(f"{self.out}: {manifest['written']} regions written of {source['samples']} input regions")
+        log.info("%d input regions = %d written + 0 skipped; %d samples in %d shards -> %s", source["samples"],
+                 manifest["written"], manifest["samples"], len(manifest["shards"]), self.out)
         return manifest
 
 
 def _existing_output(out: Path, settings: Mapping[str, Any]) -> dict | None:
     """The manifest of a finished earlier run with the same settings (None if there is none)."""
-    if not (out / "manifest.json").exists():
+    if not (out / MANIFEST).exists():
         return None
     manifest = load_manifest(out)
-    if manifest["build_args"] != dict(settings):
+    if manifest["build_args"] != json.loads(json.dumps(dict(settings))):
         raise FileExistsError(f"{out} already holds embeddings made with other settings; choose another out=")
     log.info("%s is already complete (%d samples); nothing to do", out, manifest["samples"])
     return manifest
 
 
-def _clear_stale_parts(accelerator: Accelerator, out: Path, readers: int) -> None:
-    """Remove the parts of an earlier, interrupted run with another reader count (main process)."""
-    if accelerator.is_main_process and out.is_dir():
-        keep = {part_dir(out, f"{reader}/{readers}").name for reader in range(readers)} if readers > 1 else set()
-        for stale in out.iterdir():
-            if stale.is_dir() and PART.match(stale.name) and stale.name not in keep:
-                shutil.rmtree(stale)
-    accelerator.wait_for_everyone()
-
-
-def _finish_output(accelerator: Accelerator, out: Path, readers: int, inputs: int,
-                   settings: Mapping[str, Any]) -> dict:
-    """After every part is written: merge the parts and write the config (main process), check the accounting."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and readers > 1:
-        merge(out)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_config(settings, out)
-    manifest = load_manifest(out)
-    written = sum(entry["regions"] for entry in manifest["slides"].values())
-    if written != inputs:
-        raise RuntimeError(f"{out}: {written} regions written of {inputs} input regions")
-    log.info("%d input regions = %d written + 0 skipped; %d samples in %d shards -> %s", inputs, written,
-             manifest["samples"], len(manifest["shards"]), out)
-    return manifest
+def _units_done(accelerator: Accelerator, outputs: UnitOutputs, units: int) -> set[int]:
+    done = outputs.done(accelerator)
+    if done:
+        log.info("%s: %d of %d units done by an earlier run; embedding the other %d", outputs.out, len(done),
+                 units, units - len(done))
+    return done
 
 
 # -------------------------------------------------------------------------------------- the steps
 @torch.no_grad()
 def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, settings: Mapping[str, Any],
                 normalisation: str, regions_per_batch: int, tiles_per_call: int, workers: int = 0,
-                dtype: str = "float16", shard_bytes: int = 1_000_000_000,
-                mixed_precision: str | None = None, decode: str = "cpu") -> dict:
-    """Every region of the shard set ``source`` -> its token grid, written as shards to ``out``.
+                dtype: str = "float16", mixed_precision: str | None = None, decode: str = "cpu") -> dict:
+    """Every region of the shard set ``source`` -> its token grid, written as shards to ``out`` (one per
+    input unit, see UnitOutputs: resumable, the same files for any number of processes).
 
     ``settings`` (e.g. the recipe config) is recorded as the output's build_args. ``decode="gpu"``:
     JPEG regions are decoded on the CUDA device in batches (the CPU readers when there is none). Returns
@@ -216,71 +283,71 @@ def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, sett
     accelerator = Accelerator(mixed_precision=mixed_precision)
     if (manifest := _existing_output(out, settings)) is not None:
         return manifest
+    outputs = UnitOutputs(out, settings)
     source_manifest = load_manifest(source)
-    dataset = WholeSlideRegions(source, decode_mode(decode, accelerator.device))
-    readers = accelerator.num_processes * max(workers, 1)
-    mine = [accelerator.process_index * max(workers, 1) + w for w in range(max(workers, 1))]
-    _clear_stale_parts(accelerator, out, readers)
-    writers = {reader: GridPartWriter(part_dir(out, f"{reader}/{readers}" if readers > 1 else None), settings,
-                                      source_manifest["classes"], shard_bytes) for reader in mine}
+    units = len(slide_units(source_manifest))
+    dataset = UnitRegionBatches(source_manifest, _units_done(accelerator, outputs, units), regions_per_batch,
+                                decode_mode(decode, accelerator.device))
     encoder = select_attention(encoder.to(accelerator.device).eval(), accelerator.device, accelerator.mixed_precision)
-    loader = DataLoader(dataset, batch_size=regions_per_batch, num_workers=workers, collate_fn=collate,
-                        pin_memory=accelerator.device.type == "cuda")
-    bar = progress(total=sum(dataset.samples_of_reader(reader, readers) for reader in mine), desc="embed tiles",
-                   unit="region", disable=not accelerator.is_main_process)
-    for batch in loader:
-        tile_px = {record["tile_px"] for record in batch["record"]}
+    mine = [u for w in range(max(workers, 1))
+            for u in dataset.todo(accelerator.process_index * max(workers, 1) + w, accelerator.num_processes * max(workers, 1))]
+    bar = progress(total=dataset.regions(mine), desc="embed tiles", unit="region", disable=not accelerator.is_main_process)
+    for item in DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=accelerator.device.type == "cuda"):
+        if item.get("end"):
+            outputs.close(item["unit"], dataset.regions([item["unit"]]))
+            continue
+        tile_px = {record["tile_px"] for record in item["record"]}
         if len(tile_px) > 1:
             raise ValueError(f"regions of one batch have different tile sizes {sorted(tile_px)}")
         with accelerator.autocast():
-            grids = token_grids(encoder, device_pixels(batch["pixels"], accelerator.device), tile_px.pop(),
+            grids = token_grids(encoder, device_pixels(item["pixels"], accelerator.device), tile_px.pop(),
                                 normalisation, tiles_per_call)
-        grids = grids.to(DTYPES[dtype]).cpu().numpy()
-        for key, record, grid, reader in zip(batch["key"], batch["record"], grids, batch["reader"]):
+        for key, record, grid in zip(item["key"], item["record"], grids.to(DTYPES[dtype]).cpu().numpy()):
             ext, data = encode_grid(grid)
             grid_record = {**record, "height": grid.shape[1], "width": grid.shape[2],
                            "region_height": record["height"], "region_width": record["width"]}
-            writers[reader].add({"__key__": key, ext: data, "json": json.dumps(grid_record).encode()}, record)
+            outputs.add(item["unit"], {"__key__": key, ext: data, "json": json.dumps(grid_record).encode()}, record, 1)
         bar.update(len(grids))
     bar.close()
-    for reader, writer in writers.items():
-        writer.finish(inputs=dataset.samples_of_reader(reader, readers))
-    return _finish_output(accelerator, out, readers, source_manifest["samples"], settings)
+    return outputs.finish(accelerator, GRIDS_KIND, source_manifest, units)
 
 
 @torch.no_grad()
 def embed_regions(encoder: nn.Module | None, source: str | Path, out: str | Path, *, settings: Mapping[str, Any],
-                  regions_per_batch: int, workers: int = 0, shard_bytes: int = 1_000_000_000,
-                  mixed_precision: str | None = None, min_tile_tissue: float = 0.0) -> dict:
+                  regions_per_batch: int, workers: int = 0, mixed_precision: str | None = None,
+                  min_tile_tissue: float = 0.0) -> dict:
     """Every slide of the token-grid shard set ``source`` -> its region embeddings [M, D] (float32) with
-    coordinates, one sample per slide, written as shards to ``out``. encoder None: the bag of every tile
-    embedding instead (`tile_bag`). Returns the manifest."""
+    coordinates, one sample per slide, written as shards to ``out`` (one per input unit, see UnitOutputs).
+    encoder None: the bag of every tile embedding instead (`tile_bag`). Returns the manifest."""
     out = Path(out)
     accelerator = Accelerator(mixed_precision=mixed_precision)
     if (manifest := _existing_output(out, settings)) is not None:
         return manifest
     source_manifest = load_manifest(source)
-    readers = accelerator.num_processes
-    _clear_stale_parts(accelerator, out, readers)
+    outputs = UnitOutputs(out, settings)
+    units = len(slide_units(source_manifest))
+    dataset = UnitSlideBags(source_manifest, _units_done(accelerator, outputs, units))
     if encoder is not None:
         encoder = select_attention(encoder.to(accelerator.device).eval(), accelerator.device, accelerator.mixed_precision)
-
-    def bags() -> Iterator[SlideBag]:
-        # The slide-bag stream gives each process (and worker) the slides that start in its shards.
-        for bag in progress(DataLoader(SlideBagStream(source), batch_size=None, num_workers=workers),
-                            desc="embed regions" if encoder is not None else "tile bags", unit="slide",
-                            disable=not accelerator.is_main_process):
-            if encoder is None:
-                features, coords = tile_bag(bag["pixels"].float(), bag["coords"], bag["sizes"], bag["tissue"],
-                                            min_tile_tissue)
-            else:
-                grids = bag["pixels"].to(accelerator.device)
-                with accelerator.autocast():
-                    features = torch.cat([encoder(chunk.float()) for chunk in grids.split(regions_per_batch)])
-                coords = bag["coords"]
-            yield SlideBag(bag["slide_id"], bag["patient_id"], bag["label"], features.float().cpu(), coords,
-                           split=source_manifest["slides"][bag["slide_id"]]["split"], regions=len(bag["coords"]))
-
-    write_slide_bags(part_dir(out, f"{accelerator.process_index}/{readers}" if readers > 1 else None), bags(),
-                     source_manifest["classes"], build_args=dict(settings), shard_bytes=shard_bytes)
-    return _finish_output(accelerator, out, readers, source_manifest["samples"], settings)
+    for item in progress(DataLoader(dataset, batch_size=None, num_workers=workers),
+                         desc="embed regions" if encoder is not None else "tile bags", unit="slide",
+                         disable=not accelerator.is_main_process):
+        if item.get("end"):
+            outputs.close(item["unit"], dataset.regions([item["unit"]]))
+            continue
+        bag = item["bag"]
+        if encoder is None:
+            features, coords = tile_bag(bag["pixels"].float(), bag["coords"], bag["sizes"], bag["tissue"],
+                                        min_tile_tissue)
+        else:
+            grids = bag["pixels"].to(accelerator.device)
+            with accelerator.autocast():
+                features = torch.cat([encoder(chunk.float()) for chunk in grids.split(regions_per_batch)])
+            coords = bag["coords"]
+        regions = len(bag["coords"])
+        slide = SlideBag(bag["slide_id"], bag["patient_id"], bag["label"], features.float().cpu(), coords,
+                         split=source_manifest["slides"][bag["slide_id"]]["split"], regions=regions)
+        outputs.add(item["unit"], bag_sample(slide, item["ordinal"], source_manifest["classes"], np.dtype("float32")),
+                    {"slide_id": slide.slide_id, "label": slide.label, "patient_id": slide.patient_id,
+                     "split": slide.split}, regions)
+    return outputs.finish(accelerator, BAG_KIND, source_manifest, units)

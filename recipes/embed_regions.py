@@ -25,7 +25,7 @@ DEFAULTS = {
     "model": {**copy.deepcopy(REGION_MODEL_DEFAULTS), **WEIGHTS_DEFAULTS},
     # level: region (ViT4K embeddings, the HIPT path) | tile (every tile embedding of the slide, no region
     # stage: the bags of attention-MIL over tiles, the field's baseline; min_tile_tissue drops glass tiles)
-    "embed": {"regions_per_batch": 64, "mixed_precision": None, "shard_bytes": 1.0e9, "level": "region",
+    "embed": {"regions_per_batch": 64, "mixed_precision": None, "level": "region",
               "min_tile_tissue": 0.0},
 }
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     encoder = load_encoder_weights(build_region_encoder(cfg["model"]), cfg["model"]) if embed["level"] == "region" else None
     embed_regions(encoder, cfg["data"]["shards"], cfg["out"], settings=cfg,
                   regions_per_batch=embed["regions_per_batch"], workers=cfg["data"]["workers"],
-                  shard_bytes=int(embed["shard_bytes"]), mixed_precision=embed["mixed_precision"],
+                  mixed_precision=embed["mixed_precision"],
                   min_tile_tissue=embed["min_tile_tissue"])
 
 

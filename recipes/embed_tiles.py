@@ -30,7 +30,6 @@ DEFAULTS = {
         "tiles_per_call": 512,
         "dtype": "float16",  # of the stored grids: float16 | float32
         "mixed_precision": None,  # no | bf16 | fp16; null: as `accelerate launch` says
-        "shard_bytes": 1.0e9,
     },
 }
 
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     normalisation = tile_normalisation(tile_architecture(cfg["model"]), embed["normalisation"])
     embed_tiles(encoder, cfg["data"]["shards"], cfg["out"], settings=cfg, normalisation=normalisation,
                 regions_per_batch=embed["regions_per_batch"], tiles_per_call=embed["tiles_per_call"],
-                workers=cfg["data"]["workers"], dtype=embed["dtype"], shard_bytes=int(embed["shard_bytes"]),
+                workers=cfg["data"]["workers"], dtype=embed["dtype"],
                 mixed_precision=embed["mixed_precision"], decode=cfg["data"]["decode"])
 
 

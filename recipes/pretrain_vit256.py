@@ -8,13 +8,13 @@ Outputs in `out`: config.yaml, train_log.jsonl, checkpoint.pt (resume=true conti
 released DINO layout) and backbone.safetensors (the teacher's tile encoder) for embed_tiles.
 """
 from hipt_e2e.data import TileStream
+from hipt_e2e.data.streams import count_tiles
 from hipt_e2e.models.bundle import tile_architecture
 from hipt_e2e.ssl import TileMultiCrop
 from hipt_e2e.training import (
     DINO_DEFAULTS,
     TILE_MODEL_DEFAULTS,
     build_tile_encoder,
-    count_tiles,
     recipe_config,
     train_dino,
 )

@@ -23,7 +23,7 @@ import numpy as np
 import webdataset as wds
 
 from hipt_e2e.data.index import journal_rows, write_index
-from hipt_e2e.data.manifest import class_counts
+from hipt_e2e.data.manifest import FORMAT, FORMAT_VERSION, class_counts
 from hipt_e2e.data.samples import encode_pixels, sample_key
 from hipt_e2e.data.sources import (
     ImageReader,
@@ -41,8 +41,6 @@ from shards.inputs import Item, class_names, discover
 
 log = logging.getLogger(__name__)
 
-FORMAT = "hipt-e2e-shards"
-FORMAT_VERSION = 1
 JOURNAL = "build-journal.jsonl"
 
 DEFAULTS: dict[str, Any] = {

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 
 from hipt_e2e.data import RegionStream, SlideBagStream, load_manifest
 from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.data.samples import encode_grid
-from hipt_e2e.embedding import GRIDS_KIND, GridPartWriter, token_grids
+from hipt_e2e.embedding import GRIDS_KIND, UnitOutputs, token_grids
 from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.models import cnn256, load_checkpoint, model_preset, vit4k, vit256
 from hipt_e2e.models.bundle import CARD, load_bundle, write_card
@@ -32,6 +30,7 @@ from hipt_e2e.training import (
 from hipt_e2e.training.slide_level import build_slide_model, embedding_stages, slide_model_card
 from shards.build import build
 from shards.verify import verify
+from tests.launch import launch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = model_preset("tiny")
@@ -168,20 +167,16 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(shards: dict[
     assert torch.equal(final_parts["dino_loss"]["center"], final_whole["dino_loss"]["center"])
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(shards: dict[str, Path], tmp_path: Path) -> None:
-    # One region (4 tiles) per shard: rank r's first batch of 4 is shard r, one process's batch of 8 is
-    # shards 0 and 1. Crops are drawn per chunk of 4 by place in the global batch, so both see the same.
+def test_two_processes_on_two_machines_match_one_process_on_the_same_global_batch(shards: dict[str, Path],
+                                                                                  tmp_path: Path) -> None:
+    # Two launchers on 127.0.0.1 (machine ranks 0 and 1), one process each. One region (4 tiles) per shard:
+    # rank r's first batch of 4 is shard r, one process's batch of 8 is shards 0 and 1. Crops are drawn per
+    # chunk of 4 by place in the global batch, so both see the same.
     step = [f"data.shards={shards['tiles']}", "train.epochs=1", "train.steps_per_epoch=1", "train.augment_chunk=4",
             "optim.lr=2.0"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    # `accelerate launch --cpu` starts a single process whatever --num_processes says (multi-CPU needs
-    # mpirun there); the torchrun launcher behind --multi_gpu with ACCELERATE_USE_CPU gives 2 CPU processes.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-               str(REPO / "recipes" / "pretrain_vit256.py"),
-               "--config", str(REPO / "recipes" / "configs" / "tiny" / "pretrain_vit256.yaml"),
-               *step, "train.batch_size=4", f"out={tmp_path / 'two'}"]
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = launch("recipes/pretrain_vit256.py",
+                    ["--config", str(REPO / "recipes" / "configs" / "tiny" / "pretrain_vit256.yaml"), *step,
+                     "train.batch_size=4", f"out={tmp_path / 'two'}"], machines=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4 per process x 2 processes" in result.stderr
     run_recipe("pretrain_vit256", *step, "train.batch_size=8", f"out={tmp_path / 'one'}")
@@ -234,13 +229,15 @@ def assert_same_dino_step(two: dict, one: dict) -> None:
 
 def _grid_shards(out: Path, grids: np.ndarray) -> Path:
     """A token-grid shard set holding ``grids`` as the regions of one slide."""
-    writer = GridPartWriter(out, settings={}, classes=["a"], shard_bytes=1 << 20)
+    writer = UnitOutputs(out, settings={})
+    writer.done(Accelerator())
     for index, grid in enumerate(grids):
         record = {"slide_id": "s", "patient_id": "p", "label": "a", "label_index": 0, "split": None,
                   "region_index": index, "x": 0, "y": 0, "height": 4, "width": 4, "grid": [4, 4], "tissue": [1.0] * 16}
         ext, data = encode_grid(grid)
-        writer.add({"__key__": f"r{index:04d}", ext: data, "json": json.dumps(record).encode()}, record)
-    writer.finish(inputs=len(grids))
+        writer.add(0, {"__key__": f"r{index:04d}", ext: data, "json": json.dumps(record).encode()}, record, 1)
+    writer.close(0, len(grids))
+    writer.finish(Accelerator(), GRIDS_KIND, {"classes": ["a"], "samples": len(grids)}, units=1)
     return out
 
 

@@ -8,9 +8,6 @@ import copy
 import csv
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +29,7 @@ from hipt_e2e.training.e2e import (
     slide_probabilities,
     tile_mask,
 )
+from tests.launch import launch
 from tests.test_models import attention_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,20 +152,12 @@ def test_freeze_modes_leave_frozen_parameters_unchanged(shards: Path, tmp_path: 
     assert not any(name.startswith(tuple(f"{s}_" for s in freeze)) for name in trained)
 
 
-def _launch_two_processes(arguments: list[str]) -> subprocess.CompletedProcess:
-    # `--multi_gpu` with ACCELERATE_USE_CPU starts torchrun's CPU processes (plain `--cpu` starts one)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29521"]
-    return subprocess.run([*launch, str(REPO / "recipes" / "e2e.py"), *arguments], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_two_processes_equal_one_process_on_the_same_global_batch(shards: Path, tmp_path: Path) -> None:
-    """2 processes x 1 slide per step (DDP) = 1 process accumulating 2 slides, dropout and augmentation included."""
+def test_two_processes_on_two_machines_equal_one_process_on_the_same_global_batch(shards: Path, tmp_path: Path) -> None:
+    """2 machines (two launchers on 127.0.0.1) x 1 process x 1 slide per step (DDP) = 1 process accumulating
+    2 slides, dropout and augmentation included."""
     step = ["train.stop_after=1", "optim.lr.tile=0.01", "optim.lr.region=0.01", "optim.lr.slide=0.01",
             "optim.clip_grad=0", "model.dropout=0.25", "model.drop_path_rate=0.1", "augment.enabled=true"]
-    result = _launch_two_processes(settings(shards, tmp_path / "two", *step))
+    result = launch("recipes/e2e.py", settings(shards, tmp_path / "two", *step), machines=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 per process x 2 processes" in result.stderr
     recipe = load_recipe()

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from hipt_e2e.inference.predict import PREDICT_DEFAULTS, Predictor, main, predic
 from hipt_e2e.models import HIPT
 from hipt_e2e.training.checkpointing import export_safetensors
 from tests.conftest import lymphoma_images, read_rgb
+from tests.launch import launch
 from tests.test_openslide import write_pyramid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,11 +212,7 @@ def test_two_processes_write_the_one_process_predictions(shards, tmp_path):
     export_safetensors(model, tmp_path / "hipt.safetensors")
     settings = [str(shards), "input_kind=shards", "model.preset=tiny", "model.classes=[a, b]",
                 f"model.weights={tmp_path / 'hipt.safetensors'}", "top_regions=1"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523"]
-    result = subprocess.run([*launch, str(REPO / "recipes" / "predict.py"), *settings, f"out={tmp_path / 'two'}"],
-                            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = launch("recipes/predict.py", [*settings, f"out={tmp_path / 'two'}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert main([*settings, f"out={tmp_path / 'one'}"]) == 0
     one, two = (list(csv.DictReader((tmp_path / run / "predictions.csv").read_text().splitlines()))

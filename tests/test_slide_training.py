@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -17,6 +15,7 @@ from safetensors.torch import load_file
 from hipt_e2e.data.embeddings import SlideBag, read_slide_bags, write_slide_bags
 from hipt_e2e.evaluation.splits import SplitError
 from hipt_e2e.training.slide_level import class_weights, epoch_order
+from tests.launch import launch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
@@ -113,12 +112,7 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     """DDP over 2 CPU processes (one slide each per step) = 1 process accumulating 2 slides per step."""
     write_slide_bags(tmp_path / "bags", make_bags(n_per_class=6, split=True), CLASSES, build_args={})
     common = [f"data.shards={tmp_path / 'bags'}", "optim.epochs=2", "model.dropout=0.0", "imbalance=none"]
-    # `--multi_gpu` with ACCELERATE_USE_CPU starts torchrun's CPU processes (plain `--cpu` starts one)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518"]
-    result = subprocess.run([*launch, str(REPO / "recipes" / "train_wsi.py"), *common, "optim.accumulate=1",
-                             f"out={tmp_path / '2'}"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = launch("recipes/train_wsi.py", [*common, "optim.accumulate=1", f"out={tmp_path / '2'}"])
     assert result.returncode == 0, result.stderr[-3000:]
     train_wsi.main([*common, "optim.accumulate=2", f"out={tmp_path / '1'}"])
     assert json.loads((tmp_path / "2" / "metrics.json").read_text())["processes"] == 2

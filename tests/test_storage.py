@@ -222,3 +222,15 @@ def test_the_cache_serves_repeated_reads_and_stays_bounded(shards: Path, tmp_pat
         small.put("u", n, n + 1000, bytes(1000))
     assert sum(p.stat().st_size for p in (tmp_path / "small").glob("*.bin")) <= 3000
     assert small.get("u", 9, 1009) == bytes(1000) and small.get("u", 0, 1000) is None
+
+
+def test_end_to_end_training_from_a_url_gives_the_local_predictions(shards: Path, tmp_path: Path) -> None:
+    from tests.test_e2e import load_recipe, settings
+
+    recipe = load_recipe()
+    recipe.main(settings(shards, tmp_path / "local"))
+    with ShardServer(shards.parent, drop_every=9) as server:
+        recipe.main(settings(f"{server.url}/{shards.name}", tmp_path / "http", f"data.cache_dir={tmp_path / 'cache'}"))
+    assert server.dropped > 0 and any((tmp_path / "cache").glob("*.bin"))
+    for name in ("predictions.csv", "fold_0/train_log.jsonl", "fold_2/history.json"):
+        assert (tmp_path / "local" / name).read_text() == (tmp_path / "http" / name).read_text(), name

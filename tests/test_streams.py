@@ -18,13 +18,13 @@ from hipt_e2e.data import RegionStream, SlideBagStream, TileStream, load_manifes
 from hipt_e2e.data.manifest import shard_urls
 from hipt_e2e.data.samples import (
     JpegBatch,
+    collate,
     decode_mode,
     decode_pixels,
     device_pixels,
     encode_pixels,
     stack_pixels,
 )
-from hipt_e2e.training.data import collate
 from shards.build import build
 
 

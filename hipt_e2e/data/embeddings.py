@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from hipt_e2e.data.index import journal_rows, write_index
-from hipt_e2e.data.manifest import class_counts, load_manifest, shard_urls
+from hipt_e2e.data.manifest import FORMAT, FORMAT_VERSION, class_counts, load_manifest, shard_urls
 from hipt_e2e.data.samples import npy_array, npy_bytes, sample_key
 from hipt_e2e.data.storage import tar_samples
 from hipt_e2e.data.writer import ShardWriter
@@ -36,7 +36,8 @@ class SlideBag:
     regions: int | None = None  # the input regions it holds when its rows are tiles (embed_regions level=tile)
 
 
-def _sample(bag: SlideBag, ordinal: int, classes: Sequence[str], dtype: np.dtype) -> dict:
+def bag_sample(bag: SlideBag, ordinal: int, classes: Sequence[str], dtype: np.dtype) -> dict:
+    """The shard sample of one slide's bag; `ordinal` (the slide's place in its set) makes the key."""
     record = {"slide_id": bag.slide_id, "patient_id": bag.patient_id, "label": bag.label,
               "label_index": classes.index(bag.label) if bag.label in classes else None, "split": bag.split,
               "n_regions": int(bag.features.shape[0]), "dim": int(bag.features.shape[1])}
@@ -57,7 +58,7 @@ def write_slide_bags(out_dir: str | Path, bags: Iterable[SlideBag], classes: Seq
     slides: dict[str, dict] = {}
     try:
         for ordinal, bag in enumerate(bags):
-            writer.add(_sample(bag, ordinal, classes, np.dtype(dtype)), bag.slide_id, (ordinal, 0))
+            writer.add(bag_sample(bag, ordinal, classes, np.dtype(dtype)), bag.slide_id, (ordinal, 0))
             slides[bag.slide_id] = {"label": bag.label, "patient_id": bag.patient_id, "split": bag.split,
                                     "regions": bag.regions or int(bag.features.shape[0]), "shards": [writer.name]}
         writer.finish(resume=None)
@@ -66,7 +67,7 @@ def write_slide_bags(out_dir: str | Path, bags: Iterable[SlideBag], classes: Seq
         raise
     shards = [json.loads(line)["shard"] for line in journal.read_text().splitlines()[1:]
               if "shard" in json.loads(line)]
-    manifest = {"format": "hipt-e2e-shards", "version": 1, "kind": KIND, "build_args": build_args,
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "kind": KIND, "build_args": build_args,
                 "classes": list(classes), "class_counts": class_counts(slides), "inputs": len(slides), "written": len(slides),
                 "n_skipped": 0, "samples": len(slides), "slides": slides, "shards": shards, "skipped": []}
     write_index(out_dir, shards, journal_rows(journal))

@@ -8,6 +8,8 @@ from pathlib import Path
 from hipt_e2e.data.storage import child, local_path, parent, read_bytes
 
 MANIFEST = "manifest.json"
+FORMAT = "hipt-e2e-shards"  # every shard set's manifest: format, version, kind, ...
+FORMAT_VERSION = 1
 GRIDS_KIND = "token_grids"  # the kind of embed_tiles' output: one token grid [D, rows, cols] per region
 
 

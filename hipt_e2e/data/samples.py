@@ -156,6 +156,14 @@ def stack_pixels(items: Sequence[torch.Tensor | JpegBatch]) -> torch.Tensor | Jp
     return JpegBatch(tuple(data for item in items for data in item.data), items[0].shape)
 
 
+
+def collate(items: Sequence[dict]) -> dict:
+    """Stack the "pixels" (or token grids) of stream items; every other field becomes a list (records hold
+    None values, which the default collate refuses)."""
+    batch = {key: [item[key] for item in items] for key in items[0] if key != "pixels"}
+    batch["pixels"] = stack_pixels([item["pixels"] for item in items])
+    return batch
+
 def device_pixels(pixels: torch.Tensor | JpegBatch, device: torch.device) -> torch.Tensor:
     """A batch's pixels on `device`: tensors copied (non-blocking from pinned memory), a JpegBatch decoded
     there in one call (nvJPEG on a CUDA device; libjpeg-turbo on the CPU, which is how the CPU tests run it)."""

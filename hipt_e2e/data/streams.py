@@ -154,6 +154,15 @@ class TileStream(_ShardStream):
         return self._shuffled(self._tiles(), salt=3)
 
 
+def count_tiles(source: str | Path, min_tissue: float) -> int:
+    """Tiles a TileStream yields per pass over a shard set (reads the records, not the pixels)."""
+    total = 0
+    for url in shard_urls(source):
+        for sample in tar_samples(url):
+            total += sum(fraction >= min_tissue for fraction in json.loads(sample["json"])["tissue"])
+    return total
+
+
 class SlideBagStream(_ShardStream):
     """One item per slide: all its regions, or `regions_per_slide` of them sampled (seeded).
 

@@ -1,6 +1,6 @@
 """Training engines behind the recipes: DINO at the tile and region levels, checkpoints and exports."""
 from hipt_e2e.training.checkpointing import CHECKPOINT, export_safetensors, load_checkpoint_state, save_checkpoint
-from hipt_e2e.training.data import EpochBatches, collate, count_tiles, derived_seed
+from hipt_e2e.training.data import EpochBatches, derived_seed
 from hipt_e2e.training.dino import (
     BACKBONE_EXPORT,
     DINO_DEFAULTS,
@@ -24,7 +24,7 @@ from hipt_e2e.training.recipe import recipe_config
 __all__ = [
     "BACKBONE_EXPORT", "CHECKPOINT", "DINO_DEFAULTS", "DINOTrainer", "EpochBatches", "NonFiniteLossError",
     "REGION_MODEL_DEFAULTS", "TILE_MODEL_DEFAULTS", "TRAIN_LOG", "WEIGHTS_DEFAULTS",
-    "build_region_encoder", "build_tile_encoder", "collate", "count_tiles", "derived_seed", "export_safetensors",
+    "build_region_encoder", "build_tile_encoder", "derived_seed", "export_safetensors",
     "load_checkpoint_state", "load_encoder_weights", "make_crops", "recipe_config", "save_checkpoint", "train_dino",
     "with_grid_width",
 ]

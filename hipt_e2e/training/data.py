@@ -5,24 +5,12 @@ the same augmentations whatever its number of processes).
 """
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 
 import numpy as np
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from hipt_e2e.data.manifest import shard_urls
-from hipt_e2e.data.samples import stack_pixels
-
-
-def collate(items: Sequence[dict]) -> dict:
-    """Stack the "pixels" (or token grids) of stream items; every other field becomes a list (records hold
-    None values, which the default collate refuses)."""
-    batch = {key: [item[key] for item in items] for key in items[0] if key != "pixels"}
-    batch["pixels"] = stack_pixels([item["pixels"] for item in items])
-    return batch
+from hipt_e2e.data.samples import collate
 
 
 def derived_seed(*key: int) -> int:
@@ -70,12 +58,3 @@ class EpochBatches(Iterator[dict]):
                     "it with a smaller --shard-bytes, or lower the batch size or the workers)")
         self.taken += 1
         return batch
-
-
-def count_tiles(source: str | Path, min_tissue: float) -> int:
-    """Tiles a TileStream yields per pass over a shard set (reads the records, not the pixels)."""
-    total = 0
-    for url in shard_urls(source):
-        for sample in wds.tariterators.tarfile_samples([{"url": url}]):
-            total += sum(fraction >= min_tissue for fraction in json.loads(sample["json"])["tissue"])
-    return total

@@ -1,0 +1,117 @@
+"""A cohort on several machines: the embedding steps killed and rerun continue to the uninterrupted run's
+bytes, give the same bytes on two machines (two launchers on 127.0.0.1, one CPU process each, gloo) as
+in one process; end-to-end training killed on one rank restarts (torchrun --max-restarts, resume=true) to
+the uninterrupted run's predictions."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from hipt_e2e.data import load_manifest
+from hipt_e2e.embedding import UNITS, slide_units
+from hipt_e2e.models import model_preset, vit4k, vit256
+from hipt_e2e.training import export_safetensors
+from tests.launch import REPO, launch
+from tests.test_e2e import settings as e2e_settings
+
+TINY = model_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def shards(e2e_slides: Path, tmp_path_factory) -> Path:
+    """The 12 e2e slides, one region per shard: a unit (the shards of one slide) per slide."""
+    from shards.build import build
+
+    out = tmp_path_factory.mktemp("cohort") / "shards"
+    build({"kind": "images", "input": str(e2e_slides), "labels": str(e2e_slides / "labels.csv"), "out": str(out),
+           "slide_mpp": 0.5, "region_px": 128, "tile_px": 32, "encoding": "png", "shard_bytes": 1})
+    return out
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    """Fixed tile and region encoder weights (random init, seeded), so every process embeds alike."""
+    import torch
+
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    export_safetensors(vit256(**TINY["tile"]), root / "tile.safetensors")
+    export_safetensors(vit4k(**TINY["region"]), root / "region.safetensors")
+    return {"tile": root / "tile.safetensors", "region": root / "region.safetensors"}
+
+
+def step_args(step: str, source: Path, out: Path, weights: Path) -> list[str]:
+    return ["--config", str(REPO / "recipes" / "configs" / "tiny" / f"{step}.yaml"), f"data.shards={source}",
+            f"out={out}", f"model.weights={weights}"]
+
+
+ONE_PROCESS = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # the launcher's threads
+
+
+def run_step(step: str, *arguments: str, script: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *script, str(REPO / "recipes" / f"{step}.py"), *arguments], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=ONE_PROCESS)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_embedding_killed_and_rerun_gives_the_uninterrupted_bytes(shards: Path, weights, tmp_path: Path) -> None:
+    out = tmp_path / "grids"
+    arguments = step_args("embed_tiles", shards, out, weights["tile"])
+    assert run_step("embed_tiles", *arguments).returncode == 0
+    whole = files(out)
+    units = len(slide_units(load_manifest(shards)))
+    assert units == 12 and len([name for name in whole if name.startswith("shard-")]) == units
+    shutil.rmtree(out)
+    # Killed in the middle of a unit (its shard half written), then run again with the same command.
+    died = run_step("embed_tiles", *arguments, script=[str(REPO / "tests" / "crash.py"),
+                                                       "hipt_e2e.embedding:UnitOutputs.add", "10"])
+    assert died.returncode == 17, died.stderr[-2000:]
+    finished = sorted(p.name for p in (out / UNITS).glob("[0-9]*.json"))
+    assert 0 < len(finished) < units and any(out.glob("*.tmp")) and not (out / "manifest.json").exists()
+    # Other settings are refused rather than mixed in; the same command continues.
+    other = run_step("embed_tiles", *arguments, "embed.dtype=float16")
+    assert other.returncode != 0 and "holds an interrupted run with other settings" in other.stderr
+    again = run_step("embed_tiles", *arguments)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{len(finished)} of {units} units done by an earlier run" in again.stderr
+    assert files(out) == whole
+
+
+@pytest.mark.parametrize("step", ["embed_tiles", "embed_regions"])
+def test_two_machines_write_the_bytes_of_one_process(shards: Path, weights, tmp_path: Path, step: str) -> None:
+    source = shards
+    if step == "embed_regions":  # token grids first
+        source = tmp_path / "grids"
+        assert run_step("embed_tiles", *step_args("embed_tiles", shards, source, weights["tile"])).returncode == 0
+    out = tmp_path / "out"
+    arguments = step_args(step, source, out, weights["region" if step == "embed_regions" else "tile"])
+    assert run_step(step, *arguments).returncode == 0
+    one = files(out)
+    shutil.rmtree(out)
+    two = launch(f"recipes/{step}.py", arguments, processes=2, machines=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert files(out) == one
+
+
+def test_end_to_end_killed_on_one_rank_restarts_to_the_same_predictions(shards: Path, tmp_path: Path) -> None:
+    arguments = ["resume=true", "train.epochs=3", "train.checkpoint_every=2"]
+    whole = launch("recipes/e2e.py", e2e_settings(shards, tmp_path / "whole", *arguments))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    # Rank 1 dies after its third checkpoint save on the first attempt; torchrun restarts both processes,
+    # which resume from the last checkpoint.
+    crashed = launch("tests/crash.py", ["hipt_e2e.training.e2e:FoldTrainer.save", "3", str(REPO / "recipes" / "e2e.py"),
+                                        *e2e_settings(shards, tmp_path / "restarted", *arguments)],
+                     extra=["--max_restarts", "1"], env={"CRASH_RANK": "1"})
+    assert crashed.returncode == 0, crashed.stderr[-3000:]
+    assert "dying after call 3" in crashed.stderr and "resuming" in crashed.stderr.lower()
+    for name in ("predictions.csv", "fold_0/train_log.jsonl", "fold_2/history.json"):
+        assert (tmp_path / "whole" / name).read_text() == (tmp_path / "restarted" / name).read_text(), name
