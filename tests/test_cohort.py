@@ -17,7 +17,7 @@ from hipt_e2e.data import load_manifest
 from hipt_e2e.embedding import UNITS, slide_units
 from hipt_e2e.models import model_preset, vit4k, vit256
 from hipt_e2e.training import export_safetensors
-from tests.launch import REPO, launch
+from tests.launch import REPO, free_port, launch
 from tests.test_e2e import settings as e2e_settings
 
 TINY = model_preset("tiny")
@@ -115,3 +115,25 @@ def test_end_to_end_killed_on_one_rank_restarts_to_the_same_predictions(shards: 
     assert "dying after call 3" in crashed.stderr and "resuming" in crashed.stderr.lower()
     for name in ("predictions.csv", "fold_0/train_log.jsonl", "fold_2/history.json"):
         assert (tmp_path / "whole" / name).read_text() == (tmp_path / "restarted" / name).read_text(), name
+
+
+def test_the_slurm_script_launches_one_launcher_per_node(shards: Path, weights, tmp_path: Path) -> None:
+    """recipes/slurm.sh under a stand-in srun that starts its command once per "node" on this machine."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\necho 127.0.0.2\n")
+    (bin_dir / "srun").write_text('#!/bin/bash\nshift\nfor node in 0 1; do SLURM_NODEID=$node "$@" & done\nwait -n && wait -n\n')
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    out = tmp_path / "grids"
+    arguments = step_args("embed_tiles", shards, out, weights["tile"])
+    assert run_step("embed_tiles", *arguments).returncode == 0
+    one = files(out)
+    shutil.rmtree(out)
+    env = {**ONE_PROCESS, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node[1-2]", "GPUS_PER_NODE": "1", "ACCELERATE_USE_CPU": "true",
+           "MIXED_PRECISION": "no", "MAIN_PORT": str(free_port())}
+    result = subprocess.run(["bash", str(REPO / "recipes" / "slurm.sh"), str(REPO / "recipes" / "embed_tiles.py"),
+                             *arguments], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert files(out) == one

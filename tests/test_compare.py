@@ -12,8 +12,8 @@ from accelerate import Accelerator
 from scipy import stats
 
 from hipt_e2e.evaluation.compare import PairedDifference, SplitMismatch, load_run, main, paired_difference, run_labels
+from hipt_e2e.evaluation.crossval import run_folds
 from hipt_e2e.evaluation.splits import Fold, SlideInfo
-from hipt_e2e.training.slide_level import run_folds
 
 CLASSES = ["a", "b", "c"]
 

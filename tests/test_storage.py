@@ -234,3 +234,19 @@ def test_end_to_end_training_from_a_url_gives_the_local_predictions(shards: Path
     assert server.dropped > 0 and any((tmp_path / "cache").glob("*.bin"))
     for name in ("predictions.csv", "fold_0/train_log.jsonl", "fold_2/history.json"):
         assert (tmp_path / "local" / name).read_text() == (tmp_path / "http" / name).read_text(), name
+
+
+def test_prediction_from_a_url_gives_the_local_predictions(shards: Path, tmp_path: Path) -> None:
+    from hipt_e2e.inference.predict import main as predict
+    from hipt_e2e.models import HIPT
+    from hipt_e2e.training import export_safetensors
+
+    export_safetensors(HIPT.from_preset("tiny", n_classes=2), tmp_path / "hipt.safetensors")
+    settings = ["input_kind=shards", "model.preset=tiny", "model.classes=[a, b]",
+                f"model.weights={tmp_path / 'hipt.safetensors'}", "top_regions=1"]
+    assert predict([str(shards), *settings, f"out={tmp_path / 'local'}"]) == 0
+    with ShardServer(shards.parent, drop_every=7) as server:
+        url = f"{server.url}/{shards.name}"
+        assert predict([url, *settings, f"out={tmp_path / 'http'}"]) == 0
+    local, remote = ((tmp_path / run / "predictions.csv").read_text() for run in ("local", "http"))
+    assert remote == local.replace(str(shards), url) and len(local.splitlines()) == 13

@@ -30,8 +30,8 @@ from hipt_e2e.config import load_yaml, setup_logging
 from hipt_e2e.data.sources import IMAGE_SUFFIXES
 from hipt_e2e.embedding import token_grids
 from hipt_e2e.io import atomic_write_json
+from hipt_e2e.models.encoders import BACKBONE_EXPORT, build_tile_encoder, load_encoder_weights
 from hipt_e2e.progress import progress
-from hipt_e2e.training import BACKBONE_EXPORT, build_tile_encoder, load_encoder_weights
 
 log = logging.getLogger(__name__)
 

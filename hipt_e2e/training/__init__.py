@@ -1,16 +1,6 @@
 """Training engines behind the recipes: DINO at the tile and region levels, checkpoints and exports."""
-from hipt_e2e.training.checkpointing import CHECKPOINT, export_safetensors, load_checkpoint_state, save_checkpoint
-from hipt_e2e.training.data import EpochBatches, derived_seed
-from hipt_e2e.training.dino import (
+from hipt_e2e.models.encoders import (
     BACKBONE_EXPORT,
-    DINO_DEFAULTS,
-    TRAIN_LOG,
-    DINOTrainer,
-    NonFiniteLossError,
-    make_crops,
-    train_dino,
-)
-from hipt_e2e.training.encoders import (
     REGION_MODEL_DEFAULTS,
     TILE_MODEL_DEFAULTS,
     WEIGHTS_DEFAULTS,
@@ -19,6 +9,16 @@ from hipt_e2e.training.encoders import (
     load_encoder_weights,
     with_grid_width,
 )
+from hipt_e2e.training.checkpointing import (
+    CHECKPOINT,
+    TRAIN_LOG,
+    NonFiniteLossError,
+    export_safetensors,
+    load_checkpoint_state,
+    save_checkpoint,
+)
+from hipt_e2e.training.data import EpochBatches, derived_seed
+from hipt_e2e.training.dino import DINO_DEFAULTS, DINOTrainer, make_crops, train_dino
 from hipt_e2e.training.recipe import recipe_config
 
 __all__ = [

@@ -1,7 +1,10 @@
 """Training checkpoints and weight exports, always written atomically (a crash never leaves a partial file
-under the final name) and read without unpickling anything but tensors and plain containers."""
+under the final name) and read without unpickling anything but tensors and plain containers; and what
+every engine's resume needs (which checkpoint to continue, which settings may change, the log kept)."""
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,9 +13,12 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from hipt_e2e.io import atomic_open
+from hipt_e2e.io import atomic_open, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+TRAIN_LOG = "train_log.jsonl"
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
@@ -34,3 +40,48 @@ def export_safetensors(module: nn.Module, path: str | Path, metadata: Mapping[st
     with atomic_open(path, "wb") as handle:
         handle.write(safetensors_bytes(tensors, metadata=dict(metadata or {})))
     return Path(path)
+
+
+# Settings a resumed run may change: they decide when to stop, save or log, never what is computed. More
+# cv.repeats only adds folds after the existing ones (repeat 0 keeps its split and seeds), so a finished
+# one-repeat run continues to three without training its first five folds again.
+RUN_CONTROL = ("out", "resume", "train.checkpoint_every", "train.stop_after", "train.log_every", "cv.repeats")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; nothing of that step was applied or saved."""
+
+
+def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def resume_state(cfg: Mapping[str, Any], path: Path) -> dict[str, Any] | None:
+    """The checkpoint to continue from, or None for a fresh run; refuses to overwrite or mix runs."""
+    if not path.exists():
+        if cfg["resume"]:
+            log.info("resume=true but %s does not exist yet: starting from scratch", path)
+        return None
+    if not cfg["resume"]:
+        raise FileExistsError(f"{path} exists: pass resume=true to continue that run, or choose another out=")
+    state = load_checkpoint_state(path)
+    saved, now = _flatten(state["config"]), _flatten(cfg)
+    changed = sorted(k for k in saved.keys() | now.keys()
+                     if k not in RUN_CONTROL and saved.get(k) != now.get(k))
+    if changed:
+        raise ValueError(f"cannot resume {path}: settings differ from the saved run in {changed} "
+                         f"(only {', '.join(RUN_CONTROL)} may change)")
+    return state
+
+
+def keep_log_before(path: Path, step: int) -> None:
+    """Drop log lines of steps a resumed run will redo (a run may have gone past its last checkpoint)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+        atomic_write_text(path, "".join(line + "\n" for line in lines))

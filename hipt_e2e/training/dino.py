@@ -27,9 +27,9 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from hipt_e2e.config import save_config
-from hipt_e2e.io import atomic_write_text
 from hipt_e2e.models import select_attention
 from hipt_e2e.models.bundle import write_card
+from hipt_e2e.models.encoders import BACKBONE_EXPORT
 from hipt_e2e.progress import progress
 from hipt_e2e.ssl import (
     DINOHead,
@@ -43,13 +43,19 @@ from hipt_e2e.ssl import (
     update_teacher,
     weight_decay_groups,
 )
-from hipt_e2e.training.checkpointing import CHECKPOINT, export_safetensors, load_checkpoint_state, save_checkpoint
+from hipt_e2e.training.checkpointing import (
+    CHECKPOINT,
+    TRAIN_LOG,
+    NonFiniteLossError,
+    export_safetensors,
+    keep_log_before,
+    resume_state,
+    save_checkpoint,
+)
 from hipt_e2e.training.data import EpochBatches, derived_seed
 
 log = logging.getLogger(__name__)
 
-BACKBONE_EXPORT = "backbone.safetensors"
-TRAIN_LOG = "train_log.jsonl"
 AUGMENT, DROP_PATH = 0, 1  # which random stream a derived seed feeds
 
 # The settings both pretraining recipes share; each adds its own `data` (with `workers`, DataLoader
@@ -93,44 +99,6 @@ DINO_DEFAULTS: dict[str, Any] = {
         "log_every": 50,
     },
 }
-# Settings a resumed run may change: they decide when to stop, save or log, never what is computed. More
-# cv.repeats only adds folds after the existing ones (repeat 0 keeps its split and seeds), so a finished
-# one-repeat run continues to three without training its first five folds again.
-RUN_CONTROL = ("out", "resume", "train.checkpoint_every", "train.stop_after", "train.log_every", "cv.repeats")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; nothing of that step was applied or saved."""
-
-
-def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in cfg.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def resume_state(cfg: Mapping[str, Any], path: Path) -> dict[str, Any] | None:
-    """The checkpoint to continue from, or None for a fresh run; refuses to overwrite or mix runs."""
-    if not path.exists():
-        if cfg["resume"]:
-            log.info("resume=true but %s does not exist yet: starting from scratch", path)
-        return None
-    if not cfg["resume"]:
-        raise FileExistsError(f"{path} exists: pass resume=true to continue that run, or choose another out=")
-    state = load_checkpoint_state(path)
-    saved, now = _flatten(state["config"]), _flatten(cfg)
-    changed = sorted(k for k in saved.keys() | now.keys()
-                     if k not in RUN_CONTROL and saved.get(k) != now.get(k))
-    if changed:
-        raise ValueError(f"cannot resume {path}: settings differ from the saved run in {changed} "
-                         f"(only {', '.join(RUN_CONTROL)} may change)")
-    return state
-
-
 def _student_and_teacher(backbone: Callable[[float], nn.Module], dino: Mapping[str, Any]
                          ) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     def network(drop_path_rate: float) -> MultiCropWrapper:
@@ -164,13 +132,6 @@ def dino_optimizer(name: str, groups: list[dict[str, Any]]) -> torch.optim.Optim
     if name == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
     raise ValueError(f"optim.name must be adamw or sgd, got {name!r}")
-
-
-def keep_log_before(path: Path, step: int) -> None:
-    """Drop log lines of steps a resumed run will redo (a run may have gone past its last checkpoint)."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
-        atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 class DINOTrainer:

@@ -11,7 +11,7 @@ Validation and test use every region of a slide, encoded a bounded number of reg
 without gradients.
 
 Splits, class-imbalance settings, model selection with early stopping and the report are those of
-slide-level training (`slide_level.run_folds`, `ModelSelection`, `epoch_order`), so the staged and
+slide-level training (`evaluation.crossval.run_folds`, `ModelSelection`, `epoch_order`), so the staged and
 the end-to-end paths are evaluated identically. Each fold is a resumable run like a DINO run
 (`fold_i/checkpoint.pt`, `fold_i/train_log.jsonl`): the slide order, the sampled regions and every
 random draw (augmentation, dropout, stochastic depth) are functions of (seed, fold, epoch, step, place in
@@ -47,6 +47,7 @@ from tqdm import tqdm
 from hipt_e2e.data.augment import AUGMENT_DEFAULTS, augment_regions, check_augment
 from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.data.samples import decode_mode, device_pixels
+from hipt_e2e.evaluation.crossval import run_folds
 from hipt_e2e.evaluation.metrics import classification_metrics
 from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.io import atomic_write_json
@@ -60,23 +61,19 @@ from hipt_e2e.models.bundle import (
     trained_keys,
     write_card,
 )
+from hipt_e2e.models.encoders import REGION_MODEL_DEFAULTS, TILE_MODEL_DEFAULTS
 from hipt_e2e.models.foundation import load_stage_weights, require_weights
 from hipt_e2e.models.hipt import STAGES
 from hipt_e2e.progress import progress
-from hipt_e2e.training.checkpointing import CHECKPOINT, export_safetensors, save_checkpoint
+from hipt_e2e.training import CHECKPOINT, TRAIN_LOG, NonFiniteLossError, export_safetensors
+from hipt_e2e.training.checkpointing import keep_log_before, resume_state, save_checkpoint
 from hipt_e2e.training.data import derived_seed
-from hipt_e2e.training.dino import TRAIN_LOG, NonFiniteLossError, keep_log_before, resume_state
-from hipt_e2e.training.encoders import (
-    REGION_MODEL_DEFAULTS,
-    TILE_MODEL_DEFAULTS,
-)
 from hipt_e2e.training.slide_level import (
     ModelSelection,
     WeightedCrossEntropy,
     accumulation_step,
     class_weights,
     epoch_order,
-    run_folds,
 )
 
 log = logging.getLogger(__name__)

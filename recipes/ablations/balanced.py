@@ -15,8 +15,9 @@ from pathlib import Path
 from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.evaluation.ablation import folds_text, paired_answer, with_mean_recall, write_ablation
 from hipt_e2e.evaluation.compare import PAIRED_HEADER, paired_difference
+from hipt_e2e.evaluation.crossval import IMBALANCE
 from hipt_e2e.training.recipe import recipe_config
-from hipt_e2e.training.slide_level import IMBALANCE, SLIDE_DEFAULTS, cross_validate
+from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, cross_validate
 
 DEFAULTS = {**copy.deepcopy(SLIDE_DEFAULTS), "corrections": list(IMBALANCE), "docs": "docs/ablations"}
 

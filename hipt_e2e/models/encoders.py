@@ -44,6 +44,8 @@ from hipt_e2e.models.foundation import load_stage_weights, require_weights
 
 log = logging.getLogger(__name__)
 
+BACKBONE_EXPORT = "backbone.safetensors"  # what a DINO run exports: its teacher's backbone
+
 TILE_OVERRIDES = ("patch_size", "embed_dim", "depth", "num_heads", "pos_grid")
 REGION_OVERRIDES = ("in_dim", "embed_dim", "depth", "num_heads", "pos_grid")
 REGION_MODEL_DEFAULTS = {"preset": "hipt", "region": dict.fromkeys(REGION_OVERRIDES)}

@@ -1,0 +1,71 @@
+"""The cross-validation protocol every slide-level model shares, whatever trains it: patient-grouped
+stratified folds (repeated, or the labels' fixed split), the caller's test probabilities per fold, then
+one set of outputs (splits.csv, predictions.csv, metrics.json, plots, report.md) that the paired
+comparison reads."""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from accelerate import Accelerator
+
+from hipt_e2e.config import save_config
+from hipt_e2e.evaluation.metrics import classification_metrics
+from hipt_e2e.evaluation.report import write_report
+from hipt_e2e.evaluation.splits import Fold, SlideInfo, check_labels, make_folds, write_splits
+
+log = logging.getLogger(__name__)
+
+IMBALANCE = ("none", "weighted_loss", "balanced_sampling")
+
+
+def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], cfg: dict, accelerator: Accelerator,
+              test_probs: Callable[[Fold, Path], np.ndarray], extra: dict[str, Any]) -> dict:
+    """The cross-validation every slide-level trainer shares: patient-grouped stratified folds, repeated
+    cfg["cv"]["repeats"] times (or the labels' fixed split), then per fold test_probs(fold, fold_dir) ->
+    probabilities [len(fold.test), K] (training and model selection are the caller's), then splits.csv,
+    predictions.csv, metrics.json (each fold's metrics with its repeat, index and part sizes, which the
+    paired comparison needs) plots and report.md in cfg["out"]. Returns the metrics (on every process)."""
+    if cfg["imbalance"] not in IMBALANCE:
+        raise ValueError(f"imbalance must be one of {IMBALANCE}, got {cfg['imbalance']!r}")
+    classes = list(classes)
+    out = Path(cfg["out"])
+    missing = [info.slide_id for info in infos if info.label is None]
+    if missing:
+        raise ValueError(f"slides without a label cannot be trained on: {missing[:10]}")
+    check_labels(infos, classes)
+    folds = make_folds(infos, cfg["folds"], cfg["seed"], cfg.get("cv", {}).get("repeats", 1))
+    by_id = {info.slide_id: info for info in infos}
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+        write_splits(out / "splits.csv", infos, folds)
+    rows, per_fold = [], []
+    for fold in folds:
+        probs = test_probs(fold, out / fold.name)
+        test = [by_id[s] for s in fold.test]
+        per_fold.append({"repeat": fold.repeat, "fold": fold.index, "n_train": len(fold.train) + len(fold.val),
+                         **classification_metrics([classes.index(info.label) for info in test], probs, classes)})
+        rows += [{"slide_id": info.slide_id, "patient_id": info.patient_id, "repeat": fold.repeat,
+                  "fold": fold.index, "true_label": info.label, "probs": p.tolist()} for info, p in zip(test, probs)]
+        log.info("%s: test balanced accuracy %.3f, macro AUC %.3f", fold.name,
+                 per_fold[-1]["balanced_accuracy"], per_fold[-1]["auc_macro"])
+    metrics = {}
+    if accelerator.is_main_process:
+        repeats = folds[-1].repeat + 1
+        extra = {**extra, "imbalance": cfg["imbalance"], "seed": cfg["seed"], "n_folds": len(folds) // repeats,
+                 "repeats": repeats,
+                 "processes": accelerator.num_processes}
+        histories = {fold.name: json.loads((out / fold.name / "history.json").read_text())
+                     for fold in folds if (out / fold.name / "history.json").is_file()}
+        metrics = write_report(out, rows, per_fold, classes, extra, histories)
+        summary = metrics["summary"]
+        log.info("balanced accuracy %.3f +- %.3f, macro AUC %.3f +- %.3f over %d folds -> %s",
+                 summary["balanced_accuracy"]["mean"], summary["balanced_accuracy"]["sd"],
+                 summary["auc_macro"]["mean"], summary["auc_macro"]["sd"], len(folds), out / "report.md")
+    accelerator.wait_for_everyone()
+    return metrics or json.loads((out / "metrics.json").read_text())
