@@ -5,7 +5,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hipt_e2e.data.storage import child, local_path, parent, read_bytes
+from hipt_e2e.data.storage import child, children, local_path, parent, read_bytes
 
 MANIFEST = "manifest.json"
 FORMAT = "hipt-e2e-shards"  # every shard set's manifest: format, version, kind, ...
@@ -50,4 +50,4 @@ def shard_urls(source: str | Path | Mapping | Sequence[str]) -> list[str]:
     if isinstance(source, (list, tuple)):
         return [str(url) for url in source]
     manifest = load_manifest(source)
-    return [child(manifest["root"], shard["name"]) for shard in manifest["shards"]]
+    return children(manifest["root"], [shard["name"] for shard in manifest["shards"]])

@@ -13,13 +13,14 @@ from __future__ import annotations
 import http.client
 import io
 import logging
+import os
 import socket
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path, PurePosixPath
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 import webdataset as wds
@@ -52,17 +53,22 @@ def local_path(location: str | Path) -> Path | None:
     return None if is_url(text) else Path(text)
 
 
-def child(root: str | Path, name: str) -> str:
-    """The location of `name` (a manifest's shard name, e.g. part-0000-of-0002/shard-000001.tar) in `root`."""
-    parts = PurePosixPath(name).parts
-    if (not name or "\\" in name or ":" in name or name.startswith("/")
-            or any(part in ("..", ".") for part in parts)):
-        raise ValueError(f"{root}: {name!r} is not a file inside the shard set (a manifest names files by "
-                         "relative paths only)")
+def children(root: str | Path, names: Sequence[str]) -> list[str]:
+    """The locations of `names` (a manifest's file names, e.g. part-0000-of-0002/shard-000001.tar) in `root`."""
+    for name in names:
+        if not name or "\\" in name or ":" in name or any(part in ("", ".", "..") for part in name.split("/")):
+            raise ValueError(f"{root}: {name!r} is not a file inside the shard set (a manifest names files by "
+                             "relative paths only)")
     path = local_path(root)
     if path is not None:
-        return str(path / name)
-    return f"{str(root).rstrip('/')}/{urllib.parse.quote(name)}"
+        return [os.path.join(path, name) for name in names]
+    base = str(root).rstrip("/")
+    return [f"{base}/{urllib.parse.quote(name)}" for name in names]
+
+
+def child(root: str | Path, name: str) -> str:
+    """The location of one file named by a manifest (see children)."""
+    return children(root, [name])[0]
 
 
 def parent(location: str | Path) -> str:
