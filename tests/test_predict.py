@@ -223,3 +223,54 @@ def test_two_processes_write_the_one_process_predictions(shards, tmp_path):
         assert {k: v for k, v in row_one.items() if k not in probs} == {k: v for k, v in row_two.items() if k not in probs}
         assert [float(row_one[c]) for c in probs] == pytest.approx([float(row_two[c]) for c in probs], abs=1e-5)
     assert len(list((tmp_path / "two" / "heatmaps").glob("*_regions.png"))) == 12  # both processes drew theirs
+
+
+def test_geojson_regions_and_tiles_map_back_to_the_slide(tmp_path):
+    """Regions read at 0.5 um/px from a 0.25 um/px slide (256 level-0 px each), border regions clipped:
+    the polygons are where the regions were read, inside the slide, in valid GeoJSON with QuPath's keys."""
+    rng = np.random.default_rng(0)
+    width, height = 900, 700  # not multiples of 256: the last row and column of regions are clipped
+    level0 = rng.integers(80, 220, size=(height, width, 3), dtype=np.uint8)
+    write_pyramid(tmp_path / "slides" / "fine.tiff", level0, mpp=0.25)
+    torch.manual_seed(0)
+    predictor = Predictor([(HIPT.from_preset("tiny", n_classes=2).eval(), None)], ["CLL", "FL"])
+    cfg = config(tmp_path)
+    assert predict_inputs(cfg, [tmp_path / "slides"], predictor) == 0
+    collection = json.loads((tmp_path / "out" / "heatmaps" / "fine.geojson").read_text())
+
+    assert collection["type"] == "FeatureCollection"
+    for feature in collection["features"]:
+        assert feature["type"] == "Feature" and feature["geometry"]["type"] == "Polygon"
+        (ring,) = feature["geometry"]["coordinates"]
+        assert len(ring) == 5 and ring[0] == ring[-1]
+        xs, ys = np.array(ring).T
+        assert 0.5 * np.sum(xs[:-1] * ys[1:] - xs[1:] * ys[:-1]) > 0  # RFC 7946: exterior ring counter-clockwise
+        assert xs.min() >= 0 and ys.min() >= 0 and xs.max() <= width and ys.max() <= height
+        properties = feature["properties"]
+        assert properties["objectType"] in ("detection", "tile")
+        assert len(properties["classification"]["color"]) == 3 and properties["classification"]["name"]
+        assert all(isinstance(v, (int, float)) for v in properties["measurements"].values())
+
+    from hipt_e2e.data.sources import iter_regions
+    from hipt_e2e.data.tiling import RegionGeometry
+
+    reader = OpenSlideReader(tmp_path / "slides" / "fine.tiff")
+    geometry = RegionGeometry(128, 32, 0.5)
+    regions = list(iter_regions(reader, geometry, min_tissue=0.0))
+    result = predictor.predict(((r.x, r.y, r.rgb) for r in regions), 256)
+    detections = [f for f in collection["features"] if f["properties"]["objectType"] == "detection"]
+    assert len(detections) == len(regions) == 12  # 4 x 3 regions of 256 level-0 px
+    for feature, region, score in zip(detections, regions, result.scores):
+        (x0, y0), _, (x1, y1) = feature["geometry"]["coordinates"][0][:3]
+        assert (x0, y0) == (region.x, region.y) and (x1, y1) == (min(x0 + 256, width), min(y0 + 256, height))
+        assert feature["properties"]["measurements"]["attention"] == pytest.approx(float(score), abs=1e-6)
+        # reading the slide again at the polygon's corner gives the pixels the model saw
+        assert np.array_equal(reader.read(int(x0), int(y0), 256, 128), region.rgb)
+    tiles = [f for f in collection["features"] if f["properties"]["objectType"] == "tile"]
+    top = {f["properties"]["measurements"]["region"] for f in tiles}
+    assert len(top) == 3 and int(np.argmax(result.scores)) in top
+    for index in top:  # each top region's 16 tiles of 64 level-0 px cover it (clipped like it)
+        mine = [np.array(f["geometry"]["coordinates"][0]) for f in tiles if f["properties"]["measurements"]["region"] == index]
+        area = sum(np.ptp(ring[:, 0]) * np.ptp(ring[:, 1]) for ring in mine)
+        (x0, y0), (x1, y1) = detections[index]["geometry"]["coordinates"][0][0], detections[index]["geometry"]["coordinates"][0][2]
+        assert area == pytest.approx((x1 - x0) * (y1 - y0)) and max(np.ptp(r[:, 0]) for r in mine) == 64

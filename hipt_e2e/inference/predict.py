@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import csv
 import io
+import json
 import logging
 import sys
 import threading
@@ -46,6 +47,7 @@ from hipt_e2e.data.sources import (
 from hipt_e2e.data.streams import SlideBagStream
 from hipt_e2e.data.tiling import RegionGeometry
 from hipt_e2e.evaluation.metrics import vote
+from hipt_e2e.inference.geojson import slide_features
 from hipt_e2e.inference.heatmaps import plot_region_heatmap, plot_tile_heatmap, region_score_map, top_regions
 from hipt_e2e.io import atomic_write_text
 from hipt_e2e.models import HIPT, load_checkpoint, model_preset, select_attention
@@ -238,6 +240,7 @@ class SlideInput:
     thumb_scale: float  # thumbnail pixels per level-0 pixel
     read: Any  # (x, y) -> region rgb, for the tile heatmaps of the top regions
     close: Any = None
+    dimensions: tuple[int, int] | None = None  # level-0 width, height (None: unknown, e.g. from shards)
 
 
 def _reader_inputs(paths: Sequence[Path], cfg: dict, geometry: RegionGeometry) -> Iterator[SlideInput | tuple]:
@@ -254,7 +257,7 @@ def _reader_inputs(paths: Sequence[Path], cfg: dict, geometry: RegionGeometry) -
             yield SlideInput(path.stem, path, ((r.x, r.y, r.rgb) for r in regions), size, thumbnail,
                              thumbnail.shape[1] / reader.width,
                              lambda x, y, reader=reader, size=size: reader.read(x, y, size, geometry.region_px),
-                             reader.close)
+                             reader.close, (reader.width, reader.height))
         except Exception as exc:  # one unreadable slide must not stop the run
             yield (path, f"{type(exc).__name__}: {exc}")
 
@@ -296,7 +299,11 @@ def _heatmaps(out: Path, slide: SlideInput, result: SlidePrediction, classes: Se
     title = f"{slide.slide_id}: {predicted} (p={result.probs.max():.2f})"
     heat = region_score_map(slide.thumbnail.shape[:2], slide.thumb_scale, result.coords, result.size, result.scores)
     plot_region_heatmap(out / f"{slide.slide_id}_regions.png", slide.thumbnail, heat, title)
-    for rank, index in enumerate(top_regions(result.scores, top)):
+    chosen = top_regions(result.scores, top)
+    atomic_write_text(out / f"{slide.slide_id}.geojson", json.dumps(slide_features(
+        result.coords, result.size, result.scores, result.tile_attention, result.probs, classes, chosen,
+        slide.dimensions)))
+    for rank, index in enumerate(chosen):
         x, y = result.coords[index]
         plot_tile_heatmap(out / f"{slide.slide_id}_tiles_top{rank + 1}.png", slide.read(x, y),
                           result.tile_attention[index], f"{title}\nregion {rank + 1} at ({x}, {y})")
