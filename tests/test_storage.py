@@ -250,3 +250,21 @@ def test_prediction_from_a_url_gives_the_local_predictions(shards: Path, tmp_pat
         assert predict([url, *settings, f"out={tmp_path / 'http'}"]) == 0
     local, remote = ((tmp_path / run / "predictions.csv").read_text() for run in ("local", "http"))
     assert remote == local.replace(str(shards), url) and len(local.splitlines()) == 13
+
+
+def test_embedding_from_a_url_writes_the_local_shards(shards: Path, tmp_path: Path) -> None:
+    from hipt_e2e.models import model_preset, vit256
+    from hipt_e2e.training import export_safetensors
+    from tests.test_dino_recipes import run_recipe
+
+    torch.manual_seed(0)
+    export_safetensors(vit256(**model_preset("tiny")["tile"]), tmp_path / "tile.safetensors")
+    run_recipe("embed_tiles", f"data.shards={shards}", f"model.weights={tmp_path / 'tile.safetensors'}",
+               f"out={tmp_path / 'local'}")
+    with ShardServer(shards.parent, drop_every=6) as server:
+        run_recipe("embed_tiles", f"data.shards={server.url}/{shards.name}",
+                   f"model.weights={tmp_path / 'tile.safetensors'}", f"out={tmp_path / 'http'}")
+    local = sorted((tmp_path / "local").glob("shard-*.tar"))
+    assert len(local) > 1 and [p.read_bytes() for p in local] == [
+        p.read_bytes() for p in sorted((tmp_path / "http").glob("shard-*.tar"))]
+    assert (tmp_path / "local" / INDEX).read_bytes() == (tmp_path / "http" / INDEX).read_bytes()
