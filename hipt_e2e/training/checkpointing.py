@@ -45,18 +45,20 @@ def export_safetensors(module: nn.Module, path: str | Path, metadata: Mapping[st
 # Settings a resumed run may change: they decide when to stop, save or log, never what is computed. More
 # cv.repeats only adds folds after the existing ones (repeat 0 keeps its split and seeds), so a finished
 # one-repeat run continues to three without training its first five folds again.
-RUN_CONTROL = ("out", "resume", "train.checkpoint_every", "train.stop_after", "train.log_every", "cv.repeats")
+RUN_CONTROL = ("out", "resume", "train.checkpoint_every", "train.stop_after", "train.log_every", "train.log_with",
+               "cv.repeats")
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; nothing of that step was applied or saved."""
 
 
-def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as {"optim.lr": value, ...}."""
     flat: dict[str, Any] = {}
     for key, value in cfg.items():
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_config(value, f"{prefix}{key}."))
         else:
             flat[prefix + key] = value
     return flat
@@ -71,7 +73,7 @@ def resume_state(cfg: Mapping[str, Any], path: Path) -> dict[str, Any] | None:
     if not cfg["resume"]:
         raise FileExistsError(f"{path} exists: pass resume=true to continue that run, or choose another out=")
     state = load_checkpoint_state(path)
-    saved, now = _flatten(state["config"]), _flatten(cfg)
+    saved, now = flatten_config(state["config"]), flatten_config(cfg)
     changed = sorted(k for k in saved.keys() | now.keys()
                      if k not in RUN_CONTROL and saved.get(k) != now.get(k))
     if changed:

@@ -53,6 +53,7 @@ from hipt_e2e.training.checkpointing import (
     save_checkpoint,
 )
 from hipt_e2e.training.data import EpochBatches, derived_seed
+from hipt_e2e.training.tracking import TRACKER_DEFAULTS, start_tracking, stop_tracking, track, tracker_settings
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ DINO_DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 1000,  # steps
         "stop_after": None,  # end this run after this many steps in total (resume=true continues)
         "log_every": 50,
+        **TRACKER_DEFAULTS,  # log_with: none | tensorboard | mlflow | wandb (hipt_e2e.training.tracking)
     },
 }
 def _student_and_teacher(backbone: Callable[[float], nn.Module], dino: Mapping[str, Any]
@@ -150,7 +152,8 @@ class DINOTrainer:
         self.out = Path(cfg["out"])
         self.checkpoint_path = self.out / CHECKPOINT
         self.accelerator = accelerator = Accelerator(mixed_precision=train["mixed_precision"],
-                                                     gradient_accumulation_steps=train["grad_accum"])
+                                                     gradient_accumulation_steps=train["grad_accum"],
+                                                     **tracker_settings(train["log_with"], self.out))
         self.device, self.world, self.rank = accelerator.device, accelerator.num_processes, accelerator.process_index
         self.main = accelerator.is_main_process
         self.global_batch = train["batch_size"] * self.world * train["grad_accum"]
@@ -258,6 +261,8 @@ class DINOTrainer:
                  "teacher_temp": self.dino_loss.teacher_temperature(epoch), "seconds": seconds}
         with open(self.out / TRAIN_LOG, "a") as handle:
             handle.write(json.dumps(entry) + "\n")
+        track(self.accelerator, {**{k: v for k, v in entry.items() if k not in ("step", "epoch", "seconds")},
+                                 "samples_per_s": self.global_batch / seconds}, step, "train/")
         if (step + 1) % self.cfg["train"]["log_every"] == 0:
             log.info("step %d/%d epoch %d loss %.4f lr %.3g", step + 1, self.total, epoch, loss, self.lr[step])
         return entry
@@ -269,6 +274,8 @@ class DINOTrainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out)
             keep_log_before(self.out / TRAIN_LOG, self.start)
+        start_tracking(self.accelerator, "dino", self.cfg)
+        if self.main:
             log.info("DINO: %d steps (%d epochs x %d), global batch %d = %d per process x %d processes x %d "
                      "accumulated; peak lr %.3g", self.total, train["epochs"], self.steps_per_epoch,
                      self.global_batch, train["batch_size"], self.world, train["grad_accum"], self.lr.max())
@@ -295,6 +302,7 @@ class DINOTrainer:
             log.info("done: %s (teacher backbone), %s (DINO layout)", self.out / BACKBONE_EXPORT, self.checkpoint_path)
         elif self.main:
             log.info("stopped after step %d of %d; continue with resume=true", end, self.total)
+        stop_tracking(self.accelerator)
         return self.out
 
 

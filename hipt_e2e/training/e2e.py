@@ -24,6 +24,7 @@ import copy
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from functools import partial
@@ -75,6 +76,7 @@ from hipt_e2e.training.slide_level import (
     class_weights,
     epoch_order,
 )
+from hipt_e2e.training.tracking import TRACKER_DEFAULTS, start_tracking, stop_tracking, track, tracker_settings
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,7 @@ E2E_DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 50,  # optimizer steps (and at the end of every epoch)
         "stop_after": None,  # end this run after this many optimizer steps over all folds (resume=true continues)
         "log_every": 10,
+        **TRACKER_DEFAULTS,  # log_with: none | tensorboard | mlflow | wandb, one run, tags per fold
     },
     "augment": dict(AUGMENT_DEFAULTS),  # training regions only (hipt_e2e.data.augment); off in the demo
 }
@@ -405,6 +408,7 @@ class FoldTrainer:
         for step in range(self.step, len(groups)):
             self.step = step  # seeds this step's random draws (_loss_of)
             self._set_lr()
+            started = time.perf_counter()
             group = [next(items) for _ in groups[self.step]]
             calls = [group[i:i + train["slides_per_call"]] for i in range(0, len(group), train["slides_per_call"])]
             scale = len(calls) / len(group)
@@ -416,8 +420,9 @@ class FoldTrainer:
                     f"{self.fold.name}: loss {loss} at epoch {self.epoch} step {self.step}; nothing was saved "
                     f"after it (last checkpoint: {self.checkpoint_path}). Lower the learning rates or use bf16.")
             self.epoch_losses.append(loss)
-            if self.main:
-                self._log(loss)
+            if self.main:  # tiles/s of the global batch: every process trains as many slides per step
+                tiles = sum(item["tissue"].numel() for item in group) * self.world
+                self._log(loss, tiles / (time.perf_counter() - started))
             self.steps, self.run_steps, self.step = self.steps + 1, self.run_steps + 1, self.step + 1
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch)
@@ -428,13 +433,15 @@ class FoldTrainer:
             if self.steps % train["checkpoint_every"] == 0:
                 self.save()
 
-    def _log(self, loss: float) -> None:
+    def _log(self, loss: float, tiles_per_s: float) -> None:
         lr: dict[str, float] = {}  # each stage's highest (the top of the tile ViT's layer decay)
         for group in self.optimizer.param_groups:
             lr[group["stage"]] = max(lr.get(group["stage"], 0.0), group["lr"])
         entry = {"step": self.steps, "epoch": self.epoch, "loss": loss, "lr": lr}
         with open(self.dir / TRAIN_LOG, "a") as handle:
             handle.write(json.dumps(entry) + "\n")
+        track(self.accelerator, {"loss": loss, **{f"lr_{stage}": value for stage, value in lr.items()},
+                                 "tiles_per_s": tiles_per_s}, self.steps, f"{self.fold.name}/train/")
         if (self.steps + 1) % self.cfg["train"]["log_every"] == 0:
             log.info("%s step %d epoch %d loss %.4f", self.fold.name, self.steps + 1, self.epoch, loss)
 
@@ -444,6 +451,7 @@ class FoldTrainer:
         probs = self.predict(self.fold.val) if self.fold.val else None
         entry = {"epoch": self.epoch, "train_loss": float(np.mean(self.epoch_losses))}
         self.selection.update(entry, self.val_y, probs, self._trained_state)
+        track(self.accelerator, {k: v for k, v in entry.items() if k != "epoch"}, self.steps, f"{self.fold.name}/epoch/")
         log.info("%s epoch %d: %s", self.fold.name, self.epoch,
                  ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))
         self.epoch, self.step, self.epoch_losses = self.epoch + 1, 0, []
@@ -518,11 +526,11 @@ def _train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     if train["grad_accum"] % train["slides_per_call"]:
         raise ValueError(f"train.slides_per_call={train['slides_per_call']} must divide "
                          f"train.grad_accum={train['grad_accum']}")
-    precision = "no" if train["mixed_precision"] is False else train["mixed_precision"]  # YAML reads a bare no as false
-    accelerator = Accelerator(mixed_precision=precision,
-                              fsdp_plugin=fsdp_plugin() if train["fsdp"] else None)
     if cfg["data"]["shards"] is None or cfg["out"] is None:
         raise ValueError("set data.shards=SHARDS (a folder or URL of region shards) and out=DIR")
+    precision = "no" if train["mixed_precision"] is False else train["mixed_precision"]  # YAML reads a bare no as false
+    accelerator = Accelerator(mixed_precision=precision, fsdp_plugin=fsdp_plugin() if train["fsdp"] else None,
+                              **tracker_settings(train["log_with"], cfg["out"]))
     data = cfg["data"]
     regions = ShardRegions(data["shards"], regions_per_slide=data["regions_per_slide"], seed=cfg["seed"],
                            decode=decode_mode(data["decode"], accelerator.device), cache_dir=data["cache_dir"],
@@ -550,9 +558,12 @@ def _train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
              "regions_per_slide": cfg["data"]["regions_per_slide"], "grad_accum": train["grad_accum"],
              "augment": {k: v for k, v in cfg["augment"].items() if k != "enabled"} if cfg["augment"]["enabled"] else "off",
              "mixed_precision": accelerator.mixed_precision}
+    start_tracking(accelerator, "e2e", cfg)
     try:
         metrics = run_folds(regions.infos(), classes, cfg, accelerator, test_probs, extra)
     except TrainingStopped as stopped:
         log.info("%s", stopped)
         return None
+    finally:
+        stop_tracking(accelerator)
     return {**metrics, "report": str(Path(cfg["out"]) / "report.md")}

@@ -36,6 +36,7 @@ from hipt_e2e.models.mil import RegionFC
 from hipt_e2e.progress import progress
 from hipt_e2e.training.checkpointing import export_safetensors
 from hipt_e2e.training.recipe import recipe_config
+from hipt_e2e.training.tracking import TRACKER_DEFAULTS, start_tracking, stop_tracking, track, tracker_settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,6 +55,7 @@ SLIDE_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "patience": 5,  # epochs without a better validation balanced accuracy before stopping
     "mixed_precision": "no",
+    "train": dict(TRACKER_DEFAULTS),  # log_with: none | tensorboard | mlflow | wandb, one run, tags per fold
     "out": None,
 }
 
@@ -309,6 +311,7 @@ def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], cl
         probs = predict(accelerator.unwrap_model(model), val, cfg["vote"]) if val else None
         stop = selection.update(entry, val_y, probs,
                                 lambda: copy.deepcopy(accelerator.unwrap_model(model).state_dict()))
+        track(accelerator, {k: v for k, v in entry.items() if k != "epoch"}, epoch, f"{fold.name}/epoch/")
         bar.set_postfix({k: round(v, 3) for k, v in entry.items() if k != "epoch"})
         if stop:
             log.info("%s: early stop after epoch %d (best %s)", fold.name, epoch, selection.best_key)
@@ -335,7 +338,8 @@ def cross_validate(bags: Sequence[SlideBag], classes: Sequence[str], cfg: dict,
                    accelerator: Accelerator | None = None) -> dict:
     """Run every fold on in-memory bags (run_folds), then write splits.csv, predictions.csv,
     metrics.json, plots and report.md."""
-    accelerator = accelerator or Accelerator(mixed_precision=cfg["mixed_precision"])
+    accelerator = accelerator or Accelerator(mixed_precision=cfg["mixed_precision"],
+                                             **tracker_settings(cfg["train"]["log_with"], cfg["out"]))
     by_id = {bag.slide_id: bag for bag in bags}
 
     def test_probs(fold: Fold, fold_dir: Path) -> np.ndarray:
@@ -352,7 +356,11 @@ def cross_validate(bags: Sequence[SlideBag], classes: Sequence[str], cfg: dict,
     extra = {"title": f"{cfg['model']['name']} on region embeddings", "model": cfg["model"]["name"],
              "train_fraction": cfg["data"]["train_fraction"], "dominant_class": cfg["data"]["dominant_class"],
              "dominant_ratio": cfg["data"]["dominant_ratio"]}
-    return run_folds(infos, classes, cfg, accelerator, test_probs, extra)
+    start_tracking(accelerator, "slide", cfg)
+    try:
+        return run_folds(infos, classes, cfg, accelerator, test_probs, extra)
+    finally:
+        stop_tracking(accelerator)
 
 
 def train_from_shards(defaults: dict, description: str | None, argv: Sequence[str] | None = None) -> dict:
