@@ -3,12 +3,14 @@ the same tile encoder's forward-only tiles/s, in one process.
 
     python benchmarks/bench_predict.py --preset tiny                 # 16 x 16 regions of 128 px (4 x 4 tiles of 32 px)
     python benchmarks/bench_predict.py --preset hipt --regions 2     # 4096 px regions of 256 tiles (ViT-S/16)
+    python benchmarks/bench_predict.py --preset tiny --tta dihedral  # every region in its 8 poses: the cost of TTA
 
 The slide is a generated tiled TIFF at 0.5 um/px (OpenSlide reads it as a real slide would be read);
 prediction is the whole `predict_inputs` path (reading and tiling in a background thread, normalisation,
 tile encoder, ViT4K, slide model, heatmaps off), the model randomly initialised. Forward-only is the tile
 encoder on batches of one region's tiles, no gradients, timed before and after. Same precision for both
-(`--mixed-precision`). Last line: `predict tiles/s: A, forward-only tiles/s: B, ratio: A/B`.
+(`--mixed-precision`); tiles/s count the slide's tiles once whatever `--tta`. Last line: `predict tiles/s:
+A, forward-only tiles/s: B, ratio: A/B`.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="forward-only calls before and after")
     parser.add_argument("--mixed-precision", default="bf16")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--tta", default="none", help="none | dihedral")
     args = parser.parse_args()
     setup_logging()
     if args.threads:
@@ -71,9 +74,9 @@ def main() -> None:
         slide = write_slide(Path(scratch) / "slide.tiff", side * region_px, rows * region_px)
         cfg = resolve_config(PREDICT_DEFAULTS, None, [f"out={scratch}/out", f"model.preset={args.preset}",
                                                       "geometry.min_tissue=0", "top_regions=0",
-                                                      f"mixed_precision={args.mixed_precision}"])
+                                                      f"mixed_precision={args.mixed_precision}", f"tta={args.tta}"])
         before = forward_pass(model, tiles, args.rounds, accelerator.autocast)
-        predictor = Predictor([(model, None)], ["a", "b"], chunk_regions=cfg["chunk_regions"])
+        predictor = Predictor([(model, None)], ["a", "b"], chunk_regions=cfg["chunk_regions"], tta=args.tta)
         start = time.perf_counter()
         assert predict_inputs(cfg, [slide], predictor) == 0
         predict_s = time.perf_counter() - start
@@ -81,7 +84,7 @@ def main() -> None:
     n_tiles = side * rows * geometry["region_tiles"] ** 2
     predicted, forward = n_tiles / predict_s, (before[0] + after[0]) / (before[1] + after[1])
     print(f"\n{args.preset}: {side * rows} regions of {region_px} px ({n_tiles} tiles) in {predict_s:.1f} s, "
-          f"{accelerator.device.type}, {torch.get_num_threads()} threads, {args.mixed_precision}")
+          f"{accelerator.device.type}, {torch.get_num_threads()} threads, {args.mixed_precision}, tta {args.tta}")
     print(f"predict tiles/s: {predicted:.0f}, forward-only tiles/s: {forward:.0f}, ratio: {predicted / forward:.3f}")
 
 

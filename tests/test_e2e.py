@@ -10,6 +10,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -17,6 +18,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from hipt_e2e.data import SlideBagStream
+from hipt_e2e.data.augment import pose, tta_poses
 from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.evaluation.splits import make_folds
 from hipt_e2e.models import load_checkpoint, model_preset, vit256
@@ -87,6 +89,18 @@ def test_memory_saving_paths_give_the_same_gradients_and_predictions(shards: Pat
     with torch.no_grad():
         whole = model(item["pixels"]).softmax(-1)[0]
     torch.testing.assert_close(torch.from_numpy(chunked[slide]), whole, rtol=1e-5, atol=1e-6)
+
+    # Test-time augmentation over the 8 poses: a slide whose regions (and tissue grids) are all mirrored
+    # is scored alike, up to the order of the 8-term mean; the skipped-tile mask turns with its tiles.
+    poses = tta_poses("dihedral")
+    mirrored = [{**regions[key], "pixels": pose(regions[key]["pixels"], True, 0),
+                 "tissue": pose(regions[key]["tissue"], True, 0)} for key in regions.chunks(slide, 2)]
+    kept = slide_probabilities(model, (regions[key] for key in regions.chunks(slide, 2)), torch.device("cpu"), 0.9,
+                               contextlib.nullcontext, poses)
+    turned = slide_probabilities(model, iter(mirrored), torch.device("cpu"), 0.9, contextlib.nullcontext, poses)
+    np.testing.assert_allclose(turned[slide], kept[slide], rtol=0, atol=1e-6)
+    plain = slide_probabilities(model, iter(mirrored), torch.device("cpu"), 0.9, contextlib.nullcontext)
+    assert not np.allclose(plain[slide], kept[slide], atol=1e-4)
 
 
 def test_region_sampling_is_seeded_and_matches_the_slide_stream(shards: Path) -> None:

@@ -274,3 +274,31 @@ def test_geojson_regions_and_tiles_map_back_to_the_slide(tmp_path):
         area = sum(np.ptp(ring[:, 0]) * np.ptp(ring[:, 1]) for ring in mine)
         (x0, y0), (x1, y1) = detections[index]["geometry"]["coordinates"][0][0], detections[index]["geometry"]["coordinates"][0][2]
         assert area == pytest.approx((x1 - x0) * (y1 - y0)) and max(np.ptp(r[:, 0]) for r in mine) == 64
+
+
+def test_dihedral_tta_makes_predictions_independent_of_region_orientation():
+    """Every region turned by 90 degrees (or mirrored) is one of the 8 poses the TTA already scores: the
+    same slide output up to the order of an 8-term mean; without TTA the output moves."""
+    from hipt_e2e.data.augment import pose
+
+    torch.manual_seed(0)
+    model = HIPT.from_preset("tiny", n_classes=2).eval()
+    rng = np.random.default_rng(1)
+    regions = [(128 * i, 0, rng.integers(0, 256, size=(128, 128, 3), dtype=np.uint8)) for i in range(5)]
+
+    def turned(flip: bool, turns: int):
+        return [(x, y, pose(torch.from_numpy(rgb).permute(2, 0, 1), flip, turns).permute(1, 2, 0).numpy())
+                for x, y, rgb in regions]
+
+    plain, tta = (Predictor([(model, None)], ["a", "b"], chunk_regions=2, tta=name) for name in ("none", "dihedral"))
+    assert not np.allclose(plain.predict(turned(False, 1), 128).probs, plain.predict(regions, 128).probs, atol=1e-4)
+    reference = tta.predict(regions, 128)
+    for flip, turns in ((False, 1), (True, 0), (True, 3)):
+        moved = tta.predict(turned(flip, turns), 128)
+        np.testing.assert_allclose(moved.probs, reference.probs, rtol=0, atol=1e-6)  # 8 terms summed in another order
+        np.testing.assert_allclose(moved.scores, reference.scores, rtol=0, atol=1e-6)
+        # the tile attention is reported in the orientation the regions were given in
+        expected = pose(torch.from_numpy(reference.tile_attention), flip, turns).numpy()
+        np.testing.assert_allclose(moved.tile_attention, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="tta must be one of"):
+        Predictor([(model, None)], ["a", "b"], tta="octagonal")

@@ -58,6 +58,22 @@ def pose(images: torch.Tensor, flip: bool, quarter_turns: int) -> torch.Tensor:
     return torch.rot90(images, quarter_turns, dims=(-2, -1)) if quarter_turns % 4 else images
 
 
+def unpose(images: torch.Tensor, flip: bool, quarter_turns: int) -> torch.Tensor:
+    """The inverse of pose: what was [..., H, W] in that pose, back in the original orientation."""
+    images = torch.rot90(images, -quarter_turns, dims=(-2, -1)) if quarter_turns % 4 else images
+    return images.flip(-1) if flip else images
+
+
+DIHEDRAL = [(flip, turns) for flip in (False, True) for turns in range(4)]  # the 8 poses of a square
+TTA = {"none": [(False, 0)], "dihedral": DIHEDRAL}  # test-time augmentation: the poses each region is scored in
+
+
+def tta_poses(name: str) -> list[tuple[bool, int]]:
+    if name not in TTA:
+        raise ValueError(f"tta must be one of {sorted(TTA)}, got {name!r}")
+    return TTA[name]
+
+
 def random_poses(regions: torch.Tensor, tissue: torch.Tensor | None, cfg: Mapping[str, Any],
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each region (and its tissue grid) in a random pose; regions sharing a pose are moved together."""

@@ -35,6 +35,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from hipt_e2e.config import resolve_config, save_config, setup_logging
+from hipt_e2e.data.augment import pose, tta_poses, unpose
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.data.sources import (
     IMAGE_SUFFIXES,
@@ -82,6 +83,7 @@ PREDICT_DEFAULTS: dict[str, Any] = {
     "chunk_regions": 8,  # regions read, embedded and held at a time (the next chunk is read meanwhile)
     "mixed_precision": None,  # no | bf16 | fp16; null: as `accelerate launch` says
     "top_regions": 3,
+    "tta": "none",  # none | dihedral: every region scored in its 8 poses, the slide's outputs averaged
     "thumbnail_px": 1024,
     "out": None,
 }
@@ -103,9 +105,11 @@ class Predictor:
     geometry: where the members were trained (from their cards); None: the caller's."""
 
     def __init__(self, members: Sequence[tuple[HIPT, RegionFC | None]], classes: Sequence[str],
-                 vote_method: str = "majority", chunk_regions: int = 8, geometry: RegionGeometry | None = None):
+                 vote_method: str = "majority", chunk_regions: int = 8, geometry: RegionGeometry | None = None,
+                 tta: str = "none"):
         self.members = [(model.eval(), fc.eval() if fc is not None else None) for model, fc in members]
         self.classes, self.vote_method, self.chunk_regions, self.geometry = list(classes), vote_method, chunk_regions, geometry
+        self.poses = tta_poses(tta)
         self.device, self.autocast = torch.device("cpu"), contextlib.nullcontext
 
     def to(self, accelerator: Accelerator) -> Predictor:
@@ -135,9 +139,12 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, regions: Iterable[tuple[int, int, np.ndarray]], size: int) -> SlidePrediction:
-        """regions: (x, y, rgb [H, W, 3]) of one slide, consumed `chunk_regions` at a time."""
-        embeddings: list[list[torch.Tensor]] = [[] for _ in self.members]
-        attentions: list[list[torch.Tensor]] = [[] for _ in self.members]
+        """regions: (x, y, rgb [H, W, 3]) of one slide, consumed `chunk_regions` at a time. With test-time
+        augmentation every member scores the slide once per pose (every region in that pose, its tile grid
+        turning with it); probabilities, region scores and (turned back) tile attention are averaged."""
+        runs = [(n, p) for n in range(len(self.members)) for p in self.poses]  # (member, pose) pairs
+        embeddings: dict[tuple, list[torch.Tensor]] = {run: [] for run in runs}
+        attentions: dict[tuple, list[torch.Tensor]] = {run: [] for run in runs}
         coords, chunk = [], []
 
         def flush() -> None:
@@ -145,11 +152,11 @@ class Predictor:
             if self.device.type == "cuda":
                 pixels = pixels.pin_memory()
             pixels = pixels.to(self.device, non_blocking=True)
-            for n, (model, _) in enumerate(self.members):
+            for n, posed in runs:
                 with self.autocast():
-                    embedded, attention = self._embed(model, pixels)
-                embeddings[n].append(embedded.float())
-                attentions[n].append(attention.float().cpu())
+                    embedded, attention = self._embed(self.members[n][0], pose(pixels, *posed))
+                embeddings[n, posed].append(embedded.float())
+                attentions[n, posed].append(unpose(attention.float().cpu(), *posed))
             chunk.clear()
 
         for x, y, rgb in regions:
@@ -162,9 +169,8 @@ class Predictor:
         if not coords:
             raise ValueError("no region with enough tissue")
         with self.autocast():
-            probs, scores = zip(*(self._slide(model, fc, torch.cat(embeddings[n]))
-                                  for n, (model, fc) in enumerate(self.members)))
-        tile_attention = np.mean([torch.cat(a).numpy() for a in attentions], axis=0)
+            probs, scores = zip(*(self._slide(*self.members[n], torch.cat(embeddings[n, posed])) for n, posed in runs))
+        tile_attention = np.mean([torch.cat(a).numpy() for a in attentions.values()], axis=0)
         return SlidePrediction(np.mean(probs, axis=0), np.array(coords), size, np.mean(scores, axis=0), tile_attention)
 
 
@@ -200,7 +206,7 @@ def predictor_from_cards(cfg: dict) -> Predictor:
     log.info("%d model(s) from %s: %s, classes %s, %d px regions of %d px tiles at %s um/px", len(bundles), spec["card"],
              first["source"], bundles[0].classes, geometry.region_px, geometry.tile_px, geometry.mpp)
     return Predictor([(b.model, b.fc) for b in bundles], bundles[0].classes, bundles[0].vote, cfg["chunk_regions"],
-                     geometry)
+                     geometry, cfg["tta"])
 
 
 def build_predictor(cfg: dict) -> Predictor:
@@ -227,7 +233,7 @@ def build_predictor(cfg: dict) -> Predictor:
     if not spec["weights"] and not all(spec[s] for s in ("tile_encoder", "region_encoder", "slide_model")):
         raise ValueError("give model.weights (a whole HIPT) or all of model.tile_encoder, model.region_encoder "
                          "and model.slide_model")
-    return Predictor([(model, fc)], classes, spec["vote"], cfg["chunk_regions"])
+    return Predictor([(model, fc)], classes, spec["vote"], cfg["chunk_regions"], tta=cfg["tta"])
 
 
 @dataclass

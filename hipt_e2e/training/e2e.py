@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from hipt_e2e.data.augment import AUGMENT_DEFAULTS, augment_regions, check_augment
+from hipt_e2e.data.augment import AUGMENT_DEFAULTS, augment_regions, check_augment, pose, tta_poses
 from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.data.samples import decode_mode, device_pixels
 from hipt_e2e.evaluation.crossval import run_folds
@@ -96,6 +96,7 @@ E2E_DEFAULTS: dict[str, Any] = {
     "cv": {"repeats": 1},  # repeated cross-validation: repeats x folds, each repeat's split derived from seed
     "imbalance": "none",  # none | weighted_loss | balanced_sampling, as slide-level training
     "patience": 30,  # epochs without a better validation balanced accuracy before a fold stops
+    "tta": "none",  # none | dihedral: validation and test slides scored in the 8 poses of their regions, averaged
     "data": {
         "shards": None,  # region shards (hipt-shards build): a folder or URL (file://, http(s)://, s3://, gs://)
         "regions_per_slide": 8,  # k regions sampled per slide per training step (all when fewer)
@@ -251,19 +252,22 @@ def fsdp_plugin() -> FullyShardedDataParallelPlugin:
 
 @torch.no_grad()
 def slide_probabilities(model: HIPT, chunks: Iterable[dict], device: torch.device, min_tile_tissue: float,
-                        autocast: Callable[[], AbstractContextManager]) -> dict[str, np.ndarray]:
+                        autocast: Callable[[], AbstractContextManager],
+                        poses: Sequence[tuple[bool, int]] = ((False, 0),)) -> dict[str, np.ndarray]:
     """Slide id -> class probabilities from chunks of its regions (consecutive items of one slide):
-    region embeddings chunk by chunk, then the slide model over all of them."""
+    region embeddings chunk by chunk, then the slide model over all of them; with several poses (test-time
+    augmentation) once per pose, every region and its tile mask in that pose, the probabilities averaged."""
     probs = {}
     for slide_id, parts in groupby(chunks, key=lambda item: item["slide_id"]):
+        embeddings: dict[tuple[bool, int], list[torch.Tensor]] = {posed: [] for posed in poses}
         with autocast():
-            embeddings = []
             for part in parts:
-                mask = tile_mask(part["tissue"], min_tile_tissue)
-                embeddings.append(model.region_embeddings(device_pixels(part["pixels"], device),
-                                                          mask.to(device) if mask is not None else None))
-            logits = model.slide_model(torch.cat(embeddings))
-        probs[slide_id] = logits.float().softmax(dim=-1)[0].cpu().numpy()
+                pixels, mask = device_pixels(part["pixels"], device), tile_mask(part["tissue"], min_tile_tissue)
+                for posed in poses:
+                    embeddings[posed].append(model.region_embeddings(
+                        pose(pixels, *posed), pose(mask, *posed).to(device) if mask is not None else None))
+            logits = [model.slide_model(torch.cat(posed)) for posed in embeddings.values()]
+        probs[slide_id] = np.mean([part.float().softmax(dim=-1)[0].cpu().numpy() for part in logits], axis=0)
     return probs
 
 
@@ -360,7 +364,7 @@ class FoldTrainer:
         keys = [key for slide in mine for key in self.regions.chunks(slide, self.cfg["memory"]["eval_regions"])]
         loader = _loader(self.regions, keys, self.cfg["data"]["workers"], self.device)
         probs = slide_probabilities(self.eval_model, loader, self.device, self.cfg["data"]["min_tile_tissue"],
-                                    self.accelerator.autocast)
+                                    self.accelerator.autocast, tta_poses(self.cfg["tta"]))
         merged = {slide: p for part in gather_object([probs]) for slide, p in part.items()}
         return np.stack([merged[slide] for slide in slide_ids]) if slide_ids else np.zeros((0, self.n_classes))
 
