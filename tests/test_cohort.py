@@ -86,18 +86,16 @@ def test_embedding_killed_and_rerun_gives_the_uninterrupted_bytes(shards: Path, 
     assert files(out) == whole
 
 
-@pytest.mark.parametrize("step", ["embed_tiles", "embed_regions"])
-def test_two_machines_write_the_bytes_of_one_process(shards: Path, weights, tmp_path: Path, step: str) -> None:
-    source = shards
-    if step == "embed_regions":  # token grids first
-        source = tmp_path / "grids"
-        assert run_step("embed_tiles", *step_args("embed_tiles", shards, source, weights["tile"])).returncode == 0
+def test_two_machines_write_the_bytes_of_one_process(shards: Path, weights, tmp_path: Path) -> None:
+    """embed_regions as two launchers on 127.0.0.1 (embed_tiles goes through recipes/slurm.sh below)."""
+    source = tmp_path / "grids"
+    assert run_step("embed_tiles", *step_args("embed_tiles", shards, source, weights["tile"])).returncode == 0
     out = tmp_path / "out"
-    arguments = step_args(step, source, out, weights["region" if step == "embed_regions" else "tile"])
-    assert run_step(step, *arguments).returncode == 0
+    arguments = step_args("embed_regions", source, out, weights["region"])
+    assert run_step("embed_regions", *arguments).returncode == 0
     one = files(out)
     shutil.rmtree(out)
-    two = launch(f"recipes/{step}.py", arguments, processes=2, machines=2)
+    two = launch("recipes/embed_regions.py", arguments, processes=2, machines=2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert files(out) == one
 
@@ -117,8 +115,9 @@ def test_end_to_end_killed_on_one_rank_restarts_to_the_same_predictions(shards: 
         assert (tmp_path / "whole" / name).read_text() == (tmp_path / "restarted" / name).read_text(), name
 
 
-def test_the_slurm_script_launches_one_launcher_per_node(shards: Path, weights, tmp_path: Path) -> None:
-    """recipes/slurm.sh under a stand-in srun that starts its command once per "node" on this machine."""
+def test_the_slurm_script_on_two_nodes_writes_the_bytes_of_one_process(shards: Path, weights, tmp_path: Path) -> None:
+    """embed_tiles through recipes/slurm.sh under a stand-in srun that starts its command once per "node"
+    on this machine (two launchers, one process each), against one process."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\necho 127.0.0.2\n")

@@ -112,6 +112,7 @@ class ShardIndex:
             return out
 
         shard_base = np.cumsum([0] + [len(part.shard_sha256) for part in parts])
+        # each part's slide codes -> the merged ones; the appended -1 keeps "no slide" (-1 indexes it) as -1
         remap = [np.array([code[str(s)] for s in part.slide_ids] + [-1], dtype=np.int32) for part in parts]
         return cls(
             shard=np.concatenate([part.shard + base for part, base in zip(parts, shard_base)]).astype(np.int32),
