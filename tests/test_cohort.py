@@ -87,11 +87,13 @@ def test_embedding_killed_and_rerun_gives_the_uninterrupted_bytes(shards: Path, 
 
 
 def test_two_machines_write_the_bytes_of_one_process(shards: Path, weights, tmp_path: Path) -> None:
-    """embed_regions as two launchers on 127.0.0.1 (embed_tiles goes through recipes/slurm.sh below)."""
+    """embed_regions as two launchers on 127.0.0.1 with 5 DataLoader workers each (embed_tiles goes through
+    recipes/slurm.sh below): 10 readers over 12 units, so rank 0 has 7 units and rank 1 five, and waits;
+    against one process with its 5 readers."""
     source = tmp_path / "grids"
     assert run_step("embed_tiles", *step_args("embed_tiles", shards, source, weights["tile"])).returncode == 0
     out = tmp_path / "out"
-    arguments = step_args("embed_regions", source, out, weights["region"])
+    arguments = [*step_args("embed_regions", source, out, weights["region"]), "data.workers=5"]
     assert run_step("embed_regions", *arguments).returncode == 0
     one = files(out)
     shutil.rmtree(out)
