@@ -73,6 +73,20 @@ def run_stage(recipe, stage: dict, *overrides: str) -> None:
     recipe.main([*config, *stage["overrides"], *overrides])
 
 
+def cross_validated(bags: list, classes: list[str], run: dict) -> dict:
+    """The slide model cross-validated on one encoder's bags, or the metrics of that same cross-validation
+    finished by an earlier run of the recipe (the same slide-level settings; trackers aside), as DINO and the
+    embeddings are kept."""
+    out = Path(run["out"])
+    decisive = [key for key in SLIDE_DEFAULTS if key not in ("train", "out")]
+    if (out / "metrics.json").exists():
+        done = load_yaml((out / "config.yaml").read_text())
+        if all(done.get(key) == json.loads(json.dumps(run[key])) for key in decisive):
+            return json.loads((out / "metrics.json").read_text())
+    fresh_precision()
+    return cross_validate(bags, classes, run)
+
+
 def dino_epochs_for(stage: dict, *overrides: str) -> tuple[int, float]:
     """(train.epochs that fill stage["minutes"] of wall clock, seconds per step) for one encoder's DINO,
     from a probe run of stage["probe_steps"] steps: the median of its logged step times after the first
@@ -158,8 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         bags, classes = read_slide_bags(out / "bags")
         run = copy.deepcopy(cfg)
         run["out"] = str(out / "slide")
-        fresh_precision()
-        variants[name] = cross_validate(bags, classes, run)
+        variants[name] = cross_validated(bags, classes, run)
     if not PartialState().is_main_process:
         return variants
     region = load_yaml((out / "bags" / "config.yaml").read_text())["model"]
