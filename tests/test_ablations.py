@@ -115,7 +115,7 @@ def test_cnn_vs_vit_smoke(shards: Path, tmp_path: Path):
 
     kaiko, _ = random_release("kaiko-vits16", ENCODERS["kaiko-vits16"], tmp_path / "kaiko")
     tiny = REPO / "recipes" / "configs" / "tiny"
-    variants = cnn_vs_vit.main([
+    arguments = [
         f"data.shards={shards}", f"out={tmp_path / 'runs'}", f"docs={tmp_path / 'docs'}", *FAST,
         f"pretrain.config={tiny / 'pretrain_vit256.yaml'}", "pretrain.overrides=[train.steps_per_epoch=2]",
         "embed_tiles.overrides=[embed.mixed_precision=bf16]",  # stages of other precisions in one process
@@ -124,7 +124,8 @@ def test_cnn_vs_vit_smoke(shards: Path, tmp_path: Path):
         "throughput.batch=4", "throughput.rounds=1",
         f"encoders={{vit: [model.encoder=vit], cnn: [model.encoder=cnn, model.cnn=resnet18, model.cnn_stem=small, "
         f"optim.name=sgd, optim.lr=0.03], kaiko: [model.encoder=kaiko-vits16, model.tile_input=native, "
-        f"model.weights={kaiko}]}}"])
+        f"model.weights={kaiko}]}}"]
+    variants = cnn_vs_vit.main(arguments)
     assert list(variants) == ["vit", "cnn", "kaiko"]
     assert "| kaiko | 21.67 M |" in (tmp_path / "docs" / "cnn_vs_vit.md").read_text()  # pretrained: no DINO row
     assert not (tmp_path / "runs" / "kaiko" / "dino").exists()
@@ -142,3 +143,9 @@ def test_cnn_vs_vit_smoke(shards: Path, tmp_path: Path):
     assert "model.cnn=resnet18" in report and "random init, frozen" in report
     assert set(json.loads((tmp_path / "docs" / "cnn_vs_vit.json").read_text())["variants"]) == set(variants)
     assert (tmp_path / "docs" / "cnn_vs_vit.png").stat().st_size > 0
+    # A rerun keeps every finished stage: no DINO, embedding or cross-validation is done again.
+    finished = {path: path.stat().st_mtime_ns for pattern in ("metrics.json", "backbone.safetensors", "manifest.json")
+                for path in (tmp_path / "runs").rglob(pattern)}
+    again = cnn_vs_vit.main(arguments)
+    assert {path: path.stat().st_mtime_ns for path in finished} == finished and len(finished) == 3 + 2 + 6
+    assert {name: m["summary"] for name, m in again.items()} == {name: m["summary"] for name, m in variants.items()}
