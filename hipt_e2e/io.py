@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 
 @contextlib.contextmanager
@@ -40,8 +40,13 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+        return sha256_stream(handle, chunk)
+
+
+def sha256_stream(handle: BinaryIO, chunk: int = 1 << 22) -> str:
+    """The sha256 of what a file object reads from where it stands to its end."""
+    digest = hashlib.sha256()
+    while block := handle.read(chunk):
+        digest.update(block)
     return digest.hexdigest()

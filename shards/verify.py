@@ -3,7 +3,6 @@ token-grid shards are checked region by region; slide-embedding shards (one bag 
 bag. The shard set may be a folder or a URL."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
 from pathlib import Path
@@ -14,6 +13,7 @@ from hipt_e2e.data.index import INDEX, ShardIndex, index_file
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.data.samples import decode_sample
 from hipt_e2e.data.storage import child, exists, local_path, open_stream, read_bytes, tar_samples
+from hipt_e2e.io import sha256_stream
 from hipt_e2e.progress import progress
 
 log = logging.getLogger(__name__)
@@ -46,21 +46,15 @@ def _check_bag(name: str, sample: dict) -> tuple[str | None, int, str | None]:
     return bag.slide_id, bag.features.shape[0], None
 
 
-def _sha256(location: str) -> str:
-    digest = hashlib.sha256()
-    with open_stream(location) as stream:
-        while block := stream.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_shard(root: str, shard: dict, check_sample) -> tuple[list[str], Counter]:
     """Problems of one shard, and the regions it holds per slide."""
     location = child(root, shard["name"])
     if not exists(location):
         return [f"{shard['name']}: missing"], Counter()
     problems = []
-    if _sha256(location) != shard["sha256"]:
+    with open_stream(location) as stream:
+        digest = sha256_stream(stream)
+    if digest != shard["sha256"]:
         problems.append(f"{shard['name']}: sha256 differs from the manifest (altered or truncated)")
     samples: Counter = Counter()  # per slide, as the shard's manifest entry counts them
     regions: Counter = Counter()
