@@ -16,6 +16,7 @@ from hipt_e2e.data import RegionStream, SlideBagStream, load_manifest
 from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.data.samples import encode_grid
 from hipt_e2e.embedding import GRIDS_KIND, UnitOutputs, token_grids
+from hipt_e2e.evaluation.rescore import pixel_shards
 from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.models import cnn256, load_checkpoint, model_preset, vit4k, vit256
 from hipt_e2e.models.bundle import CARD, load_bundle, write_card
@@ -122,6 +123,7 @@ def test_four_recipes_end_to_end(shards: dict[str, Path], tmp_path: Path) -> Non
     assert tile_card["kind"] == "tile_encoder" and tile_card["architecture"] == {"encoder": "vit", **TINY["tile"]}
     assert json.loads((tmp_path / "vit4k" / CARD).read_text())["architecture"] == TINY["region"]
     stages = embedding_stages(slides_dir)
+    assert Path(pixel_shards(str(slides_dir))).resolve() == regions.resolve()  # what a staged run is rescored on
     assert stages["tile"]["weights"] == str((tmp_path / "vit256" / BACKBONE_EXPORT).resolve())
     assert (stages["tile_px"], stages["region_px"], stages["normalisation"]) == (32, 128, "hipt")
     cfg = {"model": {"name": "vit_wsi", "dropout": 0.0, "hidden": None}, "data": {"shards": str(slides_dir)},

@@ -1,6 +1,7 @@
 """hipt-predict: a pyramidal TIFF built from real images, planted attention, an unreadable file."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import time
@@ -279,7 +280,7 @@ def test_geojson_regions_and_tiles_map_back_to_the_slide(tmp_path):
 def test_dihedral_tta_makes_predictions_independent_of_region_orientation():
     """Every region turned by 90 degrees (or mirrored) is one of the 8 poses the TTA already scores: the
     same slide output up to the order of an 8-term mean; without TTA the output moves."""
-    from hipt_e2e.data.augment import pose
+    from hipt_e2e.data.augment import pose, tta_poses
 
     torch.manual_seed(0)
     model = HIPT.from_preset("tiny", n_classes=2).eval()
@@ -300,5 +301,12 @@ def test_dihedral_tta_makes_predictions_independent_of_region_orientation():
         # the tile attention is reported in the orientation the regions were given in
         expected = pose(torch.from_numpy(reference.tile_attention), flip, turns).numpy()
         np.testing.assert_allclose(moved.tile_attention, expected, rtol=0, atol=1e-6)
+    # the end-to-end engine's TTA evaluation averages the same 8 poses
+    from hipt_e2e.training.e2e import slide_probabilities
+
+    chunk = {"slide_id": "s", "pixels": torch.stack([torch.from_numpy(rgb).permute(2, 0, 1) for _, _, rgb in regions]),
+             "tissue": torch.ones(len(regions), 4, 4)}
+    engine = slide_probabilities(model, [chunk], torch.device("cpu"), 0.0, contextlib.nullcontext, tta_poses("dihedral"))
+    np.testing.assert_allclose(engine["s"], reference.probs, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="tta must be one of"):
         Predictor([(model, None)], ["a", "b"], tta="octagonal")

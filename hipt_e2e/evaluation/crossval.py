@@ -24,9 +24,11 @@ IMBALANCE = ("none", "weighted_loss", "balanced_sampling")
 
 
 def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], cfg: dict, accelerator: Accelerator,
-              test_probs: Callable[[Fold, Path], np.ndarray], extra: dict[str, Any]) -> dict:
+              test_probs: Callable[[Fold, Path], np.ndarray], extra: dict[str, Any],
+              folds: Sequence[Fold] | None = None) -> dict:
     """The cross-validation every slide-level trainer shares: patient-grouped stratified folds, repeated
-    cfg["cv"]["repeats"] times (or the labels' fixed split), then per fold test_probs(fold, fold_dir) ->
+    cfg["cv"]["repeats"] times (or the labels' fixed split; or `folds`, an earlier run's read back to score
+    its models again), then per fold test_probs(fold, fold_dir) ->
     probabilities [len(fold.test), K] (training and model selection are the caller's), then splits.csv,
     predictions.csv, metrics.json (each fold's metrics with its repeat, index and part sizes, which the
     paired comparison needs) plots and report.md in cfg["out"]. Returns the metrics (on every process)."""
@@ -38,7 +40,8 @@ def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], cfg: dict, acc
     if missing:
         raise ValueError(f"slides without a label cannot be trained on: {missing[:10]}")
     check_labels(infos, classes)
-    folds = make_folds(infos, cfg["folds"], cfg["seed"], cfg.get("cv", {}).get("repeats", 1))
+    if folds is None:
+        folds = make_folds(infos, cfg["folds"], cfg["seed"], cfg.get("cv", {}).get("repeats", 1))
     by_id = {info.slide_id: info for info in infos}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

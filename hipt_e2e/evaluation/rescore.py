@@ -1,0 +1,141 @@
+"""Score a finished cross-validated run's test folds again, with its own fold models, under other inference
+settings: test-time augmentation (every region in its 8 dihedral poses) or another precision.
+
+Nothing is trained or selected again, so two scorings of one run differ only in how they infer: the same
+splits, the same fold models, the same test slides; `hipt_e2e.evaluation.compare` then gives the paired CI.
+
+    python -m hipt_e2e.evaluation.rescore RUN --out OUT --tta dihedral [--shards SHARDS]
+
+RUN: a finished run of e2e, train_wsi or train_fc (splits.csv, fold folders with model cards). The slides'
+regions are read from region shards: the run's data.shards, or for a staged run (its data are region bags)
+the region shards its bags were embedded from, traced through the embedding manifests (or --shards, e.g.
+the same shards at another URL). Every fold model scores its own
+test slides through the prediction code path (`hipt_e2e.inference.predict.Predictor`, every region of a
+slide). OUT gets what the run wrote (splits.csv - the run's -, predictions.csv, metrics.json, report.md)
+plus rescore.json: per fold the seconds, the tiles scored and tiles/s (each tile counted once, whatever
+the number of poses), the cost the paired comparison sets against the gain.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from hipt_e2e.config import setup_logging
+from hipt_e2e.data.embeddings import KIND as BAGS_KIND
+from hipt_e2e.data.manifest import GRIDS_KIND, load_manifest
+from hipt_e2e.data.regions import ShardRegions
+from hipt_e2e.evaluation.crossval import run_folds
+from hipt_e2e.evaluation.splits import Fold, read_splits
+from hipt_e2e.inference.predict import PREDICT_DEFAULTS, Predictor, predictor_from_cards
+from hipt_e2e.io import atomic_write_json
+
+
+def _source_config(run: Path) -> dict:
+    for needed in ("splits.csv", "config.yaml"):
+        if not (run / needed).is_file():
+            raise FileNotFoundError(f"{run / needed} not found: {run} is not a finished cross-validated run")
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+def pixel_shards(shards: str) -> str:
+    """The region shards (pixels) behind a shard set: itself, or the shards its embeddings were made from
+    (slide bags <- token grids <- region shards), as each embedding manifest recorded them."""
+    while (manifest := load_manifest(shards)).get("kind") in (BAGS_KIND, GRIDS_KIND):
+        shards = manifest["build_args"]["data"]["shards"]
+    return shards
+
+
+def _fold_predictor(run: Path, fold: Fold, tta: str, chunk_regions: int, trusted: bool) -> Predictor:
+    cfg = copy.deepcopy(PREDICT_DEFAULTS)
+    cfg["model"].update(card=str(run), fold=fold.name, trusted=trusted)
+    cfg.update(tta=tta, chunk_regions=chunk_regions)
+    return predictor_from_cards(cfg)
+
+
+def _check_geometry(predictor: Predictor, regions: ShardRegions, classes: list[str], where: str) -> None:
+    build = regions.manifest["build_args"]
+    trained = (predictor.classes, predictor.geometry.region_px, predictor.geometry.tile_px)
+    found = (classes, build["region_px"], build["tile_px"])
+    if trained != found:
+        raise ValueError(f"{where}: its model was trained on classes / region px / tile px {trained}, the shards "
+                         f"{regions.manifest['root']} hold {found}; give the region shards the run was trained on")
+
+
+def rescore(run: str | Path, out: str | Path, tta: str = "dihedral", shards: str | None = None,
+            chunk_regions: int = 16, mixed_precision: str | None = None, trusted: bool = False) -> dict:
+    """Score every test fold of `run` with its fold model (settings above); returns OUT's metrics, with
+    "rescore": the per-fold cost. mixed_precision None: the run's train.mixed_precision (as it evaluated)."""
+    run, out = Path(run), Path(out)
+    source = _source_config(run)
+    if (source.get("data") or {}).get("min_tile_tissue"):
+        raise ValueError(f"{run} skipped tiles below data.min_tile_tissue={source['data']['min_tile_tissue']}; "
+                         "the prediction path scores every tile, so its scores would not be the run's")
+    shards = shards or (source.get("data") or {}).get("shards")
+    if not shards:
+        raise ValueError(f"{run}: its config names no data.shards; give shards=, the region shards it was trained on")
+    shards = pixel_shards(shards)
+    precision = mixed_precision or (source.get("train") or {}).get("mixed_precision") or "no"
+    accelerator = Accelerator(mixed_precision=precision)
+    regions = ShardRegions(shards, regions_per_slide=None, seed=0)
+    classes = list(regions.manifest["classes"])
+    tiles_per_region = (regions.manifest["build_args"]["region_px"] // regions.manifest["build_args"]["tile_px"]) ** 2
+    cost: dict[str, dict] = {}
+
+    def test_probs(fold: Fold, fold_dir: Path) -> np.ndarray:
+        predictor = _fold_predictor(run, fold, tta, chunk_regions, trusted).to(accelerator)
+        _check_geometry(predictor, regions, classes, str(run / fold.name))
+        start, probs, n_regions = time.perf_counter(), {}, 0
+        for slide in fold.test[accelerator.process_index::accelerator.num_processes]:
+            chunks = [regions[key] for key in regions.chunks(slide, chunk_regions)]
+            n_regions += sum(len(chunk["pixels"]) for chunk in chunks)
+            probs[slide] = predictor.predict(((x, y, rgb) for chunk in chunks for (x, y), rgb in
+                                              zip(chunk["coords"].tolist(), chunk["pixels"].permute(0, 2, 3, 1).numpy())),
+                                             predictor.geometry.region_px).probs
+        parts = gather_object([(probs, n_regions, time.perf_counter() - start)])
+        merged = {slide: p for part, _, _ in parts for slide, p in part.items()}
+        seconds, tiles = max(part[2] for part in parts), sum(part[1] for part in parts) * tiles_per_region
+        cost[fold.name] = {"seconds": round(seconds, 3), "tiles": tiles, "tiles_per_s": round(tiles / seconds, 1),
+                           "poses": len(predictor.poses)}
+        return np.stack([merged[slide] for slide in fold.test]) if fold.test else np.zeros((0, len(classes)))
+
+    cfg = {"out": str(out), "seed": source.get("seed", 0), "imbalance": source.get("imbalance", "none"),
+           "rescore": {"run": str(run.resolve()), "tta": tta, "shards": str(shards), "mixed_precision": precision,
+                       "chunk_regions": chunk_regions}}
+    extra = {"title": f"{run.name} rescored with its fold models, tta={tta}", "rescored_from": str(run.resolve()),
+             "tta": tta, "mixed_precision": precision}
+    metrics = run_folds(regions.infos(), classes, cfg, accelerator, test_probs, extra, folds=read_splits(run / "splits.csv"))
+    total = {"seconds": round(sum(c["seconds"] for c in cost.values()), 3), "tiles": sum(c["tiles"] for c in cost.values())}
+    total["tiles_per_s"] = round(total["tiles"] / total["seconds"], 1)
+    if accelerator.is_main_process:
+        atomic_write_json(out / "rescore.json", {"folds": cost, "total": total, **cfg["rescore"]})
+    return {**metrics, "rescore": {"folds": cost, "total": total}}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a finished cross-validated run with fold model cards")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tta", choices=("none", "dihedral"), default="dihedral")
+    parser.add_argument("--shards", help="region shards (folder or URL); default: the run's data.shards")
+    parser.add_argument("--chunk-regions", type=int, default=16, help="regions per model call")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
+                        help="default: the run's train.mixed_precision")
+    parser.add_argument("--trusted", action="store_true", help="allow unpickling the cards' released .pth weights")
+    args = parser.parse_args(argv)
+    setup_logging()
+    metrics = rescore(args.run, args.out, args.tta, args.shards, args.chunk_regions, args.mixed_precision, args.trusted)
+    summary, total = metrics["summary"]["balanced_accuracy"], metrics["rescore"]["total"]
+    print(f"balanced accuracy {summary['mean']:.3f} +- {summary['sd']:.3f} (tta={args.tta}), "
+          f"{total['tiles_per_s']:.1f} tiles/s -> {args.out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
