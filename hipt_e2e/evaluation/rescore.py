@@ -72,7 +72,8 @@ def _check_geometry(predictor: Predictor, regions: ShardRegions, classes: list[s
 def rescore(run: str | Path, out: str | Path, tta: str = "dihedral", shards: str | None = None,
             chunk_regions: int = 16, mixed_precision: str | None = None, trusted: bool = False) -> dict:
     """Score every test fold of `run` with its fold model (settings above); returns OUT's metrics, with
-    "rescore": the per-fold cost. mixed_precision None: the run's train.mixed_precision (as it evaluated)."""
+    "rescore": the per-fold cost. mixed_precision None: an e2e run's train.mixed_precision (as it evaluated),
+    else no (fp32, as the staged recipes embed by default)."""
     run, out = Path(run), Path(out)
     source = _source_config(run)
     if (source.get("data") or {}).get("min_tile_tissue"):
