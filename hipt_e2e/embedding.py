@@ -34,7 +34,7 @@ from hipt_e2e.config import save_config
 from hipt_e2e.data.embeddings import KIND as BAG_KIND
 from hipt_e2e.data.embeddings import SlideBag, bag_sample
 from hipt_e2e.data.index import index_file, write_index
-from hipt_e2e.data.manifest import FORMAT, FORMAT_VERSION, GRIDS_KIND, MANIFEST, class_counts, load_manifest, shard_urls
+from hipt_e2e.data.manifest import GRIDS_KIND, MANIFEST, load_manifest, shard_set_manifest, shard_urls
 from hipt_e2e.data.samples import collate, decode_mode, decode_sample, device_pixels, encode_grid
 from hipt_e2e.data.storage import tar_samples
 from hipt_e2e.data.streams import SlideBagStream, reader_info
@@ -231,11 +231,8 @@ class UnitOutputs:
             slides = {slide: {**entry, "shards": [record["shard"]["name"]]}
                       for record in records for slide, entry in record["slides"].items()}
             written = sum(entry["regions"] for entry in slides.values())
-            manifest = {
-                "format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "build_args": self.settings,
-                "classes": source["classes"], "class_counts": class_counts(slides), "inputs": source["samples"],
-                "written": written, "n_skipped": 0, "skipped": [], "samples": sum(s["samples"] for s in shards),
-                "slides": slides, "shards": shards}
+            manifest = shard_set_manifest(kind, self.settings, source["classes"], slides, shards,
+                                          inputs=source["samples"], written=written)
             write_index(self.out, shards, {r["shard"]["name"]: [tuple(row) for row in r["index"]] for r in records})
             atomic_write_json(self.out / MANIFEST, manifest)
             save_config(self.settings, self.out)

@@ -23,7 +23,7 @@ import numpy as np
 import webdataset as wds
 
 from hipt_e2e.data.index import journal_rows, write_index
-from hipt_e2e.data.manifest import FORMAT, FORMAT_VERSION, class_counts
+from hipt_e2e.data.manifest import shard_set_manifest
 from hipt_e2e.data.samples import encode_pixels, sample_key
 from hipt_e2e.data.sources import (
     ImageReader,
@@ -314,11 +314,5 @@ def make_manifest(cfg: dict, items: list[Item], classes: list[str], shards: list
     n_skipped = sum(record["inputs"] for record in skipped)
     if inputs != written + n_skipped:
         raise BuildError(f"accounting error: {inputs} inputs != {written} written + {n_skipped} skipped")
-    return {
-        "format": FORMAT, "version": FORMAT_VERSION, "kind": cfg["kind"], "build_args": build_args(cfg),
-        "classes": classes,
-        "class_counts": class_counts(slides),
-        "inputs": inputs, "written": written, "n_skipped": n_skipped, "samples": samples,
-        "slides": slides,
-        "shards": shards, "skipped": skipped,
-    }
+    return shard_set_manifest(cfg["kind"], build_args(cfg), classes, slides, shards, inputs=inputs, written=written,
+                              skipped=skipped, n_skipped=n_skipped)

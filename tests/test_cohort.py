@@ -107,10 +107,11 @@ def test_end_to_end_killed_on_one_rank_restarts_to_the_same_predictions(shards: 
     whole = launch("recipes/e2e.py", e2e_settings(shards, tmp_path / "whole", *arguments))
     assert whole.returncode == 0, whole.stderr[-3000:]
     # Rank 1 dies after its third checkpoint save on the first attempt; torchrun restarts both processes,
-    # which resume from the last checkpoint.
+    # which resume from the last checkpoint, each attempt in a store of its own (README, "Several machines").
     crashed = launch("tests/crash.py", ["hipt_e2e.training.e2e:FoldTrainer.save", "3", str(REPO / "recipes" / "e2e.py"),
                                         *e2e_settings(shards, tmp_path / "restarted", *arguments)],
-                     extra=["--max_restarts", "1"], env={"CRASH_RANK": "1"})
+                     extra=["--max_restarts", "1", "--rdzv_backend", "c10d"],
+                     env={"CRASH_RANK": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
     assert crashed.returncode == 0, crashed.stderr[-3000:]
     assert "dying after call 3" in crashed.stderr and "resuming" in crashed.stderr.lower()
     for name in ("predictions.csv", "fold_0/train_log.jsonl", "fold_2/history.json"):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from hipt_e2e.data.index import journal_rows, write_index
-from hipt_e2e.data.manifest import FORMAT, FORMAT_VERSION, class_counts, load_manifest, shard_urls
+from hipt_e2e.data.manifest import load_manifest, shard_set_manifest, shard_urls
 from hipt_e2e.data.samples import npy_array, npy_bytes, sample_key
 from hipt_e2e.data.storage import tar_samples
 from hipt_e2e.data.writer import ShardWriter
@@ -67,9 +67,7 @@ def write_slide_bags(out_dir: str | Path, bags: Iterable[SlideBag], classes: Seq
         raise
     shards = [json.loads(line)["shard"] for line in journal.read_text().splitlines()[1:]
               if "shard" in json.loads(line)]
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "kind": KIND, "build_args": build_args,
-                "classes": list(classes), "class_counts": class_counts(slides), "inputs": len(slides), "written": len(slides),
-                "n_skipped": 0, "samples": len(slides), "slides": slides, "shards": shards, "skipped": []}
+    manifest = shard_set_manifest(KIND, build_args, classes, slides, shards, inputs=len(slides), written=len(slides))
     write_index(out_dir, shards, journal_rows(journal))
     atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest

@@ -1,4 +1,4 @@
-"""Reading a shard set's manifest.json: where the shards are and what they hold."""
+"""A shard set's manifest.json: where the shards are and what they hold (made by every writer alike)."""
 from __future__ import annotations
 
 import json
@@ -39,6 +39,17 @@ def class_counts(slides: Mapping[str, Mapping]) -> dict[str, dict[str, int]]:
             counts["slides"][entry["label"]] = counts["slides"].get(entry["label"], 0) + 1
             counts["regions"][entry["label"]] = counts["regions"].get(entry["label"], 0) + entry["regions"]
     return {level: dict(sorted(c.items())) for level, c in counts.items()}
+
+
+def shard_set_manifest(kind: str, build_args: Mapping, classes: Sequence[str], slides: Mapping[str, Mapping],
+                       shards: Sequence[Mapping], *, inputs: int, written: int,
+                       skipped: Sequence[Mapping] = (), n_skipped: int = 0) -> dict:
+    """The manifest of a finished shard set, whoever wrote it (shard building, the embedding recipes):
+    `inputs` = `written` + `n_skipped` (the inputs the skipped records stand for), samples from the shards."""
+    return {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "build_args": dict(build_args),
+            "classes": list(classes), "class_counts": class_counts(slides), "inputs": inputs, "written": written,
+            "n_skipped": n_skipped, "samples": sum(shard["samples"] for shard in shards), "slides": dict(slides),
+            "shards": list(shards), "skipped": list(skipped)}
 
 
 def shard_urls(source: str | Path | Mapping | Sequence[str]) -> list[str]:
