@@ -74,6 +74,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), load_yaml(raw) if raw != "" else None
 
 
+def _free_form(defaults: Mapping, prefix: str = "") -> list[str]:
+    """The dotted keys whose default is {}: mappings of free keys (model.timm_kwargs, data.storage_options),
+    so `data.storage_options.endpoint_url=URL` may add a key there."""
+    found = []
+    for key, value in defaults.items():
+        if isinstance(value, Mapping):
+            found += _free_form(value, f"{prefix}{key}.") if value else [prefix + key]
+    return found
+
+
 def resolve_config(defaults: Mapping, config_file: str | Path | None = None,
                    overrides: Sequence[str] = ()) -> dict:
     """Defaults <- YAML file <- overrides. Unknown keys are errors: a typo must not pass silently."""
@@ -83,9 +93,10 @@ def resolve_config(defaults: Mapping, config_file: str | Path | None = None,
         if not isinstance(loaded, Mapping):
             raise ValueError(f"{config_file}: a config file must hold a mapping, got {type(loaded).__name__}")
         _merge(cfg, loaded)
+    free_form = _free_form(defaults)
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(cfg, key, value, allow_new=False)
+        _set_dotted(cfg, key, value, allow_new=any(key.startswith(f"{path}.") for path in free_form))
     return cfg
 
 
