@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo_out
 
-.PHONY: install test test-portability demo bench clean
+.PHONY: install test test-portability test-floors demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -22,6 +22,28 @@ test: $(STAMP)
 # reduction orders than this CPU's AVX-512 ones, as another CPU would give (docs/portability.md).
 test-portability: $(STAMP)
 	ATEN_CPU_CAPABILITY=default $(PYTHON) -m pytest -q -p no:cacheprovider -k "two_processes or one_process" tests
+
+# The declared floors, tested: a separate venv on the lowest Python that requires-python allows, every direct
+# dependency at the lowest version pyproject.toml allows (indirect ones at their newest), then the suite
+# (docs/portability.md, "Supported versions"). uv resolves the floors; pip has no such resolution.
+FLOORS_VENV ?= .venv-floors
+LOWEST_PYTHON := $(shell sed -n 's/^requires-python = ">=\([0-9.]*\)"/\1/p' pyproject.toml)
+UV := $(VENV)/bin/uv
+
+$(UV): $(STAMP)
+	$(PYTHON) -m pip install "uv>=0.5"
+
+# python3.X on PATH (a pyenv shim counts only where it runs), else any of pyenv's 3.X.* builds
+test-floors: $(UV)
+	@py=$$(for candidate in python$(LOWEST_PYTHON) $$HOME/.pyenv/versions/$(LOWEST_PYTHON).*/bin/python; do \
+		"$$candidate" -c 'import sys; print(sys.executable)' 2>/dev/null && break; done); \
+	if [ -z "$$py" ]; then \
+		echo "test-floors: no Python $(LOWEST_PYTHON) (the lowest that requires-python allows): neither" \
+			"python$(LOWEST_PYTHON) on PATH nor ~/.pyenv/versions/$(LOWEST_PYTHON).*; install one" >&2; exit 1; fi; \
+	rm -rf $(FLOORS_VENV) && $(UV) venv --python "$$py" $(FLOORS_VENV)
+	$(UV) pip install --python $(FLOORS_VENV)/bin/python --resolution lowest-direct -e ".[dev]"
+	$(UV) pip freeze --python $(FLOORS_VENV)/bin/python
+	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 # The embedded default of the end-to-end recipe: synthetic slides -> shards -> tiny HIPT trained end to
 # end on the CPU (a few minutes) -> metrics and report in demo_out/e2e.
