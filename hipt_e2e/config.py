@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from hipt_e2e.errors import SettingError, UnknownSettingError
 from hipt_e2e.io import atomic_write_text
 
 
@@ -25,18 +26,18 @@ def _set_dotted(cfg: dict, dotted: str, value: Any, *, allow_new: bool) -> None:
     for key in keys[:-1]:
         if not isinstance(node.get(key), dict):
             if not allow_new:
-                raise KeyError(f"unknown config key {dotted!r} (no section {key!r})")
+                raise UnknownSettingError(f"unknown config key {dotted!r} (no section {key!r})")
             node[key] = {}
         node = node[key]
     if not allow_new and keys[-1] not in node:
-        raise KeyError(f"unknown config key {dotted!r}; known keys here: {sorted(node)}")
+        raise UnknownSettingError(f"unknown config key {dotted!r}; known keys here: {sorted(node)}")
     node[keys[-1]] = value
 
 
 def _merge(base: dict, update: Mapping, prefix: str = "") -> None:
     for key, value in update.items():
         if key not in base:
-            raise KeyError(f"unknown config key {prefix + key!r}; known keys: {sorted(base)}")
+            raise UnknownSettingError(f"unknown config key {prefix + key!r}; known keys: {sorted(base)}")
         if isinstance(base[key], dict) and base[key] and isinstance(value, Mapping):  # {}: free-form (timm_kwargs)
             _merge(base[key], value, prefix + key + ".")
         else:
@@ -62,16 +63,20 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def load_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
+def load_yaml(text: str, where: str = "") -> Any:
+    """YAML 1.2 scalars (see _Loader); a syntax error names `where` the text came from."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise SettingError(f"{where or repr(text)}: not valid YAML ({' '.join(str(exc).split())})") from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`a.b=3` -> ("a.b", 3); the value is parsed as YAML so numbers, booleans and lists work."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} is not of the form key=value")
+        raise SettingError(f"override {text!r} is not of the form key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), load_yaml(raw) if raw != "" else None
+    return key.strip(), load_yaml(raw, f"override {text!r}") if raw != "" else None
 
 
 def _free_form(defaults: Mapping, prefix: str = "") -> list[str]:
@@ -89,9 +94,9 @@ def resolve_config(defaults: Mapping, config_file: str | Path | None = None,
     """Defaults <- YAML file <- overrides. Unknown keys are errors: a typo must not pass silently."""
     cfg = copy.deepcopy(dict(defaults))
     if config_file is not None:
-        loaded = load_yaml(Path(config_file).read_text()) or {}
+        loaded = load_yaml(Path(config_file).read_text(), str(config_file)) or {}
         if not isinstance(loaded, Mapping):
-            raise ValueError(f"{config_file}: a config file must hold a mapping, got {type(loaded).__name__}")
+            raise SettingError(f"{config_file}: a config file must hold a mapping, got {type(loaded).__name__}")
         _merge(cfg, loaded)
     free_form = _free_form(defaults)
     for text in overrides:

@@ -1,11 +1,77 @@
-"""Errors a user can fix, as opposed to bugs.
+"""Errors a user can fix, as opposed to bugs, and the one wrapper that prints them.
 
 A `UserError` is bad input, a missing file or extra, refused settings, too few slides for the folds, a
-server that stayed down past the retry budget: every console command and recipe prints it as one line
-`error: ...` on stderr and exits non-zero. Anything else is a bug and keeps its traceback.
+server that stayed down past the retry budget: every console command and recipe runs its `main` through
+`run_main`, which prints it as one line `error: ...` on stderr and exits 2. Anything else is a bug and keeps
+its traceback; `--debug` on the command line or HIPT_DEBUG=1 shows the traceback of user errors too.
 """
 from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+USER_ERROR_EXIT = 2  # argparse's code for a usage error: the same family of mistake
+
+# Missing or unreadable files the user named: OSError's own subclasses, with the path in the message.
+FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 class UserError(Exception):
     """A mistake or condition the user can fix; its message names the file or key and the fix."""
+
+
+class SettingError(UserError, ValueError):
+    """A setting (config value, flag, combination of settings) that is refused."""
+
+
+class UnknownSettingError(UserError, KeyError):
+    """A config key that no default defines: a typo must not pass silently."""
+
+    __str__ = Exception.__str__  # the message as written, without KeyError's quotes
+
+
+class MissingExtraError(UserError, ImportError):
+    """An optional dependency that is not installed; the message names the extra to install."""
+
+
+class StorageError(UserError, OSError):
+    """A server or store that refused a read (HTTP 4xx, no range requests), or failed it past the retry budget."""
+
+
+def take_debug_flag() -> bool:
+    """True under HIPT_DEBUG=1 or with `--debug` among the arguments, which it removes (the commands'
+    parsers do not know it) and passes on as HIPT_DEBUG=1 to the processes this one starts."""
+    if "--debug" in sys.argv[1:]:
+        sys.argv[1:] = [arg for arg in sys.argv[1:] if arg != "--debug"]
+        os.environ["HIPT_DEBUG"] = "1"
+    return os.environ.get("HIPT_DEBUG", "") not in ("", "0")
+
+
+def error_line(error: BaseException) -> str:
+    """`error: <message>`: an OSError from open() as `path: reason`, any other as its message."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"error: {error.filename}: {error.strerror}"
+    return f"error: {error}"
+
+
+def is_main_process() -> bool:
+    """RANK 0, or no launcher: under `accelerate launch` every rank raises the same user error (all read the
+    same settings and splits), and one of them says so."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run_main(main: Callable[[], Any]) -> int:
+    """Run an entry point's `main()` and return its exit code (0 for None, an int as it is, or 2 for a
+    user error, printed as one line on stderr by the main process). Bugs propagate with their traceback."""
+    debug = take_debug_flag()
+    try:
+        result = main()
+    except (UserError, *FILE_ERRORS) as error:
+        if debug:
+            raise
+        if is_main_process():
+            print(error_line(error), file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0

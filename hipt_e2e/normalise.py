@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from hipt_e2e.errors import SettingError
+
 NORMALISATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "hipt": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -21,7 +23,7 @@ NORMALISATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
 def normalise(pixels: torch.Tensor, name: str = "hipt", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (or 0-255 valued) pixels [..., 3, H, W] -> normalised float tensor of the same shape."""
     if name not in NORMALISATIONS:
-        raise ValueError(f"unknown normalisation {name!r}; choose one of {sorted(NORMALISATIONS)}")
+        raise SettingError(f"unknown normalisation {name!r}; choose one of {sorted(NORMALISATIONS)}")
     if pixels.shape[-3] != 3:
         raise ValueError(f"expected 3 channels at dim -3, got shape {tuple(pixels.shape)}")
     mean, std = NORMALISATIONS[name]

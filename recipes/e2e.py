@@ -18,11 +18,13 @@ A run stopped with train.stop_after or killed continues exactly with resume=true
 Outputs in `out`: config.yaml, splits.csv, predictions.csv, metrics.json, confusion_matrix.png, roc.png,
 report.md, and per fold best_model.safetensors, history.json, train_log.jsonl, checkpoint.pt.
 """
+import sys
 from pathlib import Path
 
 from accelerate import PartialState
 
 from hipt_e2e.data.synthetic import make_dataset
+from hipt_e2e.errors import run_main
 from hipt_e2e.models import model_preset
 from hipt_e2e.training import recipe_config
 from hipt_e2e.training.e2e import E2E_DEFAULTS, train_e2e
@@ -58,4 +60,4 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -8,8 +8,10 @@ train_wsi's abmil (attention-MIL over tiles, the standard baseline on foundation
         data.shards=runs/grids model.weights=runs/vit4k/backbone.safetensors out=runs/slides
 """
 import copy
+import sys
 
 from hipt_e2e.embedding import embed_regions
+from hipt_e2e.errors import SettingError, run_main
 from hipt_e2e.training import (
     REGION_MODEL_DEFAULTS,
     WEIGHTS_DEFAULTS,
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     with_grid_width(cfg["model"], cfg["data"]["shards"])
     embed = cfg["embed"]
     if embed["level"] not in ("region", "tile"):
-        raise ValueError(f"embed.level must be region or tile, got {embed['level']!r}")
+        raise SettingError(f"embed.level must be region or tile, got {embed['level']!r}")
     encoder = load_encoder_weights(build_region_encoder(cfg["model"]), cfg["model"]) if embed["level"] == "region" else None
     embed_regions(encoder, cfg["data"]["shards"], cfg["out"], settings=cfg,
                   regions_per_batch=embed["regions_per_batch"], workers=cfg["data"]["workers"],
@@ -44,4 +46,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

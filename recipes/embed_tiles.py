@@ -8,7 +8,10 @@ new shards (one sample per region: its key, record and coordinates kept, the gri
 Regions are batched, their tiles encoded together; processes and DataLoader workers split the work
 by whole slides; the output manifest accounts for every input region.
 """
+import sys
+
 from hipt_e2e.embedding import embed_tiles
+from hipt_e2e.errors import run_main
 from hipt_e2e.models.bundle import tile_architecture, tile_normalisation
 from hipt_e2e.training import (
     TILE_MODEL_DEFAULTS,
@@ -46,4 +49,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

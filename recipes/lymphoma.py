@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from hipt_e2e.config import setup_logging
+from hipt_e2e.errors import run_main
 from hipt_e2e.evaluation.colour_baseline import colour_baseline
 from hipt_e2e.evaluation.compare import compare_runs, load_run
 from hipt_e2e.io import atomic_write_text
@@ -140,4 +141,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

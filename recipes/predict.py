@@ -6,7 +6,8 @@ Exit code: the number of slides that could not be predicted (each listed in pred
 """
 import sys
 
+from hipt_e2e.errors import run_main
 from hipt_e2e.inference.predict import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

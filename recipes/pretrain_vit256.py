@@ -7,8 +7,11 @@ streamed from region or tile shards.
 Outputs in `out`: config.yaml, train_log.jsonl, checkpoint.pt (resume=true continues it exactly;
 released DINO layout) and backbone.safetensors (the teacher's tile encoder) for embed_tiles.
 """
+import sys
+
 from hipt_e2e.data import TileStream
 from hipt_e2e.data.streams import count_tiles
+from hipt_e2e.errors import run_main
 from hipt_e2e.models.bundle import tile_architecture
 from hipt_e2e.ssl import TileMultiCrop
 from hipt_e2e.training import (
@@ -50,4 +53,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

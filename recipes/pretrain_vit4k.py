@@ -8,8 +8,10 @@ Outputs in `out`: config.yaml, train_log.jsonl, checkpoint.pt (resume=true conti
 released DINO layout) and backbone.safetensors (the teacher's ViT4K) for embed_regions.
 """
 import copy
+import sys
 
 from hipt_e2e.data import RegionStream, load_manifest
+from hipt_e2e.errors import run_main
 from hipt_e2e.models.bundle import level_geometry
 from hipt_e2e.ssl import RegionMultiCrop
 from hipt_e2e.training import DINO_DEFAULTS, REGION_MODEL_DEFAULTS, build_region_encoder, recipe_config, train_dino, with_grid_width
@@ -35,4 +37,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -5,6 +5,9 @@ with its slide's label), slides predicted by a vote over their regions (majority
 
 Same splits, imbalance settings, model selection and report as train_wsi.py.
 """
+import sys
+
+from hipt_e2e.errors import run_main
 from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, train_from_shards
 
 FC_DEFAULTS = {**SLIDE_DEFAULTS, "model": {**SLIDE_DEFAULTS["model"], "name": "fc"},
@@ -16,4 +19,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -5,6 +5,9 @@
 model.name: vit_wsi (HIPT's slide transformer) or abmil (attention-MIL baseline). Writes splits.csv,
 predictions.csv, metrics.json, confusion_matrix.png, roc.png, report.md and per-fold best models.
 """
+import sys
+
+from hipt_e2e.errors import run_main
 from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, train_from_shards
 
 
@@ -13,4 +16,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

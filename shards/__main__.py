@@ -1,5 +1,5 @@
 import sys
 
-from shards.cli import main
+from shards.cli import cli
 
-sys.exit(main())
+sys.exit(cli())

@@ -35,6 +35,7 @@ from hipt_e2e.data.sources import (
 )
 from hipt_e2e.data.tiling import TISSUE_FLOOR, RegionGeometry, tile_tissue_fractions
 from hipt_e2e.data.writer import ShardWriter
+from hipt_e2e.errors import SettingError, UserError
 from hipt_e2e.io import atomic_write_json
 from hipt_e2e.progress import progress
 from shards.inputs import Item, class_names, discover
@@ -72,7 +73,7 @@ DEFAULTS: dict[str, Any] = {
 RUN_ONLY_KEYS = ("workers", "part", "on_error", "out")
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError):
     pass
 
 
@@ -82,9 +83,9 @@ def parse_part(part: str | None) -> tuple[int, int]:
     try:
         index, count = (int(v) for v in str(part).split("/"))
     except ValueError as exc:
-        raise ValueError(f"--part must look like i/n (e.g. 0/4), got {part!r}") from exc
+        raise SettingError(f"--part must look like i/n (e.g. 0/4), got {part!r}") from exc
     if not 0 <= index < count:
-        raise ValueError(f"--part {part}: need 0 <= i < n")
+        raise SettingError(f"--part {part}: need 0 <= i < n")
     return index, count
 
 
@@ -239,7 +240,7 @@ def build(cfg: dict) -> dict:
     """Run a build (or the rest of an interrupted one) and return its manifest."""
     cfg = {**DEFAULTS, **cfg}
     if cfg["on_error"] not in ("fail", "skip"):
-        raise ValueError(f"on_error must be fail or skip, got {cfg['on_error']!r}")
+        raise SettingError(f"on_error must be fail or skip, got {cfg['on_error']!r}")
     out_dir = part_dir(Path(cfg["out"]), cfg["part"])
     out_dir.mkdir(parents=True, exist_ok=True)
     args = build_args(cfg)
@@ -313,6 +314,6 @@ def make_manifest(cfg: dict, items: list[Item], classes: list[str], shards: list
     written = samples if cfg["kind"] == "pt" else len(slides)
     n_skipped = sum(record["inputs"] for record in skipped)
     if inputs != written + n_skipped:
-        raise BuildError(f"accounting error: {inputs} inputs != {written} written + {n_skipped} skipped")
+        raise RuntimeError(f"accounting error: {inputs} inputs != {written} written + {n_skipped} skipped")
     return shard_set_manifest(cfg["kind"], build_args(cfg), classes, slides, shards, inputs=inputs, written=written,
                               skipped=skipped, n_skipped=n_skipped)

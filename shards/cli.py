@@ -4,11 +4,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from functools import partial
 from pathlib import Path
+from typing import Any
 
-from hipt_e2e.config import add_config_arguments, resolve_config, save_config, setup_logging
-from shards.build import DEFAULTS, BuildError, build, part_dir
-from shards.inputs import KINDS, LabelsError
+from hipt_e2e.config import add_config_arguments, parse_override, resolve_config, save_config, setup_logging
+from hipt_e2e.data.storage import configure
+from hipt_e2e.errors import run_main
+from shards.build import DEFAULTS, build, part_dir
+from shards.inputs import KINDS
 from shards.inspect_bench import bench, count_tables, mosaic
 from shards.merge import merge
 from shards.verify import verify
@@ -54,7 +58,18 @@ def _parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("dir", help="folder or URL")
     bench_cmd.add_argument("--seconds", type=float, default=10.0)
     bench_cmd.add_argument("--workers", type=int, default=0)
+    for command in ("verify", "inspect", "bench"):  # the commands that read a shard set, perhaps by URL
+        commands.choices[command].add_argument(
+            "--storage-option", action="append", default=[], type=_storage_option, metavar="KEY=VALUE",
+            help="an fsspec option for s3:// gs:// ... URLs, the value read as YAML; repeatable: e.g. "
+                 "endpoint_url=http://minio:9000 (S3 servers other than AWS), profile=NAME, anon=true")
     return parser
+
+
+def _storage_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return parse_override(text)
 
 
 def _run_build(args: argparse.Namespace) -> int:
@@ -83,32 +98,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         args.overrides = args.overrides + extra
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    try:
-        if args.command == "build":
-            return _run_build(args)
-        if args.command == "merge":
-            manifest = merge(args.dir)
-            print(f"merged {len(manifest['shards'])} shards, {manifest['samples']} samples -> {args.dir}/manifest.json")
-        elif args.command == "verify":
-            problems = verify(args.dir)
-            for problem in problems:
-                print(f"PROBLEM {problem}")
-            print(f"verify {args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
-            return 1 if problems else 0
-        elif args.command == "inspect":
-            print(count_tables(args.dir))
-            if args.mosaic:
-                print(f"mosaic: {mosaic(args.dir, args.mosaic, args.mosaic_count)}")
-        elif args.command == "bench":
-            result = bench(args.dir, args.seconds, args.workers)
-            print(f"{result['tiles']} tiles in {result['seconds']:.1f} s; {result['mb_per_s']:.1f} MB/s "
-                  f"compressed ({result['bytes_per_tile']:.0f} B/tile)")
-            print(f"tiles/s: {result['tiles_per_s']:.1f}")
-    except (BuildError, LabelsError, ValueError, KeyError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 2
+    configure(storage_options=dict(getattr(args, "storage_option", [])))  # for bench's DataLoader workers too
+    if args.command == "build":
+        return _run_build(args)
+    if args.command == "merge":
+        manifest = merge(args.dir)
+        print(f"merged {len(manifest['shards'])} shards, {manifest['samples']} samples -> {args.dir}/manifest.json")
+    elif args.command == "verify":
+        problems = verify(args.dir)
+        for problem in problems:
+            print(f"PROBLEM {problem}")
+        print(f"verify {args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+        return 1 if problems else 0
+    elif args.command == "inspect":
+        print(count_tables(args.dir))
+        if args.mosaic:
+            print(f"mosaic: {mosaic(args.dir, args.mosaic, args.mosaic_count)}")
+    elif args.command == "bench":
+        result = bench(args.dir, args.seconds, args.workers)
+        print(f"{result['tiles']} tiles in {result['seconds']:.1f} s; {result['mb_per_s']:.1f} MB/s "
+              f"compressed ({result['bytes_per_tile']:.0f} B/tile)")
+        print(f"tiles/s: {result['tiles_per_s']:.1f}")
     return 0
 
 
+cli = partial(run_main, main)  # the hipt-shards console script: user errors as one line
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

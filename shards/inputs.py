@@ -15,7 +15,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from hipt_e2e.data.sources import IMAGE_SUFFIXES, SLIDE_SUFFIXES
+from hipt_e2e.data.discovery import SlideFile, check_unique_ids, find_slides
+from hipt_e2e.data.sources import InputError
+from hipt_e2e.errors import SettingError, UserError
 
 KINDS = ("pt", "images", "slides")
 
@@ -36,7 +38,7 @@ class Item:
         return len(self.files) if self.files else 1
 
 
-class LabelsError(ValueError):
+class LabelsError(UserError, ValueError):
     """All problems of a labels CSV against the inputs found, reported together."""
 
 
@@ -67,25 +69,16 @@ def read_labels_csv(path: Path) -> tuple[dict[str, dict], list[str]]:
     return rows, problems
 
 
-def _slide_id(path: Path) -> str:
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem if path.is_file() else name
-
-
-def _find(kind: str, root: Path) -> tuple[list[Path], bool]:
-    """Input paths of one kind under root, and whether they are flat (unlabelled) tiles."""
-    if kind == "pt":
-        flat = sorted(root.glob("*.pt"))
-        folders = sorted({p.parent for p in root.rglob("*.pt") if p.parent != root})
-        if flat and folders:
-            raise ValueError(f"{root}: holds both .pt files and sub-folders of .pt files; use either a flat "
-                             "folder of tiles or one sub-folder per slide")
-        return (flat, True) if flat else (folders, False)
-    suffixes = IMAGE_SUFFIXES if kind == "images" else SLIDE_SUFFIXES
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes), False
+def _find_pt(root: Path) -> tuple[list[Path], bool]:
+    """The .pt inputs under root: flat tiles (True) or one sub-folder of region tensors per slide (False)."""
+    flat = sorted(root.glob("*.pt"))
+    folders = sorted({p.parent for p in root.rglob("*.pt") if p.parent != root})
+    if flat and folders:
+        raise InputError(root, "holds both .pt files and sub-folders of .pt files; use either a flat "
+                               "folder of tiles or one sub-folder per slide")
+    if not flat and not folders:
+        raise InputError(root, "holds no .pt files (looked for *.pt and */*.pt)")
+    return (flat, True) if flat else (folders, False)
 
 
 def discover(kind: str, root: str | Path, *, labels_csv: str | Path | None = None,
@@ -94,22 +87,22 @@ def discover(kind: str, root: str | Path, *, labels_csv: str | Path | None = Non
     """All items of a build, numbered in their (seeded, shuffled) build order; label problems raise one
     LabelsError listing all."""
     if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+        raise SettingError(f"unknown kind {kind!r}; choose one of {KINDS}")
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"{root}: input folder not found")
-    paths, flat_tiles = _find(kind, root)
-    if flat_tiles:
-        paths = _build_order(paths, shuffle_seed)
-        groups = [paths[i: i + tiles_per_item] for i in range(0, len(paths), tiles_per_item)]
-        return [Item(n, None, group[0], files=tuple(group)) for n, group in enumerate(groups)]
-    by_id: dict[str, Path] = {}
+        raise InputError(root, "input folder not found")
+    if kind == "pt":
+        paths, flat_tiles = _find_pt(root)
+        if flat_tiles:
+            paths = _build_order(paths, shuffle_seed)
+            groups = [paths[i: i + tiles_per_item] for i in range(0, len(paths), tiles_per_item)]
+            return [Item(n, None, group[0], files=tuple(group)) for n, group in enumerate(groups)]
+        slides = [SlideFile(path.name, path, path.parent) for path in paths]
+        check_unique_ids(slides)
+    else:
+        slides = find_slides([root], kind)
+    by_id = {slide.slide_id: slide.path for slide in slides}
     problems: list[str] = []
-    for path in paths:
-        slide_id = _slide_id(path)
-        if slide_id in by_id:
-            problems.append(f"duplicate slide id {slide_id!r}: {by_id[slide_id]} and {path}")
-        by_id[slide_id] = path
     labels: dict[str, dict] = {}
     if labels_csv is not None:
         labels, csv_problems = read_labels_csv(Path(labels_csv))
@@ -118,7 +111,7 @@ def discover(kind: str, root: str | Path, *, labels_csv: str | Path | None = Non
                      for s in sorted(set(labels) - set(by_id))]
         problems += [f"{by_id[s]}: slide {s!r} is not in {labels_csv}" for s in sorted(set(by_id) - set(labels))]
     elif labels_from_folders:
-        labels = {s: {"label": p.parent.name, "patient_id": None, "split": None} for s, p in by_id.items()}
+        labels = {s.slide_id: {"label": s.folder.name, "patient_id": None, "split": None} for s in slides}
     if problems:
         raise LabelsError(f"{len(problems)} problem(s) with the inputs and labels:\n  " + "\n  ".join(problems))
     items = []

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.data.streams import RegionStream, TileStream
+from hipt_e2e.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def mosaic(root: str | Path, out_png: str | Path, count: int = 16, thumb_px: int
     """A grid of the first `count` regions (downscaled), for a quick look at what was cut."""
     regions = list(itertools.islice(RegionStream(root), count))
     if not regions:
-        raise ValueError(f"{root}: no samples to show")
+        raise UserError(f"{root}: no samples to show")
     cols = math.ceil(math.sqrt(len(regions)))
     rows = math.ceil(len(regions) / cols)
     canvas = Image.new("RGB", (cols * thumb_px, rows * thumb_px), "white")

@@ -1,14 +1,65 @@
 """Shared fixtures: the real lymphoma images (skipped cleanly when absent) and generated data."""
 from __future__ import annotations
 
+import ctypes
+import gc
+import os
+import sys
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.processes import PROC, descendants, end_processes
+
 REPO = Path(__file__).resolve().parents[1]
 LYMPHOMA = REPO.parent / "shared" / "data" / "lymphoma-iicbu2008"
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+# helpers multiprocessing starts once and shares between tests
+MULTIPROCESSING_SERVICES = (b"multiprocessing.resource_tracker", b"multiprocessing.forkserver")
+
+
+def pytest_configure(config) -> None:
+    """Orphans (a torchrun worker whose launcher was killed: each worker has a session of its own) are
+    re-parented to this process instead of init, so the fixture below still finds them under it."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _is_service(pid: int) -> bool:
+    try:
+        command = (PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return False
+    return any(name in command for name in MULTIPROCESSING_SERVICES)
+
+
+@pytest.fixture(autouse=True)
+def end_processes_the_test_left():
+    """After each test (passed, failed or timed out), end every process started under it and still alive:
+    a launcher's workers, DataLoader workers, a recipe's steps. Processes that session or module fixtures
+    started before the test (servers) and multiprocessing's shared helpers are kept."""
+    keep = descendants(os.getpid())
+    yield
+    def left() -> set[int]:
+        return {pid for pid in descendants(os.getpid(), keep) if not _is_service(pid)}
+    if not left():
+        return
+    # a failed test's frames (kept for post-mortem) hold DataLoader iterators: collected, they end their own workers
+    sys.last_type = sys.last_value = sys.last_traceback = sys.last_exc = None
+    gc.collect()
+    time.sleep(0.5)
+    ended = end_processes(left)
+    for pid in ended:  # reap those that are this process's children (adopted orphans among them): no zombies
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    if ended:
+        warnings.warn(f"killed {len(ended)} processes the test left running: {sorted(ended)}", stacklevel=1)
 
 
 @pytest.fixture(scope="session")

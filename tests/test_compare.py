@@ -11,6 +11,7 @@ import pytest
 from accelerate import Accelerator
 from scipy import stats
 
+from hipt_e2e.errors import UserError
 from hipt_e2e.evaluation.compare import PairedDifference, SplitMismatch, load_run, main, paired_difference, run_labels
 from hipt_e2e.evaluation.crossval import run_folds
 from hipt_e2e.evaluation.splits import Fold, SlideInfo
@@ -114,9 +115,9 @@ def test_compare_runs_cli(tmp_path, capsys):
     # other folds (another seed) are refused, naming a slide that moved
     cfg_seed = {"out": str(tmp_path / "other"), "folds": 5, "cv": {"repeats": 2}, "seed": 7, "imbalance": "none"}
     run_folds(infos, CLASSES, cfg_seed, Accelerator(cpu=True), lambda f, _: np.full((len(f.test), 3), 1 / 3), {})
-    with pytest.raises(SystemExit, match=r"not run on identical splits: e.g. only .* has slide 's\d+'"):
+    with pytest.raises(SplitMismatch, match=r"not run on identical splits: e.g. only .* has slide 's\d+'"):
         main([str(tmp_path / "strong"), str(tmp_path / "other")])
-    with pytest.raises(SystemExit, match="not a finished cross-validated run"):
+    with pytest.raises(FileNotFoundError, match="not a finished cross-validated run"):
         main([str(tmp_path / "strong"), str(tmp_path)])
 
 
@@ -153,7 +154,7 @@ def test_same_named_runs_are_told_apart_by_their_paths(tmp_path, capsys):
     assert "| seed1/run - seed0/run | balanced accuracy |" in printed
     assert "seed0/run beats seed1/run by +0." in printed  # the stronger run named, though given second
 
-    with pytest.raises(SystemExit, match="is given twice"):
+    with pytest.raises(UserError, match="is given twice"):
         main([str(tmp_path / "seed0" / "run"), str(tmp_path / "seed1" / ".." / "seed0" / "run")])
-    with pytest.raises(SystemExit, match="distinct names"):
+    with pytest.raises(UserError, match="distinct names"):
         main([str(tmp_path / "seed0" / "run"), str(tmp_path / "seed1" / "run"), "--names", "A", "A"])

@@ -343,13 +343,13 @@ def test_released_dino_checkpoint_needs_trust_and_loads(tmp_path) -> None:
         assert (model(grid) - naive_vit4k(weights, grid)[0]).abs().max() <= TOL  # the teacher's weights
 
 
-def test_hipt_convert_writes_safetensors(tmp_path, caplog) -> None:
+def test_hipt_convert_writes_safetensors(tmp_path) -> None:
     weights = random_weights(VIT4K_LAYOUT)
     source, target = tmp_path / "dino.pth", tmp_path / "vit4k.safetensors"
     torch.save(_dino_checkpoint(weights), source)
-    with caplog.at_level(logging.ERROR):
-        assert convert_main([str(source), str(target)]) == 1
-    assert "trusted" in caplog.text and not target.exists()
+    with pytest.raises(CheckpointError, match="trusted"):
+        convert_main([str(source), str(target)])
+    assert not target.exists()
     assert convert_main([str(source), str(target), "--trusted"]) == 0
     model = vit4k()
     assert load_checkpoint(model, target) == ([], [])  # no unpickling needed any more

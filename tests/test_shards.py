@@ -14,6 +14,7 @@ import webdataset as wds
 from hipt_e2e.data.embeddings import SlideBag, write_slide_bags
 from hipt_e2e.data.samples import decode_sample
 from hipt_e2e.data.tiling import pad_region
+from hipt_e2e.errors import UnknownSettingError
 from shards.build import BuildError, build
 from shards.cli import main as cli
 from shards.inputs import LabelsError, discover
@@ -266,7 +267,8 @@ def test_config_file_and_overrides(synthetic_slides, tmp_path):
                 "--tile-px", "32", "encoding=png"]) == 0
     resolved = (out / "build-config.yaml").read_text()
     assert "region_px: 128" in resolved and "tile_px: 32" in resolved and "encoding: png" in resolved
-    assert cli(["build", "images", str(synthetic_slides), "--out", str(tmp_path / "x"), "no_such_key=1"]) == 2
+    with pytest.raises(UnknownSettingError, match="^unknown config key 'no_such_key'"):  # printed without quotes
+        cli(["build", "images", str(synthetic_slides), "--out", str(tmp_path / "x"), "no_such_key=1"])
 
 
 def test_inspect_and_bench_commands(synthetic_slides, tmp_path, capsys):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import fsspec
@@ -18,13 +20,19 @@ import torch
 from hipt_e2e.data import RegionStream, SlideBagStream, load_manifest, shard_urls, storage
 from hipt_e2e.data.index import INDEX, ShardDataError, ShardIndex, open_index
 from hipt_e2e.data.regions import RegionCache, ShardRegions
+from hipt_e2e.errors import UserError
 from shards.verify import verify
 from tests.http_server import ShardServer
 
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch):
+    """Retries in milliseconds, a server back noticed within 0.25 s, no outage left over from another test."""
     monkeypatch.setattr(storage, "BACKOFF_S", 0.001)
+    monkeypatch.setattr(storage, "MAX_WAIT_S", 0.25)
+    monkeypatch.setattr(storage, "_outage_began", {})
+    for name in (storage.RETRY_BUDGET_ENV, storage.STORAGE_OPTIONS_ENV):
+        monkeypatch.setenv(name, "")  # what a test sets (directly or through configure) is undone after it
 
 
 def copy_set(shards: Path, to: Path) -> Path:
@@ -166,6 +174,42 @@ def test_http_shards_read_as_the_folder_through_dropped_connections(shards: Path
         assert [b["slide_id"] for b in SlideBagStream(url)] == [b["slide_id"] for b in SlideBagStream(shards)]
         assert_same_bags(bags(url), bags(shards))
     assert server.dropped >= 4  # both kinds of break (no answer; half a body) were retried
+
+
+def test_a_ten_second_outage_in_the_middle_of_a_shard_is_waited_out(shards: Path, capsys) -> None:
+    from shards.cli import main as hipt_shards
+
+    with ShardServer(shards.parent, outage_at=6, outage_s=10) as server:  # request 6: shard 1's stream
+        url = f"{server.url}/{shards.name}"
+        assert hipt_shards(["verify", url]) == 0
+        back_after = time.monotonic() - server.down_at
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == f"verify {url}: OK" and server.down_request == f"/{shards.name}/shard-000001.tar"
+    # logged once when it began (what it waits for, the budget) and once when it ended, not per retry
+    waiting = [line for line in err.splitlines() if "waiting up to" in line]
+    assert len(waiting) == 1 and f"{url}/shard-000001.tar: TransientReadError: connection closed at byte " in waiting[0]
+    assert f"waiting up to 120 s for {server.url} to answer again (data.retry_budget_s / HIPT_RETRY_BUDGET_S)" in waiting[0]
+    down = [float(s) for s in re.findall(r"answering again after ([\d.]+) s down", err)]
+    assert len(down) == 1 and 10 <= down[0] < back_after < 12
+
+
+def test_an_outage_past_the_budget_fails_in_one_line_and_once(shards: Path, monkeypatch) -> None:
+    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "1")
+    with ShardServer(shards.parent, outage_at=4, outage_s=10) as server:  # request 4: shard 1's stream
+        url = f"{server.url}/{shards.name}"
+        started = time.monotonic()
+        with pytest.raises(storage.StorageUnavailableError) as failed:
+            list(RegionStream(url))
+        assert 1 <= time.monotonic() - started < 2
+        # The budget is per outage, not per read: while the server stays down, the next read fails at once.
+        started = time.monotonic()
+        with pytest.raises(storage.StorageUnavailableError, match=rf"^{url}/manifest.json: unreachable for 1\.\d s, "):
+            load_manifest(url)
+        assert time.monotonic() - started < 0.5
+    assert isinstance(failed.value, UserError) and isinstance(failed.value, OSError)
+    assert re.fullmatch(rf"{url}/shard-000001\.tar: unreachable for 1\.\d s, last error: ConnectionRefusedError: "
+                        r"\[Errno \d+\] Connection refused; to wait longer than 1 s set data\.retry_budget_s=SECONDS "
+                        r"\(or HIPT_RETRY_BUDGET_S=SECONDS\)", str(failed.value))
 
 
 def test_a_training_read_fetches_only_its_regions(shards: Path) -> None:

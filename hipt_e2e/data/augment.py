@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from hipt_e2e.errors import SettingError
 from hipt_e2e.ssl import colour
 
 AUGMENT_DEFAULTS: dict[str, Any] = {
@@ -44,10 +45,10 @@ HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 
 def check_augment(cfg: Mapping[str, Any]) -> None:
     if cfg["per"] not in PER:
-        raise ValueError(f"augment.per must be one of {PER}, got {cfg['per']!r}")
+        raise SettingError(f"augment.per must be one of {PER}, got {cfg['per']!r}")
     for key in ("hed_scale", "hed_shift", "brightness", "contrast", "saturation"):
         if not 0 <= cfg[key] < 1:
-            raise ValueError(f"augment.{key} must be in [0, 1), got {cfg[key]!r}")
+            raise SettingError(f"augment.{key} must be in [0, 1), got {cfg[key]!r}")
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -70,7 +71,7 @@ TTA = {"none": [(False, 0)], "dihedral": DIHEDRAL}  # test-time augmentation: th
 
 def tta_poses(name: str) -> list[tuple[bool, int]]:
     if name not in TTA:
-        raise ValueError(f"tta must be one of {sorted(TTA)}, got {name!r}")
+        raise SettingError(f"tta must be one of {sorted(TTA)}, got {name!r}")
     return TTA[name]
 
 

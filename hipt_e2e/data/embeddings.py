@@ -20,6 +20,7 @@ from hipt_e2e.data.manifest import load_manifest, shard_set_manifest, shard_urls
 from hipt_e2e.data.samples import npy_array, npy_bytes, sample_key
 from hipt_e2e.data.storage import tar_samples
 from hipt_e2e.data.writer import ShardWriter
+from hipt_e2e.errors import UserError
 from hipt_e2e.io import atomic_write_json
 
 KIND = "slide_embeddings"
@@ -77,7 +78,7 @@ def read_slide_bags(source: str | Path) -> tuple[list[SlideBag], list[str]]:
     """All bags of a slide-embedding shard set, and its class list."""
     manifest = load_manifest(source)
     if manifest["kind"] != KIND:
-        raise ValueError(f"{source}: holds {manifest['kind']!r} shards, expected slide embeddings "
+        raise UserError(f"{source}: holds {manifest['kind']!r} shards, expected slide embeddings "
                          "(the output of recipes/embed_regions.py)")
     bags = [decode_bag(sample) for url in shard_urls(source) for sample in tar_samples(url)]
     return bags, manifest["classes"]

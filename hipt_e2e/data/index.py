@@ -25,6 +25,7 @@ from typing import BinaryIO
 import numpy as np
 
 from hipt_e2e.data.storage import child, local_path, open_stream, read_bytes
+from hipt_e2e.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class ShardIndex:
     def from_bytes(cls, data: bytes, where: str) -> ShardIndex:
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             if int(arrays["version"]) != INDEX_VERSION:
-                raise ValueError(f"{where}: index version {int(arrays['version'])}, this reader knows {INDEX_VERSION}")
+                raise UserError(f"{where}: index version {int(arrays['version'])}, this reader knows {INDEX_VERSION}")
             return cls(**{name: arrays[name] for name in cls.__dataclass_fields__})
 
     def write(self, root: str | Path) -> None:

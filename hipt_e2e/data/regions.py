@@ -21,6 +21,7 @@ from hipt_e2e.data.index import ShardIndex, open_index
 from hipt_e2e.data.manifest import GRIDS_KIND, load_manifest, shard_urls
 from hipt_e2e.data.storage import local_path, read_bytes
 from hipt_e2e.data.streams import SlideBagStream
+from hipt_e2e.errors import UserError
 from hipt_e2e.evaluation.splits import SlideInfo
 
 
@@ -77,7 +78,7 @@ class ShardRegions(Dataset):
                  cache_dir: str | Path | None = None, cache_bytes: int = 0) -> None:
         self.manifest = load_manifest(source)
         if self.manifest.get("kind") == GRIDS_KIND:
-            raise ValueError(f"{source} holds token grids; end-to-end training reads region shards (pixels)")
+            raise UserError(f"{source} holds token grids; end-to-end training reads region shards (pixels)")
         self.sampler = SlideBagStream(self.manifest, regions_per_slide=regions_per_slide, seed=seed)
         self.decoder = SlideBagStream(self.manifest, decode=decode)  # decodes whatever regions it is given
         self.urls = shard_urls(self.manifest)
@@ -88,7 +89,7 @@ class ShardRegions(Dataset):
         wrong = {s: (len(self.slides.get(s, [])), e["regions"]) for s, e in self.manifest["slides"].items()
                  if len(self.slides.get(s, [])) != e["regions"]}
         if wrong:
-            raise ValueError(f"{source}: regions in the index differ from the manifest (found, listed): {wrong}")
+            raise UserError(f"{source}: regions in the index differ from the manifest (found, listed): {wrong}")
 
     @staticmethod
     def _rows_per_slide(index: ShardIndex) -> dict[str, np.ndarray]:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hipt_e2e.errors import SettingError
+
 try:  # torchvision's libjpeg-turbo decoder: Pillow's pixels exactly, 25 % faster and channels-first already
     from torchvision.io import ImageReadMode, decode_jpeg  # (benchmarks/bench_jpeg_decoders.py)
 except ImportError:  # deprecated since torchvision 0.29 (for TorchCodec): once removed, Pillow decodes
@@ -49,7 +51,7 @@ def npy_array(data: bytes) -> np.ndarray:
 def encode_pixels(rgb: np.ndarray, encoding: str = "jpeg", quality: int = 95) -> tuple[str, bytes]:
     """RGB uint8 [H, W, 3] -> (extension, bytes)."""
     if encoding not in ENCODINGS:
-        raise ValueError(f"unknown encoding {encoding!r}; choose one of {sorted(ENCODINGS)}")
+        raise SettingError(f"unknown encoding {encoding!r}; choose one of {sorted(ENCODINGS)}")
     if encoding == "npy":
         return "npy", npy_bytes(rgb)
     buffer = io.BytesIO()
@@ -87,7 +89,7 @@ def decode_mode(requested: str, device: torch.device) -> str:
     """The decoding that will run: "gpu" (nvJPEG through torchvision) needs a CUDA device, otherwise the
     readers decode on the CPU, said once in the log."""
     if requested not in DECODE_MODES:
-        raise ValueError(f"data.decode={requested!r}: choose one of {list(DECODE_MODES)}")
+        raise SettingError(f"data.decode={requested!r}: choose one of {list(DECODE_MODES)}")
     if requested == "gpu" and (device.type != "cuda" or decode_jpeg is None):
         reason = f"the device is {device}" if decode_jpeg is not None else "this torchvision has no decode_jpeg"
         log.warning("data.decode=gpu but %s: JPEG regions are decoded on the CPU", reason)
@@ -170,7 +172,7 @@ def device_pixels(pixels: torch.Tensor | JpegBatch, device: torch.device) -> tor
     if not isinstance(pixels, JpegBatch):
         return pixels.to(device, non_blocking=True)
     if decode_jpeg is None:
-        raise RuntimeError("data.decode=gpu needs torchvision's decode_jpeg (nvJPEG), which this torchvision lacks")
+        raise SettingError("data.decode=gpu needs torchvision's decode_jpeg (nvJPEG), which this torchvision lacks")
     decoded = decode_jpeg(list(pixels.data), mode=ImageReadMode.RGB, device=device)
     wrong = {tuple(region.shape) for region in decoded} - {pixels.shape}
     if wrong:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from xml.etree import ElementTree
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from hipt_e2e.data.tiling import (
     tile_tissue_fractions,
     tissue_threshold,
 )
+from hipt_e2e.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,10 @@ PLAUSIBLE_MPP = (0.05, 20.0)
 # Display resolutions image writers put in TIFF/PNG headers when no microscope wrote the file.
 DISPLAY_DPI = (72, 96, 150, 300, 600)
 MICRONS_PER_UNIT = {"inch": 25_400.0, "cm": 10_000.0, "mm": 1_000.0}
+# OME-XML length units (UnitsLength) a pixel size is given in; OME's default is the micrometre, written with
+# the micro sign (U+00B5); writers also use the Greek mu (U+03BC) or "um"
+MICRONS_PER_OME_UNIT = {"m": 1e6, "dm": 1e5, "cm": 1e4, "mm": 1e3, "\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0,
+                        "nm": 1e-3, "pm": 1e-6, "\u00c5": 1e-4, "in": 25_400.0, "thou": 25.4}
 MAX_UPSAMPLE = 1.25  # reading finer than the slide's own resolution by more than this needs allow_upsample
 
 
@@ -54,7 +60,7 @@ def implausible_mpp(mpp: float) -> str | None:
     return reason or None
 
 
-class InputError(Exception):
+class InputError(UserError):
     """An input that cannot be used, with the file and the reason."""
 
     def __init__(self, path: str | Path, reason: str):
@@ -133,6 +139,8 @@ class OpenSlideReader:
             raise InputError(self.path, f"OpenSlide cannot open it ({type(exc).__name__}: {exc})") from exc
         self.width, self.height = self.slide.dimensions
         recorded = self.slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
+        if mpp is None and not recorded:
+            recorded = ome_mpp(self.path, self.slide.properties.get("tiff.ImageDescription", ""))
         self.mpp_recorded = mpp is None and bool(recorded)
         self.mpp = mpp if mpp is not None else (float(recorded) if recorded else None)
 
@@ -153,6 +161,30 @@ class OpenSlideReader:
 
     def close(self) -> None:
         self.slide.close()
+
+
+def ome_mpp(path: Path, description: str) -> float | None:
+    """Micrometres per pixel from an OME-TIFF's OME-XML (its first image's Pixels PhysicalSizeX, in
+    PhysicalSizeXUnit, default um), for OME-TIFFs whose TIFF tags carry no resolution; None when the
+    description is no OME-XML or gives no size. InputError for a size in a unit that is not a length."""
+    if "<OME" not in description:
+        return None
+    try:
+        pixels = next((e for e in ElementTree.fromstring(description).iter() if e.tag.rpartition("}")[2] == "Pixels"),
+                      None)
+    except ElementTree.ParseError:
+        return None
+    if pixels is None or "PhysicalSizeX" not in pixels.attrib:
+        return None
+    size, unit = pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeXUnit", "\u00b5m")
+    if unit not in MICRONS_PER_OME_UNIT:
+        raise InputError(path, f"its OME-XML gives PhysicalSizeX in {unit!r}, not a length unit "
+                               f"({', '.join(MICRONS_PER_OME_UNIT)}); pass --slide-mpp to state the resolution")
+    try:
+        return float(size) * MICRONS_PER_OME_UNIT[unit]
+    except ValueError:
+        raise InputError(path, f"its OME-XML gives PhysicalSizeX {size!r}, not a number; pass --slide-mpp "
+                               "to state the resolution") from None
 
 
 def resize(image: Image.Image, width: int, height: int) -> Image.Image:

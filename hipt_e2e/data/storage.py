@@ -1,44 +1,131 @@
 """Where shard sets live: a local folder, or a URL (file://, http(s):// with range requests, and any
-fsspec protocol, e.g. s3:// or gs:// with the `s3` / `gcs` extra installed).
+fsspec protocol, e.g. s3:// or gs:// with the `s3` / `gcs` extra installed, given `storage_options`).
 
 Every read of a shard set goes through here: whole files (manifest, index), byte ranges (one region's
-members, for random access) and sequential streams (webdataset's tar iterator). Transient failures
-(connection reset or refused, timeouts, HTTP 5xx, a short read) are retried with exponential backoff;
-a missing file is a FileNotFoundError naming the URL. Names read from a manifest are data: `child`
-accepts only plain relative paths inside the shard set, so a manifest can neither run a `pipe:` command
-nor point a reader at another host.
+members, for random access) and sequential streams (webdataset's tar iterator, resumed where a
+connection broke off). Transient failures (connection refused or reset, timeouts, HTTP 5xx, a short
+read, an object store's connection errors) are waited out: retried with capped exponential backoff and
+jitter until the server has been down for the retry budget (`data.retry_budget_s`, $HIPT_RETRY_BUDGET_S,
+120 s by default: a server restart). The budget is per outage of a server, not per read: once a server
+has been down past it, every read from it fails at once until one succeeds again. An outage is logged
+when it begins and when it ends, not at every retry. A missing file is a FileNotFoundError naming the
+URL. Names read from a manifest are data: `child` accepts only plain relative paths inside the shard
+set, so a manifest can neither run a `pipe:` command nor point a reader at another host.
+
+The settings reach every process of a run (DataLoader workers, `accelerate launch` ranks, subprocesses)
+through the environment, which `configure` writes.
 """
 from __future__ import annotations
 
+import copy
 import http.client
 import io
+import json
 import logging
 import os
+import random
 import socket
+import ssl
+import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import webdataset as wds
+import yaml
+
+from hipt_e2e.errors import StorageError
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS = 6  # first try + 5 retries: 0.1 + 0.2 + ... + 1.6 s of backoff
-BACKOFF_S = 0.1
+RETRY_BUDGET_ENV = "HIPT_RETRY_BUDGET_S"
+STORAGE_OPTIONS_ENV = "HIPT_STORAGE_OPTIONS"
+DEFAULT_RETRY_BUDGET_S = 120.0  # a web server's or object store's restart, a network blip
+BACKOFF_S = 0.1  # the first wait; each next one doubles (times a random 0.5..1: readers do not retry in step)
+MAX_WAIT_S = 10.0  # the longest wait: a server that is back is noticed within this
 TIMEOUT_S = 60.0
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # protocol -> pip extra providing it
 TRANSIENT = (ConnectionError, TimeoutError, socket.timeout, http.client.IncompleteRead,
              http.client.BadStatusLine, urllib.error.URLError)
 
+# The data.* settings of every recipe that reads shard sets (recipe_config adds them, configure applies them).
+STORAGE_SETTINGS: dict[str, Any] = {
+    "retry_budget_s": None,  # seconds a read waits out a server's outage; null: $HIPT_RETRY_BUDGET_S, else 120
+    # fsspec options for s3:// gs:// ... (endpoint_url, profile, anon, client_kwargs); {}: $HIPT_STORAGE_OPTIONS
+    "storage_options": {},
+}
+
 T = TypeVar("T")
+
+
+class StorageUnavailableError(StorageError):
+    """A server that stayed unreachable past the retry budget. Its message stays itself when a reader
+    adds to its args on the way up (webdataset's tar iterators append the stream and the URL)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class TransientReadError(OSError):
     """A read that may succeed when tried again (a 5xx answer, a short read)."""
+
+
+# ------------------------------------------------------------------------------------------ settings
+def with_storage_settings(defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """A recipe's defaults with STORAGE_SETTINGS in its data section."""
+    return {**defaults, "data": {**defaults.get("data", {}), **copy.deepcopy(STORAGE_SETTINGS)}}
+
+
+def configure(retry_budget_s: float | None = None, storage_options: Mapping[str, Any] | None = None) -> None:
+    """The retry budget and fsspec options of this process and of every process it starts (they inherit
+    the environment: DataLoader workers, `accelerate launch` ranks, subprocesses); None and {} keep what
+    the environment says."""
+    if retry_budget_s is not None:
+        os.environ[RETRY_BUDGET_ENV] = str(_seconds(retry_budget_s, "data.retry_budget_s"))
+    if storage_options:
+        if not isinstance(storage_options, Mapping):
+            raise StorageError(f"data.storage_options must be a mapping of fsspec options, got {type(storage_options).__name__}")
+        os.environ[STORAGE_OPTIONS_ENV] = json.dumps(dict(storage_options))
+
+
+def _seconds(value: object, setting: str) -> float:
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not seconds >= 0:
+        raise StorageError(f"{setting}={value!r}: the retry budget is a number of seconds (>= 0)")
+    return seconds
+
+
+def retry_budget_s() -> float:
+    """How long a read waits out a server's outage: $HIPT_RETRY_BUDGET_S, else 120 s."""
+    raw = os.environ.get(RETRY_BUDGET_ENV, "")
+    return _seconds(raw, RETRY_BUDGET_ENV) if raw.strip() else DEFAULT_RETRY_BUDGET_S
+
+
+def storage_options() -> dict[str, Any]:
+    """The fsspec options of s3:// gs:// ... reads: $HIPT_STORAGE_OPTIONS, a JSON or YAML mapping."""
+    raw = os.environ.get(STORAGE_OPTIONS_ENV, "")
+    if not raw.strip():
+        return {}
+    try:
+        options = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        options = None
+    if not isinstance(options, dict):  # the text is not shown: it may hold a secret
+        raise StorageError(f"{STORAGE_OPTIONS_ENV}: not a mapping of fsspec options, e.g. "
+                           '{"endpoint_url": "http://minio:9000", "anon": true}')
+    return options
 
 
 def is_url(location: str | Path) -> bool:
@@ -80,48 +167,133 @@ def parent(location: str | Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------ retries
-def _retrying(location: str, what: Callable[[], T]) -> T:
-    for attempt in range(ATTEMPTS):
+_outage_began: dict[str, float] = {}  # server -> time.monotonic() of its first failed read since its last good one
+_outage_lock = threading.Lock()
+
+
+def _server(location: str) -> str:
+    parts = urllib.parse.urlsplit(location)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _object_store_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures of the libraries under fsspec's object stores, which are not the builtin
+    ConnectionError; only a library already imported can have raised one."""
+    errors: list[type[BaseException]] = []
+    if (botocore := sys.modules.get("botocore.exceptions")) is not None:
+        errors += [botocore.ConnectionError, botocore.HTTPClientError]  # refused, timed out, closed mid-answer
+    if (aiohttp := sys.modules.get("aiohttp")) is not None:
+        errors += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    return tuple(errors)
+
+
+def _describe(error: BaseException) -> str:
+    if type(error) is urllib.error.URLError and isinstance(error.reason, BaseException):
+        error = error.reason
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def _retrying(location: str, attempt: Callable[[], T]) -> T:
+    """attempt() until it succeeds, waiting out transient failures while the server's outage is within the budget."""
+    server, waits = _server(location), 0
+    while True:
         try:
-            return what()
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                raise FileNotFoundError(f"{location}: not found (HTTP 404)") from None
-            if exc.code < 500:
-                raise OSError(f"{location}: HTTP {exc.code} {exc.reason}") from None
-            error: Exception = exc
-        except (TransientReadError, *TRANSIENT) as exc:
+            result = attempt()
+        except (TransientReadError, *TRANSIENT, *_object_store_errors()) as exc:
             error = exc
-        if attempt + 1 < ATTEMPTS:
-            log.warning("%s: %s; retrying in %.1f s", location, error, BACKOFF_S * 2 ** attempt)
-            time.sleep(BACKOFF_S * 2 ** attempt)
-    raise OSError(f"{location}: failed {ATTEMPTS} times, last: {type(error).__name__}: {error}")
+        else:
+            if server in _outage_began:
+                _outage_ended(server)
+            return result
+        down_s, budget = _outage_so_far(server, location, error)
+        if down_s >= budget:
+            raise StorageUnavailableError(
+                f"{location}: unreachable for {down_s:.1f} s, last error: {_describe(error)}; to wait longer than "
+                f"{budget:g} s set data.retry_budget_s=SECONDS (or {RETRY_BUDGET_ENV}=SECONDS){_endpoint_hint(location)}"
+            ) from None
+        wait = min(MAX_WAIT_S, BACKOFF_S * 2 ** min(waits, 30)) * random.uniform(0.5, 1.0)
+        time.sleep(min(wait, budget - down_s))  # the last try at the budget's end
+        waits += 1
+
+
+def _outage_so_far(server: str, location: str, error: BaseException) -> tuple[float, float]:
+    """(seconds the server has been down, the budget); the outage begins, and is logged, at its first failure."""
+    budget, now = retry_budget_s(), time.monotonic()
+    with _outage_lock:
+        began = _outage_began.get(server)
+        if began is None:
+            began = _outage_began[server] = now
+    if began == now:
+        log.warning("%s: %s; waiting up to %g s for %s to answer again (data.retry_budget_s / %s)",
+                    location, _describe(error), budget, server, RETRY_BUDGET_ENV)
+    return now - began, budget
+
+
+def _outage_ended(server: str) -> None:
+    with _outage_lock:
+        began = _outage_began.pop(server, None)
+    if began is not None:
+        log.warning("%s: answering again after %.1f s down", server, time.monotonic() - began)
+
+
+def _endpoint_hint(location: str) -> str:
+    options = storage_options()
+    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
+    if location.split("://", 1)[0] not in ("s3", "s3a") or endpoint or os.environ.get("AWS_ENDPOINT_URL"):
+        return ""
+    return ("; an S3 server other than AWS's needs its endpoint: data.storage_options.endpoint_url=URL "
+            "(hipt-shards: --storage-option endpoint_url=URL) or AWS_ENDPOINT_URL=URL")
 
 
 def _http_get(url: str, offset: int = 0, size: int | None = None) -> http.client.HTTPResponse:
     headers = {}
     if offset or size is not None:
         headers["Range"] = f"bytes={offset}-" + ("" if size is None else str(offset + size - 1))
-    response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as exc:  # 5xx: the server's trouble, retried
+        if exc.code == 404:
+            raise FileNotFoundError(f"{url}: not found (HTTP 404)") from None
+        if exc.code < 500:
+            raise StorageError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        raise
+    except urllib.error.URLError as exc:  # a certificate does not get better by waiting
+        if isinstance(exc.reason, ssl.SSLCertVerificationError):
+            raise StorageError(f"{url}: {_describe(exc.reason)}") from None
+        raise
     if headers and response.status != 206:
         response.close()
-        raise OSError(f"{url}: the server ignores range requests (answered {response.status}); serve the "
-                      "shards from one that supports them")
+        raise StorageError(f"{url}: the server ignores range requests (answered {response.status}); serve the "
+                           "shards from one that supports them")
     return response
 
 
 def _fsspec(location: str):
     """(filesystem, path) for a URL of another protocol, or a clear error naming the extra to install."""
     protocol = location.split("://", 1)[0]
+    options = storage_options()
     try:
         import fsspec
-        return fsspec.core.url_to_fs(location)
+        return fsspec.core.url_to_fs(location, **options)
     except ImportError as exc:
         extra = EXTRAS.get(protocol)
         hint = f"pip install 'hipt-e2e[{extra}]'" if extra else f"install fsspec and its {protocol} filesystem"
         raise ImportError(f"{location}: reading {protocol}:// needs {hint} ({exc})") from None
     except ValueError as exc:  # fsspec knows no such protocol
         raise ValueError(f"{location}: no reader for {protocol}:// ({exc})") from None
+    except TypeError as exc:
+        if not options:
+            raise
+        raise StorageError(f"{location}: the {protocol}:// filesystem refuses the storage options "
+                           f"{sorted(options)} ({exc})") from None
+
+
+def _fsspec_file(location: str):
+    """(filesystem, path) of a file that exists."""
+    fs, fs_path = _fsspec(location)
+    if not fs.exists(fs_path):
+        raise FileNotFoundError(f"{location}: no such file")
+    return fs, fs_path
 
 
 # ------------------------------------------------------------------------------------------ reads
@@ -141,9 +313,7 @@ def read_bytes(location: str | Path, offset: int = 0, size: int | None = None) -
             with _http_get(location, offset, size) as response:
                 data = response.read()
         else:
-            fs, fs_path = _fsspec(location)
-            if not fs.exists(fs_path):
-                raise FileNotFoundError(f"{location}: no such file")
+            fs, fs_path = _fsspec_file(location)
             data = fs.cat_file(fs_path, start=offset, end=None if size is None else offset + size)
         if size is not None and len(data) != size:
             raise TransientReadError(f"short read: {len(data)} of {size} bytes at {offset}")
@@ -164,38 +334,54 @@ def exists(location: str | Path) -> bool:
     return True
 
 
-class _ResumingHTTPStream(io.RawIOBase):
-    """A sequential HTTP body that reconnects where it broke off (a Range request from the bytes read)."""
+def _http_from(url: str, position: int) -> tuple[BinaryIO, int | None]:
+    response = _http_get(url, position)
+    length = response.headers.get("Content-Length")
+    return response, None if length is None else position + int(length)
 
-    def __init__(self, url: str) -> None:
-        self.url, self.position, self.end, self.response = url, 0, None, None
+
+def _fsspec_from(location: str, position: int) -> tuple[BinaryIO, int | None]:
+    fs, fs_path = _fsspec_file(location)
+    handle = fs.open(fs_path, "rb")
+    handle.seek(position)
+    return handle, getattr(handle, "size", None)
+
+
+class _ResumingStream(io.RawIOBase):
+    """A remote file read from its start that reconnects where it broke off (from the bytes read);
+    `open_from(location, position)` gives the file read from `position` and where it ends (None: unknown)."""
+
+    def __init__(self, location: str, open_from: Callable[[str, int], tuple[BinaryIO, int | None]]) -> None:
+        self.location, self.open_from = location, open_from
+        self.position, self.end, self.source = 0, None, None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
         def attempt() -> bytes:
-            if self.response is None:
-                self.response = _http_get(self.url, self.position)
-                length = self.response.headers.get("Content-Length")
-                self.end = None if length is None else self.position + int(length)
+            if self.source is None:
+                self.source, self.end = self.open_from(self.location, self.position)
             try:
-                data = self.response.read(len(buffer))
+                data = self.source.read(len(buffer))
                 if not data and self.end is not None and self.position < self.end:
                     raise TransientReadError(f"connection closed at byte {self.position} of {self.end}")
                 return data
             except BaseException:
-                self.response.close()
-                self.response = None
+                self._disconnect()
                 raise
-        data = _retrying(self.url, attempt)
+        data = _retrying(self.location, attempt)
         buffer[:len(data)] = data
         self.position += len(data)
         return len(data)
 
+    def _disconnect(self) -> None:
+        if self.source is not None:
+            self.source.close()
+            self.source = None
+
     def close(self) -> None:
-        if self.response is not None:
-            self.response.close()
+        self._disconnect()
         super().close()
 
 
@@ -207,12 +393,8 @@ def open_stream(location: str | Path) -> BinaryIO:
         if not path.is_file():
             raise FileNotFoundError(f"{location}: no such file")
         return open(path, "rb")
-    if location.startswith(("http://", "https://")):
-        return io.BufferedReader(_ResumingHTTPStream(location), buffer_size=1 << 20)
-    fs, fs_path = _fsspec(location)
-    if not fs.exists(fs_path):
-        raise FileNotFoundError(f"{location}: no such file")
-    return fs.open(fs_path, "rb")
+    open_from = _http_from if location.startswith(("http://", "https://")) else _fsspec_from
+    return io.BufferedReader(_ResumingStream(location, open_from), buffer_size=1 << 20)
 
 
 def tar_samples(location: str | Path) -> Iterator[dict]:

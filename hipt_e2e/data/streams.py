@@ -29,6 +29,7 @@ from hipt_e2e.data.manifest import load_manifest, shard_urls
 from hipt_e2e.data.samples import decode_sample, stack_pixels
 from hipt_e2e.data.storage import tar_samples
 from hipt_e2e.data.tiling import cut_tiles
+from hipt_e2e.errors import UserError
 
 
 def reader_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -68,7 +69,7 @@ class _ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         if balanced and self.manifest is None:
-            raise ValueError("balanced sampling needs a shard directory with a manifest (class counts)")
+            raise UserError("balanced sampling needs a shard directory with a manifest (class counts)")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -175,7 +176,7 @@ class SlideBagStream(_ShardStream):
     def __init__(self, source: str | Path, *, regions_per_slide: int | None = None, decode: str = "cpu",
                  **kwargs: Any):
         if isinstance(source, (list, tuple)):
-            raise ValueError("slide bags need a shard directory with a manifest (slides may span shards)")
+            raise UserError("slide bags need a shard directory with a manifest (slides may span shards)")
         super().__init__(source, **kwargs)
         self.regions_per_slide, self.decode = regions_per_slide, decode
         self.continues = [shard["slide_continues"] for shard in self.manifest["shards"]]
@@ -225,7 +226,7 @@ class SlideBagStream(_ShardStream):
         chosen = [_region(bag[i], self.decode) for i in self.sample_indices(first["slide_id"], len(bag))]
         shapes = {tuple(region["pixels"].shape) for region in chosen}
         if len(shapes) > 1:
-            raise ValueError(f"slide {first['slide_id']}: regions differ in size {sorted(shapes)}; "
+            raise UserError(f"slide {first['slide_id']}: regions differ in size {sorted(shapes)}; "
                              "rebuild its shards with one region size")
         records = [region["record"] for region in chosen]
         return {

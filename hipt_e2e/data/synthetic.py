@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from hipt_e2e.config import setup_logging
+from hipt_e2e.errors import run_main
 
 log = logging.getLogger(__name__)
 
@@ -91,4 +93,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 from accelerate import Accelerator
 
 from hipt_e2e.config import setup_logging
+from hipt_e2e.errors import run_main
 from hipt_e2e.evaluation.crossval import run_folds
 from hipt_e2e.evaluation.knn import colour_histograms, labelled_image_paths, linear_probe, load_rgb
 from hipt_e2e.evaluation.splits import Fold, SlideInfo
@@ -58,4 +60,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

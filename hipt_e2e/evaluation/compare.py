@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import balanced_accuracy_score
 
+from hipt_e2e.errors import UserError, run_main
 from hipt_e2e.evaluation.metrics import classification_metrics, macro_auc
 from hipt_e2e.evaluation.splits import read_splits
 
@@ -42,7 +44,7 @@ METRIC_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 LEVEL = 0.95
 
 
-class SplitMismatch(ValueError):
+class SplitMismatch(UserError, ValueError):
     """Variants that were not evaluated on identical splits cannot be paired."""
 
 
@@ -135,7 +137,7 @@ def paired_difference(a: str, a_folds: Sequence[Mapping], b: str, b_folds: Seque
             differences.append(first[metric] - second[metric])
             ratios.append(first["n"] / first["n_train"])
     if not differences:
-        raise ValueError(f"{metric} is undefined on every fold of {a} and {b}")
+        raise UserError(f"{metric} is undefined on every fold of {a} and {b}")
     return PairedDifference(a, b, metric, tuple(differences), float(np.mean(ratios)))
 
 
@@ -255,7 +257,7 @@ def run_labels(paths: Sequence[str | Path]) -> list[str]:
     resolved = [Path(path).resolve() for path in paths]
     for index, path in enumerate(resolved):
         if path in resolved[:index]:
-            raise ValueError(f"{paths[index]} is given twice (as {paths[resolved.index(path)]}): "
+            raise UserError(f"{paths[index]} is given twice (as {paths[resolved.index(path)]}): "
                              "a run compared with itself says nothing")
     return [_shortest_unique_suffix(path, [other for other in resolved if other != path]) for path in resolved]
 
@@ -273,7 +275,7 @@ def compare_runs(runs: Sequence[Run], metrics: Sequence[str] = ("balanced_accura
     """Markdown lines (per-variant table, paired table, sentences) and the balanced-accuracy pairs."""
     names = [run.name for run in runs]
     if len(set(names)) < len(names):
-        raise ValueError(f"runs need distinct names to be told apart in the tables, got {names}")
+        raise UserError(f"runs need distinct names to be told apart in the tables, got {names}")
     check_same_splits(runs)
     folds = {run.name: run.fold_metrics() for run in runs}
     n_folds = len(next(iter(folds.values())))
@@ -305,18 +307,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if len(args.runs) < 2:
         parser.error("give at least two runs to compare")
-    try:
-        names = args.names or run_labels(args.runs)
-        if len(names) != len(args.runs):
-            parser.error(f"--names has {len(names)} names for {len(args.runs)} runs")
-        runs = [load_run(path, name) for path, name in zip(args.runs, names)]
-        if args.ensemble_repeats:
-            runs = [run.repeat_ensemble() for run in runs]
-        lines, _ = compare_runs(runs, args.metric, args.bootstrap)
-    except (ValueError, FileNotFoundError) as error:  # SplitMismatch is a ValueError
-        raise SystemExit(f"error: {error}") from None
+    names = args.names or run_labels(args.runs)
+    if len(names) != len(args.runs):
+        parser.error(f"--names has {len(names)} names for {len(args.runs)} runs")
+    runs = [load_run(path, name) for path, name in zip(args.runs, names)]
+    if args.ensemble_repeats:
+        runs = [run.repeat_ensemble() for run in runs]
+    lines, _ = compare_runs(runs, args.metric, args.bootstrap)
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -14,6 +14,7 @@ import numpy as np
 from accelerate import Accelerator
 
 from hipt_e2e.config import save_config
+from hipt_e2e.errors import SettingError, UserError
 from hipt_e2e.evaluation.metrics import classification_metrics
 from hipt_e2e.evaluation.report import write_report
 from hipt_e2e.evaluation.splits import Fold, SlideInfo, check_labels, make_folds, write_splits
@@ -33,12 +34,12 @@ def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], cfg: dict, acc
     predictions.csv, metrics.json (each fold's metrics with its repeat, index and part sizes, which the
     paired comparison needs) plots and report.md in cfg["out"]. Returns the metrics (on every process)."""
     if cfg["imbalance"] not in IMBALANCE:
-        raise ValueError(f"imbalance must be one of {IMBALANCE}, got {cfg['imbalance']!r}")
+        raise SettingError(f"imbalance must be one of {IMBALANCE}, got {cfg['imbalance']!r}")
     classes = list(classes)
     out = Path(cfg["out"])
     missing = [info.slide_id for info in infos if info.label is None]
     if missing:
-        raise ValueError(f"slides without a label cannot be trained on: {missing[:10]}")
+        raise UserError(f"slides without a label cannot be trained on: {missing[:10]}")
     check_labels(infos, classes)
     if folds is None:
         folds = make_folds(infos, cfg["folds"], cfg["seed"], cfg.get("cv", {}).get("repeats", 1))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from torch import nn
 from hipt_e2e.config import load_yaml, setup_logging
 from hipt_e2e.data.sources import IMAGE_SUFFIXES
 from hipt_e2e.embedding import token_grids
+from hipt_e2e.errors import run_main
 from hipt_e2e.io import atomic_write_json
 from hipt_e2e.models.encoders import BACKBONE_EXPORT, build_tile_encoder, load_encoder_weights
 from hipt_e2e.progress import progress
@@ -140,4 +142,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -14,6 +14,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from hipt_e2e.errors import SettingError
+
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "auc_macro", "f1_macro")
 
 
@@ -80,7 +82,7 @@ def vote(region_probs: np.ndarray, method: str = "majority") -> np.ndarray:
     if method == "mean":
         return mean
     if method != "majority":
-        raise ValueError(f"unknown vote {method!r}; choose majority or mean")
+        raise SettingError(f"unknown vote {method!r}; choose majority or mean")
     votes = np.bincount(region_probs.argmax(axis=1), minlength=region_probs.shape[1]) / len(region_probs)
     scores = votes + 1e-6 * mean
     return scores / scores.sum()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from hipt_e2e.config import setup_logging
 from hipt_e2e.data.embeddings import KIND as BAGS_KIND
 from hipt_e2e.data.manifest import GRIDS_KIND, load_manifest
 from hipt_e2e.data.regions import ShardRegions
+from hipt_e2e.errors import SettingError, UserError, run_main
 from hipt_e2e.evaluation.crossval import run_folds
 from hipt_e2e.evaluation.splits import Fold, read_splits
 from hipt_e2e.inference.predict import PREDICT_DEFAULTS, Predictor, predictor_from_cards
@@ -65,7 +67,7 @@ def _check_geometry(predictor: Predictor, regions: ShardRegions, classes: list[s
     trained = (predictor.classes, predictor.geometry.region_px, predictor.geometry.tile_px)
     found = (classes, build["region_px"], build["tile_px"])
     if trained != found:
-        raise ValueError(f"{where}: its model was trained on classes / region px / tile px {trained}, the shards "
+        raise UserError(f"{where}: its model was trained on classes / region px / tile px {trained}, the shards "
                          f"{regions.manifest['root']} hold {found}; give the region shards the run was trained on")
 
 
@@ -77,11 +79,11 @@ def rescore(run: str | Path, out: str | Path, tta: str = "dihedral", shards: str
     run, out = Path(run), Path(out)
     source = _source_config(run)
     if (source.get("data") or {}).get("min_tile_tissue"):
-        raise ValueError(f"{run} skipped tiles below data.min_tile_tissue={source['data']['min_tile_tissue']}; "
+        raise UserError(f"{run} skipped tiles below data.min_tile_tissue={source['data']['min_tile_tissue']}; "
                          "the prediction path scores every tile, so its scores would not be the run's")
     shards = shards or (source.get("data") or {}).get("shards")
     if not shards:
-        raise ValueError(f"{run}: its config names no data.shards; give shards=, the region shards it was trained on")
+        raise SettingError(f"{run}: its config names no data.shards; give shards=, the region shards it was trained on")
     shards = pixel_shards(shards)
     precision = mixed_precision or (source.get("train") or {}).get("mixed_precision") or "no"
     accelerator = Accelerator(mixed_precision=precision)
@@ -139,4 +141,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from hipt_e2e.errors import UserError
 from hipt_e2e.io import atomic_write_text
 
 # Offsets between the repeats' training seeds (Fold.seed_offset): larger than any fold count.
@@ -31,7 +32,7 @@ class SlideInfo:
     split: str | None = None
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     pass
 
 

@@ -25,6 +25,7 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from queue import Full, Queue
 from typing import Any
@@ -36,17 +37,18 @@ from accelerate.utils import gather_object
 
 from hipt_e2e.config import resolve_config, save_config, setup_logging
 from hipt_e2e.data.augment import pose, tta_poses, unpose
+from hipt_e2e.data.discovery import SlideFile, find_slides
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.data.sources import (
-    IMAGE_SUFFIXES,
-    SLIDE_SUFFIXES,
     ImageReader,
     OpenSlideReader,
     check_resolution,
     iter_regions,
 )
+from hipt_e2e.data.storage import configure, with_storage_settings
 from hipt_e2e.data.streams import SlideBagStream
 from hipt_e2e.data.tiling import RegionGeometry
+from hipt_e2e.errors import SettingError, run_main
 from hipt_e2e.evaluation.metrics import vote
 from hipt_e2e.inference.geojson import slide_features
 from hipt_e2e.inference.heatmaps import plot_region_heatmap, plot_tile_heatmap, region_score_map, top_regions
@@ -189,7 +191,7 @@ def card_paths(source: str | Path, fold: str | int = "all") -> list[Path]:
     name = f"fold_{fold}" if str(fold).isdigit() else str(fold)
     chosen = [card for card in cards if card.parent.name == name]
     if not chosen:
-        raise ValueError(f"model.fold={fold}: {source} has {', '.join(c.parent.name for c in cards)}")
+        raise SettingError(f"model.fold={fold}: {source} has {', '.join(c.parent.name for c in cards)}")
     return chosen
 
 
@@ -201,7 +203,7 @@ def predictor_from_cards(cfg: dict) -> Predictor:
     for bundle in bundles[1:]:
         if [bundle.classes, bundle.card["tile_px"], bundle.card["region_px"]] != [bundles[0].classes, first["tile_px"],
                                                                                   first["region_px"]]:
-            raise ValueError(f"{spec['card']}: its fold models differ in classes or geometry; pick one with model.fold")
+            raise SettingError(f"{spec['card']}: its fold models differ in classes or geometry; pick one with model.fold")
     geometry = RegionGeometry(first["region_px"], first["tile_px"], first.get("mpp") or cfg["geometry"]["mpp"])
     log.info("%d model(s) from %s: %s, classes %s, %d px regions of %d px tiles at %s um/px", len(bundles), spec["card"],
              first["source"], bundles[0].classes, geometry.region_px, geometry.tile_px, geometry.mpp)
@@ -216,14 +218,14 @@ def build_predictor(cfg: dict) -> Predictor:
     if spec["card"]:
         return predictor_from_cards(cfg)
     if not spec["classes"]:
-        raise ValueError("model.classes must list the class names in the model's output order")
+        raise SettingError("model.classes must list the class names in the model's output order")
     classes = list(spec["classes"])
     model = HIPT.from_preset(spec["preset"], len(classes), cnn=spec["cnn"], normalisation=spec["normalisation"])
     fc = None
     if spec["head"] == "fc":
         fc = RegionFC(len(classes), dim=model_preset(spec["preset"])["slide"]["dim"], hidden=spec["fc_hidden"]).eval()
     elif spec["head"] != "slide":
-        raise ValueError(f"model.head must be slide or fc, got {spec['head']!r}")
+        raise SettingError(f"model.head must be slide or fc, got {spec['head']!r}")
     if spec["weights"]:
         load_checkpoint(model, spec["weights"], trusted=spec["trusted"], strict=True)
     for stage, module in (("tile_encoder", model.tile_encoder), ("region_encoder", model.region_encoder),
@@ -231,7 +233,7 @@ def build_predictor(cfg: dict) -> Predictor:
         if spec[stage]:
             load_checkpoint(module, spec[stage], trusted=spec["trusted"], strict=True)
     if not spec["weights"] and not all(spec[s] for s in ("tile_encoder", "region_encoder", "slide_model")):
-        raise ValueError("give model.weights (a whole HIPT) or all of model.tile_encoder, model.region_encoder "
+        raise SettingError("give model.weights (a whole HIPT) or all of model.tile_encoder, model.region_encoder "
                          "and model.slide_model")
     return Predictor([(model, fc)], classes, spec["vote"], cfg["chunk_regions"], tta=cfg["tta"])
 
@@ -249,10 +251,11 @@ class SlideInput:
     dimensions: tuple[int, int] | None = None  # level-0 width, height (None: unknown, e.g. from shards)
 
 
-def _reader_inputs(paths: Sequence[Path], cfg: dict, geometry: RegionGeometry) -> Iterator[SlideInput | tuple]:
+def _reader_inputs(slides: Sequence[SlideFile], cfg: dict, geometry: RegionGeometry) -> Iterator[SlideInput | tuple]:
     opener = ImageReader if cfg["input_kind"] == "images" else OpenSlideReader
     g = cfg["geometry"]
-    for path in paths:
+    for slide in slides:
+        path = slide.path
         try:
             reader = opener(path, g["slide_mpp"])
             check_resolution(reader, geometry, g["allow_upsample"])  # now, so a bad slide is listed before reading
@@ -260,12 +263,12 @@ def _reader_inputs(paths: Sequence[Path], cfg: dict, geometry: RegionGeometry) -
                                    allow_upsample=g["allow_upsample"])
             size = geometry.level0_size(reader.mpp) if reader.mpp else 0
             thumbnail = reader.thumbnail(cfg["thumbnail_px"])
-            yield SlideInput(path.stem, path, ((r.x, r.y, r.rgb) for r in regions), size, thumbnail,
+            yield SlideInput(slide.slide_id, path, ((r.x, r.y, r.rgb) for r in regions), size, thumbnail,
                              thumbnail.shape[1] / reader.width,
                              lambda x, y, reader=reader, size=size: reader.read(x, y, size, geometry.region_px),
                              reader.close, (reader.width, reader.height))
         except Exception as exc:  # one unreadable slide must not stop the run
-            yield (path, f"{type(exc).__name__}: {exc}")
+            yield (slide, f"{type(exc).__name__}: {exc}")
 
 
 def _shard_inputs(root: str, cfg: dict) -> Iterator[SlideInput]:
@@ -286,18 +289,6 @@ def _shard_inputs(root: str, cfg: dict) -> Iterator[SlideInput]:
         by_xy = {(int(x), int(y)): region for (x, y), region in zip(coords, rgb)}
         yield SlideInput(bag["slide_id"], root, ((int(x), int(y), r) for (x, y), r in zip(coords, rgb)), size,
                          canvas, scale, lambda x, y, by_xy=by_xy: by_xy[(int(x), int(y))])
-
-
-def expand_inputs(inputs: Sequence[str | Path], kind: str) -> list[Path]:
-    """Files as given; folders expanded to the slide or image files under them (sorted)."""
-    suffixes = IMAGE_SUFFIXES if kind == "images" else SLIDE_SUFFIXES
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-        else:
-            paths.append(item)
-    return paths
 
 
 def _heatmaps(out: Path, slide: SlideInput, result: SlidePrediction, classes: Sequence[str], top: int) -> None:
@@ -376,15 +367,15 @@ def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor
         slides: Iterable = (s for n, s in enumerate(every) if n % world == rank)
         total = sum(len(load_manifest(root)["slides"]) for root in inputs)
     else:
-        paths = expand_inputs(inputs, cfg["input_kind"])
-        slides, total = _reader_inputs(paths[rank::world], cfg, geometry), len(paths)
+        found = find_slides(inputs, cfg["input_kind"])
+        slides, total = _reader_inputs(found[rank::world], cfg, geometry), len(found)
     classes = predictor.classes
     rows = []
     mine = len(range(rank, total, world))
     for slide in progress(slides, total=mine, desc="predict", unit="slide", disable=not accelerator.is_local_main_process):
         if isinstance(slide, tuple):
-            path, error = slide
-            slide_id, n_regions, probs = path.stem, 0, None
+            unread, error = slide
+            slide_id, path, n_regions, probs = unread.slide_id, unread.path, 0, None
         else:
             path, slide_id, error = slide.path, slide.slide_id, ""
             ahead = prefetch(slide.regions, predictor.chunk_regions)
@@ -431,12 +422,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # flags may come between the inputs and the key=value settings
     setup_logging()
     overrides = [a for a in args.inputs if "=" in a] + ([f"model.card={args.model}"] if args.model else [])
-    cfg = resolve_config(PREDICT_DEFAULTS, args.config, overrides)
+    cfg = resolve_config(with_storage_settings(PREDICT_DEFAULTS), args.config, overrides)
+    configure(cfg["data"]["retry_budget_s"], cfg["data"]["storage_options"])
     if not cfg["out"]:
         parser.error("set out=DIR (in the --config file or as key=value)")
     failed = predict_inputs(cfg, [a for a in args.inputs if "=" not in a])
     return min(failed, 125)  # the exit code says how many slides failed (capped for the shell)
 
 
+cli = partial(run_main, main)  # the hipt-predict console script: user errors as one line
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

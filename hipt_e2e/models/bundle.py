@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from hipt_e2e import __version__
+from hipt_e2e.errors import SettingError
 from hipt_e2e.io import atomic_write_json
 
 from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
@@ -65,7 +66,7 @@ def tile_architecture(model: Mapping[str, Any]) -> dict[str, Any]:
                 "entry": dataclasses.asdict(encoder_entry(model["encoder"], model.get("timm_kwargs"))),
                 "tile_input": model.get("tile_input", "resize"), "trainable": model.get("tile_trainable", "all"),
                 "lora_rank": lora.get("rank", 0), "lora_alpha": lora.get("alpha")}
-    raise ValueError(f"model.encoder must be one of {TILE_ENCODERS}, timm:ARCH or a pretrained encoder "
+    raise SettingError(f"model.encoder must be one of {TILE_ENCODERS}, timm:ARCH or a pretrained encoder "
                      f"({', '.join(ENCODERS)}), got {model['encoder']!r}")
 
 
@@ -111,7 +112,7 @@ def slide_model_from(arch: Mapping[str, Any], n_classes: int) -> nn.Module:
     settings = {key: value for key, value in arch.items() if key != "name"}
     builders = {"vit_wsi": vit_wsi, "abmil": abmil, "fc": RegionFC}
     if arch["name"] not in builders:
-        raise ValueError(f"unknown slide model {arch['name']!r}; choose one of {SLIDE_MODELS}")
+        raise SettingError(f"unknown slide model {arch['name']!r}; choose one of {SLIDE_MODELS}")
     return builders[arch["name"]](n_classes, **settings)
 
 
@@ -143,7 +144,7 @@ def read_card(path: str | Path) -> tuple[dict[str, Any], Path]:
                                 "train_wsi and train_fc folds, DINO exports); name the weights with the model.* keys")
     card = json.loads(card_path.read_text())
     if card.get("format") != CARD_FORMAT:
-        raise ValueError(f"{card_path} is not a hipt-e2e model card (format {card.get('format')!r})")
+        raise SettingError(f"{card_path} is not a hipt-e2e model card (format {card.get('format')!r})")
     return card, card_path
 
 
@@ -185,11 +186,11 @@ def load_bundle(path: str | Path, trusted: bool = False) -> Bundle:
         load_checkpoint(model, state, trusted=trusted, strict=True)
         return Bundle(model.eval(), None, classes, card)
     if card["kind"] != "slide_model":
-        raise ValueError(f"{card_path}: a {card['kind']} card describes one encoder, not a model that predicts "
+        raise SettingError(f"{card_path}: a {card['kind']} card describes one encoder, not a model that predicts "
                          "slides; give the card of an e2e, train_wsi or train_fc fold")
     stages = card.get("stages")
     if not stages:
-        raise ValueError(f"{card_path}: this slide model's bags were not embedded by embed_tiles / embed_regions, "
+        raise SettingError(f"{card_path}: this slide model's bags were not embedded by embed_tiles / embed_regions, "
                          "so its card names no encoders; give model.tile_encoder and model.region_encoder instead")
     arch = {"tile": stages["tile"]["architecture"], "region": stages["region"]["architecture"],
             "slide": card["architecture"]["slide"]}

@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from hipt_e2e.errors import UserError
+
 log = logging.getLogger(__name__)
 
 WRAPPER_PREFIXES = ("module.", "backbone.")  # DDP wrapper, then DINO's MultiCropWrapper
@@ -27,7 +29,7 @@ DINO_HEAD_PREFIXES = ("head.mlp.", "head.last_layer.")
 Source = str | Path | Mapping[str, torch.Tensor]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read safely or does not fit the model."""
 
 

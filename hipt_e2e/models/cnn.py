@@ -11,6 +11,8 @@ import timm
 import torch
 from torch import nn
 
+from hipt_e2e.errors import SettingError
+
 from .checkpoint import load_checkpoint
 
 
@@ -29,11 +31,11 @@ class CNNTileEncoder(nn.Module):
         self.cnn = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
         if stem == "small":
             if not isinstance(getattr(self.cnn, "conv1", None), nn.Conv2d) or not hasattr(self.cnn, "maxpool"):
-                raise ValueError(f"model.cnn_stem=small needs a ResNet-style CNN (conv1 + maxpool), not {name}")
+                raise SettingError(f"model.cnn_stem=small needs a ResNet-style CNN (conv1 + maxpool), not {name}")
             self.cnn.conv1 = nn.Conv2d(3, self.cnn.conv1.out_channels, 3, stride=1, padding=1, bias=False)
             self.cnn.maxpool = nn.Identity()
         elif stem != "default":
-            raise ValueError(f"model.cnn_stem must be default or small, got {stem!r}")
+            raise SettingError(f"model.cnn_stem must be default or small, got {stem!r}")
         if weights is not None:
             load_checkpoint(self.cnn, weights)
         self.proj = nn.Linear(self.cnn.num_features, embed_dim)

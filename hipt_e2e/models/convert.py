@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from functools import partial
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, read_state_dict
+from ..errors import run_main
+from .checkpoint import read_state_dict
 
 log = logging.getLogger("hipt_e2e.convert")
 
@@ -35,14 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.target.suffix != ".safetensors":
         parser.error(f"target must end in .safetensors, got {args.target}")
-    try:
-        count = convert(args.source, args.target, trusted=args.trusted)
-    except CheckpointError as err:
-        log.error("%s", err)
-        return 1
+    count = convert(args.source, args.target, trusted=args.trusted)
     log.info("wrote %d tensors to %s", count, args.target)
     return 0
 
 
+cli = partial(run_main, main)  # the hipt-convert console script: user errors as one line
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(cli())

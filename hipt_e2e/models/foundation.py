@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hipt_e2e.errors import SettingError
+
 from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
 from .lora import LORA_KEYS, LoRALinear, add_lora
 
@@ -135,9 +137,9 @@ def encoder_entry(name: str, timm_kwargs: Mapping[str, Any] | None = None) -> En
     if name.startswith(TIMM_PREFIX):
         return timm_entry(name.removeprefix(TIMM_PREFIX), timm_kwargs)
     if name not in ENCODERS:
-        raise ValueError(f"unknown tile encoder {name!r}: use vit, cnn, timm:ARCH or one of {sorted(ENCODERS)}")
+        raise SettingError(f"unknown tile encoder {name!r}: use vit, cnn, timm:ARCH or one of {sorted(ENCODERS)}")
     if timm_kwargs:
-        raise ValueError(f"model.timm_kwargs is for timm:ARCH encoders; {name} is built as its authors release it")
+        raise SettingError(f"model.timm_kwargs is for timm:ARCH encoders; {name} is built as its authors release it")
     return ENCODERS[name]
 
 
@@ -195,11 +197,11 @@ class PretrainedTileEncoder(nn.Module):
                  lora_rank: int = 0, lora_alpha: float | None = None, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         if tile_input not in ("resize", "native"):
-            raise ValueError(f"model.tile_input must be resize or native, got {tile_input!r}")
+            raise SettingError(f"model.tile_input must be resize or native, got {tile_input!r}")
         if entry.embedding not in EMBEDDINGS:
-            raise ValueError(f"tile encoder {name}: embedding {entry.embedding!r} is not one of {EMBEDDINGS}")
+            raise SettingError(f"tile encoder {name}: embedding {entry.embedding!r} is not one of {EMBEDDINGS}")
         if trainable == "lora" and not lora_rank:
-            raise ValueError("model.tile_trainable=lora needs model.lora.rank > 0")
+            raise SettingError("model.tile_trainable=lora needs model.lora.rank > 0")
         self.name, self.entry, self.tile_input = name, entry, tile_input
         kwargs = {**_resolved_layers(entry.kwargs), "num_classes": 0}
         if drop_path_rate:
@@ -276,7 +278,7 @@ class PretrainedTileEncoder(nn.Module):
     def _tail(self) -> list[nn.Module]:
         blocks = self.blocks()
         if not 0 <= int(self.trainable) <= len(blocks):
-            raise ValueError(f"model.tile_trainable={self.trainable}: {self.name} has {len(blocks)} blocks")
+            raise SettingError(f"model.tile_trainable={self.trainable}: {self.name} has {len(blocks)} blocks")
         return blocks[len(blocks) - int(self.trainable):]
 
     def train(self, mode: bool = True) -> PretrainedTileEncoder:
@@ -341,5 +343,5 @@ def load_stage_weights(module: nn.Module, source: str | Path, *, trusted: bool =
 def require_weights(encoder: nn.Module, source: str | Path | None, key: str) -> None:
     """A pretrained tile encoder without its weights file is an error, never a silent random encoder."""
     if source is None and isinstance(encoder, PretrainedTileEncoder):
-        raise ValueError(f"model.encoder={encoder.name} is a pretrained encoder: give its weights with "
+        raise SettingError(f"model.encoder={encoder.name} is a pretrained encoder: give its weights with "
                          f"{key}=FILE_OR_SNAPSHOT_FOLDER (released as {encoder.entry.release}); nothing is downloaded")

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hipt_e2e.errors import SettingError
+
 from ..normalise import NORMALISATIONS, normalise
 from .cnn import cnn256
 from .presets import model_preset
@@ -59,7 +61,7 @@ class HIPT(nn.Module):
     ) -> None:
         super().__init__()
         if normalisation not in NORMALISATIONS:
-            raise ValueError(f"unknown normalisation {normalisation!r}; choose one of {sorted(NORMALISATIONS)}")
+            raise SettingError(f"unknown normalisation {normalisation!r}; choose one of {sorted(NORMALISATIONS)}")
         self.tile_encoder = tile_encoder
         self.region_encoder = region_encoder
         self.slide_model = slide_model

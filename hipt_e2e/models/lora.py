@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from hipt_e2e.errors import SettingError
+
 LORA_KEYS = ("lora_a", "lora_b")
 
 
@@ -21,7 +23,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
         super().__init__()
         if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+            raise SettingError(f"LoRA rank must be >= 1, got {rank}")
         self.base = base
         self.rank, self.scale = rank, (alpha if alpha is not None else rank) / rank
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, dtype=base.weight.dtype))
@@ -49,5 +51,5 @@ def add_lora(module: nn.Module, target: str, rank: int, alpha: float | None = No
             setattr(parent, target, LoRALinear(child, rank, alpha))
             count += 1
     if not count:
-        raise ValueError(f"no linear layer named {target!r} in {type(module).__name__} to adapt with LoRA")
+        raise SettingError(f"no linear layer named {target!r} in {type(module).__name__} to adapt with LoRA")
     return count

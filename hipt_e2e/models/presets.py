@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from hipt_e2e.errors import SettingError
+
 PRESETS: dict[str, dict[str, Any]] = {
     "hipt": {
         "tile_px": 256,
@@ -30,5 +32,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 def model_preset(name: str = "hipt") -> dict[str, Any]:
     """A fresh copy of a named geometry: tile_px, region_tiles and kwargs for tile/region/slide models."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise SettingError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return copy.deepcopy(PRESETS[name])

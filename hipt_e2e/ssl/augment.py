@@ -13,6 +13,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from hipt_e2e.errors import SettingError
 from hipt_e2e.normalise import NORMALISATIONS, normalise
 from hipt_e2e.ssl import colour
 
@@ -184,7 +185,7 @@ class TileMultiCrop:
         local_scale: tuple[float, float] = (0.05, 0.4),
     ) -> None:
         if normalisation not in NORMALISATIONS:
-            raise ValueError(f"unknown normalisation {normalisation!r}; choose one of {sorted(NORMALISATIONS)}")
+            raise SettingError(f"unknown normalisation {normalisation!r}; choose one of {sorted(NORMALISATIONS)}")
         self.normalisation = normalisation
         global_sigma = blur_sigma_range(global_size, GLOBAL_REFERENCE)
         self.views = [

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hipt_e2e.errors import SettingError
+
 
 class WeightNormLinear(nn.Module):
     """Bias-free linear layer with weight = weight_g * weight_v / ||weight_v|| (one norm per output row).
@@ -42,7 +44,7 @@ class DINOHead(nn.Module):
     ) -> None:
         super().__init__()
         if nlayers < 1:
-            raise ValueError(f"nlayers must be >= 1, got {nlayers}")
+            raise SettingError(f"nlayers must be >= 1, got {nlayers}")
         widths = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for width_in, width_out in zip(widths[:-1], widths[1:]):

@@ -6,6 +6,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from hipt_e2e.errors import SettingError
 from hipt_e2e.ssl.schedules import teacher_temperature_schedule
 
 N_GLOBAL_CROPS = 2  # the teacher only sees the two global crops
@@ -35,7 +36,7 @@ class DINOLoss(nn.Module):
     ) -> None:
         super().__init__()
         if ncrops <= N_GLOBAL_CROPS:
-            raise ValueError(f"ncrops must exceed the {N_GLOBAL_CROPS} global crops, got {ncrops}")
+            raise SettingError(f"ncrops must exceed the {N_GLOBAL_CROPS} global crops, got {ncrops}")
         self.ncrops = ncrops
         self.student_temp = student_temp
         self.center_momentum = center_momentum

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from hipt_e2e.errors import SettingError
+
 REFERENCE_BATCH = 256  # DINO's base learning rates are quoted for a global batch of 256
 
 
@@ -28,7 +30,7 @@ def cosine_schedule(
     total = epochs * iters_per_epoch
     warmup_iters = warmup_epochs * iters_per_epoch
     if not 0 <= warmup_iters <= total:
-        raise ValueError(f"warm-up of {warmup_iters} iterations does not fit in {total}")
+        raise SettingError(f"warm-up of {warmup_iters} iterations does not fit in {total}")
     warmup = np.linspace(start_warmup, base, warmup_iters)
     progress = np.arange(total - warmup_iters) / max(total - warmup_iters, 1)
     cosine = final + 0.5 * (base - final) * (1.0 + np.cos(np.pi * progress))
@@ -38,5 +40,5 @@ def cosine_schedule(
 def teacher_temperature_schedule(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int) -> np.ndarray:
     """One teacher temperature per epoch: linear warmup_temp -> temp, then constant."""
     if not 0 <= warmup_epochs <= epochs:
-        raise ValueError(f"teacher temperature warm-up of {warmup_epochs} epochs does not fit in {epochs}")
+        raise SettingError(f"teacher temperature warm-up of {warmup_epochs} epochs does not fit in {epochs}")
     return np.concatenate([np.linspace(warmup_temp, temp, warmup_epochs), np.full(epochs - warmup_epochs, temp)])

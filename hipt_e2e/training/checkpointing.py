@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from hipt_e2e.errors import SettingError
 from hipt_e2e.io import atomic_open, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def resume_state(cfg: Mapping[str, Any], path: Path) -> dict[str, Any] | None:
     changed = sorted(k for k in saved.keys() | now.keys()
                      if k not in RUN_CONTROL and saved.get(k) != now.get(k))
     if changed:
-        raise ValueError(f"cannot resume {path}: settings differ from the saved run in {changed} "
+        raise SettingError(f"cannot resume {path}: settings differ from the saved run in {changed} "
                          f"(only {', '.join(RUN_CONTROL)} may change)")
     return state
 

@@ -11,6 +11,7 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset
 
 from hipt_e2e.data.samples import collate
+from hipt_e2e.errors import UserError
 
 
 def derived_seed(*key: int) -> int:
@@ -52,7 +53,7 @@ class EpochBatches(Iterator[dict]):
             self._start_epoch(skip=0)
             batch = next(self._iterator, None)
             if batch is None:
-                raise RuntimeError(
+                raise UserError(
                     f"this process got no full batch of {self.loader.batch_size} from its shards; a shard set "
                     "needs at least one shard per process and DataLoader worker, with enough samples (rebuild "
                     "it with a smaller --shard-bytes, or lower the batch size or the workers)")

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from hipt_e2e.config import save_config
+from hipt_e2e.errors import SettingError
 from hipt_e2e.models import select_attention
 from hipt_e2e.models.bundle import write_card
 from hipt_e2e.models.encoders import BACKBONE_EXPORT
@@ -133,7 +134,7 @@ def dino_optimizer(name: str, groups: list[dict[str, Any]]) -> torch.optim.Optim
         return torch.optim.AdamW(groups)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
-    raise ValueError(f"optim.name must be adamw or sgd, got {name!r}")
+    raise SettingError(f"optim.name must be adamw or sgd, got {name!r}")
 
 
 class DINOTrainer:
@@ -159,7 +160,7 @@ class DINOTrainer:
         self.global_batch = train["batch_size"] * self.world * train["grad_accum"]
         self.steps_per_epoch = train["steps_per_epoch"] or samples_per_epoch // self.global_batch
         if self.steps_per_epoch < 1:
-            raise ValueError(f"{samples_per_epoch} samples per epoch do not fill one global batch of {self.global_batch}")
+            raise SettingError(f"{samples_per_epoch} samples per epoch do not fill one global batch of {self.global_batch}")
         epochs, spe = train["epochs"], self.steps_per_epoch
         self.total = epochs * spe
         self.lr = cosine_schedule(scaled_lr(optim["lr"], self.global_batch), optim["min_lr"], epochs, spe,

@@ -48,6 +48,7 @@ from tqdm import tqdm
 from hipt_e2e.data.augment import AUGMENT_DEFAULTS, augment_regions, check_augment, pose, tta_poses
 from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.data.samples import decode_mode, device_pixels
+from hipt_e2e.errors import SettingError
 from hipt_e2e.evaluation.crossval import run_folds
 from hipt_e2e.evaluation.metrics import classification_metrics
 from hipt_e2e.evaluation.splits import Fold
@@ -199,9 +200,9 @@ def build_model(cfg: Mapping[str, Any], n_classes: int, tile_px: int | None = No
                       checkpoint_chunks=memory["checkpoint_chunks"], checkpoint_blocks=memory["checkpoint_blocks"])
     tile_encoder, region_encoder = model.tile_encoder, model.region_encoder
     if isinstance(tile_encoder, TileViT) and tile_px % tile_encoder.patch_size:
-        raise ValueError(f"{tile_px} px tiles do not split into the tile ViT's {tile_encoder.patch_size} px patches")
+        raise SettingError(f"{tile_px} px tiles do not split into the tile ViT's {tile_encoder.patch_size} px patches")
     if region_encoder.in_dim != tile_encoder.num_features:
-        raise ValueError(f"the tile encoder gives {tile_encoder.num_features}-d embeddings but ViT4K takes "
+        raise SettingError(f"the tile encoder gives {tile_encoder.num_features}-d embeddings but ViT4K takes "
                          f"{region_encoder.in_dim}: set model.region.in_dim={tile_encoder.num_features}")
     require_weights(tile_encoder, model_cfg["weights"]["tile"], "model.weights.tile")
     for stage, path in model_cfg["weights"].items():
@@ -528,10 +529,10 @@ def _train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     train = cfg["train"]
     check_augment(cfg["augment"])
     if train["grad_accum"] % train["slides_per_call"]:
-        raise ValueError(f"train.slides_per_call={train['slides_per_call']} must divide "
+        raise SettingError(f"train.slides_per_call={train['slides_per_call']} must divide "
                          f"train.grad_accum={train['grad_accum']}")
     if cfg["data"]["shards"] is None or cfg["out"] is None:
-        raise ValueError("set data.shards=SHARDS (a folder or URL of region shards) and out=DIR")
+        raise SettingError("set data.shards=SHARDS (a folder or URL of region shards) and out=DIR")
     precision = "no" if train["mixed_precision"] is False else train["mixed_precision"]  # YAML reads a bare no as false
     accelerator = Accelerator(mixed_precision=precision, fsdp_plugin=fsdp_plugin() if train["fsdp"] else None,
                               **tracker_settings(train["log_with"], cfg["out"]))

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hipt_e2e.config import add_config_arguments, resolve_config, setup_logging
+from hipt_e2e.data.storage import configure, with_storage_settings
 
 
 def _lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
@@ -22,14 +23,18 @@ def recipe_config(defaults: Mapping[str, Any], description: str | None, argv: Se
     """Parse ``--config FILE key=value ...`` over ``defaults``; the dotted ``required`` keys must be set.
 
     Only the main process (RANK 0 under ``accelerate launch``) logs below warnings, so a multi-process
-    run reads like a single one.
+    run reads like a single one. A recipe with a data section reads shard sets: it gets the storage
+    settings (data.retry_budget_s, data.storage_options), applied here for all its processes.
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
-    cfg = resolve_config(defaults, args.config, args.overrides)
+    reads_shards = "data" in defaults
+    cfg = resolve_config(with_storage_settings(defaults) if reads_shards else defaults, args.config, args.overrides)
     missing = [key for key in required if _lookup(cfg, key) is None]
     if missing:
         parser.error(f"set {', '.join(missing)} (in the --config file or as key=value)")
+    if reads_shards:
+        configure(cfg["data"]["retry_budget_s"], cfg["data"]["storage_options"])
     return cfg

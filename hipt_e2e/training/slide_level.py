@@ -26,6 +26,7 @@ from torch import nn
 
 from hipt_e2e.data.embeddings import SlideBag, read_slide_bags
 from hipt_e2e.data.manifest import load_manifest
+from hipt_e2e.errors import SettingError
 from hipt_e2e.evaluation.crossval import run_folds
 from hipt_e2e.evaluation.metrics import classification_metrics, selection_key, vote
 from hipt_e2e.evaluation.splits import Fold, SlideInfo
@@ -67,7 +68,7 @@ def slide_architecture(cfg: dict, dim: int) -> dict[str, Any]:
         return {"name": name, "dim": dim, "depth": 2, "num_heads": 3 if dim % 3 == 0 else 1, "dropout": dropout}
     if name in ("abmil", "fc"):
         return {"name": name, "dim": dim, "hidden": hidden, "dropout": dropout}
-    raise ValueError(f"unknown slide model {name!r}; choose vit_wsi, abmil or fc")
+    raise SettingError(f"unknown slide model {name!r}; choose vit_wsi, abmil or fc")
 
 
 def build_slide_model(cfg: dict, n_classes: int, dim: int) -> nn.Module:

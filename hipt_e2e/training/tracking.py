@@ -17,6 +17,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from hipt_e2e.errors import MissingExtraError, SettingError
 from hipt_e2e.training.checkpointing import flatten_config
 
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # train.log_with -> its module
@@ -29,9 +30,9 @@ def tracker_settings(log_with: str | None, out: str | Path) -> dict[str, Any]:
     if log_with in (None, "none"):
         return {}
     if log_with not in TRACKERS:
-        raise ValueError(f"train.log_with must be none or one of {sorted(TRACKERS)}, got {log_with!r}")
+        raise SettingError(f"train.log_with must be none or one of {sorted(TRACKERS)}, got {log_with!r}")
     if importlib.util.find_spec(TRACKERS[log_with]) is None:
-        raise ImportError(f"train.log_with={log_with} needs its package: pip install 'hipt-e2e[{log_with}]'")
+        raise MissingExtraError(f"train.log_with={log_with} needs its package: pip install 'hipt-e2e[{log_with}]'")
     out = Path(out).resolve()
     if log_with == "mlflow":
         os.environ.setdefault("MLFLOW_TRACKING_URI", (out / "mlruns").as_uri())

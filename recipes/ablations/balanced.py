@@ -9,10 +9,12 @@ Writes docs/ablations/balanced.{md,json,png}.
         out=runs/ablations/balanced
 """
 import copy
+import sys
 import time
 from pathlib import Path
 
 from hipt_e2e.data.embeddings import read_slide_bags
+from hipt_e2e.errors import run_main
 from hipt_e2e.evaluation.ablation import folds_text, paired_answer, with_mean_recall, write_ablation
 from hipt_e2e.evaluation.compare import PAIRED_HEADER, paired_difference
 from hipt_e2e.evaluation.crossval import IMBALANCE
@@ -64,4 +66,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

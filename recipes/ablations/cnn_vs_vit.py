@@ -34,6 +34,7 @@ from torch import nn
 from hipt_e2e.config import load_yaml
 from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.data.manifest import load_manifest
+from hipt_e2e.errors import SettingError, run_main
 from hipt_e2e.evaluation.ablation import folds_text, paired_answer, write_ablation
 from hipt_e2e.training import BACKBONE_EXPORT, TRAIN_LOG, build_tile_encoder, load_encoder_weights, recipe_config
 from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, cross_validate
@@ -99,7 +100,7 @@ def dino_epochs_for(stage: dict, *overrides: str) -> tuple[int, float]:
         steps_per_epoch = load_yaml((Path(probe) / "config.yaml").read_text())["train"]["steps_per_epoch"]
         logged = [json.loads(line) for line in (Path(probe) / TRAIN_LOG).read_text().splitlines()]
     if not steps_per_epoch:
-        raise ValueError("pretrain.minutes needs a fixed train.steps_per_epoch in the pretraining settings")
+        raise SettingError("pretrain.minutes needs a fixed train.steps_per_epoch in the pretraining settings")
     per_step = float(np.median([entry["seconds"] for entry in logged[probe_steps // 4:]]))
     return max(1, math.ceil(stage["minutes"] * 60 / per_step / steps_per_epoch)), per_step
 
@@ -213,4 +214,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -7,12 +7,14 @@ and 100 % of every fold's training slides (stratified), same folds and seeds, on
     accelerate launch recipes/ablations/data_scaling.py data.shards=runs/lymphoma/bags out=runs/ablations/data_scaling
 """
 import copy
+import sys
 import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
 from hipt_e2e.data.embeddings import read_slide_bags
+from hipt_e2e.errors import run_main
 from hipt_e2e.evaluation.ablation import folds_text, paired_answer, write_ablation
 from hipt_e2e.io import atomic_open
 from hipt_e2e.training.recipe import recipe_config
@@ -76,4 +78,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -15,12 +15,14 @@ Writes docs/ablations/e2e_vs_frozen.{md,json,png}; each variant's run is in out/
         model.weights.tile=runs/vit256/backbone.safetensors out=runs/ablations/e2e_vs_frozen
 """
 import copy
+import sys
 import time
 from pathlib import Path
 
 from accelerate import PartialState
 
 from hipt_e2e.data.manifest import load_manifest
+from hipt_e2e.errors import SettingError, run_main
 from hipt_e2e.evaluation.ablation import folds_text, paired_answer, write_ablation
 from hipt_e2e.training.e2e import E2E_DEFAULTS, train_e2e
 from hipt_e2e.training.recipe import recipe_config
@@ -34,9 +36,9 @@ DEFAULTS = {**copy.deepcopy(E2E_DEFAULTS), "docs": "docs/ablations", "budget": "
 def main(argv: list[str] | None = None) -> dict:
     cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
     if cfg["train"]["stop_after"] is not None:
-        raise ValueError("train.stop_after would end a variant early; the variants must share the step budget")
+        raise SettingError("train.stop_after would end a variant early; the variants must share the step budget")
     if cfg["budget"] not in ("steps", "converged"):
-        raise ValueError(f"budget={cfg['budget']!r}: choose steps or converged")
+        raise SettingError(f"budget={cfg['budget']!r}: choose steps or converged")
     start, variants = time.time(), {}
     for name, freeze in cfg["variants"].items():
         run = copy.deepcopy(cfg)
@@ -78,4 +80,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))
