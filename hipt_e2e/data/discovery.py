@@ -1,0 +1,131 @@
+"""Finding the slides among the inputs, one rule for `hipt-shards build` and `hipt-predict` alike.
+
+A slide is one file (`.svs`, `.tiff`, ... or an image) or one DICOM whole-slide image: a series of
+`.dcm` files in one folder (one file per pyramid level, plus LABEL, OVERVIEW and THUMBNAIL images,
+which are no slides of their own), opened through OpenSlide once, from one of its VOLUME files.
+
+Slide ids (the keys of the labels CSV, the manifest and predictions.csv):
+- a file: its name without the suffix; `.ome.tiff` and `.ome.tif` count as one suffix (`x.ome.tiff` -> `x`);
+- a DICOM series: the name of its folder when that folder holds no other series, else its
+  SeriesInstanceUID (so one folder per slide gives readable ids).
+Under `--labels-from-folders` a slide's class is the name of the folder holding it: the folder of a
+file, or the folder above a one-series DICOM folder (`<class>/<slide>/*.dcm`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hipt_e2e.data.dicom import WSI_SOP_CLASS, DicomHeader, read_dicom_header
+from hipt_e2e.data.manifest import FORMAT, MANIFEST
+from hipt_e2e.data.sources import IMAGE_SUFFIXES, SLIDE_SUFFIXES, InputError
+
+log = logging.getLogger(__name__)
+
+MULTI_SUFFIXES = (".ome.tiff", ".ome.tif")  # one suffix to the slide id rule, however many dots
+DICOM_SUFFIX = ".dcm"
+SUFFIXES = {"slides": SLIDE_SUFFIXES, "images": IMAGE_SUFFIXES}
+
+
+@dataclass(frozen=True)
+class SlideFile:
+    slide_id: str
+    path: Path  # the file to open (for a DICOM series: one of its VOLUME files; OpenSlide finds the rest)
+    folder: Path  # the folder holding the slide, whose name is its class under --labels-from-folders
+
+
+def slide_id_of_file(path: Path) -> str:
+    """A slide file's id: its name without the suffix, `.ome.tiff` / `.ome.tif` counted as one suffix."""
+    lower = path.name.lower()
+    for suffix in MULTI_SUFFIXES:
+        if lower.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+def find_slides(inputs: Iterable[str | Path], kind: str = "slides") -> list[SlideFile]:
+    """The slides of `inputs` (files as given, folders searched recursively for the suffixes of `kind`:
+    slides or images), in input order, each folder's sorted by path. InputError for an input that is
+    missing, holds a shard set, or holds no slide, and for two slides with one id."""
+    slides: list[SlideFile] = []
+    seen: set[SlideFile] = set()
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = _slides_in_folder(item, kind)
+        elif item.is_file():
+            found = _slides_of_files([item])
+        else:
+            raise InputError(item, "not found")
+        if not found:
+            raise InputError(item, f"holds no {kind} (looked for {', '.join(SUFFIXES[kind])}"
+                                   f"{'; a DICOM series needs a VOLUME image' if kind == 'slides' else ''})")
+        slides += [slide for slide in found if slide not in seen]
+        seen.update(found)
+    check_unique_ids(slides)
+    return slides
+
+
+def check_unique_ids(slides: Sequence[SlideFile]) -> None:
+    """InputError naming the first two slides that share an id (ids key labels, shards and outputs)."""
+    first: dict[str, Path] = {}
+    for slide in slides:
+        if slide.slide_id in first:
+            raise InputError(slide.path, f"has slide id {slide.slide_id!r}, as does {first[slide.slide_id]}; "
+                                         "slide ids must be unique (rename one)")
+        first[slide.slide_id] = slide.path
+
+
+def _slides_in_folder(folder: Path, kind: str) -> list[SlideFile]:
+    if _is_shard_set(folder):
+        raise InputError(folder, f"holds a shard set ({MANIFEST} of `hipt-shards build` or an embedding recipe), "
+                                 "not slide or image files: read it as shards (hipt-predict ... input_kind=shards, "
+                                 "a recipe's data.shards=...)")
+    suffixes = SUFFIXES[kind]
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    return _slides_of_files(files)
+
+
+def _is_shard_set(folder: Path) -> bool:
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _slides_of_files(files: Sequence[Path]) -> list[SlideFile]:
+    """One slide per non-DICOM file; the DICOM files' series, from their whole folders."""
+    dicom = [path for path in files if path.suffix.lower() == DICOM_SUFFIX]
+    slides = [SlideFile(slide_id_of_file(path), path, path.parent) for path in files if path not in dicom]
+    for folder in sorted({path.parent for path in dicom}):
+        given = {path for path in dicom if path.parent == folder}
+        slides += [slide for slide, members in _dicom_series(folder) if given & members]
+    return sorted(slides, key=lambda slide: slide.path)
+
+
+def _dicom_series(folder: Path) -> list[tuple[SlideFile, set[Path]]]:
+    """The DICOM whole-slide images among a folder's `.dcm` files (all of them: OpenSlide reads a series
+    from its whole folder), each with its files. A file whose header cannot be read stays a slide of its
+    own, so that opening it names the problem; other DICOM objects (annotations, ...) and series without
+    a pyramid level are left out, and logged."""
+    series: dict[str, list[tuple[Path, DicomHeader]]] = {}
+    unreadable: list[Path] = []
+    for path in sorted(folder.glob(f"*{DICOM_SUFFIX}")):
+        header = read_dicom_header(path)
+        if header is None:
+            unreadable.append(path)
+        elif header.sop_class != WSI_SOP_CLASS:
+            log.info("%s: not a whole-slide image (SOP class %s); left out", path, header.sop_class)
+        else:
+            series.setdefault(header.series_uid, []).append((path, header))
+    levels = {uid: [path for path, header in files if header.is_pyramid_level] for uid, files in series.items()}
+    for uid in [uid for uid, paths in levels.items() if not paths]:
+        log.info("%s: series %s holds no pyramid level (only %s); left out", folder, uid,
+                 ", ".join(" ".join(header.image_type) for _, header in series.pop(uid)))
+    one_series = len(series) == 1
+    found = [(SlideFile(folder.resolve().name if one_series else uid, levels[uid][0],
+                        folder.parent if one_series else folder), {path for path, _ in files})
+             for uid, files in series.items()]
+    return found + [(SlideFile(slide_id_of_file(path), path, folder), {path}) for path in unreadable]
