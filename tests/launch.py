@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.processes import end_tree, popen
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -36,17 +38,16 @@ def launch(script: str | Path, arguments: Sequence[str], *, processes: int = 2, 
     env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
     port = free_port()
     script = REPO / script
-    runs = [subprocess.Popen(launch_command(script, arguments, processes=processes, machines=machines, rank=rank,
-                                            port=port, extra=extra),
-                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = [popen(launch_command(script, arguments, processes=processes, machines=machines, rank=rank, port=port,
+                                 extra=extra), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             for rank in range(machines)]
     outputs = []
     try:
         for run in runs:
             outputs.append(run.communicate(timeout=timeout))
-    finally:
+    finally:  # on a timeout or a failure too: no launcher, worker or DataLoader worker outlives the call
         for run in runs:
-            run.kill()
+            end_tree(run)
     codes = [run.returncode for run in runs]
     return subprocess.CompletedProcess(runs[0].args, max(codes, key=abs), outputs[0][0],
                                        "\n".join(err for _, err in outputs))

@@ -18,6 +18,7 @@ from hipt_e2e.embedding import UNITS, slide_units
 from hipt_e2e.models import model_preset, vit4k, vit256
 from hipt_e2e.training import export_safetensors
 from tests.launch import REPO, free_port, launch
+from tests.processes import run
 from tests.test_e2e import settings as e2e_settings
 
 TINY = model_preset("tiny")
@@ -55,8 +56,8 @@ ONE_PROCESS = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  #
 
 
 def run_step(step: str, *arguments: str, script: Sequence[str] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *script, str(REPO / "recipes" / f"{step}.py"), *arguments], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env=ONE_PROCESS)
+    return run([sys.executable, *script, str(REPO / "recipes" / f"{step}.py"), *arguments], cwd=REPO, timeout=300,
+               env=ONE_PROCESS)
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -135,7 +136,7 @@ def test_the_slurm_script_on_two_nodes_writes_the_bytes_of_one_process(shards: P
     env = {**ONE_PROCESS, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", "SLURM_NNODES": "2",
            "SLURM_JOB_NODELIST": "node[1-2]", "GPUS_PER_NODE": "1", "ACCELERATE_USE_CPU": "true",
            "MIXED_PRECISION": "no", "MAIN_PORT": str(free_port())}
-    result = subprocess.run(["bash", str(REPO / "recipes" / "slurm.sh"), str(REPO / "recipes" / "embed_tiles.py"),
-                             *arguments], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = run(["bash", str(REPO / "recipes" / "slurm.sh"), str(REPO / "recipes" / "embed_tiles.py"), *arguments],
+                 cwd=REPO, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert files(out) == one

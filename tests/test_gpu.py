@@ -16,6 +16,7 @@ from hipt_e2e.data import SlideBagStream
 from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.data.samples import device_pixels
 from hipt_e2e.training.e2e import _loader
+from tests import processes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 REPO = Path(__file__).resolve().parents[1]
@@ -44,8 +45,8 @@ def test_training_loader_pins_memory_for_non_blocking_copies(jpeg_shards: Path) 
 def _e2e(shards: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     arguments = [f"data.shards={shards}", f"out={out}", "data.regions_per_slide=2", "train.epochs=2",
                  "train.grad_accum=2", "train.log_every=1000", "data.workers=1", *extra]
-    return subprocess.run([sys.executable, str(REPO / "recipes" / "e2e.py"), *arguments], cwd=REPO, text=True,
-                          capture_output=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    return processes.run([sys.executable, str(REPO / "recipes" / "e2e.py"), *arguments], cwd=REPO, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
 def _probabilities(run: Path) -> dict[tuple[str, str], list[float]]:

@@ -1,0 +1,103 @@
+"""Ending the processes a test started, whatever session or group they moved to.
+
+Recipes start processes of their own (accelerate launch -> torchrun, whose workers each get a new session;
+DataLoader workers; recipes/lymphoma.py's steps), so killing the one process a test started, or its process
+group, can leave the rest running and holding the CPU for later tests. These helpers find a process's
+whole tree from /proc (Linux; elsewhere they fall back to the process group) and kill it frozen.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> pids of its live children (zombies left out), from /proc/<pid>/stat."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in PROC.iterdir() if PROC.is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # it ended while we listed
+            continue
+        # the command name (field 2) may hold spaces and parentheses: state and parent pid follow its last ')'
+        state, parent = stat[stat.rindex(")") + 2:].split()[:2]
+        if state not in ("Z", "X"):
+            children[int(parent)].append(int(entry.name))
+    return children
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def descendants(root: int, keep: Iterable[int] = ()) -> set[int]:
+    """The live processes under `root` (children, theirs, ...), not entering the trees of the pids in `keep`."""
+    children, keep = _children(), set(keep)
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children[todo.pop()]:
+            if child not in found and child not in keep:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def end_processes(find: Callable[[], set[int]]) -> set[int]:
+    """Kill every process `find` lists: each is stopped (SIGSTOP) as found, until a listing finds no new one,
+    so none can start another between the listing and the kill; then all get SIGKILL. Returns their pids."""
+    stopped: set[int] = set()
+    while new := find() - stopped:
+        for pid in new:
+            _signal(pid, signal.SIGSTOP)
+        stopped |= new
+    for pid in stopped:
+        _signal(pid, signal.SIGKILL)
+    return stopped
+
+
+def end_tree(process: subprocess.Popen) -> None:
+    """End `process` (started with start_new_session=True), its process group and every process under it."""
+    if process.poll() is None:  # not reaped yet, so the pid is still this process's (an ended one's may be reused)
+        end_processes(lambda: descendants(process.pid) | {process.pid})
+    try:  # what is left in its group: orphans of processes that ended (a group's id is not reused while it has members)
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()
+
+
+def popen(command: Sequence[str], **kwargs) -> subprocess.Popen:
+    """subprocess.Popen in a session of its own (so end_tree can kill its group), text mode."""
+    return subprocess.Popen(command, start_new_session=True, text=True, **kwargs)
+
+
+def run(command: Sequence[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(command, capture_output=True, text=True) in a session of its own; on a timeout, an
+    error or an interrupt (pytest-timeout's) the command and every process under it are ended."""
+    process = popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        end_tree(process)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

@@ -1,0 +1,88 @@
+"""A test that fails or times out ends every process it started: tests/processes.py's run() on a timeout,
+and the conftest fixture after a test that failed or timed out with its processes still running."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.processes import alive, run
+
+REPO = Path(__file__).resolve().parents[1]
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+# A process that starts one child in its own process group and one in a session of its own (as torchrun
+# starts its workers), writes the three pids to argv[1], then sleeps, or with argv[2] == "exit" ends at
+# once, leaving both children orphans.
+SPAWNER = f"""
+import os, subprocess, sys, time
+from pathlib import Path
+same_group = subprocess.Popen({SLEEPER!r})
+own_session = subprocess.Popen({SLEEPER!r}, start_new_session=True)
+Path(sys.argv[1] + ".tmp").write_text(f"{{os.getpid()}} {{same_group.pid}} {{own_session.pid}}")
+Path(sys.argv[1] + ".tmp").rename(sys.argv[1])
+if sys.argv[2] != "exit":
+    time.sleep(600)
+"""
+
+
+def spawned(pids_file: Path) -> list[int]:
+    """The pids SPAWNER wrote (waiting for them up to 30 s)."""
+    for _ in range(300):
+        if pids_file.exists():
+            return [int(pid) for pid in pids_file.read_text().split()]
+        time.sleep(0.1)
+    raise TimeoutError(f"{pids_file} was not written")
+
+
+def test_run_ends_the_whole_tree_on_a_timeout(tmp_path: Path) -> None:
+    with pytest.raises(subprocess.TimeoutExpired):
+        run([sys.executable, "-c", SPAWNER, str(tmp_path / "pids"), "sleep"], timeout=5)
+    pids = spawned(tmp_path / "pids")
+    assert len(pids) == 3 and not [pid for pid in pids if alive(pid)]
+
+
+INNER_TESTS = """
+import subprocess, sys, time
+from pathlib import Path
+import pytest
+from tests.test_processes import SPAWNER, spawned
+from tests.processes import alive
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.timeout(3)
+def test_times_out():
+    subprocess.Popen([sys.executable, "-c", SPAWNER, str(HERE / "timed_out"), "sleep"])
+    spawned(HERE / "timed_out")
+    time.sleep(60)
+
+
+def test_fails_leaving_orphans():
+    subprocess.Popen([sys.executable, "-c", SPAWNER, str(HERE / "failed"), "exit"])
+    assert not spawned(HERE / "failed")
+
+
+def test_the_processes_of_the_tests_before_have_ended():
+    pids = spawned(HERE / "timed_out") + spawned(HERE / "failed")
+    assert len(pids) == 6 and not [pid for pid in pids if alive(pid)]
+"""
+
+
+def test_a_failed_or_timed_out_test_leaves_no_process(tmp_path: Path) -> None:
+    """An inner pytest session with this suite's conftest: a test that times out and one that fails, each
+    with a child and grandchildren running (one grandchild in a session of its own; in the second test both
+    orphaned); the next test finds all of them ended."""
+    (tmp_path / "conftest.py").write_text("from tests.conftest import end_processes_the_test_left, pytest_configure  # noqa: F401\n")
+    (tmp_path / "test_inner.py").write_text(INNER_TESTS)
+    inner = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=native",
+                 str(tmp_path / "test_inner.py")],
+                timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert "2 failed, 1 passed" in inner.stdout, inner.stdout[-3000:] + inner.stderr[-3000:]
+    assert "Timeout (>3.0s)" in inner.stdout and "killed 3 processes the test left running" in inner.stdout
+    pids = spawned(tmp_path / "timed_out") + spawned(tmp_path / "failed")
+    assert not [pid for pid in pids if alive(pid)]
