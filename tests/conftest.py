@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import signal
 import sys
 import time
 import warnings
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.processes import PROC, descendants, end_processes
+from tests.processes import PROC, descendants, end_and_reap
 
 REPO = Path(__file__).resolve().parents[1]
 LYMPHOMA = REPO.parent / "shared" / "data" / "lymphoma-iicbu2008"
@@ -24,9 +25,20 @@ MULTIPROCESSING_SERVICES = (b"multiprocessing.resource_tracker", b"multiprocessi
 
 def pytest_configure(config) -> None:
     """Orphans (a torchrun worker whose launcher was killed: each worker has a session of its own) are
-    re-parented to this process instead of init, so the fixture below still finds them under it."""
+    re-parented to this process instead of init, so the fixture below still finds them under it; SIGTERM
+    (a CI job's time limit, `timeout`) ends the run as Ctrl-C does: fixtures torn down, summary printed."""
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_unconfigure(config) -> None:
+    """Whatever still runs under the session when it ends, interrupted or not, is ended."""
+    end_and_reap(lambda: descendants(os.getpid()))
 
 
 def _is_service(pid: int) -> bool:
@@ -44,21 +56,17 @@ def end_processes_the_test_left():
     started before the test (servers) and multiprocessing's shared helpers are kept."""
     keep = descendants(os.getpid())
     yield
+
     def left() -> set[int]:
         return {pid for pid in descendants(os.getpid(), keep) if not _is_service(pid)}
+
     if not left():
         return
     # a failed test's frames (kept for post-mortem) hold DataLoader iterators: collected, they end their own workers
     sys.last_type = sys.last_value = sys.last_traceback = sys.last_exc = None
     gc.collect()
     time.sleep(0.5)
-    ended = end_processes(left)
-    for pid in ended:  # reap those that are this process's children (adopted orphans among them): no zombies
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
-    if ended:
+    if ended := end_and_reap(left):
         warnings.warn(f"killed {len(ended)} processes the test left running: {sorted(ended)}", stacklevel=1)
 
 

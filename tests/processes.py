@@ -76,6 +76,18 @@ def end_processes(find: Callable[[], set[int]]) -> set[int]:
     return stopped
 
 
+def end_and_reap(find: Callable[[], set[int]]) -> set[int]:
+    """end_processes(find), then reap those that were this process's children (orphans it adopted among
+    them, see tests/conftest.py), so that none stays a zombie. Returns their pids."""
+    ended = end_processes(find)
+    for pid in ended:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:  # not a child of this process
+            pass
+    return ended
+
+
 def end_tree(process: subprocess.Popen) -> None:
     """End `process` (started with start_new_session=True), its process group and every process under it."""
     if process.poll() is None:  # not reaped yet, so the pid is still this process's (an ended one's may be reused)

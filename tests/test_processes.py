@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import alive, run
+from tests.processes import alive, end_tree, popen, run
 
 REPO = Path(__file__).resolve().parents[1]
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -67,6 +67,11 @@ def test_fails_leaving_orphans():
     assert not spawned(HERE / "failed")
 
 
+def test_sleeps():
+    subprocess.Popen([sys.executable, "-c", SPAWNER, str(HERE / "terminated"), "sleep"])
+    time.sleep(60)
+
+
 def test_the_processes_of_the_tests_before_have_ended():
     pids = spawned(HERE / "timed_out") + spawned(HERE / "failed")
     assert len(pids) == 6 and not [pid for pid in pids if alive(pid)]
@@ -79,10 +84,29 @@ def test_a_failed_or_timed_out_test_leaves_no_process(tmp_path: Path) -> None:
     orphaned); the next test finds all of them ended."""
     (tmp_path / "conftest.py").write_text("from tests.conftest import end_processes_the_test_left, pytest_configure  # noqa: F401\n")
     (tmp_path / "test_inner.py").write_text(INNER_TESTS)
-    inner = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=native",
+    inner = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=native", "-k", "not sleeps",
                  str(tmp_path / "test_inner.py")],
                 timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert "2 failed, 1 passed" in inner.stdout, inner.stdout[-3000:] + inner.stderr[-3000:]
     assert "Timeout (>3.0s)" in inner.stdout and "killed 3 processes the test left running" in inner.stdout
     pids = spawned(tmp_path / "timed_out") + spawned(tmp_path / "failed")
     assert not [pid for pid in pids if alive(pid)]
+
+
+def test_a_terminated_run_reports_and_leaves_no_process(tmp_path: Path) -> None:
+    """SIGTERM (a CI job's time limit) during a test: the session ends as after Ctrl-C, with its summary,
+    and the test's processes end with it."""
+    (tmp_path / "conftest.py").write_text("from tests.conftest import end_processes_the_test_left, pytest_configure, "
+                                          "pytest_unconfigure  # noqa: F401\n")
+    (tmp_path / "test_inner.py").write_text(INNER_TESTS)
+    session = popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "sleeps",
+                     str(tmp_path / "test_inner.py")], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        pids = spawned(tmp_path / "terminated")
+        session.terminate()
+        output, _ = session.communicate(timeout=60)
+    finally:
+        end_tree(session)
+    assert "KeyboardInterrupt" in output and "no tests ran" not in output and " in " in output.splitlines()[-1], output
+    assert len(pids) == 3 and not [pid for pid in pids if alive(pid)]

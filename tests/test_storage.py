@@ -8,8 +8,11 @@ import json
 import logging
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -20,7 +23,7 @@ import torch
 from hipt_e2e.data import RegionStream, SlideBagStream, load_manifest, shard_urls, storage
 from hipt_e2e.data.index import INDEX, ShardDataError, ShardIndex, open_index
 from hipt_e2e.data.regions import RegionCache, ShardRegions
-from hipt_e2e.errors import UserError
+from hipt_e2e.errors import StorageError, UserError
 from shards.verify import verify
 from tests.http_server import ShardServer
 
@@ -212,6 +215,26 @@ def test_an_outage_past_the_budget_fails_in_one_line_and_once(shards: Path, monk
                         r"\(or HIPT_RETRY_BUDGET_S=SECONDS\)", str(failed.value))
 
 
+def test_the_storage_settings_reach_every_process_through_the_environment(monkeypatch) -> None:
+    from hipt_e2e.training import recipe_config
+    from hipt_e2e.training.e2e import E2E_DEFAULTS as DEFAULTS
+
+    recipe_config(DEFAULTS, None, ["data.retry_budget_s=300", "data.storage_options.endpoint_url=http://127.0.0.1:9000",
+                                   "data.storage_options.anon=true"], required=())
+    child = subprocess.run([sys.executable, "-c", "from hipt_e2e.data import storage; "
+                            "print(storage.retry_budget_s(), storage.storage_options())"],
+                           capture_output=True, text=True, check=True)  # a DataLoader worker, an accelerate rank
+    assert child.stdout == "300.0 {'endpoint_url': 'http://127.0.0.1:9000', 'anon': True}\n"
+    # Not set in the recipe: what the environment says (a job script's export), else 120 s.
+    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "45")
+    recipe_config(DEFAULTS, None, [], required=())
+    assert storage.retry_budget_s() == 45.0
+    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "")
+    assert storage.retry_budget_s() == 120.0
+    with pytest.raises(StorageError, match=r"^data.retry_budget_s='soon': the retry budget is a number of seconds"):
+        recipe_config(DEFAULTS, None, ["data.retry_budget_s=soon"], required=())
+
+
 def test_a_training_read_fetches_only_its_regions(shards: Path) -> None:
     with ShardServer(shards.parent) as server:
         regions = ShardRegions(f"{server.url}/{shards.name}", regions_per_slide=2, seed=0)
@@ -312,3 +335,61 @@ def test_embedding_from_a_url_writes_the_local_shards(shards: Path, tmp_path: Pa
     assert len(local) > 1 and [p.read_bytes() for p in local] == [
         p.read_bytes() for p in sorted((tmp_path / "http").glob("shard-*.tar"))]
     assert (tmp_path / "local" / INDEX).read_bytes() == (tmp_path / "http" / INDEX).read_bytes()
+
+
+# ------------------------------------------------------------------------------------------ S3 servers other than AWS
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A local S3 server (moto's server mode), as MinIO or Ceph would be."""
+    pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[s3]')")
+    moto_server = pytest.importorskip("moto.server", reason="moto's server is not installed (pip install -e '.[dev]')")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_shards(shards: Path, s3_endpoint: str, monkeypatch) -> str:
+    """The shard set in a bucket of the local server; credentials in the environment, as for any S3 server."""
+    import s3fs
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "hipt", "AWS_SECRET_ACCESS_KEY": "hipt-secret", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()  # clients made under other settings (endpoint, proxy, retries)
+    bucket = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    if not bucket.exists("cohort"):
+        bucket.mkdir("cohort")
+    for path in shards.iterdir():
+        bucket.pipe_file(f"cohort/png/{path.name}", path.read_bytes())
+    return "s3://cohort/png"
+
+
+def test_a_shard_set_on_an_s3_server_of_ones_own_reads_as_the_folder(shards: Path, s3_shards: str, s3_endpoint: str,
+                                                                     monkeypatch, capsys) -> None:
+    from hipt_e2e.training import recipe_config
+    from hipt_e2e.training.e2e import E2E_DEFAULTS as DEFAULTS
+    from shards.cli import main as hipt_shards
+
+    assert hipt_shards(["verify", s3_shards, "--storage-option", f"endpoint_url={s3_endpoint}"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"verify {s3_shards}: OK"
+    monkeypatch.setenv(storage.STORAGE_OPTIONS_ENV, "")  # the recipe's setting alone, below
+    recipe_config(DEFAULTS, None, [f"data.shards={s3_shards}", f"data.storage_options.endpoint_url={s3_endpoint}"], required=())
+    assert [r["record"]["region_index"] for r in RegionStream(s3_shards)] == [
+        r["record"]["region_index"] for r in RegionStream(shards)]
+    assert_same_bags(bags(s3_shards), bags(shards))
+
+
+def test_without_its_endpoint_an_s3_read_fails_in_one_line_that_names_it(s3_shards: str, monkeypatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")  # AWS unreachable wherever the test runs: a refusing proxy
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries off: the budget alone decides
+    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "0")
+    with pytest.raises(storage.StorageUnavailableError) as failed:
+        load_manifest(s3_shards)
+    assert re.fullmatch(rf"{s3_shards}/manifest\.json: unreachable for 0\.0 s, last error: ProxyConnectionError: .*; to wait "
+                        r"longer than 0 s set data\.retry_budget_s=SECONDS \(or HIPT_RETRY_BUDGET_S=SECONDS\); an S3 server "
+                        r"other than AWS's needs its endpoint: data\.storage_options\.endpoint_url=URL \(hipt-shards: "
+                        r"--storage-option endpoint_url=URL\) or AWS_ENDPOINT_URL=URL", str(failed.value))
