@@ -3,11 +3,14 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo_out
+# the interpreter .venv is made with, e.g. `make test PYTHON3=/usr/bin/python3` (Debian's) or python3.10
+PYTHON3 ?= python3
 
 .PHONY: install test test-portability test-floors demo bench clean
 
 $(STAMP): pyproject.toml
-	test -x $(PYTHON) || python3 -m venv $(VENV)
+	test -x $(PYTHON) || $(PYTHON3) -m venv $(VENV) || { rm -rf $(VENV); echo "error: '$(PYTHON3) -m venv' failed;" \
+		"on Debian/Ubuntu install the venv module first: apt-get install -y python3-venv" >&2; exit 1; }
 	$(PYTHON) -m pip install --upgrade pip
 	$(PYTHON) -m pip install -e ".[dev]"
 	touch $(STAMP)
