@@ -174,16 +174,20 @@ class UnitOutputs:
         self.open: dict[int, tuple[Any, wds.TarWriter, dict[str, dict]]] = {}
 
     def done(self, accelerator: Accelerator) -> set[int]:
-        """Units finished by an earlier run with the same settings (refuses one with other settings)."""
+        """Units finished by an earlier run with the same settings (refuses one with other settings). A run
+        that recorded no unit holds nothing to protect: its settings are replaced by these."""
         settings = self.records / "settings.json"
         if accelerator.is_main_process:
             self.records.mkdir(parents=True, exist_ok=True)
-            if not settings.exists():
+            if not settings.exists() or not self._recorded():
                 atomic_write_json(settings, self.settings)
         accelerator.wait_for_everyone()
         if json.loads(settings.read_text()) != json.loads(json.dumps(self.settings)):
             raise FileExistsError(f"{self.out} holds an interrupted run with other settings; choose another out= "
                                   "or delete it")
+        return self._recorded()
+
+    def _recorded(self) -> set[int]:
         return {int(path.stem) for path in self.records.glob("[0-9]*.json")}
 
     def add(self, unit: int, sample: dict, slide: Mapping[str, Any], regions: int) -> None:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 USER_ERROR_EXIT = 2  # argparse's code for a usage error: the same family of mistake
+RANK_GRACE_S = 10.0  # how long a rank other than 0 waits for rank 0 to report the same error
 
-# Missing or unreadable files the user named: OSError's own subclasses, with the path in the message.
-FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# Missing, unreadable or in-the-way files the user named: OSError's own subclasses, with the path in the message.
+FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 class UserError(Exception):
@@ -49,29 +51,34 @@ def take_debug_flag() -> bool:
     return os.environ.get("HIPT_DEBUG", "") not in ("", "0")
 
 
-def error_line(error: BaseException) -> str:
-    """`error: <message>`: an OSError from open() as `path: reason`, any other as its message."""
+def error_message(error: BaseException) -> str:
+    """An OSError from open() as `path: reason`, any other error as its message."""
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
-        return f"error: {error.filename}: {error.strerror}"
-    return f"error: {error}"
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
 
 
-def is_main_process() -> bool:
-    """RANK 0, or no launcher: under `accelerate launch` every rank raises the same user error (all read the
-    same settings and splits), and one of them says so."""
-    return int(os.environ.get("RANK", "0")) == 0
+def report(error: BaseException) -> None:
+    """The error line on stderr, once per run. Under `accelerate launch` every rank usually meets the same
+    user error (all read the same settings, inputs and splits): rank 0 says it, and the launcher ends the
+    other ranks when it exits. A rank that is still alive after RANK_GRACE_S met an error of its own (say
+    its shard's server stayed down) and says it, naming itself. Other ranks must not exit at once: the
+    launcher would end rank 0 before it had printed."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        time.sleep(RANK_GRACE_S)
+    print(f"error: {f'rank {rank}: ' if rank else ''}{error_message(error)}", file=sys.stderr, flush=True)
 
 
 def run_main(main: Callable[[], Any]) -> int:
     """Run an entry point's `main()` and return its exit code (0 for None, an int as it is, or 2 for a
-    user error, printed as one line on stderr by the main process). Bugs propagate with their traceback."""
+    user error, printed as one line on stderr, see `report`). Bugs propagate with their traceback."""
     debug = take_debug_flag()
     try:
         result = main()
     except (UserError, *FILE_ERRORS) as error:
         if debug:
             raise
-        if is_main_process():
-            print(error_line(error), file=sys.stderr, flush=True)
+        report(error)
         return USER_ERROR_EXIT
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

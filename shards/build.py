@@ -219,13 +219,19 @@ def _events_parallel(items: list[tuple[Item, int]], cfg: dict, classes: list[str
 
 
 def read_journal(path: Path, args: dict) -> tuple[list[dict], list[dict], tuple[int, int]]:
-    """(shards, skipped, resume position) of an interrupted build; refuses one with other settings."""
+    """(shards, skipped, resume position) of an interrupted build; refuses one with other settings that
+    wrote a shard. One that wrote none (e.g. refused its first slide) holds nothing to protect: its journal
+    is removed, so that the corrected command (say with the --slide-mpp it suggested) starts afresh."""
     if not path.exists():
         return [], [], (0, 0)
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if lines[0].get("build_args") != args:
-        raise BuildError(f"{path.parent} holds an interrupted build with other settings; use another --out "
-                         "or delete it")
+        if any("shard" in entry for entry in lines[1:]):
+            raise BuildError(f"{path.parent} holds an interrupted build with other settings; use another --out "
+                             "or delete it")
+        log.info("%s: an interrupted build with other settings wrote no shard; starting afresh", path.parent)
+        path.unlink()
+        return [], [], (0, 0)
     shards, skipped, resume = [], [], (0, 0)
     for entry in lines[1:]:
         if "shard" in entry:

@@ -81,8 +81,8 @@ def _run_build(args: argparse.Namespace) -> int:
     cfg = resolve_config(cfg, None, args.overrides)
     cfg["shard_bytes"] = int(cfg["shard_bytes"])
     out_dir = part_dir(Path(cfg["out"]), cfg["part"])
-    save_config(cfg, out_dir, "build-config.yaml")
     manifest = build(cfg)
+    save_config(cfg, out_dir, "build-config.yaml")  # after build: a refused run must not overwrite the record
     print(f"{manifest['inputs']} inputs = {manifest['written']} written + {manifest['n_skipped']} skipped; "
           f"{manifest['samples']} samples in {len(manifest['shards'])} shards -> {out_dir}")
     return 0
