@@ -112,11 +112,26 @@ def save_config(cfg: Mapping, out_dir: str | Path, name: str = "config.yaml") ->
     return path
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--config FILE` and trailing `key=value` overrides, shared by every entry point."""
-    parser.add_argument("--config", type=Path, default=None, help="YAML config file")
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` of every command: descriptions as written (they hold examples), and every optional
+    argument's default after its help, unless the help states it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        optional = action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+        if action.required or not optional or action.default is argparse.SUPPRESS or "default:" in text:
+            return action.help
+        shown = "none" if action.default in (None, []) else "off" if action.default is False else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, example: str = "out=DIR") -> None:
+    """`--config FILE` and trailing `key=value` overrides, shared by every entry point; `example` is an
+    override that fits the command."""
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML file of settings over the built-in defaults (default: none)")
     parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
-                        help="dotted config overrides, e.g. model.depth=2")
+                        help=f"dotted settings over the defaults and --config, e.g. {example}")
 
 
 def setup_logging(level: int | str = logging.INFO) -> None:

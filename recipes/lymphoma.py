@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import yaml
 
-from hipt_e2e.config import setup_logging
+from hipt_e2e.config import HelpFormatter, setup_logging
 from hipt_e2e.errors import run_main
 from hipt_e2e.evaluation.colour_baseline import colour_baseline
 from hipt_e2e.evaluation.compare import compare_runs, load_run
@@ -87,15 +87,15 @@ def finished(run: Path, repeats: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--seed", type=int, required=True, help="seed of the build order, training and folds")
+    parser.add_argument("--out", type=Path, required=True, help="output folder of every stage")
+    parser.add_argument("--repeats", type=int, default=1, help="repeats of the 5-fold cross-validation")
     parser.add_argument("--images", type=Path, default=IMAGES, help="one folder of images per class")
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="full")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="full", help="training budget of the stages")
     parser.add_argument("--processes", type=int, choices=(1, 2, 4), default=default_processes(),
-                        help="data-parallel processes for fine-tuning, the same global batch of 4 fields (default: "
-                             "one per GPU, or 2 one-thread processes on 2+ CPU cores: 1.4x one two-thread process)")
+                        help="data-parallel processes for fine-tuning, the same global batch of 4 fields (default here: "
+                             "%(default)s; one per GPU, or 2 one-thread processes on 2+ CPU cores: 1.4x one two-thread process)")
     args = parser.parse_args(argv)
     setup_logging()
     out, seed, budget = args.out, args.seed, BUDGETS[args.budget]

@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from hipt_e2e.config import add_config_arguments, parse_override, resolve_config, save_config, setup_logging
+from hipt_e2e.config import HelpFormatter, add_config_arguments, parse_override, resolve_config, save_config, setup_logging
 from hipt_e2e.data.storage import configure
 from hipt_e2e.errors import run_main
 from shards.build import DEFAULTS, build, part_dir
@@ -19,45 +19,62 @@ from shards.verify import verify
 
 log = logging.getLogger("hipt-shards")
 
-# flag -> (config key, type); flags override the config file, `key=value` overrides override both.
+# flag -> (config key, type, help); flags override the config file, `key=value` overrides override both.
+# Their help states the default in words where DEFAULTS holds None.
 BUILD_FLAGS = {
-    "--labels": ("labels", str), "--classes": ("classes", lambda s: s.split(",")),
-    "--region-px": ("region_px", int), "--tile-px": ("tile_px", int), "--mpp": ("mpp", float),
-    "--slide-mpp": ("slide_mpp", float), "--min-tissue": ("min_tissue", float),
-    "--tissue-threshold": ("tissue_threshold", int), "--thumbnail-px": ("thumbnail_px", int),
-    "--encoding": ("encoding", str), "--quality": ("quality", int), "--shard-bytes": ("shard_bytes", float),
-    "--workers": ("workers", int), "--part": ("part", str), "--on-error": ("on_error", str),
-    "--tiles-per-item": ("tiles_per_item", int),
-    "--shuffle-seed": ("shuffle_seed", lambda s: None if s.lower() in ("none", "null") else int(s)),
+    "--labels": ("labels", str, "labels CSV: slide_id,label[,patient_id][,split] (default: none, unlabelled)"),
+    "--classes": ("classes", lambda s: s.split(","), "class order, comma-separated (default: the sorted labels found)"),
+    "--region-px": ("region_px", int, "region side in px at --mpp"),
+    "--tile-px": ("tile_px", int, "tile side in px; divides --region-px"),
+    "--mpp": ("mpp", float, "resolution the regions are read at, um/px"),
+    "--slide-mpp": ("slide_mpp", float, "um/px of inputs whose metadata has no resolution or an implausible one "
+                                        "(default: none, such inputs are refused)"),
+    "--min-tissue": ("min_tissue", float, "least tissue fraction of a kept region"),
+    "--tissue-threshold": ("tissue_threshold", int, "saturation (0-255) above which a pixel is tissue "
+                                                    "(default: Otsu's threshold per slide)"),
+    "--thumbnail-px": ("thumbnail_px", int, "side of the thumbnail tissue is detected on, px"),
+    "--encoding": ("encoding", str, "region pixels as jpeg, png (lossless) or npy"),
+    "--quality": ("quality", int, "JPEG quality"),
+    "--shard-bytes": ("shard_bytes", float, "bytes per shard, roughly"),
+    "--workers": ("workers", int, "processes reading inputs in parallel"),
+    "--part": ("part", str, "build part i/n of the inputs (e.g. 0/4), joined by `hipt-shards merge` "
+                            "(default: all inputs)"),
+    "--on-error": ("on_error", str, "an unreadable input: fail (stop) or skip (recorded in the manifest)"),
+    "--tiles-per-item": ("tiles_per_item", int, "pt inputs: tiles of a flat folder per work item"),
+    "--shuffle-seed": ("shuffle_seed", lambda s: None if s.lower() in ("none", "null") else int(s),
+                       "seed of the build order of the slides; none: sorted by slide id"),
 }
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hipt-shards", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = argparse.ArgumentParser(prog="hipt-shards", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
     commands = parser.add_subparsers(dest="command", required=True)
+    command = partial(commands.add_parser, formatter_class=HelpFormatter)
 
-    build_cmd = commands.add_parser("build", help="inputs -> shards + manifest.json")
-    build_cmd.add_argument("kind", choices=KINDS)
-    build_cmd.add_argument("input", type=Path)
-    build_cmd.add_argument("--out", type=Path, required=True)
-    build_cmd.add_argument("--labels-from-folders", action="store_true", default=argparse.SUPPRESS)
+    build_cmd = command("build", help="inputs -> shards + manifest.json", description="inputs -> shards + manifest.json")
+    build_cmd.add_argument("kind", choices=KINDS, help="what the input folder holds: .pt tensors, images or slides")
+    build_cmd.add_argument("input", type=Path, help="folder of inputs (searched recursively)")
+    build_cmd.add_argument("--out", type=Path, required=True, help="output folder of the shard set")
+    build_cmd.add_argument("--labels-from-folders", action="store_true", default=argparse.SUPPRESS,
+                           help="each input's label is the name of its folder (default: off)")
     build_cmd.add_argument("--allow-upsample", action="store_true", default=argparse.SUPPRESS,
-                           help="allow --mpp finer than a slide's own resolution by more than 1.25x")
-    for flag, (key, kind) in BUILD_FLAGS.items():
-        build_cmd.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS)
-    add_config_arguments(build_cmd)
+                           help="allow --mpp finer than a slide's own resolution by more than 1.25x (default: off)")
+    for flag, (key, kind, text) in BUILD_FLAGS.items():
+        shown = "" if "default:" in text else f" (default: {DEFAULTS[key]})"
+        build_cmd.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text + shown)
+    add_config_arguments(build_cmd, example="encoding=png")
 
-    commands.add_parser("merge", help="combine --part builds").add_argument("dir", type=Path)
-    commands.add_parser("verify", help="re-hash and decode everything").add_argument("dir", help="folder or URL")
-    inspect_cmd = commands.add_parser("inspect", help="counts per class and slide")
-    inspect_cmd.add_argument("dir", help="folder or URL")
-    inspect_cmd.add_argument("--mosaic", type=Path, help="write a PNG mosaic of sample regions")
-    inspect_cmd.add_argument("--mosaic-count", type=int, default=16)
-    bench_cmd = commands.add_parser("bench", help="decoded tiles/s of the tile stream")
-    bench_cmd.add_argument("dir", help="folder or URL")
-    bench_cmd.add_argument("--seconds", type=float, default=10.0)
-    bench_cmd.add_argument("--workers", type=int, default=0)
+    command("merge", help="combine --part builds").add_argument("dir", type=Path, help="the --out of the parts")
+    command("verify", help="re-hash and decode everything").add_argument("dir", help="shard set: folder or URL")
+    inspect_cmd = command("inspect", help="counts per class and slide")
+    inspect_cmd.add_argument("dir", help="shard set: folder or URL")
+    inspect_cmd.add_argument("--mosaic", type=Path, help="write a PNG mosaic of sample regions to this file")
+    inspect_cmd.add_argument("--mosaic-count", type=int, default=16, help="regions in the mosaic")
+    bench_cmd = command("bench", help="decoded tiles/s of the tile stream")
+    bench_cmd.add_argument("dir", help="shard set: folder or URL")
+    bench_cmd.add_argument("--seconds", type=float, default=10.0, help="how long to read")
+    bench_cmd.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     for command in ("verify", "inspect", "bench"):  # the commands that read a shard set, perhaps by URL
         commands.choices[command].add_argument(
             "--storage-option", action="append", default=[], type=_storage_option, metavar="KEY=VALUE",
@@ -73,7 +90,7 @@ def _storage_option(text: str) -> tuple[str, Any]:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    flags = {key: getattr(args, key) for key, _ in BUILD_FLAGS.values() if hasattr(args, key)}
+    flags = {key: getattr(args, key) for key, _, _ in BUILD_FLAGS.values() if hasattr(args, key)}
     if hasattr(args, "labels_from_folders"):
         flags["labels_from_folders"] = True
     cfg = resolve_config(DEFAULTS, args.config)

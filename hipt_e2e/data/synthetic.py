@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hipt_e2e.config import setup_logging
+from hipt_e2e.config import HelpFormatter, setup_logging
 from hipt_e2e.errors import run_main
 
 log = logging.getLogger(__name__)
@@ -81,12 +81,12 @@ def make_dataset(out: str | Path, slides_per_class: int = 8, size: int = 512, re
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="write the synthetic pseudo-H&E demo dataset")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--slides-per-class", type=int, default=8)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--region-px", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description="write the synthetic pseudo-H&E demo dataset", formatter_class=HelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="output folder: class folders of PNGs and labels.csv")
+    parser.add_argument("--slides-per-class", type=int, default=8, help="slides of each class")
+    parser.add_argument("--size", type=int, default=512, help="side of each slide, px")
+    parser.add_argument("--region-px", type=int, default=128, help="side of the regions the class patterns fill, px")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patterns")
     args = parser.parse_args(argv)
     setup_logging()
     make_dataset(args.out, args.slides_per_class, args.size, args.region_px, args.seed)

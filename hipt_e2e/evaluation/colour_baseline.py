@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from accelerate import Accelerator
 
-from hipt_e2e.config import setup_logging
+from hipt_e2e.config import HelpFormatter, setup_logging
 from hipt_e2e.errors import run_main
 from hipt_e2e.evaluation.crossval import run_folds
 from hipt_e2e.evaluation.knn import colour_histograms, labelled_image_paths, linear_probe, load_rgb
@@ -45,11 +45,11 @@ def colour_baseline(images_root: str | Path, out: str | Path, folds: int = 5, se
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--images", type=Path, required=True, help="one folder of images per class")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True, help="output folder of the cross-validated run")
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the folds")
     parser.add_argument("--repeats", type=int, default=1, help="repeated cross-validation (cv.repeats)")
     args = parser.parse_args(argv)
     setup_logging()

@@ -31,6 +31,7 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import balanced_accuracy_score
 
+from hipt_e2e.config import HelpFormatter
 from hipt_e2e.errors import UserError, run_main
 from hipt_e2e.evaluation.metrics import classification_metrics, macro_auc
 from hipt_e2e.evaluation.splits import read_splits
@@ -296,11 +297,12 @@ def compare_runs(runs: Sequence[Run], metrics: Sequence[str] = ("balanced_accura
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="finished run directories (predictions.csv, splits.csv)")
     parser.add_argument("--names", nargs="+",
                         help="a name per run (default: the fewest trailing parts of each path that tell them apart)")
-    parser.add_argument("--metric", nargs="+", default=["balanced_accuracy", "auc_macro"], choices=list(METRIC_NAMES))
+    parser.add_argument("--metric", nargs="+", default=["balanced_accuracy", "auc_macro"], choices=list(METRIC_NAMES),
+                        help="metrics to tabulate and pair, the first one decides")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the pooled metrics")
     parser.add_argument("--ensemble-repeats", action="store_true",
                         help="score each run's repeat ensemble: a slide's test probabilities averaged over repeats")

@@ -27,7 +27,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from torch import nn
 
-from hipt_e2e.config import load_yaml, setup_logging
+from hipt_e2e.config import HelpFormatter, load_yaml, setup_logging
 from hipt_e2e.data.sources import IMAGE_SUFFIXES
 from hipt_e2e.embedding import token_grids
 from hipt_e2e.errors import run_main
@@ -125,14 +125,14 @@ def evaluate_run(run: str | Path, images_root: str | Path, tile_px: int, k: int 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a pretrain_vit256 output folder")
     parser.add_argument("--images", type=Path, required=True, help="one folder of images per class")
     parser.add_argument("--tile-px", type=int, required=True, help="tile size, as in the pretraining shards")
     parser.add_argument("--weights", type=Path, default=None, help="default: RUN/backbone.safetensors")
-    parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--k", type=int, default=20, help="neighbours of the k-NN classifier")
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the folds")
     args = parser.parse_args(argv)
     setup_logging()
     results = evaluate_run(args.run, args.images, args.tile_px, args.k, args.folds, args.seed, args.weights)

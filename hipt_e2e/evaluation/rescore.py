@@ -29,7 +29,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from hipt_e2e.config import setup_logging
+from hipt_e2e.config import HelpFormatter, setup_logging
 from hipt_e2e.data.embeddings import KIND as BAGS_KIND
 from hipt_e2e.data.manifest import GRIDS_KIND, load_manifest
 from hipt_e2e.data.regions import ShardRegions
@@ -123,10 +123,11 @@ def rescore(run: str | Path, out: str | Path, tta: str = "dihedral", shards: str
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("run", type=Path, help="a finished cross-validated run with fold model cards")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--tta", choices=("none", "dihedral"), default="dihedral")
+    parser.add_argument("--out", type=Path, required=True, help="output folder of the rescored run")
+    parser.add_argument("--tta", choices=("none", "dihedral"), default="dihedral",
+                        help="test-time augmentation: dihedral averages the 8 flips and rotations")
     parser.add_argument("--shards", help="region shards (folder or URL); default: the run's data.shards")
     parser.add_argument("--chunk-regions", type=int, default=16, help="regions per model call")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),

@@ -35,7 +35,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from hipt_e2e.config import resolve_config, save_config, setup_logging
+from hipt_e2e.config import HelpFormatter, resolve_config, save_config, setup_logging
 from hipt_e2e.data.augment import pose, tta_poses, unpose
 from hipt_e2e.data.discovery import SlideFile, find_slides
 from hipt_e2e.data.manifest import load_manifest
@@ -414,9 +414,10 @@ def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hipt-predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("inputs", nargs="+", help="slide/image files or folders, or shard folders; then key=value")
-    parser.add_argument("--config", type=Path, default=None)
+    parser = argparse.ArgumentParser(prog="hipt-predict", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="slide/image files or folders, or shard folders; then key=value "
+                                                  "settings, e.g. out=DIR model.fold=all")
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of settings over the built-in defaults")
     parser.add_argument("--model", type=Path, default=None,
                         help="a trained run folder, fold folder or model_card.json (same as model.card=...)")
     args = parser.parse_intermixed_args(argv)  # flags may come between the inputs and the key=value settings

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from ..config import HelpFormatter
 from ..errors import run_main
 from .checkpoint import read_state_dict
 
@@ -29,7 +30,7 @@ def convert(source: Path, target: Path, *, trusted: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hipt-convert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hipt-convert", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("source", type=Path, help="checkpoint (.pth/.pt/.safetensors)")
     parser.add_argument("target", type=Path, help="output .safetensors file")
     parser.add_argument("--trusted", action="store_true",

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hipt_e2e.config import add_config_arguments, resolve_config, setup_logging
+from hipt_e2e.config import HelpFormatter, add_config_arguments, resolve_config, setup_logging
 from hipt_e2e.data.storage import configure, with_storage_settings
 
 
@@ -26,7 +26,7 @@ def recipe_config(defaults: Mapping[str, Any], description: str | None, argv: Se
     run reads like a single one. A recipe with a data section reads shard sets: it gets the storage
     settings (data.retry_budget_s, data.storage_options), applied here for all its processes.
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
