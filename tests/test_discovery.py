@@ -211,7 +211,8 @@ def test_a_shard_set_or_an_empty_folder_given_as_slides_is_refused(tmp_path, mod
         with pytest.raises(InputError, match=message):
             build({**BUILD_ARGS, "kind": "slides", "input": str(given), "out": str(tmp_path / "refused")})
         with pytest.raises(InputError, match=message):
-            predict([given], model, tmp_path / "refused")
+            predict([given], model, tmp_path / "not_predicted")
+        assert not (tmp_path / "not_predicted").exists()  # refused before anything is written
     with pytest.raises(InputError, match=r"empty: holds no images \(looked for \.png"):
         build({**BUILD_ARGS, "kind": "images", "input": str(tmp_path / "empty"), "out": str(tmp_path / "refused")})
     failed, rows = predict([tmp_path / "shards"], model, tmp_path / "predicted", "input_kind=shards")

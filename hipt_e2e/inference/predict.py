@@ -351,6 +351,8 @@ def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor
     Under `accelerate launch --num_processes N` the slides are split over the processes (each on its
     device, with the configured mixed precision) and the main process writes one predictions.csv in input
     order."""
+    # found first, so that an input holding no slides (or a shard set) is refused before anything is written
+    found = [] if cfg["input_kind"] == "shards" else find_slides(inputs, cfg["input_kind"])
     accelerator = Accelerator(mixed_precision=cfg["mixed_precision"] or None)
     predictor = (predictor or build_predictor(cfg)).to(accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -367,7 +369,6 @@ def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor
         slides: Iterable = (s for n, s in enumerate(every) if n % world == rank)
         total = sum(len(load_manifest(root)["slides"]) for root in inputs)
     else:
-        found = find_slides(inputs, cfg["input_kind"])
         slides, total = _reader_inputs(found[rank::world], cfg, geometry), len(found)
     classes = predictor.classes
     rows = []
