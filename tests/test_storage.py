@@ -26,6 +26,7 @@ from hipt_e2e.data.regions import RegionCache, ShardRegions
 from hipt_e2e.errors import StorageError, UserError
 from shards.verify import verify
 from tests.http_server import ShardServer
+from tests.launch import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -343,10 +344,10 @@ def s3_endpoint() -> Iterator[str]:
     """A local S3 server (moto's server mode), as MinIO or Ceph would be."""
     pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[s3]')")
     moto_server = pytest.importorskip("moto.server", reason="moto's server is not installed (pip install -e '.[dev]')")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+    yield f"http://127.0.0.1:{port}"
     server.stop()
 
 
