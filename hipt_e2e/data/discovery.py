@@ -22,6 +22,7 @@ from pathlib import Path
 from hipt_e2e.data.dicom import WSI_SOP_CLASS, DicomHeader, read_dicom_header
 from hipt_e2e.data.manifest import FORMAT, MANIFEST
 from hipt_e2e.data.sources import IMAGE_SUFFIXES, SLIDE_SUFFIXES, InputError
+from hipt_e2e.errors import SettingError
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,16 @@ def find_slides(inputs: Iterable[str | Path], kind: str = "slides") -> list[Slid
     """The slides of `inputs` (files as given, folders searched recursively for the suffixes of `kind`:
     slides or images), in input order, each folder's sorted by path. InputError for an input that is
     missing, holds a shard set, or holds no slide, and for two slides with one id."""
+    if kind not in SUFFIXES:
+        raise SettingError(f"input kind {kind!r}: slides are found for {' or '.join(SUFFIXES)}")
     slides: list[SlideFile] = []
     seen: set[SlideFile] = set()
+    series: dict[Path, list] = {}  # each DICOM folder's series, read once however many of its files are given
     for item in map(Path, inputs):
         if item.is_dir():
-            found = _slides_in_folder(item, kind)
+            found = _slides_in_folder(item, kind, series)
         elif item.is_file():
-            found = _slides_of_files([item])
+            found = _slides_of_files([item], series)
         else:
             raise InputError(item, "not found")
         if not found:
@@ -78,14 +82,14 @@ def check_unique_ids(slides: Sequence[SlideFile]) -> None:
         first[slide.slide_id] = slide.path
 
 
-def _slides_in_folder(folder: Path, kind: str) -> list[SlideFile]:
+def _slides_in_folder(folder: Path, kind: str, series: dict[Path, list]) -> list[SlideFile]:
     if _is_shard_set(folder):
         raise InputError(folder, f"holds a shard set ({MANIFEST} of `hipt-shards build` or an embedding recipe), "
                                  "not slide or image files: read it as shards (hipt-predict ... input_kind=shards, "
                                  "a recipe's data.shards=...)")
     suffixes = SUFFIXES[kind]
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-    return _slides_of_files(files)
+    return _slides_of_files(files, series)
 
 
 def _is_shard_set(folder: Path) -> bool:
@@ -95,13 +99,15 @@ def _is_shard_set(folder: Path) -> bool:
         return False
 
 
-def _slides_of_files(files: Sequence[Path]) -> list[SlideFile]:
-    """One slide per non-DICOM file; the DICOM files' series, from their whole folders."""
+def _slides_of_files(files: Sequence[Path], series: dict[Path, list]) -> list[SlideFile]:
+    """One slide per non-DICOM file; the DICOM files' series, from their whole folders (`series` caches them)."""
     dicom = [path for path in files if path.suffix.lower() == DICOM_SUFFIX]
     slides = [SlideFile(slide_id_of_file(path), path, path.parent) for path in files if path not in dicom]
     for folder in sorted({path.parent for path in dicom}):
         given = {path for path in dicom if path.parent == folder}
-        slides += [slide for slide, members in _dicom_series(folder) if given & members]
+        if folder not in series:
+            series[folder] = _dicom_series(folder)
+        slides += [slide for slide, members in series[folder] if given & members]
     return sorted(slides, key=lambda slide: slide.path)
 
 
