@@ -39,7 +39,7 @@ from typing import Any, BinaryIO, TypeVar
 import webdataset as wds
 import yaml
 
-from hipt_e2e.errors import StorageError
+from hipt_e2e.errors import MissingExtraError, SettingError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -278,9 +278,9 @@ def _fsspec(location: str):
     except ImportError as exc:
         extra = EXTRAS.get(protocol)
         hint = f"pip install 'hipt-e2e[{extra}]'" if extra else f"install fsspec and its {protocol} filesystem"
-        raise ImportError(f"{location}: reading {protocol}:// needs {hint} ({exc})") from None
+        raise MissingExtraError(f"{location}: reading {protocol}:// needs {hint} ({exc})") from None
     except ValueError as exc:  # fsspec knows no such protocol
-        raise ValueError(f"{location}: no reader for {protocol}:// ({exc})") from None
+        raise SettingError(f"{location}: no reader for {protocol}:// ({exc})") from None
     except TypeError as exc:
         if not options:
             raise
