@@ -1,7 +1,8 @@
 """Finding the inputs of a build and their labels.
 
-An input *item* is one unit of work: a slide (whole-slide file, image, or folder of region `.pt`
-files) or, for a flat folder of `.pt` tiles, a fixed-size group of tile files. Items are sorted by
+An input *item* is one unit of work: a slide (whole-slide file or DICOM series, image, or folder of
+region `.pt` files) or, for a flat folder of `.pt` tiles, a fixed-size group of tile files. Slides and
+their ids are found by `hipt_e2e.data.discovery.find_slides`, as `hipt-predict` finds them. Items are sorted by
 slide id and then put in a seeded random order (`shuffle_seed`; None keeps the sorted order), so their
 ordinals (and the sample keys derived from them) are the same on every machine, which is what makes
 `--part i/n` and resuming deterministic. The shuffle matters for training: slide ids and folders

@@ -18,6 +18,7 @@ import numpy as np
 from accelerate import Accelerator
 
 from hipt_e2e.config import HelpFormatter, setup_logging
+from hipt_e2e.data.discovery import slide_id_of_file
 from hipt_e2e.errors import run_main
 from hipt_e2e.evaluation.crossval import run_folds
 from hipt_e2e.evaluation.knn import colour_histograms, labelled_image_paths, linear_probe, load_rgb
@@ -27,9 +28,10 @@ log = logging.getLogger(__name__)
 
 
 def colour_baseline(images_root: str | Path, out: str | Path, folds: int = 5, seed: int = 0, repeats: int = 1) -> dict:
-    """Images in one folder per class (slide id = file stem) -> report in `out` (as train_wsi writes)."""
+    """Images in one folder per class (slide id as in shard building: the name without its suffix) -> report
+    in `out` (as train_wsi writes)."""
     paths, classes = labelled_image_paths(images_root)
-    infos = [SlideInfo(p.stem, p.parent.name, p.stem) for p in paths]
+    infos = [SlideInfo(slide_id_of_file(p), p.parent.name, slide_id_of_file(p)) for p in paths]
     features = colour_histograms([load_rgb(p) for p in paths])
     index = {info.slide_id: n for n, info in enumerate(infos)}
     labels = np.array([classes.index(info.label) for info in infos])
