@@ -248,7 +248,6 @@ def build(cfg: dict) -> dict:
     if cfg["on_error"] not in ("fail", "skip"):
         raise SettingError(f"on_error must be fail or skip, got {cfg['on_error']!r}")
     out_dir = part_dir(Path(cfg["out"]), cfg["part"])
-    out_dir.mkdir(parents=True, exist_ok=True)
     args = build_args(cfg)
     manifest_path = out_dir / "manifest.json"
     if manifest_path.exists():
@@ -265,6 +264,7 @@ def build(cfg: dict) -> dict:
     part_index, part_count = parse_part(cfg["part"])
     mine = [item for item in items if item.ordinal % part_count == part_index]
 
+    out_dir.mkdir(parents=True, exist_ok=True)  # once the inputs are found: a refused build leaves no folder
     journal = out_dir / JOURNAL
     shards, skipped, resume = read_journal(journal, args)
     if not journal.exists():
