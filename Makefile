@@ -49,9 +49,10 @@ test-floors: $(UV)
 	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 # The embedded default of the end-to-end recipe: synthetic slides -> shards -> tiny HIPT trained end to
-# end on the CPU (a few minutes) -> metrics and report in demo_out/e2e.
+# end on the CPU (a few minutes) -> metrics and report in demo_out/e2e. -q: a user error is the recipe's
+# one `error:` line, not repeated in accelerate's CalledProcessError traceback.
 demo: $(STAMP)
-	$(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
+	$(VENV)/bin/accelerate launch -q --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no recipes/e2e.py
 
 bench: $(STAMP)
