@@ -57,7 +57,7 @@ def recipe(name: str, *settings: str, processes: int = 1) -> None:
     data-parallel processes through `accelerate launch` (on CPUs one thread each)."""
     script = str(RECIPES / f"{name}.py")
     if processes == 1:
-        subprocess.run([sys.executable, script, *settings], check=True)
+        _stage([sys.executable, script, *settings])
         return
     with socket.socket() as probe:  # a free port: two pipelines may run side by side
         probe.bind(("127.0.0.1", 0))
@@ -66,7 +66,15 @@ def recipe(name: str, *settings: str, processes: int = 1) -> None:
     env = {**os.environ, **({"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"} if cpu else {})}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
-    subprocess.run([*launch, script, *settings, *(["train.threads=1"] if cpu else [])], check=True, env=env)
+    _stage([*launch, "-q", script, *settings, *(["train.threads=1"] if cpu else [])], env=env)
+
+
+def _stage(command: list[str], env: dict[str, str] | None = None) -> None:
+    """Run a stage; if it fails, exit with its code: it has said why (its one `error:` line, or a bug's
+    traceback), which a CalledProcessError traceback here would only bury."""
+    code = subprocess.run(command, env=env).returncode
+    if code:
+        raise SystemExit(code)
 
 
 def resumed(out: Path) -> list[str]:
