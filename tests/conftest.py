@@ -1,11 +1,14 @@
 """Shared fixtures: the real lymphoma images (skipped cleanly when absent) and generated data."""
 from __future__ import annotations
 
+import ast
 import ctypes
+import functools
 import gc
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +24,29 @@ LYMPHOMA = REPO.parent / "shared" / "data" / "lymphoma-iicbu2008"
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 # helpers multiprocessing starts once and shares between tests
 MULTIPROCESSING_SERVICES = (b"multiprocessing.resource_tracker", b"multiprocessing.forkserver")
+
+
+def _one_ast_parse_at_a_time() -> None:
+    """CPython 3.11 (3.11.2, Debian 12's python3, and 3.11.7 here; not 3.10 or 3.12) keeps the AST
+    constructor's recursion depth in interpreter-wide state, so two threads in ast.parse at once (a garbage
+    collection in one lets the other run) fail with "SystemError: AST constructor recursion depth mismatch".
+    pytest formatting a failure while a test server's thread formats a traceback (3.11's traceback module
+    parses each line it underlines) is two such threads, and the SystemError ended a run with INTERNALERROR
+    and no summary. One lock around ast.parse keeps them apart (--tb=native, in pyproject.toml, already
+    keeps pytest from parsing whole files)."""
+    parse, lock = ast.parse, [threading.RLock()]
+    os.register_at_fork(after_in_child=lambda: lock.__setitem__(0, threading.RLock()))  # a forked holder's copy
+
+    @functools.wraps(parse)
+    def serialised(*args, **kwargs):
+        with lock[0]:
+            return parse(*args, **kwargs)
+
+    ast.parse = serialised
+
+
+if sys.version_info[:2] == (3, 11):
+    _one_ast_parse_at_a_time()
 
 
 def pytest_configure(config) -> None:

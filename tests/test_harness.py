@@ -1,10 +1,13 @@
-"""A test that fails or times out ends every process it started: tests/processes.py's run() on a timeout,
-and the conftest fixture after a test that failed or timed out with its processes still running."""
+"""The suite's own machinery. A test that fails or times out ends every process it started: tests/processes.py's
+run() on a timeout, and the conftest fixture after a test that failed or timed out with its processes still
+running. And on CPython 3.11 two threads may build ASTs at once (conftest's lock around ast.parse)."""
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,7 +52,7 @@ INNER_TESTS = """
 import subprocess, sys, time
 from pathlib import Path
 import pytest
-from tests.test_processes import SPAWNER, spawned
+from tests.test_harness import SPAWNER, spawned
 from tests.processes import alive
 
 HERE = Path(__file__).parent
@@ -110,3 +113,33 @@ def test_a_terminated_run_reports_and_leaves_no_process(tmp_path: Path) -> None:
         end_tree(session)
     assert "KeyboardInterrupt" in output and "no tests ran" not in output and " in " in output.splitlines()[-1], output
     assert len(pids) == 3 and not [pid for pid in pids if alive(pid)]
+
+
+@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="the AST constructor's shared state is CPython 3.11's")
+def test_two_threads_parse_at_once_with_collections_between() -> None:
+    """Without conftest's lock this fails on 3.11.2 and 3.11.7 within a few parses: each thread's garbage
+    (cycles whose finalizer releases the GIL) is collected inside its ast.parse, and the other thread runs."""
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            time.sleep(0)
+
+    source, errors = Path(ast.__file__).read_text(), []
+
+    def parse_many() -> None:
+        for _ in range(40):
+            garbage = [Cycle() for _ in range(50)]
+            del garbage
+            try:
+                ast.parse(source)
+            except SystemError as error:
+                errors.append(error)
+
+    threads = [threading.Thread(target=parse_many) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
