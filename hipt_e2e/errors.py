@@ -52,10 +52,18 @@ def take_debug_flag() -> bool:
 
 
 def error_message(error: BaseException) -> str:
-    """An OSError from open() as `path: reason`, any other error as its message."""
+    """An OSError from open() as `path: reason`, any other error as its message. An error raised in a
+    DataLoader worker arrives as `Caught X in DataLoader worker process N.` + the worker's traceback
+    (torch's ExceptionWrapper): its message is what follows the last `X: ` line of that traceback."""
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         return f"{error.filename}: {error.strerror}"
-    return str(error)
+    text = str(error)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        cls = type(error)
+        for name in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: "):
+            if (start := text.rfind("\n" + name)) >= 0:
+                return text[start + 1 + len(name):].rstrip("\n")
+    return text
 
 
 def report(error: BaseException) -> None:

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 from hipt_e2e.data.embeddings import write_slide_bags
 from hipt_e2e.embedding import UnitOutputs
-from hipt_e2e.errors import USER_ERROR_EXIT, UserError
+from hipt_e2e.errors import USER_ERROR_EXIT, UserError, error_message
 from shards.cli import main as hipt_shards
 from tests.test_slide_training import CLASSES, make_bags
 
@@ -103,6 +103,18 @@ def test_refused_build_leaves_nothing_in_the_way_of_the_fix_it_suggests(tmp_path
     with pytest.raises(UserError, match="holds an interrupted build with other settings"):
         hipt_shards([*command, "--slide-mpp", "0.25"])
     assert hipt_shards([*command, "--slide-mpp", "0.5"]) == 0  # and resumes with its own
+
+
+def test_error_in_a_dataloader_worker_is_its_own_message(tmp_path):
+    """torch re-raises a worker's error as `Caught ... Original Traceback ...`; the line is the message."""
+    slides, out = _tiff_72_dpi(tmp_path / "slides"), tmp_path / "shards"
+    assert hipt_shards(["build", "slides", str(slides), "--out", str(out), "--labels", str(tmp_path / "labels.csv"),
+                        "--region-px", "256", "--tile-px", "64", "--slide-mpp", "0.5"]) == 0
+    (out / "shard-000000.tar").unlink()
+    with pytest.raises(FileNotFoundError) as raised:
+        hipt_shards(["bench", str(out), "--workers", "1", "--seconds", "1"])
+    assert str(raised.value).startswith("Caught FileNotFoundError in DataLoader worker process 0.")
+    assert error_message(raised.value) == f"{out / 'shard-000000.tar'}: no such file"
 
 
 def test_embedding_run_without_a_finished_unit_takes_new_settings(tmp_path):
