@@ -43,6 +43,22 @@ def check_labels(slides: Sequence[SlideInfo], classes: Sequence[str]) -> None:
         raise SplitError(f"label(s) {unknown} (slides {examples}) are not in the class list {list(classes)}")
 
 
+def shuffled_patients(slides: Sequence[SlideInfo], seed: int) -> np.ndarray:
+    """Each slide's patient as its rank in a seeded shuffle of the patients (StratifiedGroupKFold's groups).
+
+    The shuffle is done here, not by StratifiedGroupKFold(shuffle=True): before scikit-learn 1.8 (which needs
+    Python 3.11) that shuffled the per-patient class counts but not the patients, so it stratified other
+    patients' counts. These ranks, split unshuffled, give 1.8's folds (its RandomState permutation) on every
+    supported version.
+    """
+    patients, patient_index = np.unique([s.patient_id for s in slides], return_inverse=True)
+    order = np.arange(len(patients))
+    np.random.RandomState(seed).shuffle(order)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank[patient_index]
+
+
 def assign_folds(slides: Sequence[SlideInfo], n_folds: int, seed: int) -> dict[str, int]:
     """slide id -> test fold, stratified by label and grouped by patient."""
     patients_per_class: dict[str, set] = {}
@@ -56,10 +72,9 @@ def assign_folds(slides: Sequence[SlideInfo], n_folds: int, seed: int) -> dict[s
     # read in (shards are written in a shuffled order; other tools list slides their own way).
     slides = sorted(slides, key=lambda s: s.slide_id)
     labels = np.array([s.label for s in slides])
-    groups = np.array([s.patient_id for s in slides])
-    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    splitter = StratifiedGroupKFold(n_splits=n_folds)
     folds = {}
-    for fold, (_, test) in enumerate(splitter.split(np.zeros(len(slides)), labels, groups)):
+    for fold, (_, test) in enumerate(splitter.split(np.zeros(len(slides)), labels, shuffled_patients(slides, seed))):
         folds.update({slides[i].slide_id: fold for i in test})
     return folds
 
