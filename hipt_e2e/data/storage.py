@@ -8,7 +8,8 @@ read, an object store's connection errors) are waited out: retried with capped e
 jitter until the server has been down for the retry budget (`data.retry_budget_s`, $HIPT_RETRY_BUDGET_S,
 120 s by default: a server restart). The budget is per outage of a server, not per read: once a server
 has been down past it, every read from it fails at once until one succeeds again. An outage is logged
-when it begins and when it ends, not at every retry. A missing file is a FileNotFoundError naming the
+when its first retry fails too and when it ends, not at every retry (a dropped connection that one retry
+cures is not logged). A missing file is a FileNotFoundError naming the
 URL. Names read from a manifest are data: `child` accepts only plain relative paths inside the shard
 set, so a manifest can neither run a `pipe:` command nor point a reader at another host.
 
@@ -33,6 +34,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -167,7 +169,13 @@ def parent(location: str | Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------ retries
-_outage_began: dict[str, float] = {}  # server -> time.monotonic() of its first failed read since its last good one
+@dataclass
+class _Outage:
+    began: float  # time.monotonic() of the server's first failed read since its last good one
+    failures: int = 0  # logged from the second on: a dropped connection that the first retry cures is no outage
+
+
+_outages: dict[str, _Outage] = {}  # server (scheme://host:port) -> its outage under way
 _outage_lock = threading.Lock()
 
 
@@ -202,7 +210,7 @@ def _retrying(location: str, attempt: Callable[[], T]) -> T:
         except (TransientReadError, *TRANSIENT, *_object_store_errors()) as exc:
             error = exc
         else:
-            if server in _outage_began:
+            if server in _outages:
                 _outage_ended(server)
             return result
         down_s, budget = _outage_so_far(server, location, error)
@@ -217,23 +225,24 @@ def _retrying(location: str, attempt: Callable[[], T]) -> T:
 
 
 def _outage_so_far(server: str, location: str, error: BaseException) -> tuple[float, float]:
-    """(seconds the server has been down, the budget); the outage begins, and is logged, at its first failure."""
+    """(seconds the server has been down, the budget); the outage begins at its first failure and is
+    logged at its second."""
     budget, now = retry_budget_s(), time.monotonic()
     with _outage_lock:
-        began = _outage_began.get(server)
-        if began is None:
-            began = _outage_began[server] = now
-    if began == now:
+        outage = _outages.setdefault(server, _Outage(now))
+        outage.failures += 1
+        announce = outage.failures == 2
+    if announce:
         log.warning("%s: %s; waiting up to %g s for %s to answer again (data.retry_budget_s / %s)",
                     location, _describe(error), budget, server, RETRY_BUDGET_ENV)
-    return now - began, budget
+    return now - outage.began, budget
 
 
 def _outage_ended(server: str) -> None:
     with _outage_lock:
-        began = _outage_began.pop(server, None)
-    if began is not None:
-        log.warning("%s: answering again after %.1f s down", server, time.monotonic() - began)
+        outage = _outages.pop(server, None)
+    if outage is not None and outage.failures > 1:
+        log.warning("%s: answering again after %.1f s down", server, time.monotonic() - outage.began)
 
 
 def _endpoint_hint(location: str) -> str:
