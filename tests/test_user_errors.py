@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,11 @@ import pytest
 import tifffile
 from accelerate import Accelerator
 
+from hipt_e2e import errors
+from hipt_e2e.config import resolve_config
 from hipt_e2e.data.embeddings import write_slide_bags
 from hipt_e2e.embedding import UnitOutputs
-from hipt_e2e.errors import USER_ERROR_EXIT, UserError, error_message
+from hipt_e2e.errors import USER_ERROR_EXIT, UnknownSettingError, UserError, error_message, run_main
 from shards.cli import main as hipt_shards
 from tests.test_slide_training import CLASSES, make_bags
 
@@ -39,6 +42,37 @@ def few_bags(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("few")
     write_slide_bags(out, make_bags(n_per_class=2), CLASSES, build_args={})
     return out
+
+
+def _refuse() -> None:
+    resolve_config({"optim": {"lr": 1.0}}, None, ["optim.lrr=2"])
+
+
+def test_run_main_prints_one_line_and_debug_keeps_the_traceback(capsys, monkeypatch):
+    monkeypatch.setenv("HIPT_DEBUG", "0")  # restored after the test, which --debug sets to 1
+    monkeypatch.setattr(sys, "argv", ["cmd", "x=1"])
+    assert run_main(_refuse) == USER_ERROR_EXIT
+    assert capsys.readouterr().err == "error: unknown config key 'optim.lrr'; known keys here: ['lr']\n"  # no KeyError quotes
+    assert run_main(lambda: 3) == 3 and run_main(lambda: {"metrics": 1}) == 0
+    monkeypatch.setattr(sys, "argv", ["cmd", "--debug", "x=1"])
+    with pytest.raises(UnknownSettingError):
+        run_main(_refuse)
+    assert sys.argv == ["cmd", "x=1"] and os.environ["HIPT_DEBUG"] == "1"  # taken off, passed on to child processes
+    os.environ["HIPT_DEBUG"] = "0"
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        run_main(lambda: 1 / 0)
+
+
+def test_other_ranks_report_only_an_error_of_their_own(capsys, monkeypatch):
+    """Rank 1 waits RANK_GRACE_S for rank 0 to report (the launcher then ends it); alive after it, it reports."""
+    monkeypatch.setattr(sys, "argv", ["cmd"])
+    monkeypatch.setenv("HIPT_DEBUG", "0")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(errors, "RANK_GRACE_S", 0.2)
+    start = time.monotonic()
+    assert run_main(_refuse) == USER_ERROR_EXIT
+    assert time.monotonic() - start >= 0.2
+    assert capsys.readouterr().err.startswith("error: rank 1: unknown config key 'optim.lrr'")
 
 
 @pytest.mark.parametrize("launcher", ["python", "accelerate"])
