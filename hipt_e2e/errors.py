@@ -2,8 +2,11 @@
 
 A `UserError` is bad input, a missing file or extra, refused settings, too few slides for the folds, a
 server that stayed down past the retry budget: every console command and recipe runs its `main` through
-`run_main`, which prints it as one line `error: ...` on stderr and exits 2. Anything else is a bug and keeps
-its traceback; `--debug` on the command line or HIPT_DEBUG=1 shows the traceback of user errors too.
+`run_main`, which prints it (or a FILE_ERRORS one: a missing file, an output in the way) as one line
+`error: ...` on stderr and exits 2. Anything else is a bug and keeps its traceback; `--debug` on the
+command line or HIPT_DEBUG=1 shows the traceback of user errors too. The subclasses below keep the
+builtin base their raisers had (ValueError, KeyError, ImportError, OSError), so callers catching those
+still do.
 """
 from __future__ import annotations
 
