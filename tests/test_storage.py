@@ -11,9 +11,11 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -341,15 +343,20 @@ def test_embedding_from_a_url_writes_the_local_shards(shards: Path, tmp_path: Pa
 
 # ------------------------------------------------------------------------------------------ S3 servers other than AWS
 @pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A local S3 server (moto's server mode), as MinIO or Ceph would be."""
+def s3_server() -> Iterator[tuple[Any, str]]:
+    """A local S3 server (moto's server mode), as MinIO or Ceph would be, and its URL."""
     pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[s3]')")
     moto_server = pytest.importorskip("moto.server", reason="moto's server is not installed (pip install -e '.[dev]')")
     port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    yield f"http://127.0.0.1:{port}"
+    yield server, f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture
+def s3_endpoint(s3_server: tuple[Any, str]) -> str:
+    return s3_server[1]
 
 
 @pytest.fixture
@@ -395,3 +402,27 @@ def test_without_its_endpoint_an_s3_read_fails_in_one_line_that_names_it(s3_shar
                         r"longer than 0 s set data\.retry_budget_s=SECONDS \(or HIPT_RETRY_BUDGET_S=SECONDS\); an S3 server "
                         r"other than AWS's needs its endpoint: data\.storage_options\.endpoint_url=URL \(hipt-shards: "
                         r"--storage-option endpoint_url=URL\) or AWS_ENDPOINT_URL=URL", str(failed.value))
+
+
+def test_an_s3_server_restarting_during_a_read_is_waited_out(shards: Path, s3_shards: str, s3_server: tuple[Any, str],
+                                                            monkeypatch, caplog) -> None:
+    import s3fs
+
+    server, endpoint = s3_server
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries off: the budget alone waits
+    s3fs.S3FileSystem.clear_instance_cache()
+    storage.configure(storage_options={"endpoint_url": endpoint})
+    read: list[int] = []
+    with caplog.at_level(logging.WARNING, logger="hipt_e2e.data.storage"):
+        for region in RegionStream(s3_shards):
+            read.append(region["record"]["region_index"])
+            if len(read) == 3:  # shard 0 is read; the next ones are opened while the server is down
+                server.stop()
+                server._server.server_close()  # stop() leaves its socket listening: connections would hang, not fail
+                restart = threading.Timer(3.0, server.start)
+                restart.start()
+        restart.join()
+    assert read == [r["record"]["region_index"] for r in RegionStream(shards)]
+    assert len([m for m in caplog.messages if "waiting up to 120 s" in m and "EndpointConnectionError" in m]) == 1
+    down = [float(s) for m in caplog.messages for s in re.findall(r"answering again after ([\d.]+) s down", m)]
+    assert len(down) == 1 and 3 <= down[0] < 5
