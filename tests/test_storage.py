@@ -25,7 +25,7 @@ import torch
 from hipt_e2e.data import RegionStream, SlideBagStream, load_manifest, shard_urls, storage
 from hipt_e2e.data.index import INDEX, ShardDataError, ShardIndex, open_index
 from hipt_e2e.data.regions import RegionCache, ShardRegions
-from hipt_e2e.errors import StorageError, UserError
+from hipt_e2e.errors import SettingError, UserError
 from shards.verify import verify
 from tests.http_server import ShardServer
 from tests.launch import free_port
@@ -234,7 +234,7 @@ def test_the_storage_settings_reach_every_process_through_the_environment(monkey
     assert storage.retry_budget_s() == 45.0
     monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "")
     assert storage.retry_budget_s() == 120.0
-    with pytest.raises(StorageError, match=r"^data.retry_budget_s='soon': the retry budget is a number of seconds"):
+    with pytest.raises(SettingError, match=r"^data.retry_budget_s='soon': the retry budget is a number of seconds"):
         recipe_config(DEFAULTS, None, ["data.retry_budget_s=soon"], required=())
 
 

@@ -95,7 +95,7 @@ def configure(retry_budget_s: float | None = None, storage_options: Mapping[str,
         os.environ[RETRY_BUDGET_ENV] = str(_seconds(retry_budget_s, "data.retry_budget_s"))
     if storage_options:
         if not isinstance(storage_options, Mapping):
-            raise StorageError(f"data.storage_options must be a mapping of fsspec options, got {type(storage_options).__name__}")
+            raise SettingError(f"data.storage_options must be a mapping of fsspec options, got {type(storage_options).__name__}")
         os.environ[STORAGE_OPTIONS_ENV] = json.dumps(dict(storage_options))
 
 
@@ -105,7 +105,7 @@ def _seconds(value: object, setting: str) -> float:
     except (TypeError, ValueError):
         seconds = float("nan")
     if not seconds >= 0:
-        raise StorageError(f"{setting}={value!r}: the retry budget is a number of seconds (>= 0)")
+        raise SettingError(f"{setting}={value!r}: the retry budget is a number of seconds (>= 0)")
     return seconds
 
 
@@ -125,7 +125,7 @@ def storage_options() -> dict[str, Any]:
     except yaml.YAMLError:
         options = None
     if not isinstance(options, dict):  # the text is not shown: it may hold a secret
-        raise StorageError(f"{STORAGE_OPTIONS_ENV}: not a mapping of fsspec options, e.g. "
+        raise SettingError(f"{STORAGE_OPTIONS_ENV}: not a mapping of fsspec options, e.g. "
                            '{"endpoint_url": "http://minio:9000", "anon": true}')
     return options
 
