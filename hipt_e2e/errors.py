@@ -27,6 +27,16 @@ class UserError(Exception):
     """A mistake or condition the user can fix; its message names the file or key and the fix."""
 
 
+class InputError(UserError, ValueError):
+    """An input (slide, image, tensor file, shard set) that cannot be used, with the file and the reason."""
+
+    def __init__(self, path: object, reason: str | None = None):
+        # one argument: the whole message, as pickling and torch's re-raise of a DataLoader worker's error
+        # rebuild an exception from its args
+        super().__init__(str(path) if reason is None else f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
 class SettingError(UserError, ValueError):
     """A setting (config value, flag, combination of settings) that is refused."""
 

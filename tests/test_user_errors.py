@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -14,12 +15,13 @@ import numpy as np
 import pytest
 import tifffile
 from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset
 
 from hipt_e2e import errors
 from hipt_e2e.config import resolve_config
 from hipt_e2e.data.embeddings import write_slide_bags
 from hipt_e2e.embedding import UnitOutputs
-from hipt_e2e.errors import USER_ERROR_EXIT, UnknownSettingError, UserError, error_message, run_main
+from hipt_e2e.errors import USER_ERROR_EXIT, InputError, UnknownSettingError, UserError, error_message, run_main
 from shards.cli import main as hipt_shards
 from tests.test_slide_training import CLASSES, make_bags
 
@@ -147,6 +149,23 @@ def test_error_in_a_dataloader_worker_is_its_own_message(tmp_path):
         hipt_shards(["bench", str(out), "--workers", "1", "--seconds", "1"])
     assert str(raised.value).startswith("Caught FileNotFoundError in DataLoader worker process 0.")
     assert error_message(raised.value) == f"{out / 'shard-000000.tar'}: no such file"
+
+
+def test_input_errors_cross_processes_as_their_message():
+    """Pickled (build workers) or rebuilt from the message (DataLoader workers), an InputError keeps its line."""
+    error = InputError("slides/a.svs", "no resolution")
+    assert str(pickle.loads(pickle.dumps(error))) == str(InputError(str(error))) == "slides/a.svs: no resolution"
+    with pytest.raises(InputError) as raised:
+        next(iter(DataLoader(_RefusingDataset(), num_workers=1)))
+    assert error_message(raised.value) == "slides/a.svs: no resolution"
+
+
+class _RefusingDataset(Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        raise InputError("slides/a.svs", "no resolution")
 
 
 def test_embedding_run_without_a_finished_unit_takes_new_settings(tmp_path):

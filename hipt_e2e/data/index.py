@@ -34,8 +34,9 @@ INDEX_VERSION = 1
 Row = tuple[str, str | None, int, dict[str, tuple[int, int, int]]]  # key, slide, region index, ext -> (offset, size, crc)
 
 
-class ShardDataError(OSError):
-    """Shard bytes that differ from what the index recorded (corrupted in storage or in transit)."""
+class ShardDataError(UserError, OSError):
+    """Shard bytes that differ from what the index recorded (corrupted in storage or in transit): the user
+    rebuilds or recopies the shard, so it is reported as one line naming it."""
 
 
 def index_tar(stream: BinaryIO) -> list[Row]:

@@ -27,7 +27,7 @@ from hipt_e2e.data.tiling import (
     tile_tissue_fractions,
     tissue_threshold,
 )
-from hipt_e2e.errors import UserError
+from hipt_e2e.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +58,6 @@ def implausible_mpp(mpp: float) -> str | None:
             if abs(microns / dpi - mpp) <= 0.01 * mpp:
                 return f"a display resolution ({dpi} px per {unit})" + (f", {reason}" if reason else "")
     return reason or None
-
-
-class InputError(UserError):
-    """An input that cannot be used, with the file and the reason."""
-
-    def __init__(self, path: str | Path, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = str(path)
-        self.reason = reason
 
 
 @dataclass

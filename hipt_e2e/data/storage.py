@@ -41,7 +41,7 @@ from typing import Any, BinaryIO, TypeVar
 import webdataset as wds
 import yaml
 
-from hipt_e2e.errors import MissingExtraError, SettingError, StorageError
+from hipt_e2e.errors import InputError, MissingExtraError, SettingError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ def children(root: str | Path, names: Sequence[str]) -> list[str]:
     """The locations of `names` (a manifest's file names, e.g. part-0000-of-0002/shard-000001.tar) in `root`."""
     for name in names:
         if not name or "\\" in name or ":" in name or any(part in ("", ".", "..") for part in name.split("/")):
-            raise ValueError(f"{root}: {name!r} is not a file inside the shard set (a manifest names files by "
-                             "relative paths only)")
+            raise InputError(root, f"{name!r} is not a file inside the shard set (a manifest names files by "
+                                   "relative paths only)")
     path = local_path(root)
     if path is not None:
         return [os.path.join(path, name) for name in names]
