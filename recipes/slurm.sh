@@ -25,8 +25,9 @@ MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 MAIN_PORT=${MAIN_PORT:-29500}
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # with c10d: the workers' store is made per round, not shared
 
+# -q: a user error ends the job as the recipe's one `error:` line, without accelerate's Python traceback around it
 # single quotes: SLURM_NODEID is each node's own, expanded by the shell srun starts there
-srun --kill-on-bad-exit=1 bash -c 'accelerate launch --multi_gpu \
+srun --kill-on-bad-exit=1 bash -c 'accelerate launch -q --multi_gpu \
     --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" \
     --num_processes $(( SLURM_NNODES * '"$GPUS_PER_NODE"' )) \
     --main_process_ip '"$MAIN_HOST"' --main_process_port '"$MAIN_PORT"' --rdzv_backend "${RDZV_BACKEND:-static}" \
