@@ -19,7 +19,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15
 
 # The tests that compare floats across processes, run again on torch's scalar kernels (no SIMD): other
 # reduction orders than this CPU's AVX-512 ones, as another CPU would give (docs/portability.md).

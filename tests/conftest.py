@@ -96,6 +96,15 @@ def end_processes_the_test_left():
         warnings.warn(f"killed {len(ended)} processes the test left running: {sorted(ended)}", stacklevel=1)
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process and refuses an Accelerator of another precision: a
+    test that ends inside a bf16 stage (a timeout) would fail every later test that asks for fp32."""
+    yield
+    if "accelerate.state" in sys.modules:
+        sys.modules["accelerate.state"].AcceleratorState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def lymphoma_dir() -> Path:
     if not (LYMPHOMA / "CLL").is_dir():

@@ -3,13 +3,14 @@
 Recipes start processes of their own (accelerate launch -> torchrun, whose workers each get a new session;
 DataLoader workers; recipes/lymphoma.py's steps), so killing the one process a test started, or its process
 group, can leave the rest running and holding the CPU for later tests. These helpers find a process's
-whole tree from /proc (Linux; elsewhere they fall back to the process group) and kill it frozen.
+whole tree and group from /proc (Linux) and kill them frozen.
 """
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -17,9 +18,9 @@ from pathlib import Path
 PROC = Path("/proc")
 
 
-def _children() -> dict[int, list[int]]:
-    """Parent pid -> pids of its live children (zombies left out), from /proc/<pid>/stat."""
-    children: dict[int, list[int]] = defaultdict(list)
+def _processes() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every live process (zombies left out), from /proc/<pid>/stat."""
+    found = []
     for entry in PROC.iterdir() if PROC.is_dir() else ():
         if not entry.name.isdigit():
             continue
@@ -27,11 +28,11 @@ def _children() -> dict[int, list[int]]:
             stat = (entry / "stat").read_text()
         except OSError:  # it ended while we listed
             continue
-        # the command name (field 2) may hold spaces and parentheses: state and parent pid follow its last ')'
-        state, parent = stat[stat.rindex(")") + 2:].split()[:2]
+        # the command name (field 2) may hold spaces and parentheses: state, parent and group follow its last ')'
+        state, parent, group = stat[stat.rindex(")") + 2:].split()[:3]
         if state not in ("Z", "X"):
-            children[int(parent)].append(int(entry.name))
-    return children
+            found.append((int(entry.name), int(parent), int(group)))
+    return found
 
 
 def alive(pid: int) -> bool:
@@ -45,7 +46,10 @@ def alive(pid: int) -> bool:
 
 def descendants(root: int, keep: Iterable[int] = ()) -> set[int]:
     """The live processes under `root` (children, theirs, ...), not entering the trees of the pids in `keep`."""
-    children, keep = _children(), set(keep)
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, parent, _ in _processes():
+        children[parent].append(pid)
+    keep = set(keep)
     found: set[int] = set()
     todo = [root]
     while todo:
@@ -65,7 +69,8 @@ def _signal(pid: int, signum: int) -> None:
 
 def end_processes(find: Callable[[], set[int]]) -> set[int]:
     """Kill every process `find` lists: each is stopped (SIGSTOP) as found, until a listing finds no new one,
-    so none can start another between the listing and the kill; then all get SIGKILL. Returns their pids."""
+    so none can start another between the listing and the kill; then all get SIGKILL, and are waited for
+    (up to 10 s). Returns their pids."""
     stopped: set[int] = set()
     while new := find() - stopped:
         for pid in new:
@@ -73,6 +78,9 @@ def end_processes(find: Callable[[], set[int]]) -> set[int]:
         stopped |= new
     for pid in stopped:
         _signal(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously: wait until each has died
+    while any(alive(pid) for pid in stopped) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return stopped
 
 
@@ -88,14 +96,18 @@ def end_and_reap(find: Callable[[], set[int]]) -> set[int]:
     return ended
 
 
+def group(pgid: int) -> set[int]:
+    """The live processes of process group `pgid`."""
+    return {pid for pid, _, member_of in _processes() if member_of == pgid}
+
+
 def end_tree(process: subprocess.Popen) -> None:
-    """End `process` (started with start_new_session=True), its process group and every process under it."""
+    """End `process` (started with start_new_session=True), every process under it and every process left in
+    its group (orphans of processes that ended; a group's id is not reused while it has members)."""
     if process.poll() is None:  # not reaped yet, so the pid is still this process's (an ended one's may be reused)
-        end_processes(lambda: descendants(process.pid) | {process.pid})
-    try:  # what is left in its group: orphans of processes that ended (a group's id is not reused while it has members)
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        end_processes(lambda: descendants(process.pid) | {process.pid} | group(process.pid))
+    else:
+        end_processes(lambda: group(process.pid))
     process.wait()
 
 

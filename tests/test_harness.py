@@ -70,6 +70,18 @@ def test_fails_leaving_orphans():
     assert not spawned(HERE / "failed")
 
 
+def test_ends_inside_a_bf16_stage():
+    from accelerate import Accelerator
+
+    Accelerator(cpu=True, mixed_precision="bf16")
+
+
+def test_asks_for_fp32_after_it():
+    from accelerate import Accelerator
+
+    assert Accelerator(cpu=True, mixed_precision="no").mixed_precision == "no"
+
+
 def test_sleeps():
     subprocess.Popen([sys.executable, "-c", SPAWNER, str(HERE / "terminated"), "sleep"])
     time.sleep(60)
@@ -84,13 +96,15 @@ def test_the_processes_of_the_tests_before_have_ended():
 def test_a_failed_or_timed_out_test_leaves_no_process(tmp_path: Path) -> None:
     """An inner pytest session with this suite's conftest: a test that times out and one that fails, each
     with a child and grandchildren running (one grandchild in a session of its own; in the second test both
-    orphaned); the next test finds all of them ended."""
-    (tmp_path / "conftest.py").write_text("from tests.conftest import end_processes_the_test_left, pytest_configure  # noqa: F401\n")
+    orphaned); the next test finds all of them ended. And a test that leaves accelerate's state at bf16 does
+    not fail the next one that asks for fp32."""
+    (tmp_path / "conftest.py").write_text("from tests.conftest import end_processes_the_test_left, fresh_accelerator_state, "
+                                          "pytest_configure  # noqa: F401\n")
     (tmp_path / "test_inner.py").write_text(INNER_TESTS)
     inner = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=native", "-k", "not sleeps",
                  str(tmp_path / "test_inner.py")],
                 timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert "2 failed, 1 passed" in inner.stdout, inner.stdout[-3000:] + inner.stderr[-3000:]
+    assert "2 failed, 3 passed" in inner.stdout, inner.stdout[-3000:] + inner.stderr[-3000:]
     assert "Timeout (>3.0s)" in inner.stdout and "killed 3 processes the test left running" in inner.stdout
     pids = spawned(tmp_path / "timed_out") + spawned(tmp_path / "failed")
     assert not [pid for pid in pids if alive(pid)]
