@@ -122,7 +122,7 @@ def test_openslide_opens_a_series_from_any_of_its_files(dicom_root):
     for name in ("level0.dcm", "level1.dcm", "level_label.dcm"):
         slide = openslide.OpenSlide(str(root / "case_a" / name))
         assert slide.level_dimensions == ((384, 256), (192, 128))
-        assert sorted(slide.associated_images) == ["label", "thumbnail"]
+        assert "label" in slide.associated_images  # and "thumbnail" from OpenSlide 4.0.1 on (4.0.0, the floor, lacks it)
         assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.5)
         region = np.asarray(slide.read_region((128, 64), 0, (128, 128)))[..., :3]
         np.testing.assert_array_equal(region, images["case_a"][64:192, 128:256])
