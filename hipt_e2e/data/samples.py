@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image
 
 from hipt_e2e.errors import SettingError
@@ -26,6 +27,7 @@ try:  # torchvision's libjpeg-turbo decoder: Pillow's pixels exactly, 25 % faste
     from torchvision.io import ImageReadMode, decode_jpeg  # (benchmarks/bench_jpeg_decoders.py)
 except ImportError:  # deprecated since torchvision 0.29 (for TorchCodec): once removed, Pillow decodes
     decode_jpeg = None
+TORCHVISION_DECODES_LISTS = tuple(int(part) for part in torchvision.__version__.split(".")[:2]) >= (0, 20)
 # torchvision >= 0.29 warns on every call that its decoders move to TorchCodec; they still work.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
@@ -173,7 +175,10 @@ def device_pixels(pixels: torch.Tensor | JpegBatch, device: torch.device) -> tor
         return pixels.to(device, non_blocking=True)
     if decode_jpeg is None:
         raise SettingError("data.decode=gpu needs torchvision's decode_jpeg (nvJPEG), which this torchvision lacks")
-    decoded = decode_jpeg(list(pixels.data), mode=ImageReadMode.RGB, device=device)
+    if TORCHVISION_DECODES_LISTS:
+        decoded = decode_jpeg(list(pixels.data), mode=ImageReadMode.RGB, device=device)
+    else:  # torchvision 0.19 (the floor) decodes one JPEG per call; 0.20 took lists (one nvJPEG batch)
+        decoded = [decode_jpeg(data, mode=ImageReadMode.RGB, device=device) for data in pixels.data]
     wrong = {tuple(region.shape) for region in decoded} - {pixels.shape}
     if wrong:
         raise ValueError(f"decoded JPEG regions of size {sorted(wrong)}, their records say {pixels.shape}")
