@@ -5,11 +5,14 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import lymphoma_images
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # the real-data pipeline, every step: 240 s (timed out) in a clean-clone make test on 2 busy cores
 def test_lymphoma_command_runs_every_step_and_resumes(lymphoma_dir, tmp_path, capsys):
     for path in lymphoma_images(lymphoma_dir, 8):
         (tmp_path / "in" / path.parent.name).mkdir(parents=True, exist_ok=True)
