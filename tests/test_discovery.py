@@ -33,11 +33,13 @@ BUILD_ARGS = {"region_px": 128, "tile_px": 32, "mpp": 0.5, "min_tissue": 0.0, "e
 def write_dicom_image(path: Path, rgb: np.ndarray, flavour: str, series_uid: str, mpp: float, tile: int = 64,
                       syntax: str = ExplicitVRLittleEndian) -> None:
     """One DICOM file of a whole-slide image: a pyramid level (flavour VOLUME) or a LABEL / OVERVIEW / THUMBNAIL
-    image, its pixels as TILED_FULL frames of `tile` px, with sequences before and after the series UID."""
-    rows, cols = -(-rgb.shape[0] // tile), -(-rgb.shape[1] // tile)
-    padded = np.full((rows * tile, cols * tile, 3), 255, np.uint8)
+    image, its pixels as TILED_FULL frames of `tile` px (an associated image as one frame, as scanners write them
+    and OpenSlide reads them), with sequences before and after the series UID."""
+    tile_rows, tile_cols = (tile, tile) if flavour == "VOLUME" else rgb.shape[:2]
+    rows, cols = -(-rgb.shape[0] // tile_rows), -(-rgb.shape[1] // tile_cols)
+    padded = np.full((rows * tile_rows, cols * tile_cols, 3), 255, np.uint8)
     padded[: rgb.shape[0], : rgb.shape[1]] = rgb
-    frames = padded.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4)
+    frames = padded.reshape(rows, tile_rows, cols, tile_cols, 3).transpose(0, 2, 1, 3, 4)
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = WSI_SOP_CLASS
@@ -47,7 +49,7 @@ def write_dicom_image(path: Path, rgb: np.ndarray, flavour: str, series_uid: str
     ds.CodingSchemeIdentificationSequence = [Dataset()]  # (0008,0110): a sequence to skip before the series UID
     ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator = "DCM"
     ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "SM", "1.2.3.4", series_uid
-    ds.Rows = ds.Columns = tile
+    ds.Rows, ds.Columns = tile_rows, tile_cols
     ds.NumberOfFrames = rows * cols
     ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns = rgb.shape[:2]
     ds.TotalPixelMatrixFocalPlanes, ds.DimensionOrganizationType = 1, "TILED_FULL"
