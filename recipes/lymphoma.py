@@ -28,9 +28,9 @@ import yaml
 
 from hipt_e2e.config import HelpFormatter, setup_logging
 from hipt_e2e.errors import run_main
-from hipt_e2e.evaluation.colour_baseline import colour_baseline
 from hipt_e2e.evaluation.compare import compare_runs, load_run
 from hipt_e2e.io import atomic_write_text
+from hipt_e2e.training.colour_baseline import colour_baseline
 from shards.build import build
 
 RECIPES = Path(__file__).resolve().parent

@@ -13,8 +13,8 @@ from scipy import stats
 
 from hipt_e2e.errors import UserError
 from hipt_e2e.evaluation.compare import PairedDifference, SplitMismatch, load_run, main, paired_difference, run_labels
-from hipt_e2e.evaluation.crossval import run_folds
 from hipt_e2e.evaluation.splits import Fold, SlideInfo
+from hipt_e2e.training.folds import run_folds
 
 CLASSES = ["a", "b", "c"]
 

@@ -16,7 +16,6 @@ from hipt_e2e.data import RegionStream, SlideBagStream, load_manifest
 from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.data.samples import encode_grid
 from hipt_e2e.embedding import GRIDS_KIND, UnitOutputs, token_grids
-from hipt_e2e.evaluation.rescore import pixel_shards
 from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.models import cnn256, load_checkpoint, model_preset, vit4k, vit256
 from hipt_e2e.models.bundle import CARD, load_bundle, write_card
@@ -28,6 +27,7 @@ from hipt_e2e.training import (
     export_safetensors,
     load_checkpoint_state,
 )
+from hipt_e2e.training.rescore import pixel_shards
 from hipt_e2e.training.slide_level import build_slide_model, embedding_stages, slide_model_card
 from shards.build import build
 from shards.verify import verify

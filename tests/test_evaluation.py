@@ -154,7 +154,7 @@ def test_report_files(tmp_path):
 
 def test_colour_baseline_on_real_fields(lymphoma_dir, tmp_path):
     """The colour-only baseline runs on the slide-level folds and is far above chance on real fields."""
-    from hipt_e2e.evaluation.colour_baseline import colour_baseline
+    from hipt_e2e.training.colour_baseline import colour_baseline
     from tests.conftest import lymphoma_images
 
     for path in lymphoma_images(lymphoma_dir, 12):

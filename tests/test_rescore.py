@@ -1,4 +1,4 @@
-"""Rescoring a finished run's test folds with its fold models (hipt_e2e.evaluation.rescore): without TTA
+"""Rescoring a finished run's test folds with its fold models (hipt_e2e.training.rescore): without TTA
 it gives the run's own predictions back, with TTA what the end-to-end engine's TTA evaluation gives, on
 the run's splits (so the paired comparison pairs them), with its cost, and nothing trained."""
 from __future__ import annotations
@@ -15,9 +15,9 @@ from hipt_e2e.data.augment import tta_poses
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.evaluation.compare import compare_runs, load_run
-from hipt_e2e.evaluation.rescore import main, rescore
 from hipt_e2e.models.bundle import load_bundle
 from hipt_e2e.training.e2e import slide_probabilities
+from hipt_e2e.training.rescore import main, rescore
 from tests.test_e2e import load_recipe, settings
 
 

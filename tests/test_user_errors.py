@@ -195,9 +195,9 @@ HELP_COMMANDS = {  # command -> (its main, argv before --help, its required opti
     "hipt-shards inspect": ("shards.cli", ["inspect"], ()), "hipt-shards bench": ("shards.cli", ["bench"], ()),
     "hipt-predict": ("hipt_e2e.inference.predict", [], ()), "hipt-convert": ("hipt_e2e.models.convert", [], ()),
     "recipes": (None, [], ()), "compare": ("hipt_e2e.evaluation.compare", [], ()),
-    "rescore": ("hipt_e2e.evaluation.rescore", [], ("--out",)),
+    "rescore": ("hipt_e2e.training.rescore", [], ("--out",)),
     "knn": ("hipt_e2e.evaluation.knn", [], ("--run", "--images", "--tile-px")),
-    "colour_baseline": ("hipt_e2e.evaluation.colour_baseline", [], ("--images", "--out")),
+    "colour_baseline": ("hipt_e2e.training.colour_baseline", [], ("--images", "--out")),
     "synthetic": ("hipt_e2e.data.synthetic", [], ("--out",)),
 }
 

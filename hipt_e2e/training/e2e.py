@@ -11,7 +11,7 @@ Validation and test use every region of a slide, encoded a bounded number of reg
 without gradients.
 
 Splits, class-imbalance settings, model selection with early stopping and the report are those of
-slide-level training (`evaluation.crossval.run_folds`, `ModelSelection`, `epoch_order`), so the staged and
+slide-level training (`training.folds.run_folds`, `ModelSelection`, `epoch_order`), so the staged and
 the end-to-end paths are evaluated identically. Each fold is a resumable run like a DINO run
 (`fold_i/checkpoint.pt`, `fold_i/train_log.jsonl`): the slide order, the sampled regions and every
 random draw (augmentation, dropout, stochastic depth) are functions of (seed, fold, epoch, step, place in
@@ -49,7 +49,6 @@ from hipt_e2e.data.augment import AUGMENT_DEFAULTS, augment_regions, check_augme
 from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.data.samples import decode_mode, device_pixels
 from hipt_e2e.errors import SettingError
-from hipt_e2e.evaluation.crossval import run_folds
 from hipt_e2e.evaluation.metrics import classification_metrics
 from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.io import atomic_write_json
@@ -70,6 +69,7 @@ from hipt_e2e.progress import progress
 from hipt_e2e.training import CHECKPOINT, TRAIN_LOG, NonFiniteLossError, export_safetensors
 from hipt_e2e.training.checkpointing import keep_log_before, resume_state, save_checkpoint
 from hipt_e2e.training.data import derived_seed
+from hipt_e2e.training.folds import run_folds
 from hipt_e2e.training.slide_level import (
     ModelSelection,
     WeightedCrossEntropy,

@@ -27,7 +27,6 @@ from torch import nn
 from hipt_e2e.data.embeddings import SlideBag, read_slide_bags
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.errors import SettingError
-from hipt_e2e.evaluation.crossval import run_folds
 from hipt_e2e.evaluation.metrics import classification_metrics, selection_key, vote
 from hipt_e2e.evaluation.splits import Fold, SlideInfo
 from hipt_e2e.io import atomic_write_json
@@ -36,6 +35,7 @@ from hipt_e2e.models.foundation import sha256, weights_file
 from hipt_e2e.models.mil import RegionFC
 from hipt_e2e.progress import progress
 from hipt_e2e.training.checkpointing import export_safetensors
+from hipt_e2e.training.folds import run_folds
 from hipt_e2e.training.recipe import recipe_config
 from hipt_e2e.training.tracking import TRACKER_DEFAULTS, start_tracking, stop_tracking, track, tracker_settings
 

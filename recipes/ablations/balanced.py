@@ -17,7 +17,7 @@ from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.errors import run_main
 from hipt_e2e.evaluation.ablation import folds_text, paired_answer, with_mean_recall, write_ablation
 from hipt_e2e.evaluation.compare import PAIRED_HEADER, paired_difference
-from hipt_e2e.evaluation.crossval import IMBALANCE
+from hipt_e2e.training.folds import IMBALANCE
 from hipt_e2e.training.recipe import recipe_config
 from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, cross_validate
 

@@ -4,7 +4,7 @@ settings: test-time augmentation (every region in its 8 dihedral poses) or anoth
 Nothing is trained or selected again, so two scorings of one run differ only in how they infer: the same
 splits, the same fold models, the same test slides; `hipt_e2e.evaluation.compare` then gives the paired CI.
 
-    python -m hipt_e2e.evaluation.rescore RUN --out OUT --tta dihedral [--shards SHARDS]
+    python -m hipt_e2e.training.rescore RUN --out OUT --tta dihedral [--shards SHARDS]
 
 RUN: a finished run of e2e, train_wsi or train_fc (splits.csv, fold folders with model cards). The slides'
 regions are read from region shards: the run's data.shards, or for a staged run (its data are region bags)
@@ -34,10 +34,10 @@ from hipt_e2e.data.embeddings import KIND as BAGS_KIND
 from hipt_e2e.data.manifest import GRIDS_KIND, load_manifest
 from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.errors import SettingError, UserError, run_main
-from hipt_e2e.evaluation.crossval import run_folds
 from hipt_e2e.evaluation.splits import Fold, read_splits
 from hipt_e2e.inference.predict import PREDICT_DEFAULTS, Predictor, predictor_from_cards
 from hipt_e2e.io import atomic_write_json
+from hipt_e2e.training.folds import run_folds
 
 
 def _source_config(run: Path) -> dict:

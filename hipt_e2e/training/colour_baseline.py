@@ -2,10 +2,10 @@
 
 48-bin RGB histograms of each field/slide image -> standardised logistic regression, trained on each
 fold's train + validation slides and scored on its test slides, through slide-level training's own
-cross-validation (`crossval.run_folds`: the same folds for the same slides and seed, the same
+cross-validation (`folds.run_folds`: the same folds for the same slides and seed, the same
 splits.csv, metrics and report as train_wsi / train_fc).
 
-    python -m hipt_e2e.evaluation.colour_baseline --images ../shared/data/lymphoma-iicbu2008 --out runs/colour
+    python -m hipt_e2e.training.colour_baseline --images ../shared/data/lymphoma-iicbu2008 --out runs/colour
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from accelerate import Accelerator
 from hipt_e2e.config import HelpFormatter, setup_logging
 from hipt_e2e.data.discovery import slide_id_of_file
 from hipt_e2e.errors import run_main
-from hipt_e2e.evaluation.crossval import run_folds
 from hipt_e2e.evaluation.knn import colour_histograms, labelled_image_paths, linear_probe, load_rgb
 from hipt_e2e.evaluation.splits import Fold, SlideInfo
+from hipt_e2e.training.folds import run_folds
 
 log = logging.getLogger(__name__)
 
