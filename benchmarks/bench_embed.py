@@ -27,7 +27,9 @@ from hipt_e2e.config import setup_logging
 from hipt_e2e.data.streams import RegionStream
 from hipt_e2e.data.synthetic import CLASSES, synthetic_slide
 from hipt_e2e.embedding import embed_tiles
+from hipt_e2e.lineage import encoder_record
 from hipt_e2e.models import model_preset
+from hipt_e2e.models.bundle import tile_architecture
 from hipt_e2e.training import TILE_MODEL_DEFAULTS, build_tile_encoder
 from shards.build import build
 
@@ -73,7 +75,8 @@ def main() -> None:
     setup_logging()
     geometry = model_preset(args.preset)
     tile_px, region_px = geometry["tile_px"], geometry["tile_px"] * geometry["region_tiles"]
-    encoder = build_tile_encoder({**TILE_MODEL_DEFAULTS, "preset": args.preset}).eval()
+    model = {**TILE_MODEL_DEFAULTS, "preset": args.preset}
+    encoder, record = build_tile_encoder(model).eval(), encoder_record(tile_architecture(model), None)
     device = Accelerator(mixed_precision=args.mixed_precision).device
     rows, rates, outputs = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +87,7 @@ def main() -> None:
             for run in range(args.rounds + 1):  # the first is warm-up (kernels, page cache, worker start)
                 out = Path(tmp) / f"grids_{mode}_{run}"
                 start = time.perf_counter()
-                embed_tiles(encoder, shards, out, settings={"mode": mode, "run": run}, normalisation="hipt",
+                embed_tiles(encoder, shards, out, settings={"mode": mode, "run": run}, tile_encoder=record, normalisation="hipt",
                             regions_per_batch=args.regions_per_batch, tiles_per_call=1024, workers=args.workers,
                             mixed_precision=args.mixed_precision, decode=mode)
                 if device.type == "cuda":

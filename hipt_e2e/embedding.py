@@ -19,6 +19,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,14 @@ from hipt_e2e.config import save_config
 from hipt_e2e.data.embeddings import KIND as BAG_KIND
 from hipt_e2e.data.embeddings import SlideBag, bag_sample
 from hipt_e2e.data.index import index_file, write_index
+from hipt_e2e.data.lineage import REGION_EMBEDDINGS, TILE_EMBEDDINGS, TOKEN_GRIDS, Encoder, Lineage, source_of
 from hipt_e2e.data.manifest import GRIDS_KIND, MANIFEST, load_manifest, shard_set_manifest, shard_urls
 from hipt_e2e.data.samples import collate, decode_mode, decode_sample, device_pixels, encode_grid
 from hipt_e2e.data.storage import tar_samples
 from hipt_e2e.data.streams import SlideBagStream, reader_info
 from hipt_e2e.data.tiling import cut_tiles
 from hipt_e2e.io import atomic_write_json, sha256_file
+from hipt_e2e.lineage import check_card, read_lineage
 from hipt_e2e.models import select_attention
 from hipt_e2e.normalise import normalise
 from hipt_e2e.progress import progress
@@ -168,8 +171,8 @@ class UnitOutputs:
     files; a rerun skips the recorded units (a killed run redoes only the units it was writing); and the
     manifest and index are made from the records when every unit is done."""
 
-    def __init__(self, out: Path, settings: Mapping[str, Any]) -> None:
-        self.out, self.settings = out, dict(settings)
+    def __init__(self, out: Path, settings: Mapping[str, Any], lineage: Lineage) -> None:
+        self.out, self.settings, self.lineage = out, dict(settings), lineage
         self.records = out / UNITS
         self.open: dict[int, tuple[Any, wds.TarWriter, dict[str, dict]]] = {}
 
@@ -236,7 +239,7 @@ class UnitOutputs:
                       for record in records for slide, entry in record["slides"].items()}
             written = sum(entry["regions"] for entry in slides.values())
             manifest = shard_set_manifest(kind, self.settings, source["classes"], slides, shards,
-                                          inputs=source["samples"], written=written)
+                                          inputs=source["samples"], written=written, lineage=self.lineage.as_dict())
             write_index(self.out, shards, {r["shard"]["name"]: [tuple(row) for row in r["index"]] for r in records})
             atomic_write_json(self.out / MANIFEST, manifest)
             save_config(self.settings, self.out)
@@ -271,21 +274,26 @@ def _units_done(accelerator: Accelerator, outputs: UnitOutputs, units: int) -> s
 # -------------------------------------------------------------------------------------- the steps
 @torch.no_grad()
 def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, settings: Mapping[str, Any],
-                normalisation: str, regions_per_batch: int, tiles_per_call: int, workers: int = 0,
-                dtype: str = "float16", mixed_precision: str | None = None, decode: str = "cpu") -> dict:
+                tile_encoder: Encoder, normalisation: str, regions_per_batch: int, tiles_per_call: int,
+                workers: int = 0, dtype: str = "float16", mixed_precision: str | None = None,
+                decode: str = "cpu") -> dict:
     """Every region of the shard set ``source`` -> its token grid, written as shards to ``out`` (one per
     input unit, see UnitOutputs: resumable, the same files for any number of processes).
 
-    ``settings`` (e.g. the recipe config) is recorded as the output's build_args. ``decode="gpu"``:
-    JPEG regions are decoded on the CUDA device in batches (the CPU readers when there is none). Returns
-    the manifest.
+    ``settings`` (e.g. the recipe config) is recorded as the output's build_args, ``tile_encoder`` (the
+    encoder's record) in its lineage; regions of another geometry than the encoder's card records are
+    refused. ``decode="gpu"``: JPEG regions are decoded on the CUDA device in batches (the CPU readers when
+    there is none). Returns the manifest.
     """
     out = Path(out)
     accelerator = Accelerator(mixed_precision=mixed_precision)
     if (manifest := _existing_output(out, settings)) is not None:
         return manifest
-    outputs = UnitOutputs(out, settings)
     source_manifest = load_manifest(source)
+    pixels = read_lineage(source_manifest)
+    check_card(pixels.geometry, source, tile_encoder.card)
+    outputs = UnitOutputs(out, settings, Lineage(TOKEN_GRIDS, replace(pixels.geometry, width=encoder.num_features),
+                                                 source_of(source_manifest), tile_encoder))
     units = len(slide_units(source_manifest))
     dataset = UnitRegionBatches(source_manifest, _units_done(accelerator, outputs, units), regions_per_batch,
                                 decode_mode(decode, accelerator.device))
@@ -315,17 +323,27 @@ def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, sett
 
 @torch.no_grad()
 def embed_regions(encoder: nn.Module | None, source: str | Path, out: str | Path, *, settings: Mapping[str, Any],
-                  regions_per_batch: int, workers: int = 0, mixed_precision: str | None = None,
-                  min_tile_tissue: float = 0.0) -> dict:
+                  region_encoder: Encoder | None, regions_per_batch: int, workers: int = 0,
+                  mixed_precision: str | None = None, min_tile_tissue: float = 0.0) -> dict:
     """Every slide of the token-grid shard set ``source`` -> its region embeddings [M, D] (float32) with
     coordinates, one sample per slide, written as shards to ``out`` (one per input unit, see UnitOutputs).
-    encoder None: the bag of every tile embedding instead (`tile_bag`). Returns the manifest."""
+    encoder None: the bag of every tile embedding instead (`tile_bag`). ``region_encoder``: the encoder's
+    record, for the lineage; token grids of another width than the encoder takes, or of another geometry
+    than its card records, are refused. Returns the manifest."""
     out = Path(out)
     accelerator = Accelerator(mixed_precision=mixed_precision)
     if (manifest := _existing_output(out, settings)) is not None:
         return manifest
     source_manifest = load_manifest(source)
-    outputs = UnitOutputs(out, settings)
+    grids = read_lineage(source_manifest)
+    geometry = grids.geometry
+    if encoder is not None:
+        check_card(geometry, source, region_encoder.card if region_encoder else None, encoder.in_dim,
+                   "the region encoder (model.*)")
+        geometry = replace(geometry, width=encoder.num_features)
+    outputs = UnitOutputs(out, settings, Lineage(REGION_EMBEDDINGS if encoder is not None else TILE_EMBEDDINGS,
+                                                 geometry, source_of(source_manifest), grids.tile_encoder,
+                                                 region_encoder if encoder is not None else None))
     units = len(slide_units(source_manifest))
     dataset = UnitSlideBags(source_manifest, _units_done(accelerator, outputs, units))
     if encoder is not None:

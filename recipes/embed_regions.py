@@ -12,6 +12,8 @@ import sys
 
 from hipt_e2e.embedding import embed_regions
 from hipt_e2e.errors import SettingError, run_main
+from hipt_e2e.lineage import encoder_record, read_lineage
+from hipt_e2e.models.bundle import level_geometry
 from hipt_e2e.training import (
     REGION_MODEL_DEFAULTS,
     WEIGHTS_DEFAULTS,
@@ -34,12 +36,13 @@ DEFAULTS = {
 
 def main(argv: list[str] | None = None) -> None:
     cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
-    with_grid_width(cfg["model"], cfg["data"]["shards"])
+    with_grid_width(cfg["model"], read_lineage(cfg["data"]["shards"]).geometry.width)
     embed = cfg["embed"]
     if embed["level"] not in ("region", "tile"):
         raise SettingError(f"embed.level must be region or tile, got {embed['level']!r}")
     encoder = load_encoder_weights(build_region_encoder(cfg["model"]), cfg["model"]) if embed["level"] == "region" else None
-    embed_regions(encoder, cfg["data"]["shards"], cfg["out"], settings=cfg,
+    record = encoder_record(level_geometry(cfg["model"], "region"), cfg["model"]["weights"]) if encoder else None
+    embed_regions(encoder, cfg["data"]["shards"], cfg["out"], settings=cfg, region_encoder=record,
                   regions_per_batch=embed["regions_per_batch"], workers=cfg["data"]["workers"],
                   mixed_precision=embed["mixed_precision"],
                   min_tile_tissue=embed["min_tile_tissue"])

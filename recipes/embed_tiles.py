@@ -12,6 +12,7 @@ import sys
 
 from hipt_e2e.embedding import embed_tiles
 from hipt_e2e.errors import run_main
+from hipt_e2e.lineage import encoder_record
 from hipt_e2e.models.bundle import tile_architecture, tile_normalisation
 from hipt_e2e.training import (
     TILE_MODEL_DEFAULTS,
@@ -40,9 +41,11 @@ DEFAULTS = {
 def main(argv: list[str] | None = None) -> None:
     cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
     encoder = load_encoder_weights(build_tile_encoder(cfg["model"]), cfg["model"])
-    embed = cfg["embed"]
-    normalisation = tile_normalisation(tile_architecture(cfg["model"]), embed["normalisation"])
-    embed_tiles(encoder, cfg["data"]["shards"], cfg["out"], settings=cfg, normalisation=normalisation,
+    embed, architecture = cfg["embed"], tile_architecture(cfg["model"])
+    normalisation = tile_normalisation(architecture, embed["normalisation"])
+    # a pretrained encoder keeps the {path, sha256} of the authors' file it loaded
+    record = encoder_record(architecture, cfg["model"]["weights"], getattr(encoder, "weights", None), normalisation)
+    embed_tiles(encoder, cfg["data"]["shards"], cfg["out"], settings=cfg, tile_encoder=record, normalisation=normalisation,
                 regions_per_batch=embed["regions_per_batch"], tiles_per_call=embed["tiles_per_call"],
                 workers=cfg["data"]["workers"], dtype=embed["dtype"],
                 mixed_precision=embed["mixed_precision"], decode=cfg["data"]["decode"])

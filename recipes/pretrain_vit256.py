@@ -12,6 +12,7 @@ import sys
 from hipt_e2e.data import TileStream
 from hipt_e2e.data.streams import count_tiles
 from hipt_e2e.errors import run_main
+from hipt_e2e.lineage import read_lineage
 from hipt_e2e.models.bundle import tile_architecture
 from hipt_e2e.ssl import TileMultiCrop
 from hipt_e2e.training import (
@@ -46,8 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     # An epoch is one pass over the tiles; counting them reads every record once (set
     # train.steps_per_epoch to skip that on very large shard sets).
     tiles = 0 if cfg["train"]["steps_per_epoch"] else count_tiles(data["shards"], data["min_tissue"])
+    # a tile encoder is trained on tiles: their size and resolution, not the regions they were cut from
+    pixels = read_lineage(data["shards"])
     card = {"kind": "tile_encoder", "architecture": tile_architecture(cfg["model"]),
-            "normalisation": data["normalisation"]}
+            "normalisation": data["normalisation"], "tile_px": pixels.geometry.tile_px, "mpp": pixels.geometry.mpp,
+            "lineage": pixels.as_dict()}
     train_dino(cfg, lambda drop_path_rate: build_tile_encoder(cfg["model"], drop_path_rate), stream, multicrop, tiles,
                card)
 

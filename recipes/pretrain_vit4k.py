@@ -12,6 +12,7 @@ import sys
 
 from hipt_e2e.data import RegionStream, load_manifest
 from hipt_e2e.errors import run_main
+from hipt_e2e.lineage import read_lineage
 from hipt_e2e.models.bundle import level_geometry
 from hipt_e2e.ssl import RegionMultiCrop
 from hipt_e2e.training import DINO_DEFAULTS, REGION_MODEL_DEFAULTS, build_region_encoder, recipe_config, train_dino, with_grid_width
@@ -26,12 +27,14 @@ DEFAULTS = {
 
 def main(argv: list[str] | None = None) -> None:
     cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
-    with_grid_width(cfg["model"], cfg["data"]["shards"])
+    grids = read_lineage(cfg["data"]["shards"])
+    with_grid_width(cfg["model"], grids.geometry.width)
     data, crops = cfg["data"], cfg["crops"]
     stream = RegionStream(data["shards"], shuffle=data["shuffle"], seed=cfg["seed"])
     multicrop = RegionMultiCrop(crops["global_size"], crops["local_size"], crops["n_local"])
     regions = load_manifest(data["shards"])["samples"]
-    card = {"kind": "region_encoder", "architecture": level_geometry(cfg["model"], "region")}
+    card = {"kind": "region_encoder", "architecture": level_geometry(cfg["model"], "region"),
+            **grids.geometry.pixel_fields(), "lineage": grids.as_dict()}
     train_dino(cfg, lambda drop_path_rate: build_region_encoder(cfg["model"], drop_path_rate), stream, multicrop,
                regions, card)
 

@@ -23,6 +23,7 @@ import numpy as np
 import webdataset as wds
 
 from hipt_e2e.data.index import journal_rows, write_index
+from hipt_e2e.data.lineage import pixel_lineage
 from hipt_e2e.data.manifest import shard_set_manifest
 from hipt_e2e.data.samples import encode_pixels, sample_key
 from hipt_e2e.data.sources import (
@@ -322,4 +323,4 @@ def make_manifest(cfg: dict, items: list[Item], classes: list[str], shards: list
     if inputs != written + n_skipped:
         raise RuntimeError(f"accounting error: {inputs} inputs != {written} written + {n_skipped} skipped")
     return shard_set_manifest(cfg["kind"], build_args(cfg), classes, slides, shards, inputs=inputs, written=written,
-                              skipped=skipped, n_skipped=n_skipped)
+                              skipped=skipped, n_skipped=n_skipped, lineage=pixel_lineage(cfg).as_dict())

@@ -29,7 +29,7 @@ def merge(out: str | Path) -> dict:
     for part, manifest in zip(parts, manifests):
         if build_args(manifest["build_args"]) != build_args(first["build_args"]):
             raise BuildError(f"{part}: built with other settings than {parts[0]}")
-    merged = {key: first[key] for key in ("format", "version", "kind", "build_args", "classes")}
+    merged = {key: first[key] for key in ("format", "version", "kind", "build_args", "lineage", "classes") if key in first}
     merged.update(inputs=0, written=0, n_skipped=0, samples=0, slides={}, shards=[], skipped=[])
     for part, manifest in zip(parts, manifests):
         for key in ("inputs", "written", "n_skipped", "samples"):

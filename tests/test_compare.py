@@ -11,9 +11,10 @@ import pytest
 from accelerate import Accelerator
 from scipy import stats
 
+from hipt_e2e.data.slides import SlideInfo
 from hipt_e2e.errors import UserError
 from hipt_e2e.evaluation.compare import PairedDifference, SplitMismatch, load_run, main, paired_difference, run_labels
-from hipt_e2e.evaluation.splits import Fold, SlideInfo
+from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.training.folds import run_folds
 
 CLASSES = ["a", "b", "c"]

@@ -8,10 +8,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from hipt_e2e.evaluation.metrics import classification_metrics, summarise_folds, vote
+from hipt_e2e.data.slides import SlideInfo
+from hipt_e2e.evaluation.metrics import classification_metrics, summarise_folds
 from hipt_e2e.evaluation.report import write_report
 from hipt_e2e.evaluation.splits import (
-    SlideInfo,
     SplitError,
     assign_folds,
     check_labels,
@@ -19,6 +19,7 @@ from hipt_e2e.evaluation.splits import (
     read_splits,
     write_splits,
 )
+from hipt_e2e.models.mil import vote
 
 
 def cohort(n_patients: int = 30, seed: int = 0) -> list[SlideInfo]:

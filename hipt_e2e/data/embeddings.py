@@ -8,7 +8,7 @@ bags are small (a few hundred KB per slide), so slide-level training loads them 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,8 +49,10 @@ def bag_sample(bag: SlideBag, ordinal: int, classes: Sequence[str], dtype: np.dt
 
 
 def write_slide_bags(out_dir: str | Path, bags: Iterable[SlideBag], classes: Sequence[str], *,
-                     build_args: dict, dtype: str = "float32", shard_bytes: int = 500_000_000) -> dict:
-    """Write bags as shards + manifest.json; returns the manifest."""
+                     build_args: dict, dtype: str = "float32", shard_bytes: int = 500_000_000,
+                     lineage: Mapping | None = None) -> dict:
+    """Write bags as shards + manifest.json; returns the manifest. `lineage`: what the bags hold and what
+    made them (hipt_e2e.data.lineage.Lineage.as_dict()), when the caller knows it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     journal = out_dir / "build-journal.jsonl"
@@ -68,7 +70,8 @@ def write_slide_bags(out_dir: str | Path, bags: Iterable[SlideBag], classes: Seq
         raise
     shards = [json.loads(line)["shard"] for line in journal.read_text().splitlines()[1:]
               if "shard" in json.loads(line)]
-    manifest = shard_set_manifest(KIND, build_args, classes, slides, shards, inputs=len(slides), written=len(slides))
+    manifest = shard_set_manifest(KIND, build_args, classes, slides, shards, inputs=len(slides), written=len(slides),
+                                  lineage=lineage)
     write_index(out_dir, shards, journal_rows(journal))
     atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest

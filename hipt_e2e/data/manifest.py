@@ -43,10 +43,13 @@ def class_counts(slides: Mapping[str, Mapping]) -> dict[str, dict[str, int]]:
 
 def shard_set_manifest(kind: str, build_args: Mapping, classes: Sequence[str], slides: Mapping[str, Mapping],
                        shards: Sequence[Mapping], *, inputs: int, written: int,
-                       skipped: Sequence[Mapping] = (), n_skipped: int = 0) -> dict:
+                       skipped: Sequence[Mapping] = (), n_skipped: int = 0, lineage: Mapping | None = None) -> dict:
     """The manifest of a finished shard set, whoever wrote it (shard building, the embedding recipes):
-    `inputs` = `written` + `n_skipped` (the inputs the skipped records stand for), samples from the shards."""
+    `inputs` = `written` + `n_skipped` (the inputs the skipped records stand for), samples from the shards;
+    `lineage` what the set holds and what made it (hipt_e2e.data.lineage.Lineage.as_dict()), build_args the
+    settings that a rerun must repeat."""
     return {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "build_args": dict(build_args),
+            **({"lineage": dict(lineage)} if lineage is not None else {}),
             "classes": list(classes), "class_counts": class_counts(slides), "inputs": inputs, "written": written,
             "n_skipped": n_skipped, "samples": sum(shard["samples"] for shard in shards), "slides": dict(slides),
             "shards": list(shards), "skipped": list(skipped)}

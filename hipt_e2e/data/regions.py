@@ -19,10 +19,10 @@ from torch.utils.data import Dataset
 
 from hipt_e2e.data.index import ShardIndex, open_index
 from hipt_e2e.data.manifest import GRIDS_KIND, load_manifest, shard_urls
+from hipt_e2e.data.slides import SlideInfo
 from hipt_e2e.data.storage import local_path, read_bytes
 from hipt_e2e.data.streams import SlideBagStream
 from hipt_e2e.errors import UserError
-from hipt_e2e.evaluation.splits import SlideInfo
 
 
 class RegionCache:

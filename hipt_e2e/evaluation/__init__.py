@@ -1,1 +1,1 @@
-"""Evaluation: splits, metrics, votes and reports shared by every slide-level recipe."""
+"""Evaluation: splits, metrics, paired comparisons and reports shared by every slide-level recipe."""

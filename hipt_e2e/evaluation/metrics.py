@@ -1,4 +1,4 @@
-"""Classification metrics per fold and their mean +- sd over folds; slide votes from region predictions."""
+"""Classification metrics per fold and their mean +- sd over folds."""
 from __future__ import annotations
 
 import math
@@ -13,8 +13,6 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     roc_auc_score,
 )
-
-from hipt_e2e.errors import SettingError
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "auc_macro", "f1_macro")
 
@@ -69,20 +67,3 @@ def summarise_folds(per_fold: Sequence[dict], classes: Sequence[str]) -> dict:
     for key in ("recall", "precision"):
         summary[key] = {c: _mean_sd([m[key][c] for m in per_fold]) for c in classes}
     return summary
-
-
-def vote(region_probs: np.ndarray, method: str = "majority") -> np.ndarray:
-    """Slide probabilities from its regions' probabilities [M, K].
-
-    majority: the share of regions predicting each class, ties broken by the mean probability
-    (a 1e-6 nudge that never outweighs one vote); mean: the mean probability.
-    """
-    region_probs = np.asarray(region_probs, dtype=np.float64)
-    mean = region_probs.mean(axis=0)
-    if method == "mean":
-        return mean
-    if method != "majority":
-        raise SettingError(f"unknown vote {method!r}; choose majority or mean")
-    votes = np.bincount(region_probs.argmax(axis=1), minlength=region_probs.shape[1]) / len(region_probs)
-    scores = votes + 1e-6 * mean
-    return scores / scores.sum()

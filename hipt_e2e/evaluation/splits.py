@@ -17,19 +17,12 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from hipt_e2e.data.slides import SlideInfo
 from hipt_e2e.errors import UserError
 from hipt_e2e.io import atomic_write_text
 
 # Offsets between the repeats' training seeds (Fold.seed_offset): larger than any fold count.
 REPEAT_SEED_STRIDE = 1000
-
-
-@dataclass(frozen=True)
-class SlideInfo:
-    slide_id: str
-    label: str
-    patient_id: str
-    split: str | None = None
 
 
 class SplitError(UserError, ValueError):

@@ -1,1 +1,1 @@
-"""Inference: slide predictions and attention heatmaps."""
+"""Inference: the slide scorer, slide predictions and attention heatmaps."""

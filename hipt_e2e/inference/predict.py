@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from hipt_e2e.config import HelpFormatter, resolve_config, save_config, setup_logging
-from hipt_e2e.data.augment import pose, tta_poses, unpose
+from hipt_e2e.data.augment import tta_poses
 from hipt_e2e.data.discovery import SlideFile, find_slides
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.data.sources import (
@@ -49,9 +49,9 @@ from hipt_e2e.data.storage import configure, with_storage_settings
 from hipt_e2e.data.streams import SlideBagStream
 from hipt_e2e.data.tiling import RegionGeometry
 from hipt_e2e.errors import SettingError, run_main
-from hipt_e2e.evaluation.metrics import vote
 from hipt_e2e.inference.geojson import slide_features
 from hipt_e2e.inference.heatmaps import plot_region_heatmap, plot_tile_heatmap, region_score_map, top_regions
+from hipt_e2e.inference.scoring import Member, SlideScore, score_slide
 from hipt_e2e.io import atomic_write_text
 from hipt_e2e.models import HIPT, load_checkpoint, model_preset, select_attention
 from hipt_e2e.models.bundle import CARD, load_bundle
@@ -101,12 +101,13 @@ class SlidePrediction:
 
 
 class Predictor:
-    """Trained models applied slide by slide: each member is a HIPT with its slide model, or HIPT encoders +
-    a region FC; with several members (fold models) the slide probabilities, region scores and tile
-    attention are their means. Every chunk of regions is read once and embedded by every member.
-    geometry: where the members were trained (from their cards); None: the caller's."""
+    """Trained models applied slide by slide through the slide scorer (hipt_e2e.inference.scoring): each
+    member is a HIPT with its slide model, or HIPT encoders + a region FC; with several members (fold models)
+    the slide probabilities, region scores and tile attention are their means. Every chunk of regions is read
+    once and embedded by every member. geometry: where the members were trained (from their cards); None: the
+    caller's."""
 
-    def __init__(self, members: Sequence[tuple[HIPT, RegionFC | None]], classes: Sequence[str],
+    def __init__(self, members: Sequence[Member], classes: Sequence[str],
                  vote_method: str = "majority", chunk_regions: int = 8, geometry: RegionGeometry | None = None,
                  tta: str = "none"):
         self.members = [(model.eval(), fc.eval() if fc is not None else None) for model, fc in members]
@@ -123,57 +124,36 @@ class Predictor:
         self.device, self.autocast = device, accelerator.autocast
         return self
 
-    @torch.no_grad()
-    def _embed(self, model: HIPT, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grids = model.token_grids(pixels)
-        embeddings, attention = model.region_encoder.forward_with_attention(grids)
-        return embeddings, attention.mean(dim=1)
+    def score(self, chunks: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+              return_attention: bool = False) -> SlideScore:
+        """One slide from chunks of its regions on the device, (pixels, tile mask or None), as score_slide."""
+        return score_slide(self.members, chunks, self.poses, self.autocast, self.vote_method, return_attention)
 
-    @torch.no_grad()
-    def _slide(self, model: HIPT, fc: RegionFC | None, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(slide probabilities, region scores) of one member."""
-        if fc is None:
-            logits, weights = model.slide_model(features, return_attention=True)
-            return logits.float().softmax(-1)[0].cpu().numpy(), weights.float().cpu().numpy()
-        region_probs = fc(features).float().softmax(-1).cpu().numpy()
-        probs = vote(region_probs, self.vote_method)
-        return probs, region_probs[:, int(np.argmax(probs))]
+    def _device_pixels(self, rgbs: Sequence[np.ndarray]) -> torch.Tensor:
+        pixels = torch.stack([torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1) for rgb in rgbs])
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        return pixels.to(self.device, non_blocking=True)
 
-    @torch.no_grad()
     def predict(self, regions: Iterable[tuple[int, int, np.ndarray]], size: int) -> SlidePrediction:
         """regions: (x, y, rgb [H, W, 3]) of one slide, consumed `chunk_regions` at a time. With test-time
         augmentation every member scores the slide once per pose (every region in that pose, its tile grid
         turning with it); probabilities, region scores and (turned back) tile attention are averaged."""
-        runs = [(n, p) for n in range(len(self.members)) for p in self.poses]  # (member, pose) pairs
-        embeddings: dict[tuple, list[torch.Tensor]] = {run: [] for run in runs}
-        attentions: dict[tuple, list[torch.Tensor]] = {run: [] for run in runs}
-        coords, chunk = [], []
+        coords: list[tuple[int, int]] = []
 
-        def flush() -> None:
-            pixels = torch.stack([torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1) for rgb in chunk])
-            if self.device.type == "cuda":
-                pixels = pixels.pin_memory()
-            pixels = pixels.to(self.device, non_blocking=True)
-            for n, posed in runs:
-                with self.autocast():
-                    embedded, attention = self._embed(self.members[n][0], pose(pixels, *posed))
-                embeddings[n, posed].append(embedded.float())
-                attentions[n, posed].append(unpose(attention.float().cpu(), *posed))
-            chunk.clear()
+        def chunks() -> Iterator[tuple[torch.Tensor, None]]:
+            rgbs = []
+            for x, y, rgb in regions:
+                coords.append((x, y))
+                rgbs.append(rgb)
+                if len(rgbs) == self.chunk_regions:
+                    yield self._device_pixels(rgbs), None
+                    rgbs = []
+            if rgbs:
+                yield self._device_pixels(rgbs), None
 
-        for x, y, rgb in regions:
-            coords.append((x, y))
-            chunk.append(rgb)
-            if len(chunk) == self.chunk_regions:
-                flush()
-        if chunk:
-            flush()
-        if not coords:
-            raise ValueError("no region with enough tissue")
-        with self.autocast():
-            probs, scores = zip(*(self._slide(*self.members[n], torch.cat(embeddings[n, posed])) for n, posed in runs))
-        tile_attention = np.mean([torch.cat(a).numpy() for a in attentions.values()], axis=0)
-        return SlidePrediction(np.mean(probs, axis=0), np.array(coords), size, np.mean(scores, axis=0), tile_attention)
+        scored = self.score(chunks(), return_attention=True)
+        return SlidePrediction(scored.probs, np.array(coords), size, scored.scores, scored.tile_attention)
 
 
 def card_paths(source: str | Path, fold: str | int = "all") -> list[Path]:

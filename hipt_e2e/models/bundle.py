@@ -148,6 +148,13 @@ def read_card(path: str | Path) -> tuple[dict[str, Any], Path]:
     return card, card_path
 
 
+def card_beside(weights: str | Path) -> Path | None:
+    """The model card of the run that wrote a weights file (its folder's), if there is one."""
+    weights = Path(weights)
+    card = weights / CARD if weights.is_dir() else weights.parent / CARD
+    return card if card.is_file() else None
+
+
 @dataclass
 class Bundle:
     """A trained model ready for prediction: HIPT encoders (+ slide model), or + a region FC head."""

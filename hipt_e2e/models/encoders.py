@@ -32,13 +32,11 @@ from typing import Any
 
 from torch import nn
 
-from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.models.bundle import (
     level_geometry,
     region_encoder_from,
     tile_architecture,
     tile_encoder_from,
-    tile_width,
 )
 from hipt_e2e.models.foundation import load_stage_weights, require_weights
 
@@ -59,14 +57,11 @@ def build_tile_encoder(model: Mapping[str, Any], drop_path_rate: float = 0.0) ->
     return tile_encoder_from(tile_architecture(model), drop_path_rate)
 
 
-def with_grid_width(model: dict[str, Any], grids: str) -> dict[str, Any]:
-    """model.region.in_dim, when unset, from the tile encoder that embedded the token grids `grids` (a
-    pretrained encoder's width: 1024 for UNI, 2560 for Virchow2); the preset's otherwise."""
-    if model["region"].get("in_dim") is None:
-        try:
-            model["region"]["in_dim"] = tile_width(tile_architecture(load_manifest(grids)["build_args"]["model"]))
-        except (KeyError, TypeError, ValueError):
-            pass  # grids not made by embed_tiles: the preset's width (a mismatch fails at the first batch)
+def with_grid_width(model: dict[str, Any], width: int | None) -> dict[str, Any]:
+    """model.region.in_dim, when unset, from the width of the token grids it will embed (their lineage's: a
+    pretrained encoder's width, 1024 for UNI, 2560 for Virchow2); the preset's when that is unknown."""
+    if model["region"].get("in_dim") is None and width is not None:
+        model["region"]["in_dim"] = width
     return model
 
 

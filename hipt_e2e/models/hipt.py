@@ -166,15 +166,14 @@ class HIPT(nn.Module):
                              f"got {tuple(tile_mask.shape)}")
         return n_regions, rows, cols
 
-    def _encode_regions(self, regions: torch.Tensor,
-                        tile_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def region_embeddings(self, regions: torch.Tensor, tile_mask: torch.Tensor | None = None,
+                          return_attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """uint8 regions [M, 3, H, W] -> region embeddings [M, 192] (callers bound M to bound memory), and with
+        return_attention the ViT4K's CLS attention over each region's tiles [M, heads, rows, cols]."""
         grids = self.token_grids(regions, tile_mask)
         with self._grad("tile", "region"):
-            return self.region_encoder.forward_with_attention(grids)
-
-    def region_embeddings(self, regions: torch.Tensor, tile_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 regions [M, 3, H, W] -> region embeddings [M, 192] (callers bound M to bound memory)."""
-        return self._encode_regions(regions, tile_mask)[0]
+            embeddings, attention = self.region_encoder.forward_with_attention(grids)
+        return (embeddings, attention) if return_attention else embeddings
 
     def forward(self, regions: torch.Tensor, tile_mask: torch.Tensor | None = None, return_attention: bool = False,
                 bag_sizes: Sequence[int] | None = None) -> torch.Tensor | tuple[torch.Tensor, HIPTAttention]:
@@ -184,7 +183,7 @@ class HIPT(nn.Module):
         logits [n_slides, n_classes]: the tile encoder and ViT4K see every region in one batch (small
         slides fill it), the slide model each slide's own.
         """
-        embeddings, tile_attention = self._encode_regions(regions, tile_mask)
+        embeddings, tile_attention = self.region_embeddings(regions, tile_mask, return_attention=True)
         if bag_sizes is not None:
             if return_attention:
                 raise ValueError("return_attention is for one slide at a time (no bag_sizes)")

@@ -4,8 +4,11 @@ Both take the same inputs as the slide transformer (`vit_wsi`), so recipes swap 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
+
+from hipt_e2e.errors import SettingError
 
 from .slide import GatedAttentionPool
 
@@ -42,3 +45,20 @@ class RegionFC(nn.Module):
 
 def abmil(n_classes: int, **kwargs) -> AttentionMIL:
     return AttentionMIL(n_classes, **kwargs)
+
+
+def vote(region_probs: np.ndarray, method: str = "majority") -> np.ndarray:
+    """Slide probabilities from its regions' probabilities [M, K].
+
+    majority: the share of regions predicting each class, ties broken by the mean probability
+    (a 1e-6 nudge that never outweighs one vote); mean: the mean probability.
+    """
+    region_probs = np.asarray(region_probs, dtype=np.float64)
+    mean = region_probs.mean(axis=0)
+    if method == "mean":
+        return mean
+    if method != "majority":
+        raise SettingError(f"unknown vote {method!r}; choose majority or mean")
+    votes = np.bincount(region_probs.argmax(axis=1), minlength=region_probs.shape[1]) / len(region_probs)
+    scores = votes + 1e-6 * mean
+    return scores / scores.sum()

@@ -1,4 +1,5 @@
-"""Training engines behind the recipes: DINO at the tile and region levels, checkpoints and exports."""
+"""Training engines behind the recipes: DINO at the tile and region levels, end-to-end and slide-level
+training, the cross-validation fold loop and what runs it (rescoring, the colour baseline), checkpoints and exports."""
 from hipt_e2e.models.encoders import (
     BACKBONE_EXPORT,
     REGION_MODEL_DEFAULTS,

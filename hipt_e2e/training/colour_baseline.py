@@ -19,9 +19,10 @@ from accelerate import Accelerator
 
 from hipt_e2e.config import HelpFormatter, setup_logging
 from hipt_e2e.data.discovery import slide_id_of_file
+from hipt_e2e.data.slides import SlideInfo
 from hipt_e2e.errors import run_main
 from hipt_e2e.evaluation.knn import colour_histograms, labelled_image_paths, linear_probe, load_rgb
-from hipt_e2e.evaluation.splits import Fold, SlideInfo
+from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.training.folds import run_folds
 
 log = logging.getLogger(__name__)

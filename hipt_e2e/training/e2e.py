@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from functools import partial
 from itertools import groupby
@@ -45,12 +45,13 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from hipt_e2e.data.augment import AUGMENT_DEFAULTS, augment_regions, check_augment, pose, tta_poses
+from hipt_e2e.data.augment import AUGMENT_DEFAULTS, augment_regions, check_augment, tta_poses
 from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.data.samples import decode_mode, device_pixels
 from hipt_e2e.errors import SettingError
 from hipt_e2e.evaluation.metrics import classification_metrics
 from hipt_e2e.evaluation.splits import Fold
+from hipt_e2e.inference.scoring import UPRIGHT, Pose, score_slide
 from hipt_e2e.io import atomic_write_json
 from hipt_e2e.models import HIPT, TileViT, model_preset, select_attention
 from hipt_e2e.models.bundle import (
@@ -251,25 +252,22 @@ def fsdp_plugin() -> FullyShardedDataParallelPlugin:
     return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="no_wrap", reshard_after_forward=True)
 
 
-@torch.no_grad()
+def scorer_chunks(chunks: Iterable[dict], device: torch.device,
+                  min_tile_tissue: float) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Chunks of shard regions (ShardRegions items) as the slide scorer takes them: the pixels on `device`
+    and the mask of the tiles below min_tile_tissue (hipt_e2e.inference.scoring.score_slide)."""
+    for part in chunks:
+        mask = tile_mask(part["tissue"], min_tile_tissue)
+        yield device_pixels(part["pixels"], device), mask.to(device) if mask is not None else None
+
+
 def slide_probabilities(model: HIPT, chunks: Iterable[dict], device: torch.device, min_tile_tissue: float,
                         autocast: Callable[[], AbstractContextManager],
-                        poses: Sequence[tuple[bool, int]] = ((False, 0),)) -> dict[str, np.ndarray]:
-    """Slide id -> class probabilities from chunks of its regions (consecutive items of one slide):
-    region embeddings chunk by chunk, then the slide model over all of them; with several poses (test-time
-    augmentation) once per pose, every region and its tile mask in that pose, the probabilities averaged."""
-    probs = {}
-    for slide_id, parts in groupby(chunks, key=lambda item: item["slide_id"]):
-        embeddings: dict[tuple[bool, int], list[torch.Tensor]] = {posed: [] for posed in poses}
-        with autocast():
-            for part in parts:
-                pixels, mask = device_pixels(part["pixels"], device), tile_mask(part["tissue"], min_tile_tissue)
-                for posed in poses:
-                    embeddings[posed].append(model.region_embeddings(
-                        pose(pixels, *posed), pose(mask, *posed).to(device) if mask is not None else None))
-            logits = [model.slide_model(torch.cat(posed)) for posed in embeddings.values()]
-        probs[slide_id] = np.mean([part.float().softmax(dim=-1)[0].cpu().numpy() for part in logits], axis=0)
-    return probs
+                        poses: Sequence[Pose] = UPRIGHT) -> dict[str, np.ndarray]:
+    """Slide id -> class probabilities from chunks of its regions (consecutive items of one slide), by the
+    slide scorer: with several poses (test-time augmentation) once per pose, the probabilities averaged."""
+    return {slide_id: score_slide([(model, None)], scorer_chunks(parts, device, min_tile_tissue), poses, autocast).probs
+            for slide_id, parts in groupby(chunks, key=lambda item: item["slide_id"])}
 
 
 # ------------------------------------------------------------------------------------------ one fold

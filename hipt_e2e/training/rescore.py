@@ -9,11 +9,12 @@ splits, the same fold models, the same test slides; `hipt_e2e.evaluation.compare
 RUN: a finished run of e2e, train_wsi or train_fc (splits.csv, fold folders with model cards). The slides'
 regions are read from region shards: the run's data.shards, or for a staged run (its data are region bags)
 the region shards its bags were embedded from, traced through the embedding manifests (or --shards, e.g.
-the same shards at another URL). Every fold model scores its own
-test slides through the prediction code path (`hipt_e2e.inference.predict.Predictor`, every region of a
-slide). OUT gets what the run wrote (splits.csv - the run's -, predictions.csv, metrics.json, report.md)
-plus rescore.json: per fold the seconds, the tiles scored and tiles/s (each tile counted once, whatever
-the number of poses), the cost the paired comparison sets against the gain.
+the same shards at another URL). Every fold model scores its own test slides through the slide scorer of
+prediction and e2e evaluation (`hipt_e2e.inference.scoring`: every region of a slide, the tiles below the
+run's data.min_tile_tissue skipped as it evaluated). OUT gets what the run wrote (splits.csv - the run's -,
+predictions.csv, metrics.json, report.md) plus rescore.json: per fold the seconds, the tiles scored and
+tiles/s (each tile counted once, whatever the number of poses), the cost the paired comparison sets against
+the gain.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from hipt_e2e.errors import SettingError, UserError, run_main
 from hipt_e2e.evaluation.splits import Fold, read_splits
 from hipt_e2e.inference.predict import PREDICT_DEFAULTS, Predictor, predictor_from_cards
 from hipt_e2e.io import atomic_write_json
+from hipt_e2e.training.e2e import scorer_chunks
 from hipt_e2e.training.folds import run_folds
 
 
@@ -78,13 +80,11 @@ def rescore(run: str | Path, out: str | Path, tta: str = "dihedral", shards: str
     else no (fp32, as the staged recipes embed by default)."""
     run, out = Path(run), Path(out)
     source = _source_config(run)
-    if (source.get("data") or {}).get("min_tile_tissue"):
-        raise UserError(f"{run} skipped tiles below data.min_tile_tissue={source['data']['min_tile_tissue']}; "
-                         "the prediction path scores every tile, so its scores would not be the run's")
     shards = shards or (source.get("data") or {}).get("shards")
     if not shards:
         raise SettingError(f"{run}: its config names no data.shards; give shards=, the region shards it was trained on")
     shards = pixel_shards(shards)
+    min_tile_tissue = (source.get("data") or {}).get("min_tile_tissue") or 0.0
     precision = mixed_precision or (source.get("train") or {}).get("mixed_precision") or "no"
     accelerator = Accelerator(mixed_precision=precision)
     regions = ShardRegions(shards, regions_per_slide=None, seed=0)
@@ -99,9 +99,7 @@ def rescore(run: str | Path, out: str | Path, tta: str = "dihedral", shards: str
         for slide in fold.test[accelerator.process_index::accelerator.num_processes]:
             chunks = [regions[key] for key in regions.chunks(slide, chunk_regions)]
             n_regions += sum(len(chunk["pixels"]) for chunk in chunks)
-            probs[slide] = predictor.predict(((x, y, rgb) for chunk in chunks for (x, y), rgb in
-                                              zip(chunk["coords"].tolist(), chunk["pixels"].permute(0, 2, 3, 1).numpy())),
-                                             predictor.geometry.region_px).probs
+            probs[slide] = predictor.score(scorer_chunks(chunks, accelerator.device, min_tile_tissue)).probs
         parts = gather_object([(probs, n_regions, time.perf_counter() - start)])
         merged = {slide: p for part, _, _ in parts for slide, p in part.items()}
         seconds, tiles = max(part[2] for part in parts), sum(part[1] for part in parts) * tiles_per_region

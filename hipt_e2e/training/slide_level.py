@@ -26,13 +26,14 @@ from torch import nn
 
 from hipt_e2e.data.embeddings import SlideBag, read_slide_bags
 from hipt_e2e.data.manifest import load_manifest
+from hipt_e2e.data.slides import SlideInfo
 from hipt_e2e.errors import SettingError
-from hipt_e2e.evaluation.metrics import classification_metrics, selection_key, vote
-from hipt_e2e.evaluation.splits import Fold, SlideInfo
+from hipt_e2e.evaluation.metrics import classification_metrics, selection_key
+from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.io import atomic_write_json
 from hipt_e2e.models.bundle import level_geometry, slide_model_from, tile_architecture, tile_normalisation, write_card
 from hipt_e2e.models.foundation import sha256, weights_file
-from hipt_e2e.models.mil import RegionFC
+from hipt_e2e.models.mil import RegionFC, vote
 from hipt_e2e.progress import progress
 from hipt_e2e.training.checkpointing import export_safetensors
 from hipt_e2e.training.folds import run_folds

@@ -33,9 +33,9 @@ from torch import nn
 
 from hipt_e2e.config import load_yaml
 from hipt_e2e.data.embeddings import read_slide_bags
-from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.errors import SettingError, run_main
 from hipt_e2e.evaluation.ablation import folds_text, paired_answer, write_ablation
+from hipt_e2e.lineage import read_lineage
 from hipt_e2e.training import BACKBONE_EXPORT, TRAIN_LOG, build_tile_encoder, load_encoder_weights, recipe_config
 from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, cross_validate
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
     cfg["encoders"] = cfg["encoders"] or DEFAULT_ENCODERS
     shards = cfg["data"]["shards"]
-    tile_px = load_manifest(shards)["build_args"]["tile_px"]
+    tile_px = read_lineage(shards).geometry.tile_px
     start, variants, speed, budgets = time.time(), {}, {}, {}
     for name, encoder_args in cfg["encoders"].items():
         out = Path(cfg["out"]) / name

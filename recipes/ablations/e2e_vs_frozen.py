@@ -24,6 +24,7 @@ from accelerate import PartialState
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.errors import SettingError, run_main
 from hipt_e2e.evaluation.ablation import folds_text, paired_answer, write_ablation
+from hipt_e2e.lineage import read_lineage
 from hipt_e2e.training.e2e import E2E_DEFAULTS, train_e2e
 from hipt_e2e.training.recipe import recipe_config
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not PartialState().is_main_process:
         return variants
     manifest = load_manifest(cfg["data"]["shards"])
+    geometry = read_lineage(manifest).geometry
     train, weights = cfg["train"], cfg["model"]["weights"]
     start_from = ", ".join(f"{stage} {path}" for stage, path in weights.items() if path) or "random init (seeded)"
     write_ablation(cfg["docs"], "e2e_vs_frozen", "End-to-end fine-tuning vs a frozen encoder",
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "step of end to end sees less of a slide at several times the cost. Fields of 1-2 "
                              "regions, all used in every step, are the case most favourable to end to end.",
                    setup=f"{len(manifest['slides'])} slides from `{cfg['data']['shards']}` "
-                         f"({manifest['build_args']['region_px']} px regions of {manifest['build_args']['tile_px']} "
+                         f"({geometry.region_px} px regions of {geometry.tile_px} "
                          f"px tiles); start: {start_from}; model preset {cfg['model']['preset']}; "
                          f"{folds_text(cfg)}, imbalance {cfg['imbalance']}; "
                          + (f"every variant trains {train['epochs']} epochs without early stopping, "

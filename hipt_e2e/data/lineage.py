@@ -1,0 +1,146 @@
+"""Typed lineage: what a shard set holds and what made it, in every manifest and model card.
+
+A set's lineage is its kind (pixels, token grids, region or tile embeddings, slide bags of unknown making),
+its geometry (region px, tile px, um/px and so the tile grid; the embedding width where it holds
+embeddings), the set it was made from (location and the sha256 of that set's manifest.json) and the
+encoders that embedded it, carried forward from step to step so that one manifest tells the whole story.
+Writers record `Lineage.as_dict()` under the manifest's "lineage" key; `hipt_e2e.lineage.read_lineage` is
+the one reader (it converts the manifests of earlier versions). `check_geometry` is the one test that data
+fit a model: hipt-predict, rescore, e2e from weights and both embedding steps refuse a mismatch with it,
+naming both geometries. Nothing is resampled to make data fit: a model runs at the geometry it was trained at.
+
+`Geometry` records what data hold or a model was trained on, any part possibly unknown (a `.pt` set's
+regions have no fixed size); `hipt_e2e.data.tiling.RegionGeometry` is the complete recipe for cutting regions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hipt_e2e.data.manifest import MANIFEST
+from hipt_e2e.data.storage import child, is_url, read_bytes
+from hipt_e2e.data.tiling import RegionGeometry
+from hipt_e2e.errors import InputError
+
+PIXELS = "pixels"  # hipt-shards build: regions (or .pt tiles) as image pixels
+TOKEN_GRIDS = "token_grids"  # embed_tiles: one grid of tile embeddings per region
+REGION_EMBEDDINGS = "region_embeddings"  # embed_regions: one bag of region embeddings per slide
+TILE_EMBEDDINGS = "tile_embeddings"  # embed_regions embed.level=tile: one bag of tile embeddings per slide
+SLIDE_BAGS = "slide_bags"  # bags written by write_slide_bags from features made elsewhere
+PIXEL_INPUTS = ("slides", "images", "pt")  # the manifest kinds of hipt-shards build
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Region and tile size in pixels at mpp um/px, and the width of the embeddings; None where unknown."""
+
+    region_px: int | None = None
+    tile_px: int | None = None
+    mpp: float | None = None
+    width: int | None = None  # embedding width of a set of embeddings (None: pixels)
+
+    @property
+    def grid(self) -> int | None:
+        """Tiles per region side."""
+        return self.region_px // self.tile_px if self.region_px and self.tile_px else None
+
+    def describe(self) -> str:
+        """E.g. '128 px regions of 32 px tiles at 0.5 um/px, 48-d embeddings'."""
+        text = f"{self.tile_px} px tiles" if self.tile_px else ""
+        if self.region_px:
+            text = f"{self.region_px} px regions" + (f" of {text}" if text else "")
+        text += f" at {self.mpp:g} um/px" if self.mpp else ""
+        text += f", {self.width}-d embeddings" if self.width else ""
+        return text.strip(" ,") or "no recorded geometry"
+
+    def differs_from(self, other: Geometry) -> bool:
+        """True when a size both record differs (unknown sizes are not compared)."""
+        for name in ("region_px", "tile_px", "mpp", "width"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine is not None and theirs is not None and not math.isclose(mine, theirs, rel_tol=1e-6):
+                return True
+        return False
+
+    @classmethod
+    def of_regions(cls, regions: RegionGeometry) -> Geometry:
+        """The geometry of regions cut as `regions` says (a model that reads them, say)."""
+        return cls(regions.region_px, regions.tile_px, regions.mpp)
+
+    def pixel_fields(self) -> dict[str, Any]:
+        """The card keys of a model trained at this geometry (hipt_e2e.models.bundle)."""
+        return {"region_px": self.region_px, "tile_px": self.tile_px, "mpp": self.mpp}
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """An encoder that embedded a set: its resolved architecture and the weights it ran with."""
+
+    architecture: Mapping[str, Any]
+    weights: str | None = None  # resolved path; None: randomly initialised
+    sha256: str | None = None  # a pretrained encoder's authors' file (the card loads exactly that file)
+    card: str | None = None  # the model card beside the weights, when they came from one
+    normalisation: str | None = None  # a tile encoder's pixel normalisation
+
+
+@dataclass(frozen=True)
+class Source:
+    """The shard set a set was made from."""
+
+    shards: str  # folder or URL
+    manifest_sha256: str | None  # of its manifest.json; None when converted from an earlier version
+
+
+@dataclass(frozen=True)
+class Lineage:
+    kind: str
+    geometry: Geometry
+    source: Source | None = None
+    tile_encoder: Encoder | None = None
+    region_encoder: Encoder | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The manifest's and card's "lineage" entry (with the derived tile grid, for readers)."""
+        return {**dataclasses.asdict(self), "geometry": {**dataclasses.asdict(self.geometry), "grid": self.geometry.grid}}
+
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any]) -> Lineage:
+        def part(kind: type, value: Mapping[str, Any] | None) -> Any:
+            names = {field.name for field in dataclasses.fields(kind)}
+            return None if value is None else kind(**{k: v for k, v in value.items() if k in names})
+
+        return cls(entry["kind"], part(Geometry, entry["geometry"]), part(Source, entry.get("source")),
+                   part(Encoder, entry.get("tile_encoder")), part(Encoder, entry.get("region_encoder")))
+
+
+# ------------------------------------------------------------------------------------------ writing
+def pixel_lineage(settings: Mapping[str, Any]) -> Lineage:
+    """The lineage of a hipt-shards build with these settings. `.pt` inputs are taken as they are: their
+    regions have no fixed size and their resolution is the stated slide_mpp, if any."""
+    if settings.get("kind") == "pt":
+        return Lineage(PIXELS, Geometry(None, settings.get("tile_px"), settings.get("slide_mpp")))
+    return Lineage(PIXELS, Geometry(settings.get("region_px"), settings.get("tile_px"), settings.get("mpp")))
+
+
+def source_of(manifest: Mapping[str, Any]) -> Source:
+    """A loaded manifest's set as the source of another: its location (a local one absolute) and the
+    sha256 of its manifest.json."""
+    root = str(manifest["root"])
+    digest = hashlib.sha256(read_bytes(child(root, MANIFEST))).hexdigest()
+    return Source(root if is_url(root) else str(Path(root).resolve()), digest)
+
+
+# ------------------------------------------------------------------------------------------ checking
+def card_geometry(card: Mapping[str, Any]) -> Geometry:
+    """The geometry a model card says its model was trained at (the parts it records)."""
+    return Geometry(card.get("region_px"), card.get("tile_px"), card.get("mpp"))
+
+
+def check_geometry(data: Geometry, data_name: str | Path, model: Geometry, model_name: str | Path) -> None:
+    """Refuse data whose geometry differs from the model's where both record it, naming both."""
+    if data.differs_from(model):
+        raise InputError(data_name, f"{data.describe()}; the model ({model_name}) was trained on {model.describe()}")
