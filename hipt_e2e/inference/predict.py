@@ -38,6 +38,7 @@ from accelerate.utils import gather_object
 from hipt_e2e.config import HelpFormatter, resolve_config, save_config, setup_logging
 from hipt_e2e.data.augment import tta_poses
 from hipt_e2e.data.discovery import SlideFile, find_slides
+from hipt_e2e.data.lineage import Geometry, check_geometry
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.data.sources import (
     ImageReader,
@@ -53,6 +54,7 @@ from hipt_e2e.inference.geojson import slide_features
 from hipt_e2e.inference.heatmaps import plot_region_heatmap, plot_tile_heatmap, region_score_map, top_regions
 from hipt_e2e.inference.scoring import Member, SlideScore, score_slide
 from hipt_e2e.io import atomic_write_text
+from hipt_e2e.lineage import read_lineage
 from hipt_e2e.models import HIPT, load_checkpoint, model_preset, select_attention
 from hipt_e2e.models.bundle import CARD, load_bundle
 from hipt_e2e.models.mil import RegionFC
@@ -336,14 +338,18 @@ def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor
     accelerator = Accelerator(mixed_precision=cfg["mixed_precision"] or None)
     predictor = (predictor or build_predictor(cfg)).to(accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
+    preset = model_preset(cfg["model"]["preset"])
+    region_px = cfg["geometry"]["region_px"] or preset["tile_px"] * preset["region_tiles"]
+    geometry = predictor.geometry or RegionGeometry(region_px, preset["tile_px"], cfg["geometry"]["mpp"])
+    if cfg["input_kind"] == "shards":  # slides are read at the model's geometry; shards hold theirs
+        for root in inputs:
+            check_geometry(read_lineage(root).geometry, root, Geometry.of_regions(geometry),
+                           cfg["model"]["card"] or "model.* and geometry.* settings")
     out = Path(cfg["out"])
     if accelerator.is_main_process:
         (out / "heatmaps").mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
     accelerator.wait_for_everyone()
-    preset = model_preset(cfg["model"]["preset"])
-    region_px = cfg["geometry"]["region_px"] or preset["tile_px"] * preset["region_tiles"]
-    geometry = predictor.geometry or RegionGeometry(region_px, preset["tile_px"], cfg["geometry"]["mpp"])
     if cfg["input_kind"] == "shards":
         every: Iterable = (s for root in inputs for s in _shard_inputs(str(root), cfg))
         slides: Iterable = (s for n, s in enumerate(every) if n % world == rank)

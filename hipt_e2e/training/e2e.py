@@ -53,6 +53,7 @@ from hipt_e2e.evaluation.metrics import classification_metrics
 from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.inference.scoring import UPRIGHT, Pose, score_slide
 from hipt_e2e.io import atomic_write_json
+from hipt_e2e.lineage import check_weights, read_lineage
 from hipt_e2e.models import HIPT, TileViT, model_preset, select_attention
 from hipt_e2e.models.bundle import (
     hipt_from,
@@ -294,7 +295,8 @@ class FoldTrainer:
         self.checkpoint_path = fold_dir / CHECKPOINT
 
         torch.manual_seed(self.seed)  # the same initial weights on every process
-        self.tile_px = regions.manifest["build_args"]["tile_px"]
+        self.lineage = read_lineage(regions.manifest)  # the training data's, for the card
+        self.tile_px = self.lineage.geometry.tile_px
         model = select_attention(build_model(cfg, self.n_classes, self.tile_px), self.device, accelerator.mixed_precision)
         self.eval_model = copy.deepcopy(model).to(self.device).eval()
         # what training changes: checkpoints, the selected state and the export hold only these (all keys
@@ -466,7 +468,7 @@ class FoldTrainer:
 
     def _card(self) -> dict[str, Any]:
         """What hipt_e2e.models.load_bundle needs to rebuild the selected model, and what it scored."""
-        model_cfg, build_args = self.cfg["model"], self.regions.manifest["build_args"]
+        model_cfg, geometry = self.cfg["model"], self.lineage.geometry
         arch = architecture(model_cfg)
         test_y = [self.labels[slide] for slide in self.fold.test]
         return {
@@ -474,7 +476,7 @@ class FoldTrainer:
             "normalisation": tile_normalisation(arch["tile"], model_cfg["normalisation"]), "tile_px": self.tile_px,
             # a pretrained tile encoder's base weights (path, sha256): the run saved only what trained
             "tile_base": getattr(self.eval_model.tile_encoder, "weights", None),
-            "region_px": build_args["region_px"], "mpp": build_args.get("mpp"), "head": "slide",
+            "region_px": geometry.region_px, "mpp": geometry.mpp, "lineage": self.lineage.as_dict(), "head": "slide",
             "frozen": {"tile": model_cfg["freeze_tile"], "region": model_cfg["freeze_region"]},
             "initial_weights": {stage: str(Path(path).resolve()) if path else None
                                 for stage, path in model_cfg["weights"].items()},
@@ -539,10 +541,12 @@ def _train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
                            decode=decode_mode(data["decode"], accelerator.device), cache_dir=data["cache_dir"],
                            cache_bytes=int(data["cache_gb"] * 2**30))
     classes = regions.manifest["classes"]
+    geometry = read_lineage(regions.manifest).geometry
+    check_weights(cfg["model"]["weights"], geometry, data["shards"])  # weights from a run with a card: its geometry
     log.info("global batch %d slides = %d per process x %d processes, %s regions per slide of %d px tiles "
              "(model.preset %s); %s precision; parallelism %s; JPEG decoded on the %s",
              train["grad_accum"] * accelerator.num_processes, train["grad_accum"], accelerator.num_processes,
-             cfg["data"]["regions_per_slide"] or "all", regions.manifest["build_args"]["tile_px"], cfg["model"]["preset"],
+             cfg["data"]["regions_per_slide"] or "all", geometry.tile_px, cfg["model"]["preset"],
              accelerator.mixed_precision, accelerator.distributed_type.value, regions.decoder.decode)
     run_steps = 0
 

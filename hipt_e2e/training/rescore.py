@@ -31,13 +31,13 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from hipt_e2e.config import HelpFormatter, setup_logging
-from hipt_e2e.data.embeddings import KIND as BAGS_KIND
-from hipt_e2e.data.manifest import GRIDS_KIND, load_manifest
+from hipt_e2e.data.lineage import PIXELS, Geometry, check_geometry
 from hipt_e2e.data.regions import ShardRegions
-from hipt_e2e.errors import SettingError, UserError, run_main
+from hipt_e2e.errors import InputError, SettingError, UserError, run_main
 from hipt_e2e.evaluation.splits import Fold, read_splits
 from hipt_e2e.inference.predict import PREDICT_DEFAULTS, Predictor, predictor_from_cards
 from hipt_e2e.io import atomic_write_json
+from hipt_e2e.lineage import read_lineage
 from hipt_e2e.training.e2e import scorer_chunks
 from hipt_e2e.training.folds import run_folds
 
@@ -51,9 +51,12 @@ def _source_config(run: Path) -> dict:
 
 def pixel_shards(shards: str) -> str:
     """The region shards (pixels) behind a shard set: itself, or the shards its embeddings were made from
-    (slide bags <- token grids <- region shards), as each embedding manifest recorded them."""
-    while (manifest := load_manifest(shards)).get("kind") in (BAGS_KIND, GRIDS_KIND):
-        shards = manifest["build_args"]["data"]["shards"]
+    (slide bags <- token grids <- region shards), as each lineage records them."""
+    while (lineage := read_lineage(shards)).kind != PIXELS:
+        if lineage.source is None:
+            raise InputError(shards, f"holds {lineage.kind} of unrecorded origin; give --shards, the region shards "
+                                     "the run was trained on")
+        shards = lineage.source.shards
     return shards
 
 
@@ -64,13 +67,13 @@ def _fold_predictor(run: Path, fold: Fold, tta: str, chunk_regions: int, trusted
     return predictor_from_cards(cfg)
 
 
-def _check_geometry(predictor: Predictor, regions: ShardRegions, classes: list[str], where: str) -> None:
-    build = regions.manifest["build_args"]
-    trained = (predictor.classes, predictor.geometry.region_px, predictor.geometry.tile_px)
-    found = (classes, build["region_px"], build["tile_px"])
-    if trained != found:
-        raise UserError(f"{where}: its model was trained on classes / region px / tile px {trained}, the shards "
-                         f"{regions.manifest['root']} hold {found}; give the region shards the run was trained on")
+def _check_fit(predictor: Predictor, regions: ShardRegions, geometry: Geometry, where: str) -> None:
+    """The shards must hold the classes and the geometry the fold model was trained on."""
+    if predictor.classes != regions.manifest["classes"]:
+        raise UserError(f"{where}: its model was trained on classes {predictor.classes}, the shards "
+                        f"{regions.manifest['root']} hold {regions.manifest['classes']}; give the region shards "
+                        "the run was trained on")
+    check_geometry(geometry, regions.manifest["root"], Geometry.of_regions(predictor.geometry), where)
 
 
 def rescore(run: str | Path, out: str | Path, tta: str = "dihedral", shards: str | None = None,
@@ -89,12 +92,13 @@ def rescore(run: str | Path, out: str | Path, tta: str = "dihedral", shards: str
     accelerator = Accelerator(mixed_precision=precision)
     regions = ShardRegions(shards, regions_per_slide=None, seed=0)
     classes = list(regions.manifest["classes"])
-    tiles_per_region = (regions.manifest["build_args"]["region_px"] // regions.manifest["build_args"]["tile_px"]) ** 2
+    geometry = read_lineage(regions.manifest).geometry
+    tiles_per_region = geometry.grid ** 2
     cost: dict[str, dict] = {}
 
     def test_probs(fold: Fold, fold_dir: Path) -> np.ndarray:
         predictor = _fold_predictor(run, fold, tta, chunk_regions, trusted).to(accelerator)
-        _check_geometry(predictor, regions, classes, str(run / fold.name))
+        _check_fit(predictor, regions, geometry, str(run / fold.name))
         start, probs, n_regions = time.perf_counter(), {}, 0
         for slide in fold.test[accelerator.process_index::accelerator.num_processes]:
             chunks = [regions[key] for key in regions.chunks(slide, chunk_regions)]

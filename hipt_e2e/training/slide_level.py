@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,14 +25,14 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from hipt_e2e.data.embeddings import SlideBag, read_slide_bags
-from hipt_e2e.data.manifest import load_manifest
+from hipt_e2e.data.lineage import REGION_EMBEDDINGS
 from hipt_e2e.data.slides import SlideInfo
 from hipt_e2e.errors import SettingError
 from hipt_e2e.evaluation.metrics import classification_metrics, selection_key
 from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.io import atomic_write_json
-from hipt_e2e.models.bundle import level_geometry, slide_model_from, tile_architecture, tile_normalisation, write_card
-from hipt_e2e.models.foundation import sha256, weights_file
+from hipt_e2e.lineage import read_lineage
+from hipt_e2e.models.bundle import slide_model_from, write_card
 from hipt_e2e.models.mil import RegionFC, vote
 from hipt_e2e.progress import progress
 from hipt_e2e.training.checkpointing import export_safetensors
@@ -76,33 +76,22 @@ def build_slide_model(cfg: dict, n_classes: int, dim: int) -> nn.Module:
     return slide_model_from(slide_architecture(cfg, dim), n_classes)
 
 
-def _resolved(path: str | None) -> str:
-    if not path:
-        raise ValueError("no weights recorded (a randomly initialised encoder)")
-    return str(Path(path).resolve())
-
-
-def embedding_stages(bags: str | Path | None) -> dict[str, Any] | None:
-    """The tile and region encoders (architecture and weights) and the pixel geometry that slide-embedding
-    bags were made with, traced through the configs embed_regions and embed_tiles recorded in their
-    manifests; None when the bags were not made that way (or from random encoders)."""
-    try:
-        regions = load_manifest(bags)["build_args"]
-        if regions["embed"].get("level") == "tile":
-            return None  # bags of tile embeddings: no region stage to rebuild
-        tiles = load_manifest(regions["data"]["shards"])["build_args"]
-        pixels = load_manifest(tiles["data"]["shards"])["build_args"]
-        tile = {"architecture": tile_architecture(tiles["model"]), "weights": _resolved(tiles["model"]["weights"])}
-        if "entry" in tile["architecture"]:  # a pretrained encoder: its authors' file, named by its hash too
-            tile["sha256"] = sha256(weights_file(tile["weights"]))
-        return {"tile": tile,
-                "region": {"architecture": level_geometry(regions["model"], "region"),
-                           "weights": _resolved(regions["model"]["weights"])},
-                "normalisation": tile_normalisation(tile["architecture"], tiles["embed"]["normalisation"]),
-                "tile_px": pixels["tile_px"],
-                "region_px": pixels["region_px"], "mpp": pixels["mpp"]}
-    except (KeyError, TypeError, ValueError, FileNotFoundError):
+def embedding_stages(bags: str | Path | Mapping) -> dict[str, Any] | None:
+    """The tile and region encoders (architecture and weights), the pixel normalisation and the geometry
+    that region embeddings were made with, as their lineage records them; None for bags made otherwise
+    (tile embeddings: no region stage to rebuild) or by an encoder without weights (random) or whose
+    authors' file is not known by its hash."""
+    lineage = read_lineage(bags)
+    tile, region = lineage.tile_encoder, lineage.region_encoder
+    if lineage.kind != REGION_EMBEDDINGS or tile is None or region is None or not (tile.weights and region.weights):
         return None
+    pretrained = "entry" in tile.architecture  # its authors' file, named by its hash too
+    if pretrained and tile.sha256 is None:
+        return None
+    return {"tile": {"architecture": dict(tile.architecture), "weights": tile.weights,
+                     **({"sha256": tile.sha256} if pretrained else {})},
+            "region": {"architecture": dict(region.architecture), "weights": region.weights},
+            "normalisation": tile.normalisation, **lineage.geometry.pixel_fields()}
 
 
 def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
@@ -327,13 +316,16 @@ def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], cl
 
 
 def slide_model_card(cfg: dict, classes: list[str], dim: int, fold: Fold, test_metrics: dict) -> dict[str, Any]:
-    """A staged fold model's card: its own architecture and, under "stages", the encoders of its bags."""
-    stages = embedding_stages(cfg["data"]["shards"])
+    """A staged fold model's card: its own architecture, under "stages" the encoders of its bags, the
+    geometry they were embedded at and their lineage."""
+    shards = cfg["data"]["shards"]
+    stages = embedding_stages(shards) if shards else None
     pixels = {key: stages.pop(key) for key in ("normalisation", "tile_px", "region_px", "mpp")} if stages else {}
     return {"kind": "slide_model", "source": f"train_{'fc' if cfg['model']['name'] == 'fc' else 'wsi'}",
             "architecture": {"slide": slide_architecture(cfg, dim)}, "classes": classes,
             "head": "fc" if cfg["model"]["name"] == "fc" else "slide", "vote": cfg["vote"], "stages": stages,
-            **pixels, "fold": {"repeat": fold.repeat, "index": fold.index}, "test_metrics": test_metrics}
+            **pixels, "lineage": read_lineage(shards).as_dict() if shards else None,
+            "fold": {"repeat": fold.repeat, "index": fold.index}, "test_metrics": test_metrics}
 
 
 def cross_validate(bags: Sequence[SlideBag], classes: Sequence[str], cfg: dict,
