@@ -1,18 +1,26 @@
-"""Config in, artefacts out: YAML files plus dotted `key=value` overrides, and logging setup.
+"""Config in, artefacts out: YAML files plus dotted `key=value` overrides, typed settings, and logging setup.
 
 Every recipe and CLI resolves its settings the same way: built-in defaults <- `--config FILE` <- command
 line flags <- `a.b=value` overrides, and writes the resolved result next to its outputs so that every
 artefact says exactly how it was made.
+
+Typed settings are dataclasses deriving from `Settings`: the defaults are the fields' defaults, a section is
+a field whose type is another `Settings`, choices are `Literal[...]`, bounds are `bound(default, low, high)`.
+`Settings.from_mapping` validates once, at the entry point (unknown keys, types, choices, bounds), with
+errors naming the dotted key; the library then reads attributes, never string keys.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import re
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -105,11 +113,123 @@ def resolve_config(defaults: Mapping, config_file: str | Path | None = None,
     return cfg
 
 
-def save_config(cfg: Mapping, out_dir: str | Path, name: str = "config.yaml") -> Path:
+def save_config(cfg: Mapping | Settings, out_dir: str | Path, name: str = "config.yaml") -> Path:
     """Write the resolved config next to the outputs (atomically)."""
     path = Path(out_dir) / name
-    atomic_write_text(path, yaml.safe_dump(dict(cfg), sort_keys=False))
+    values = cfg.to_mapping() if isinstance(cfg, Settings) else dict(cfg)
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
     return path
+
+
+# ------------------------------------------------------------------------------------------ typed settings
+S = TypeVar("S", bound="Settings")
+
+
+def bound(default: Any, low: float | None = None, high: float | None = None) -> Any:
+    """A numeric setting with inclusive bounds (None: open), checked by Settings.from_mapping."""
+    return dataclasses.field(default=default, metadata={"bounds": (low, high)})
+
+
+def section(kind: type[S]) -> Any:
+    """A field holding a sub-section with its own defaults."""
+    return dataclasses.field(default_factory=kind)
+
+
+def _type_name(kind: Any) -> str:
+    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
+
+
+def _checked(kind: Any, value: Any, key: str) -> Any:
+    """`value` as a setting of type `kind` (int -> float where a float is asked for; lists -> tuples), or a
+    SettingError naming `key`."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _checked(option, value, key)
+            except SettingError as error:
+                errors.append(error)
+        raise errors[0] if len(errors) == 1 else SettingError(
+            f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise SettingError(f"{key}: choose one of {list(args)}, got {value!r}")
+        return value
+    if isinstance(kind, type) and issubclass(kind, Settings):
+        if not isinstance(value, Mapping):
+            raise SettingError(f"{key}: expected a section (a mapping), got {value!r}")
+        return kind.from_mapping(value, f"{key}.")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise SettingError(f"{key}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_checked(item, v, f"{key}[{n}]") for n, v in enumerate(value))
+    if origin is dict or kind is dict:
+        if not isinstance(value, Mapping):
+            raise SettingError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float) and isinstance(value, bool) or not isinstance(value, kind):
+        raise SettingError(f"{key}: expected {_type_name(kind)}, got {value!r}")
+    return value
+
+
+def _in_bounds(field: dataclasses.Field, value: Any, key: str) -> None:
+    low, high = field.metadata.get("bounds", (None, None))
+    if value is not None and ((low is not None and value < low) or (high is not None and value > high)):
+        span = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+        raise SettingError(f"{key}: must be {span}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Base of every typed settings section (see the module docstring)."""
+
+    @classmethod
+    def from_mapping(cls: type[S], values: Mapping[str, Any], prefix: str = "") -> S:
+        """A validated instance from YAML-like values; missing keys keep their defaults."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise UnknownSettingError(f"unknown setting {prefix + unknown[0]!r}; known keys here: {sorted(fields)}")
+        hints = typing.get_type_hints(cls)
+        checked = {}
+        for name, value in values.items():
+            checked[name] = _checked(hints[name], value, prefix + name)
+            _in_bounds(fields[name], checked[name], prefix + name)
+        return cls(**checked)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Plain YAML-ready values (sections as mappings, tuples as lists), in field order."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, Settings):
+                return value.to_mapping()
+            if isinstance(value, tuple):
+                return [plain(v) for v in value]
+            return copy.deepcopy(value)
+
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def with_changes(self: S, **dotted: Any) -> S:
+        """A copy with dotted changes (`**{"model.freeze_tile": True}`), validated as the user's would be."""
+        return resolve_settings(type(self), base=self, changes=dotted)
+
+
+def resolve_settings(kind: type[S], config_file: str | Path | None = None, overrides: Sequence[str] = (), *,
+                     base: Settings | None = None, changes: Mapping[str, Any] | None = None) -> S:
+    """Defaults (or `base`) <- YAML file <- `key=value` overrides <- `changes`, validated into `kind`."""
+    defaults = (base or kind()).to_mapping()
+    values = resolve_config(defaults, config_file, overrides)
+    free_form = _free_form(defaults)
+    for key, value in (changes or {}).items():
+        _set_dotted(values, key, value, allow_new=any(key.startswith(f"{path}.") for path in free_form))
+    return kind.from_mapping(values)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -46,6 +46,7 @@ from hipt_e2e.lineage import check_card, read_lineage
 from hipt_e2e.models import select_attention
 from hipt_e2e.normalise import normalise
 from hipt_e2e.progress import progress
+from hipt_e2e.runtime import make_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +287,7 @@ def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, sett
     there is none). Returns the manifest.
     """
     out = Path(out)
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    accelerator = make_accelerator(mixed_precision)
     if (manifest := _existing_output(out, settings)) is not None:
         return manifest
     source_manifest = load_manifest(source)
@@ -331,7 +332,7 @@ def embed_regions(encoder: nn.Module | None, source: str | Path, out: str | Path
     record, for the lineage; token grids of another width than the encoder takes, or of another geometry
     than its card records, are refused. Returns the manifest."""
     out = Path(out)
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    accelerator = make_accelerator(mixed_precision)
     if (manifest := _existing_output(out, settings)) is not None:
         return manifest
     source_manifest = load_manifest(source)

@@ -21,38 +21,46 @@ report.md, and per fold best_model.safetensors, history.json, train_log.jsonl, c
 import sys
 from pathlib import Path
 
-from accelerate import PartialState
+from accelerate import Accelerator
 
 from hipt_e2e.data.synthetic import make_dataset
 from hipt_e2e.errors import run_main
 from hipt_e2e.models import model_preset
 from hipt_e2e.training import recipe_config
-from hipt_e2e.training.e2e import E2E_DEFAULTS, train_e2e
+from hipt_e2e.training.e2e import E2E_DEFAULTS, e2e_accelerator, train_e2e
 from shards.build import build
 
 DEFAULTS = {**E2E_DEFAULTS, "demo": {"dir": "demo_out", "slides_per_class": 24, "size": 512, "region_px": 128}}
 
 
-def prepare_demo(cfg: dict) -> dict:
-    """The demo's data: synthetic pseudo-H&E slides (SYNTHETIC, see hipt_e2e.data.synthetic) -> region
-    shards in demo.dir, both reused when present; returns cfg pointing at them (out: demo.dir/e2e)."""
-    demo, state = cfg["demo"], PartialState()
-    root = Path(demo["dir"])
-    if state.is_main_process:
+def demo_settings(cfg: dict) -> dict:
+    """cfg pointing at the demo's data in demo.dir (its shards; out: demo.dir/e2e unless set)."""
+    root = Path(cfg["demo"]["dir"])
+    return {**cfg, "data": {**cfg["data"], "shards": str(root / "shards")}, "out": cfg["out"] or str(root / "e2e")}
+
+
+def prepare_demo(cfg: dict, accelerator: Accelerator) -> None:
+    """The demo's data, made by the main process and reused when present: synthetic pseudo-H&E slides
+    (SYNTHETIC, see hipt_e2e.data.synthetic) -> region shards in demo.dir."""
+    demo, root = cfg["demo"], Path(cfg["demo"]["dir"])
+    if accelerator.is_main_process:
         slides = make_dataset(root / "slides", demo["slides_per_class"], demo["size"], demo["region_px"])
         build({"kind": "images", "input": str(slides), "out": str(root / "shards"), "labels": str(slides / "labels.csv"),
                "slide_mpp": 0.5, "mpp": 0.5, "region_px": demo["region_px"],
                "tile_px": model_preset(cfg["model"]["preset"])["tile_px"], "encoding": "png"})
-    state.wait_for_everyone()
-    return {**cfg, "data": {**cfg["data"], "shards": str(root / "shards")}, "out": cfg["out"] or str(root / "e2e")}
+    accelerator.wait_for_everyone()
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     cfg = recipe_config(DEFAULTS, __doc__, argv, required=())
-    if cfg["data"]["shards"] is None:
-        cfg = prepare_demo(cfg)
-    metrics = train_e2e(cfg)
-    if metrics is not None and PartialState().is_main_process:
+    demo = cfg["data"]["shards"] is None
+    if demo:
+        cfg = demo_settings(cfg)
+    accelerator = e2e_accelerator(cfg)  # first: it alone decides how many processes the run has (hipt_e2e.runtime)
+    if demo:
+        prepare_demo(cfg, accelerator)
+    metrics = train_e2e(cfg, accelerator)
+    if metrics is not None and accelerator.is_main_process:
         accuracy, auc = metrics["summary"]["balanced_accuracy"], metrics["summary"]["auc_macro"]
         print(f"balanced accuracy {accuracy['mean']:.3f} +- {accuracy['sd']:.3f}, macro AUC {auc['mean']:.3f} +- "
               f"{auc['sd']:.3f} over {metrics['n_folds']} folds; report: {metrics['report']}")

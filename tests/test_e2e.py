@@ -166,6 +166,20 @@ def test_freeze_modes_leave_frozen_parameters_unchanged(shards: Path, tmp_path: 
     assert not any(name.startswith(tuple(f"{s}_" for s in freeze)) for name in trained)
 
 
+def test_the_demo_on_two_machines_is_one_run_of_two_processes(tmp_path: Path) -> None:
+    """The demo path (no data.shards: the main process makes the data first) launched as two CPU machines:
+    one run of 2 processes, not two lone processes writing one folder (a `PartialState()` made before the
+    Accelerator ignored ACCELERATE_USE_CPU: rank 1 then died at its first checkpoint)."""
+    demo = [f"demo.dir={tmp_path}", "demo.slides_per_class=6", "demo.size=256", "train.epochs=1",
+            "train.log_every=1000", "data.regions_per_slide=2"]
+    result = launch("recipes/e2e.py", demo, machines=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 per process x 2 processes" in result.stderr
+    with open(tmp_path / "e2e" / "predictions.csv", newline="") as rows:
+        assert sorted(row["slide_id"] for row in csv.DictReader(rows)) == sorted(
+            path.stem for path in (tmp_path / "slides").rglob("*.png"))
+
+
 def test_two_processes_on_two_machines_equal_one_process_on_the_same_global_batch(shards: Path, tmp_path: Path) -> None:
     """2 machines (two launchers on 127.0.0.1) x 1 process x 1 slide per step (DDP) = 1 process accumulating
     2 slides, dropout and augmentation included."""

@@ -34,13 +34,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import webdataset as wds
 import yaml
 
+from hipt_e2e.config import Settings, bound
 from hipt_e2e.errors import InputError, MissingExtraError, SettingError, StorageError
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,16 @@ EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # protocol -> pip
 TRANSIENT = (ConnectionError, TimeoutError, socket.timeout, http.client.IncompleteRead,
              http.client.BadStatusLine, urllib.error.URLError)
 
-# The data.* settings of every recipe that reads shard sets (recipe_config adds them, configure applies them).
-STORAGE_SETTINGS: dict[str, Any] = {
-    "retry_budget_s": None,  # seconds a read waits out a server's outage; null: $HIPT_RETRY_BUDGET_S, else 120
+@dataclass(frozen=True)
+class StorageSettings(Settings):
+    """The data.* settings of every recipe that reads shard sets (recipe settings apply them: `configure`)."""
+
+    retry_budget_s: float | None = bound(None, 0.0)  # seconds a read waits out a server's outage; null: $HIPT_RETRY_BUDGET_S, else 120
     # fsspec options for s3:// gs:// ... (endpoint_url, profile, anon, client_kwargs); {}: $HIPT_STORAGE_OPTIONS
-    "storage_options": {},
-}
+    storage_options: dict = field(default_factory=dict)
+
+
+STORAGE_SETTINGS: dict[str, Any] = StorageSettings().to_mapping()  # the same, for recipes with untyped settings
 
 T = TypeVar("T")
 

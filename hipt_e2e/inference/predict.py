@@ -59,6 +59,7 @@ from hipt_e2e.models import HIPT, load_checkpoint, model_preset, select_attentio
 from hipt_e2e.models.bundle import CARD, load_bundle
 from hipt_e2e.models.mil import RegionFC
 from hipt_e2e.progress import progress
+from hipt_e2e.runtime import make_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +336,7 @@ def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor
     order."""
     # found first, so that an input holding no slides (or a shard set) is refused before anything is written
     found = [] if cfg["input_kind"] == "shards" else find_slides(inputs, cfg["input_kind"])
-    accelerator = Accelerator(mixed_precision=cfg["mixed_precision"] or None)
+    accelerator = make_accelerator(cfg["mixed_precision"])
     predictor = (predictor or build_predictor(cfg)).to(accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
     preset = model_preset(cfg["model"]["preset"])

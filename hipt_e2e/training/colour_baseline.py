@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from accelerate import Accelerator
 
 from hipt_e2e.config import HelpFormatter, setup_logging
 from hipt_e2e.data.discovery import slide_id_of_file
@@ -23,6 +22,7 @@ from hipt_e2e.data.slides import SlideInfo
 from hipt_e2e.errors import run_main
 from hipt_e2e.evaluation.knn import colour_histograms, labelled_image_paths, linear_probe, load_rgb
 from hipt_e2e.evaluation.splits import Fold
+from hipt_e2e.runtime import make_accelerator
 from hipt_e2e.training.folds import run_folds
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def colour_baseline(images_root: str | Path, out: str | Path, folds: int = 5, se
         return linear_probe().fit(features[train], labels[train]).predict_proba(features[test])
 
     cfg = {"out": str(out), "folds": folds, "cv": {"repeats": repeats}, "seed": seed, "imbalance": "none"}
-    return run_folds(infos, classes, cfg, Accelerator(), test_probs,
+    return run_folds(infos, classes, cfg, make_accelerator(), test_probs,
                      {"title": "colour histograms + logistic regression"})
 
 

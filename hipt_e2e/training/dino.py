@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import IterableDataset
 
@@ -32,6 +31,7 @@ from hipt_e2e.models import select_attention
 from hipt_e2e.models.bundle import write_card
 from hipt_e2e.models.encoders import BACKBONE_EXPORT
 from hipt_e2e.progress import progress
+from hipt_e2e.runtime import make_accelerator
 from hipt_e2e.ssl import (
     DINOHead,
     DINOLoss,
@@ -152,9 +152,9 @@ class DINOTrainer:
         train, optim, dino = cfg["train"], cfg["optim"], cfg["dino"]
         self.out = Path(cfg["out"])
         self.checkpoint_path = self.out / CHECKPOINT
-        self.accelerator = accelerator = Accelerator(mixed_precision=train["mixed_precision"],
-                                                     gradient_accumulation_steps=train["grad_accum"],
-                                                     **tracker_settings(train["log_with"], self.out))
+        self.accelerator = accelerator = make_accelerator(train["mixed_precision"],
+                                                          gradient_accumulation_steps=train["grad_accum"],
+                                                          **tracker_settings(train["log_with"], self.out))
         self.device, self.world, self.rank = accelerator.device, accelerator.num_processes, accelerator.process_index
         self.main = accelerator.is_main_process
         self.global_batch = train["batch_size"] * self.world * train["grad_accum"]

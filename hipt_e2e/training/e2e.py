@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -68,6 +68,7 @@ from hipt_e2e.models.encoders import REGION_MODEL_DEFAULTS, TILE_MODEL_DEFAULTS
 from hipt_e2e.models.foundation import load_stage_weights, require_weights
 from hipt_e2e.models.hipt import STAGES
 from hipt_e2e.progress import progress
+from hipt_e2e.runtime import make_accelerator
 from hipt_e2e.training import CHECKPOINT, TRAIN_LOG, NonFiniteLossError, export_safetensors
 from hipt_e2e.training.checkpointing import keep_log_before, resume_state, save_checkpoint
 from hipt_e2e.training.data import derived_seed
@@ -242,15 +243,6 @@ def param_groups(model: HIPT, optim: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "weight_decay": optim["weight_decay"] if decay else 0.0})
             group["params"].append(param)
     return list(groups.values())
-
-
-def fsdp_plugin() -> FullyShardedDataParallelPlugin:
-    """FSDP2 with the whole HIPT as one unit. Finer units would all-gather once per call, and the tile
-    encoder is called once per chunk of a slide's tiles - a number that differs between processes
-    (slide sizes, skipped tiles), which would deadlock the collectives. One unit still shards the
-    optimizer state and gradients (most of the memory besides activations, which checkpointing bounds).
-    It takes effect on GPUs: Accelerate runs CPU processes with DDP whatever the plugin says."""
-    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="no_wrap", reshard_after_forward=True)
 
 
 def scorer_chunks(chunks: Iterable[dict], device: torch.device,
@@ -511,21 +503,28 @@ class FoldTrainer:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+def e2e_accelerator(cfg: Mapping[str, Any]) -> Accelerator:
+    """The Accelerator of an end-to-end run as configured (precision, FSDP, trackers)."""
+    train = cfg["train"]
+    return make_accelerator(train["mixed_precision"], fsdp=train["fsdp"], **tracker_settings(train["log_with"], cfg["out"]))
+
+
+def train_e2e(cfg: Mapping[str, Any], accelerator: Accelerator | None = None) -> dict[str, Any] | None:
     """Cross-validated end-to-end fine-tuning as configured (E2E_DEFAULTS). Writes what slide-level
     training writes (splits.csv, predictions.csv, metrics.json, plots, report.md,
     fold_i/best_model.safetensors and history.json) plus fold_i/checkpoint.pt and train_log.jsonl.
-    Returns the metrics (with "report": the report's path), or None when stopped by train.stop_after."""
+    Returns the metrics (with "report": the report's path), or None when stopped by train.stop_after.
+    accelerator: the run's (e2e_accelerator), built here when not given."""
     train = cfg["train"]
     threads = torch.get_num_threads()
     torch.set_num_threads(train["threads"] or threads)
     try:
-        return _train_e2e(cfg)
+        return _train_e2e(cfg, accelerator)
     finally:
         torch.set_num_threads(threads)  # a process-wide setting: leave it as found
 
 
-def _train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+def _train_e2e(cfg: Mapping[str, Any], accelerator: Accelerator | None) -> dict[str, Any] | None:
     train = cfg["train"]
     check_augment(cfg["augment"])
     if train["grad_accum"] % train["slides_per_call"]:
@@ -533,9 +532,7 @@ def _train_e2e(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
                          f"train.grad_accum={train['grad_accum']}")
     if cfg["data"]["shards"] is None or cfg["out"] is None:
         raise SettingError("set data.shards=SHARDS (a folder or URL of region shards) and out=DIR")
-    precision = "no" if train["mixed_precision"] is False else train["mixed_precision"]  # YAML reads a bare no as false
-    accelerator = Accelerator(mixed_precision=precision, fsdp_plugin=fsdp_plugin() if train["fsdp"] else None,
-                              **tracker_settings(train["log_with"], cfg["out"]))
+    accelerator = accelerator or e2e_accelerator(cfg)
     data = cfg["data"]
     regions = ShardRegions(data["shards"], regions_per_slide=data["regions_per_slide"], seed=cfg["seed"],
                            decode=decode_mode(data["decode"], accelerator.device), cache_dir=data["cache_dir"],

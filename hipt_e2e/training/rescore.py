@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from hipt_e2e.config import HelpFormatter, setup_logging
@@ -38,6 +37,7 @@ from hipt_e2e.evaluation.splits import Fold, read_splits
 from hipt_e2e.inference.predict import PREDICT_DEFAULTS, Predictor, predictor_from_cards
 from hipt_e2e.io import atomic_write_json
 from hipt_e2e.lineage import read_lineage
+from hipt_e2e.runtime import make_accelerator
 from hipt_e2e.training.e2e import scorer_chunks
 from hipt_e2e.training.folds import run_folds
 
@@ -89,7 +89,7 @@ def rescore(run: str | Path, out: str | Path, tta: str = "dihedral", shards: str
     shards = pixel_shards(shards)
     min_tile_tissue = (source.get("data") or {}).get("min_tile_tissue") or 0.0
     precision = mixed_precision or (source.get("train") or {}).get("mixed_precision") or "no"
-    accelerator = Accelerator(mixed_precision=precision)
+    accelerator = make_accelerator(precision)
     regions = ShardRegions(shards, regions_per_slide=None, seed=0)
     classes = list(regions.manifest["classes"])
     geometry = read_lineage(regions.manifest).geometry

@@ -35,6 +35,7 @@ from hipt_e2e.lineage import read_lineage
 from hipt_e2e.models.bundle import slide_model_from, write_card
 from hipt_e2e.models.mil import RegionFC, vote
 from hipt_e2e.progress import progress
+from hipt_e2e.runtime import make_accelerator
 from hipt_e2e.training.checkpointing import export_safetensors
 from hipt_e2e.training.folds import run_folds
 from hipt_e2e.training.recipe import recipe_config
@@ -332,8 +333,8 @@ def cross_validate(bags: Sequence[SlideBag], classes: Sequence[str], cfg: dict,
                    accelerator: Accelerator | None = None) -> dict:
     """Run every fold on in-memory bags (run_folds), then write splits.csv, predictions.csv,
     metrics.json, plots and report.md."""
-    accelerator = accelerator or Accelerator(mixed_precision=cfg["mixed_precision"],
-                                             **tracker_settings(cfg["train"]["log_with"], cfg["out"]))
+    accelerator = accelerator or make_accelerator(cfg["mixed_precision"],
+                                                 **tracker_settings(cfg["train"]["log_with"], cfg["out"]))
     by_id = {bag.slide_id: bag for bag in bags}
 
     def test_probs(fold: Fold, fold_dir: Path) -> np.ndarray:
