@@ -95,12 +95,10 @@ PREDICT_DEFAULTS: dict[str, Any] = {
 
 
 @dataclass
-class SlidePrediction:
-    probs: np.ndarray  # [K]
+class SlidePrediction(SlideScore):
+    """A slide's score (with its tile attention) and where its regions are."""
     coords: np.ndarray  # [M, 2] level-0 x, y
     size: int  # region side in level-0 pixels
-    scores: np.ndarray  # [M] slide attention (or the predicted class's probability per region for fc)
-    tile_attention: np.ndarray  # [M, rows, cols], ViT4K CLS attention over tiles, mean over heads
 
 
 class Predictor:
@@ -156,7 +154,7 @@ class Predictor:
                 yield self._device_pixels(rgbs), None
 
         scored = self.score(chunks(), return_attention=True)
-        return SlidePrediction(scored.probs, np.array(coords), size, scored.scores, scored.tile_attention)
+        return SlidePrediction(scored.probs, scored.scores, scored.tile_attention, np.array(coords), size)
 
 
 def card_paths(source: str | Path, fold: str | int = "all") -> list[Path]:
