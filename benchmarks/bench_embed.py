@@ -30,7 +30,7 @@ from hipt_e2e.embedding import embed_tiles
 from hipt_e2e.lineage import encoder_record
 from hipt_e2e.models import model_preset
 from hipt_e2e.models.bundle import tile_architecture
-from hipt_e2e.training import TILE_MODEL_DEFAULTS, build_tile_encoder
+from hipt_e2e.training import TileModel, build_tile_encoder
 from shards.build import build
 
 
@@ -75,7 +75,7 @@ def main() -> None:
     setup_logging()
     geometry = model_preset(args.preset)
     tile_px, region_px = geometry["tile_px"], geometry["tile_px"] * geometry["region_tiles"]
-    model = {**TILE_MODEL_DEFAULTS, "preset": args.preset}
+    model = TileModel(preset=args.preset)
     encoder, record = build_tile_encoder(model).eval(), encoder_record(tile_architecture(model), None)
     device = Accelerator(mixed_precision=args.mixed_precision).device
     rows, rates, outputs = [], {}, {}

@@ -19,10 +19,10 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import groupby
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,27 +31,94 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from hipt_e2e.config import save_config
+from hipt_e2e.config import Settings, bound, save_config, section
 from hipt_e2e.data.embeddings import KIND as BAG_KIND
 from hipt_e2e.data.embeddings import SlideBag, bag_sample
 from hipt_e2e.data.index import index_file, write_index
 from hipt_e2e.data.lineage import REGION_EMBEDDINGS, TILE_EMBEDDINGS, TOKEN_GRIDS, Encoder, Lineage, source_of
 from hipt_e2e.data.manifest import GRIDS_KIND, MANIFEST, load_manifest, shard_set_manifest, shard_urls
 from hipt_e2e.data.samples import collate, decode_mode, decode_sample, device_pixels, encode_grid
-from hipt_e2e.data.storage import tar_samples
+from hipt_e2e.data.storage import StorageSettings, tar_samples
 from hipt_e2e.data.streams import SlideBagStream, reader_info
 from hipt_e2e.data.tiling import cut_tiles
 from hipt_e2e.io import atomic_write_json, sha256_file
 from hipt_e2e.lineage import check_card, read_lineage
 from hipt_e2e.models import select_attention
+from hipt_e2e.models.encoders import RegionModelWithWeights, TileModelWithWeights
 from hipt_e2e.normalise import normalise
 from hipt_e2e.progress import progress
-from hipt_e2e.runtime import make_accelerator
+from hipt_e2e.runtime import Precision, make_accelerator
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 UNITS = "units"  # out/units/: the settings and one record per finished unit, what a rerun skips
+
+
+# ------------------------------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class EmbeddingData(StorageSettings):
+    """The `data` section of both embedding recipes."""
+
+    shards: str | None = None  # embed_tiles: region shards (hipt-shards build); embed_regions: an embed_tiles output
+    workers: int = bound(2, 0)  # DataLoader workers per process
+
+
+@dataclass(frozen=True)
+class EmbedTilesData(EmbeddingData):
+    """embed_tiles' `data` section: the regions' reading too."""
+
+    decode: Literal["cpu", "gpu"] = "cpu"  # cpu (readers) | gpu (nvJPEG, batched)
+
+
+@dataclass(frozen=True)
+class TileEmbedding(Settings):
+    """embed_tiles' `embed` section."""
+
+    # the released HIPT weights' (x/127.5 - 1); use what your weights were trained with (a pretrained
+    # encoder of the registry always takes its own)
+    normalisation: str = "hipt"
+    regions_per_batch: int = bound(4, 1)
+    tiles_per_call: int = bound(512, 1)
+    dtype: Literal["float16", "float32"] = "float16"  # of the stored grids
+    mixed_precision: Precision = None  # no | bf16 | fp16; null: as `accelerate launch` says
+
+
+@dataclass(frozen=True)
+class RegionEmbedding(Settings):
+    """embed_regions' `embed` section."""
+
+    regions_per_batch: int = bound(64, 1)
+    mixed_precision: Precision = None  # no | bf16 | fp16; null: as `accelerate launch` says
+    # region: ViT4K embeddings, the HIPT path | tile: every tile embedding of the slide, no region stage (the
+    # bags of attention-MIL over tiles, the field's baseline)
+    level: Literal["region", "tile"] = "region"
+    min_tile_tissue: float = bound(0.0, 0.0, 1.0)  # level tile: drop tiles with less tissue (glass)
+
+
+@dataclass(frozen=True)
+class EmbeddingSettings(Settings):
+    """What both embedding recipes' settings hold besides their model and embed sections."""
+
+    out: str | None = None
+    data: EmbeddingData = section(EmbeddingData)
+
+
+@dataclass(frozen=True)
+class EmbedTilesSettings(EmbeddingSettings):
+    """recipes/embed_tiles.py: regions -> token grids."""
+
+    data: EmbedTilesData = section(EmbedTilesData)
+    model: TileModelWithWeights = section(TileModelWithWeights)
+    embed: TileEmbedding = section(TileEmbedding)
+
+
+@dataclass(frozen=True)
+class EmbedRegionsSettings(EmbeddingSettings):
+    """recipes/embed_regions.py: token grids -> region embeddings (or tile bags), grouped per slide."""
+
+    model: RegionModelWithWeights = section(RegionModelWithWeights)
+    embed: RegionEmbedding = section(RegionEmbedding)
 
 
 # ------------------------------------------------------------------------------------------ maths

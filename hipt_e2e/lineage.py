@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hipt_e2e.config import Settings
 from hipt_e2e.data.embeddings import KIND as BAGS_KIND
 from hipt_e2e.data.lineage import (
     PIXEL_INPUTS,
@@ -31,7 +32,15 @@ from hipt_e2e.data.lineage import (
 )
 from hipt_e2e.data.manifest import GRIDS_KIND, load_manifest
 from hipt_e2e.errors import UserError
-from hipt_e2e.models.bundle import card_beside, level_geometry, read_card, tile_architecture, tile_normalisation, tile_width
+from hipt_e2e.models.bundle import (
+    card_beside,
+    read_card,
+    region_architecture,
+    tile_architecture,
+    tile_normalisation,
+    tile_width,
+)
+from hipt_e2e.models.encoders import RegionModel, TileModel
 from hipt_e2e.models.foundation import sha256, weights_file
 
 
@@ -57,7 +66,7 @@ def _converted_embeddings(kind: str, settings: Mapping[str, Any]) -> Lineage:
     before = _readable_lineage(shards)
     source = Source(str(shards), None)
     if kind == GRIDS_KIND:
-        arch = tile_architecture(model)
+        arch = tile_architecture(TileModel.from_mapping(_fields_of(TileModel, model)))
         tile = Encoder(arch, _resolved(model["weights"]), _authors_sha256(arch, model["weights"]),
                        normalisation=tile_normalisation(arch, settings["embed"]["normalisation"]))
         return Lineage(TOKEN_GRIDS, dataclasses.replace(before.geometry, width=tile_width(arch)), source, tile)
@@ -65,9 +74,14 @@ def _converted_embeddings(kind: str, settings: Mapping[str, Any]) -> Lineage:
         raise ValueError(f"no lineage for a {kind!r} set")
     if settings["embed"].get("level") == "tile":
         return Lineage(TILE_EMBEDDINGS, before.geometry, source, before.tile_encoder)
-    region = Encoder(level_geometry(model, "region"), _resolved(model["weights"]))
+    region = Encoder(region_architecture(RegionModel.from_mapping(_fields_of(RegionModel, model))), _resolved(model["weights"]))
     geometry = dataclasses.replace(before.geometry, width=region.architecture["embed_dim"])
     return Lineage(REGION_EMBEDDINGS, geometry, source, before.tile_encoder, region)
+
+
+def _fields_of(kind: type[Settings], model: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of a recorded model section that the typed section `kind` has (it held the weights too)."""
+    return {key: value for key, value in model.items() if key in {f.name for f in dataclasses.fields(kind)}}
 
 
 def _readable_lineage(shards: str) -> Lineage:

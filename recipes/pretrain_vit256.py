@@ -15,45 +15,25 @@ from hipt_e2e.errors import run_main
 from hipt_e2e.lineage import read_lineage
 from hipt_e2e.models.bundle import tile_architecture
 from hipt_e2e.ssl import TileMultiCrop
-from hipt_e2e.training import (
-    DINO_DEFAULTS,
-    TILE_MODEL_DEFAULTS,
-    build_tile_encoder,
-    recipe_config,
-    train_dino,
-)
-
-DEFAULTS = {
-    **DINO_DEFAULTS,
-    "data": {
-        "shards": None,  # region or tile shards (hipt-shards build)
-        "min_tissue": 0.25,  # skip tiles with less tissue
-        "shuffle": 10000,  # tiles in the shuffle buffer
-        "workers": 4,  # DataLoader workers per process
-        "normalisation": "imagenet",  # what the original tile-level DINO used; recorded with the weights
-    },
-    "model": TILE_MODEL_DEFAULTS,
-    "crops": {"global_size": 224, "local_size": 96, "n_local": 8,
-              "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4]},
-}
+from hipt_e2e.training import TilePretraining, build_tile_encoder, recipe_settings, train_dino
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
-    data, crops = cfg["data"], cfg["crops"]
-    stream = TileStream(data["shards"], min_tissue=data["min_tissue"], shuffle=data["shuffle"], seed=cfg["seed"])
-    multicrop = TileMultiCrop(data["normalisation"], crops["global_size"], crops["local_size"], crops["n_local"],
-                              tuple(crops["global_scale"]), tuple(crops["local_scale"]))
+    settings = recipe_settings(TilePretraining, __doc__, argv, required=("out", "data.shards"))
+    data, crops = settings.data, settings.crops
+    stream = TileStream(data.shards, min_tissue=data.min_tissue, shuffle=data.shuffle, seed=settings.seed)
+    multicrop = TileMultiCrop(data.normalisation, crops.global_size, crops.local_size, crops.n_local,
+                              crops.global_scale, crops.local_scale)
     # An epoch is one pass over the tiles; counting them reads every record once (set
     # train.steps_per_epoch to skip that on very large shard sets).
-    tiles = 0 if cfg["train"]["steps_per_epoch"] else count_tiles(data["shards"], data["min_tissue"])
-    # a tile encoder is trained on tiles: their size and resolution, not the regions they were cut from
-    pixels = read_lineage(data["shards"])
-    card = {"kind": "tile_encoder", "architecture": tile_architecture(cfg["model"]),
-            "normalisation": data["normalisation"], "tile_px": pixels.geometry.tile_px, "mpp": pixels.geometry.mpp,
-            "lineage": pixels.as_dict()}
-    train_dino(cfg, lambda drop_path_rate: build_tile_encoder(cfg["model"], drop_path_rate), stream, multicrop, tiles,
-               card)
+    tiles = 0 if settings.train.steps_per_epoch else count_tiles(data.shards, data.min_tissue)
+    card = {"kind": "tile_encoder", "architecture": tile_architecture(settings.model), "normalisation": data.normalisation}
+    if not isinstance(data.shards, (list, tuple)):  # a shard set (a list of shard files has no manifest to tell)
+        # a tile encoder is trained on tiles: their size and resolution, not the regions they were cut from
+        pixels = read_lineage(data.shards)
+        card.update(tile_px=pixels.geometry.tile_px, mpp=pixels.geometry.mpp, lineage=pixels.as_dict())
+    train_dino(settings, lambda drop_path_rate: build_tile_encoder(settings.model, drop_path_rate), stream, multicrop,
+               tiles, card)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from hipt_e2e.config import resolve_settings
 from hipt_e2e.data import RegionStream, SlideBagStream, load_manifest
 from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.data.samples import encode_grid
-from hipt_e2e.embedding import GRIDS_KIND, UnitOutputs, token_grids
+from hipt_e2e.embedding import GRIDS_KIND, EmbedRegionsSettings, EmbedTilesSettings, UnitOutputs, token_grids
+from hipt_e2e.errors import SettingError
 from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.models import cnn256, load_checkpoint, model_preset, vit4k, vit256
 from hipt_e2e.models.bundle import CARD, load_bundle, write_card
@@ -24,6 +26,8 @@ from hipt_e2e.training import (
     CHECKPOINT,
     TRAIN_LOG,
     NonFiniteLossError,
+    RegionPretraining,
+    TilePretraining,
     export_safetensors,
     load_checkpoint_state,
 )
@@ -59,6 +63,32 @@ def shards(synthetic_slides: Path, tmp_path_factory) -> dict[str, Path]:
     build({**common, "out": str(root / "tiles"), "region_px": 64, "shard_bytes": 1})
     build({**common, "out": str(root / "regions"), "region_px": 128, "shard_bytes": 100_000})
     return {"tiles": root / "tiles", "regions": root / "regions"}
+
+
+STAGED_SETTINGS = {"pretrain_vit256": TilePretraining, "pretrain_vit4k": RegionPretraining,
+                   "embed_tiles": EmbedTilesSettings, "embed_regions": EmbedRegionsSettings}
+
+
+def test_the_recipes_config_files_resolve_to_their_settings() -> None:
+    configs = REPO / "recipes" / "configs"
+    files = {"lymphoma_pretrain_vit256": "pretrain_vit256"} | {name: name for name in STAGED_SETTINGS}
+    for folder in (configs, configs / "tiny"):
+        for name, recipe in files.items():
+            if (folder / f"{name}.yaml").exists():
+                resolve_settings(STAGED_SETTINGS[recipe], folder / f"{name}.yaml")
+
+
+@pytest.mark.parametrize(("recipe", "override", "message"), [
+    ("pretrain_vit256", "optim.name=lamb", r"optim.name: choose one of \['adamw', 'sgd'\], got 'lamb'"),
+    ("pretrain_vit4k", "crops.n_local=-1", "crops.n_local: must be >= 0, got -1"),
+    ("embed_tiles", "embed.dtype=float64", "embed.dtype: choose one of"),
+    ("embed_regions", "model.region.depth=two", "model.region.depth: expected int"),
+])
+def test_a_bad_setting_fails_at_the_start_naming_its_key(recipe: str, override: str, message: str,
+                                                         tmp_path: Path) -> None:
+    with pytest.raises(SettingError, match=message):
+        run_recipe(recipe, f"data.shards={tmp_path / 'absent'}", f"out={tmp_path / 'out'}", override)
+    assert not (tmp_path / "out").exists()
 
 
 def test_four_recipes_end_to_end(shards: dict[str, Path], tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from hipt_e2e.embedding import token_grids
 from hipt_e2e.models import CheckpointError
 from hipt_e2e.models.foundation import ENCODERS, EncoderEntry, PretrainedTileEncoder, _resolved_layers, sha256
 from hipt_e2e.normalise import NORMALISATIONS
-from hipt_e2e.training import build_tile_encoder, load_encoder_weights
+from hipt_e2e.training import TileModel, TileModelWithWeights, build_tile_encoder, load_encoder_weights
 from tests.conftest import LYMPHOMA, lymphoma_images, read_rgb
 
 # The suite runs ResNet-50 and one ViT-S/16 whole, the other ViTs at depth 2 (the same blocks, widths,
@@ -142,28 +142,29 @@ def test_widths_and_released_geometry() -> None:
 
 
 def test_refusals_name_the_file_and_the_entry(tmp_path: Path) -> None:
-    model = {"encoder": "kaiko-vits16", "preset": "hipt", "tile": {}, "weights": None, "trusted": False}
+    model = TileModelWithWeights.from_mapping({"encoder": "kaiko-vits16", "preset": "hipt", "tile": {}, "weights": None,
+                                               "trusted": False})
     with pytest.raises(ValueError, match="pretrained encoder: give its weights with model.weights"):
         load_encoder_weights(build_tile_encoder(model), model)
     other, _ = random_release("lunit-vits8", reduced("lunit-vits8", 1), tmp_path / "lunit")  # patch 8, not 16
     with pytest.raises(CheckpointError, match=rf"{other}.*kaiko-vits16.*shape mismatch.*patch_embed"):
-        load_encoder_weights(build_tile_encoder(model), {**model, "weights": str(other)})
+        load_encoder_weights(build_tile_encoder(model), dataclasses.replace(model, weights=str(other)))
     path, reference = random_release("kaiko-vits16", ENCODERS["kaiko-vits16"], tmp_path / "kaiko")
     state = dict(reference.state_dict())
     state.pop("blocks.3.attn.qkv.weight")
     state["extra.weight"] = torch.zeros(1)
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "partial.safetensors")
     with pytest.raises(CheckpointError, match=r"partial.safetensors.*kaiko-vits16.*blocks.3.attn.qkv.weight.*extra"):
-        load_encoder_weights(build_tile_encoder(model), {**model, "weights": str(tmp_path / "partial.safetensors")})
+        load_encoder_weights(build_tile_encoder(model), dataclasses.replace(model, weights=str(tmp_path / "partial.safetensors")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="model.safetensors or pytorch_model.bin"):
-        load_encoder_weights(build_tile_encoder(model), {**model, "weights": str(tmp_path / "empty")})
+        load_encoder_weights(build_tile_encoder(model), dataclasses.replace(model, weights=str(tmp_path / "empty")))
     torch.save({"state": state, "args": argparse_like()}, tmp_path / "pickled.bin")
     with pytest.raises(CheckpointError, match="pickled Python objects"):
-        load_encoder_weights(build_tile_encoder(model), {**model, "weights": str(tmp_path / "pickled.bin")})
+        load_encoder_weights(build_tile_encoder(model), dataclasses.replace(model, weights=str(tmp_path / "pickled.bin")))
     with pytest.raises(ValueError, match="timm:ARCH or a pretrained encoder .*uni_v1.*got 'uni'"):
-        build_tile_encoder({**model, "encoder": "uni"})
-    loaded = load_encoder_weights(build_tile_encoder(model), {**model, "weights": str(path)})
+        build_tile_encoder(dataclasses.replace(model, encoder="uni"))
+    loaded = load_encoder_weights(build_tile_encoder(model), dataclasses.replace(model, weights=str(path)))
     assert loaded.weights["sha256"] == sha256(path)
 
 
@@ -174,8 +175,8 @@ def argparse_like():
 
 
 def test_timm_arch_entry_and_native_input() -> None:
-    model = {"encoder": "timm:vit_tiny_patch16_224", "preset": "hipt", "tile": {}, "tile_input": "native",
-             "timm_kwargs": {"dynamic_img_size": True, "depth": 2}}
+    model = TileModel.from_mapping({"encoder": "timm:vit_tiny_patch16_224", "preset": "hipt", "tile": {},
+                                    "tile_input": "native", "timm_kwargs": {"dynamic_img_size": True, "depth": 2}})
     encoder = build_tile_encoder(model).eval()
     assert encoder.num_features == 192 and len(encoder.model.blocks) == 2
     with torch.no_grad():

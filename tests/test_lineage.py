@@ -22,7 +22,7 @@ from hipt_e2e.evaluation.splits import Fold, write_splits
 from hipt_e2e.lineage import read_lineage
 from hipt_e2e.models import model_preset, vit256
 from hipt_e2e.models.bundle import hipt_from, tile_architecture, write_card
-from hipt_e2e.training import TILE_MODEL_DEFAULTS, export_safetensors
+from hipt_e2e.training import TILE_MODEL_DEFAULTS, TileModel, export_safetensors
 from hipt_e2e.training.e2e import E2E_DEFAULTS, architecture
 from tests.test_dino_recipes import run_recipe
 
@@ -63,7 +63,7 @@ def tile_export(tmp_path_factory) -> Path:
     """A tiny tile encoder as a DINO run exports it: weights and a card trained on 32 px tiles at 0.5 um/px."""
     path = tmp_path_factory.mktemp("vit256") / "backbone.safetensors"
     export_safetensors(vit256(**model_preset("tiny")["tile"]), path)
-    write_card(path, {"kind": "tile_encoder", "architecture": tile_architecture({**TILE_MODEL_DEFAULTS, "preset": "tiny"}),
+    write_card(path, {"kind": "tile_encoder", "architecture": tile_architecture(TileModel(preset="tiny")),
                       "normalisation": "hipt", "tile_px": 32, "mpp": 0.5})
     return path
 
@@ -121,7 +121,7 @@ def test_lineage_is_recorded_along_build_embed_tiles_embed_regions(shards: Path,
     assert grids.kind == TOKEN_GRIDS and grids.geometry == Geometry(128, 32, 0.5, 48)
     assert (grids.source.shards, grids.source.manifest_sha256) == (str(shards.resolve()), manifest_sha256)
     tile = grids.tile_encoder
-    assert tile.architecture == tile_architecture({**TILE_MODEL_DEFAULTS, "preset": "tiny"}) and tile.sha256 is None
+    assert tile.architecture == tile_architecture(TileModel(preset="tiny")) and tile.sha256 is None
     assert (tile.weights, tile.card, tile.normalisation) == (
         str(tile_export.resolve()), str(tile_export.parent / "model_card.json"), "hipt")
     assert bags.kind == REGION_EMBEDDINGS and bags.geometry == Geometry(128, 32, 0.5, 24)
@@ -143,7 +143,7 @@ def test_old_manifests_are_read_and_converted(shards: Path, tmp_path: Path) -> N
     grids = read_lineage(old_grids)
     assert grids.kind == TOKEN_GRIDS and grids.geometry == Geometry(128, 32, 0.5, 48)
     assert grids.source.shards == str(shards) and grids.source.manifest_sha256 is None  # not recorded then
-    assert grids.tile_encoder.architecture == tile_architecture(model) and grids.tile_encoder.weights is None
+    assert grids.tile_encoder.architecture == tile_architecture(TileModel(preset="tiny")) and grids.tile_encoder.weights is None
 
     features = torch.zeros(3, 8)
     write_slide_bags(tmp_path / "bags", [SlideBag("s", "p", "a", features, features[:, :2].long())], ["a"],

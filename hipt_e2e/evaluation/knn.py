@@ -32,7 +32,7 @@ from hipt_e2e.data.sources import IMAGE_SUFFIXES
 from hipt_e2e.embedding import token_grids
 from hipt_e2e.errors import run_main
 from hipt_e2e.io import atomic_write_json
-from hipt_e2e.models.encoders import BACKBONE_EXPORT, build_tile_encoder, load_encoder_weights
+from hipt_e2e.models.encoders import BACKBONE_EXPORT, TileModel, WeightsFile, build_tile_encoder, load_encoder_weights
 from hipt_e2e.progress import progress
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,9 @@ def evaluate_run(run: str | Path, images_root: str | Path, tile_px: int, k: int 
     results = {"weights": str(weights), "images": len(images), "classes": classes, "folds": folds, "k": k,
                "tile_px": tile_px}
     torch.manual_seed(seed)
-    encoders = {"random_init": build_tile_encoder(cfg["model"]),
-                "dino": load_encoder_weights(build_tile_encoder(cfg["model"]),
-                                             {"weights": weights, "trusted": False})}
+    model = TileModel.from_mapping(cfg["model"])
+    encoders = {"random_init": build_tile_encoder(model),
+                "dino": load_encoder_weights(build_tile_encoder(model), WeightsFile(str(weights)))}
     features = {"colour_histogram": colour_histograms(images)} | {
         name: image_features(encoder, images, tile_px, cfg["data"]["normalisation"]) for name, encoder in encoders.items()}
     for name, values in features.items():

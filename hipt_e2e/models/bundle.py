@@ -21,11 +21,12 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from hipt_e2e import __version__
+from hipt_e2e.config import Settings
 from hipt_e2e.errors import SettingError
 from hipt_e2e.io import atomic_write_json
 
@@ -38,6 +39,9 @@ from .presets import model_preset
 from .slide import vit_wsi
 from .vit import vit4k, vit256
 
+if TYPE_CHECKING:  # the sections live beside the encoders they build, which import this module
+    from .encoders import RegionModel, TileModel
+
 CARD = "model_card.json"
 CARD_FORMAT = "hipt-e2e-model-card"
 TILE_ENCODERS = ("vit", "cnn")
@@ -45,29 +49,31 @@ SLIDE_MODELS = ("vit_wsi", "abmil", "fc")
 
 
 # ------------------------------------------------------------------------------------------ architectures
-def level_geometry(model: Mapping[str, Any], level: str) -> dict[str, Any]:
-    """A config's geometry of one level: the preset's, with the config's non-null changes (model.tile, ...)."""
-    return {**model_preset(model["preset"])[level],
-            **{key: value for key, value in (model.get(level) or {}).items() if value is not None}}
+def _geometry(preset: str, level: str, changes: Settings) -> dict[str, Any]:
+    """A level's geometry: the preset's, with a model section's non-null changes (model.tile, model.region)."""
+    return {**model_preset(preset)[level], **{key: value for key, value in changes.to_mapping().items() if value is not None}}
 
 
-def tile_architecture(model: Mapping[str, Any]) -> dict[str, Any]:
-    """The tile encoder of a recipe's model section (preset, encoder, cnn, tile changes; for a pretrained
-    encoder its registry entry, recorded whole so a card rebuilds it even if the registry changes)."""
-    geometry = level_geometry(model, "tile")
-    if model["encoder"] == "vit":
+def region_architecture(model: RegionModel) -> dict[str, Any]:
+    """The region encoder (ViT4K) of a model section: the preset's geometry with model.region's changes."""
+    return _geometry(model.preset, "region", model.region)
+
+
+def tile_architecture(model: TileModel, trainable: str | int = "all", lora_rank: int = 0,
+                      lora_alpha: float | None = None) -> dict[str, Any]:
+    """The tile encoder of a model section (preset, encoder, cnn, tile changes; for a pretrained encoder its
+    registry entry, recorded whole so a card rebuilds it even if the registry changes, and how it trains:
+    end-to-end training's tile_trainable and lora)."""
+    geometry = _geometry(model.preset, "tile", model.tile)
+    if model.encoder == "vit":
         return {"encoder": "vit", **geometry}
-    if model["encoder"] == "cnn":
-        return {"encoder": "cnn", "cnn": model["cnn"], "embed_dim": geometry["embed_dim"],
-                "stem": model.get("cnn_stem", "default")}
-    if is_pretrained(model["encoder"]):
-        lora = model.get("lora") or {}
-        return {"encoder": model["encoder"],
-                "entry": dataclasses.asdict(encoder_entry(model["encoder"], model.get("timm_kwargs"))),
-                "tile_input": model.get("tile_input", "resize"), "trainable": model.get("tile_trainable", "all"),
-                "lora_rank": lora.get("rank", 0), "lora_alpha": lora.get("alpha")}
+    if model.encoder == "cnn":
+        return {"encoder": "cnn", "cnn": model.cnn, "embed_dim": geometry["embed_dim"], "stem": model.cnn_stem}
+    if is_pretrained(model.encoder):
+        return {"encoder": model.encoder, "entry": dataclasses.asdict(encoder_entry(model.encoder, model.timm_kwargs)),
+                "tile_input": model.tile_input, "trainable": trainable, "lora_rank": lora_rank, "lora_alpha": lora_alpha}
     raise SettingError(f"model.encoder must be one of {TILE_ENCODERS}, timm:ARCH or a pretrained encoder "
-                     f"({', '.join(ENCODERS)}), got {model['encoder']!r}")
+                     f"({', '.join(ENCODERS)}), got {model.encoder!r}")
 
 
 def tile_encoder_from(arch: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:

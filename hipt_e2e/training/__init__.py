@@ -4,7 +4,10 @@ from hipt_e2e.models.encoders import (
     BACKBONE_EXPORT,
     REGION_MODEL_DEFAULTS,
     TILE_MODEL_DEFAULTS,
-    WEIGHTS_DEFAULTS,
+    RegionModel,
+    RegionModelWithWeights,
+    TileModel,
+    TileModelWithWeights,
     build_region_encoder,
     build_tile_encoder,
     load_encoder_weights,
@@ -19,13 +22,14 @@ from hipt_e2e.training.checkpointing import (
     save_checkpoint,
 )
 from hipt_e2e.training.data import EpochBatches, derived_seed
-from hipt_e2e.training.dino import DINO_DEFAULTS, DINOTrainer, make_crops, train_dino
-from hipt_e2e.training.recipe import recipe_config
+from hipt_e2e.training.dino import DINOSettings, DINOTrainer, RegionPretraining, TilePretraining, make_crops, train_dino
+from hipt_e2e.training.recipe import recipe_config, recipe_settings
 
 __all__ = [
-    "BACKBONE_EXPORT", "CHECKPOINT", "DINO_DEFAULTS", "DINOTrainer", "EpochBatches", "NonFiniteLossError",
-    "REGION_MODEL_DEFAULTS", "TILE_MODEL_DEFAULTS", "TRAIN_LOG", "WEIGHTS_DEFAULTS",
+    "BACKBONE_EXPORT", "CHECKPOINT", "DINOSettings", "DINOTrainer", "EpochBatches", "NonFiniteLossError",
+    "REGION_MODEL_DEFAULTS", "TILE_MODEL_DEFAULTS", "TRAIN_LOG", "RegionModel", "RegionModelWithWeights",
+    "RegionPretraining", "TileModel", "TileModelWithWeights", "TilePretraining",
     "build_region_encoder", "build_tile_encoder", "derived_seed", "export_safetensors",
-    "load_checkpoint_state", "load_encoder_weights", "make_crops", "recipe_config", "save_checkpoint", "train_dino",
-    "with_grid_width",
+    "load_checkpoint_state", "load_encoder_weights", "make_crops", "recipe_config", "recipe_settings",
+    "save_checkpoint", "train_dino", "with_grid_width",
 ]

@@ -57,14 +57,14 @@ from hipt_e2e.lineage import check_weights, read_lineage
 from hipt_e2e.models import HIPT, TileViT, model_preset, select_attention
 from hipt_e2e.models.bundle import (
     hipt_from,
-    level_geometry,
+    region_architecture,
     tile_architecture,
     tile_normalisation,
     tile_width,
     trained_keys,
     write_card,
 )
-from hipt_e2e.models.encoders import REGION_MODEL_DEFAULTS, TILE_MODEL_DEFAULTS
+from hipt_e2e.models.encoders import REGION_MODEL_DEFAULTS, TILE_MODEL_DEFAULTS, RegionModel, TileModel
 from hipt_e2e.models.foundation import load_stage_weights, require_weights
 from hipt_e2e.models.hipt import STAGES
 from hipt_e2e.progress import progress
@@ -180,8 +180,9 @@ def tile_mask(tissue: torch.Tensor, min_tissue: float) -> torch.Tensor | None:
 # ------------------------------------------------------------------------------------------ model
 def architecture(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The resolved architecture of cfg["model"] (hipt_e2e.models.bundle), as the model cards record it."""
-    tile = tile_architecture(model_cfg)
-    region = level_geometry(model_cfg, "region")
+    tile = tile_architecture(TileModel.from_mapping({key: model_cfg[key] for key in TILE_MODEL_DEFAULTS}),
+                             model_cfg["tile_trainable"], model_cfg["lora"]["rank"], model_cfg["lora"]["alpha"])
+    region = region_architecture(RegionModel.from_mapping({key: model_cfg[key] for key in REGION_MODEL_DEFAULTS}))
     if "entry" in tile and model_cfg["region"].get("in_dim") is None:
         region["in_dim"] = tile_width(tile)  # ViT4K takes the pretrained encoder's width
     # the slide model takes the region encoder's width, as train_wsi.py takes the bags' width

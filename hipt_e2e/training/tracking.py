@@ -13,7 +13,7 @@ import importlib.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from accelerate import Accelerator
 
@@ -21,7 +21,8 @@ from hipt_e2e.errors import MissingExtraError, SettingError
 from hipt_e2e.training.checkpointing import flatten_config
 
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # train.log_with -> its module
-TRACKER_DEFAULTS = {"log_with": "none"}  # none | tensorboard | mlflow | wandb
+LogWith = Literal["none", "tensorboard", "mlflow", "wandb"]  # a train.log_with setting
+TRACKER_DEFAULTS = {"log_with": "none"}  # the same, for the training modules whose settings are untyped dicts
 
 
 def tracker_settings(log_with: str | None, out: str | Path) -> dict[str, Any]:

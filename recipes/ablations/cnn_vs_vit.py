@@ -36,7 +36,14 @@ from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.errors import SettingError, run_main
 from hipt_e2e.evaluation.ablation import folds_text, paired_answer, write_ablation
 from hipt_e2e.lineage import read_lineage
-from hipt_e2e.training import BACKBONE_EXPORT, TRAIN_LOG, build_tile_encoder, load_encoder_weights, recipe_config
+from hipt_e2e.training import (
+    BACKBONE_EXPORT,
+    TRAIN_LOG,
+    TileModelWithWeights,
+    build_tile_encoder,
+    load_encoder_weights,
+    recipe_config,
+)
 from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, cross_validate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stage recipes run as they are, not copied
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
             embed_args = [*model_args, f"model.weights={out / 'dino' / BACKBONE_EXPORT}",
                           f"embed.normalisation={dino['data']['normalisation']}"]
         run_stage(embed_tiles, cfg["embed_tiles"], *embed_args, f"data.shards={shards}", f"out={out / 'grids'}")
-        embedded = load_yaml((out / "grids" / "config.yaml").read_text())["model"]
+        embedded = TileModelWithWeights.from_mapping(load_yaml((out / "grids" / "config.yaml").read_text())["model"])
         encoder = load_encoder_weights(build_tile_encoder(embedded), embedded)
         speed[name] = (sum(p.numel() for p in encoder.parameters()),
                        tiles_per_second(encoder, tile_px, cfg["throughput"]["batch"], cfg["throughput"]["rounds"]))
