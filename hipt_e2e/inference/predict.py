@@ -326,6 +326,43 @@ def prefetch(items: Iterable, ahead: int) -> Iterator:
         thread.join()  # a slide is closed only after its reader thread has let go of it
 
 
+def _prediction_row(slide: SlideInput | tuple, predictor: Predictor, out: Path, top_regions: int,
+                    show: bool) -> list:
+    """One predictions.csv row: the slide scored (its heatmaps written), or why it failed; `slide` is an
+    (unread input, error) pair when it could not be opened."""
+    classes = predictor.classes
+    if isinstance(slide, tuple):
+        unread, error = slide
+        slide_id, path, n_regions, probs = unread.slide_id, unread.path, 0, None
+    else:
+        path, slide_id, error = slide.path, slide.slide_id, ""
+        ahead = prefetch(slide.regions, predictor.chunk_regions)
+        try:
+            result = predictor.predict(progress(ahead, desc=slide_id, unit="region", leave=False, disable=not show),
+                                       slide.size)
+            _heatmaps(out / "heatmaps", slide, result, classes, top_regions)
+            n_regions, probs = len(result.coords), result.probs
+        except Exception as exc:
+            n_regions, probs, error = 0, None, f"{type(exc).__name__}: {exc}"
+        finally:
+            ahead.close()
+            if slide.close:
+                slide.close()
+    if error:
+        log.warning("failed %s: %s", path, error)
+    return [slide_id, str(path), "failed" if error else "ok", error, n_regions,
+            *([f"{p:.6f}" for p in probs] if probs is not None else [""] * len(classes)),
+            classes[int(np.argmax(probs))] if probs is not None else ""]
+
+
+def _write_predictions(path: Path, rows: Sequence[list], classes: Sequence[str]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["slide_id", "path", "status", "error", "n_regions", *[f"prob_{c}" for c in classes], "predicted"])
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
 def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor | None = None) -> int:
     """Predict every input slide; returns the number that failed (each listed in predictions.csv).
 
@@ -355,44 +392,16 @@ def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor
         total = sum(len(load_manifest(root)["slides"]) for root in inputs)
     else:
         slides, total = _reader_inputs(found[rank::world], cfg, geometry), len(found)
-    classes = predictor.classes
-    rows = []
+    show = accelerator.is_local_main_process
     mine = len(range(rank, total, world))
-    for slide in progress(slides, total=mine, desc="predict", unit="slide", disable=not accelerator.is_local_main_process):
-        if isinstance(slide, tuple):
-            unread, error = slide
-            slide_id, path, n_regions, probs = unread.slide_id, unread.path, 0, None
-        else:
-            path, slide_id, error = slide.path, slide.slide_id, ""
-            ahead = prefetch(slide.regions, predictor.chunk_regions)
-            try:
-                regions = progress(ahead, desc=slide_id, unit="region", leave=False,
-                                   disable=not accelerator.is_local_main_process)
-                result = predictor.predict(regions, slide.size)
-                _heatmaps(out / "heatmaps", slide, result, classes, cfg["top_regions"])
-                n_regions, probs = len(result.coords), result.probs
-            except Exception as exc:
-                n_regions, probs, error = 0, None, f"{type(exc).__name__}: {exc}"
-            finally:
-                ahead.close()
-                if slide.close:
-                    slide.close()
-        if error:
-            log.warning("failed %s: %s", path, error)
-        rows.append([slide_id, str(path), "failed" if error else "ok", error, n_regions,
-                     *([f"{p:.6f}" for p in probs] if probs is not None else [""] * len(classes)),
-                     classes[int(np.argmax(probs))] if probs is not None else ""])
+    rows = [_prediction_row(slide, predictor, out, cfg["top_regions"], show)
+            for slide in progress(slides, total=mine, desc="predict", unit="slide", disable=not show)]
     # process r predicted inputs r, r + N, ...: interleave the parts back into input order
     parts = gather_object([rows])
     rows = [part[n] for n in range(max(map(len, parts))) for part in parts if n < len(part)]
     failed = sum(row[2] == "failed" for row in rows)
     if accelerator.is_main_process:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["slide_id", "path", "status", "error", "n_regions", *[f"prob_{c}" for c in classes],
-                         "predicted"])
-        writer.writerows(rows)
-        atomic_write_text(out / "predictions.csv", buffer.getvalue())
+        _write_predictions(out / "predictions.csv", rows, predictor.classes)
         log.info("%d slides: %d predicted, %d failed -> %s", len(rows), len(rows) - failed, failed,
                  out / "predictions.csv")
     accelerator.end_training()  # tear the process group down before exit (a live one can abort a process)
