@@ -8,7 +8,7 @@ embed_regions: token grids of a slide -> its region embeddings [M, D'] with thei
 
 Work goes by input units (the shards whose slides belong together: a slide continuing into the next
 shard keeps them in one unit), unit i to reader i mod n of the processes x DataLoader workers; each unit
-becomes one output shard (UnitOutputs), so every slide stays contiguous, as the slide-bag stream needs.
+becomes one output shard (hipt_e2e.data.writer.UnitShards), so every slide stays contiguous, as the slide-bag stream needs.
 The output does not depend on the number of readers, a killed run continues where it stopped (finished
 units are kept and skipped), and the manifest accounts for every input region (inputs = written +
 skipped, and skipped is empty).
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import groupby
@@ -26,7 +25,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import webdataset as wds
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
@@ -34,14 +32,13 @@ from torch.utils.data import DataLoader, IterableDataset
 from hipt_e2e.config import Settings, bound, save_config, section
 from hipt_e2e.data.embeddings import KIND as BAG_KIND
 from hipt_e2e.data.embeddings import SlideBag, bag_sample
-from hipt_e2e.data.index import index_file, write_index
 from hipt_e2e.data.lineage import REGION_EMBEDDINGS, TILE_EMBEDDINGS, TOKEN_GRIDS, Encoder, Lineage, source_of
-from hipt_e2e.data.manifest import GRIDS_KIND, MANIFEST, load_manifest, shard_set_manifest, shard_urls
+from hipt_e2e.data.manifest import GRIDS_KIND, MANIFEST, load_manifest, shard_urls
 from hipt_e2e.data.samples import collate, decode_mode, decode_sample, device_pixels, encode_grid
 from hipt_e2e.data.storage import StorageSettings, tar_samples
 from hipt_e2e.data.streams import SlideBagStream, reader_info
 from hipt_e2e.data.tiling import cut_tiles
-from hipt_e2e.io import atomic_write_json, sha256_file
+from hipt_e2e.data.writer import ShardSetWriter, UnitShards
 from hipt_e2e.lineage import check_card, read_lineage
 from hipt_e2e.models import select_attention
 from hipt_e2e.models.encoders import RegionModelWithWeights, TileModelWithWeights
@@ -52,7 +49,6 @@ from hipt_e2e.runtime import Precision, make_accelerator
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-UNITS = "units"  # out/units/: the settings and one record per finished unit, what a rerun skips
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -232,111 +228,29 @@ class UnitSlideBags(UnitItems):
 
 
 # ----------------------------------------------------------------------------------------- output
-class UnitOutputs:
-    """An embedding step's output: one shard per input unit, `shard-{unit:06d}.tar`, written to a temporary
-    file and renamed into place, then recorded in `units/{unit:06d}.json` (its shard entry, slides and index
-    rows). The layout depends on the input alone, so any number of processes or machines write the same
-    files; a rerun skips the recorded units (a killed run redoes only the units it was writing); and the
-    manifest and index are made from the records when every unit is done."""
-
-    def __init__(self, out: Path, settings: Mapping[str, Any], lineage: Lineage) -> None:
-        self.out, self.settings, self.lineage = out, dict(settings), lineage
-        self.records = out / UNITS
-        self.open: dict[int, tuple[Any, wds.TarWriter, dict[str, dict]]] = {}
-
-    def done(self, accelerator: Accelerator) -> set[int]:
-        """Units finished by an earlier run with the same settings (refuses one with other settings). A run
-        that recorded no unit holds nothing to protect: its settings are replaced by these."""
-        settings = self.records / "settings.json"
-        if accelerator.is_main_process:
-            self.records.mkdir(parents=True, exist_ok=True)
-            if not settings.exists() or not self._recorded():
-                atomic_write_json(settings, self.settings)
-        accelerator.wait_for_everyone()
-        if json.loads(settings.read_text()) != json.loads(json.dumps(self.settings)):
-            raise FileExistsError(f"{self.out} holds an interrupted run with other settings; choose another out= "
-                                  "or delete it")
-        return self._recorded()
-
-    def _recorded(self) -> set[int]:
-        return {int(path.stem) for path in self.records.glob("[0-9]*.json")}
-
-    def add(self, unit: int, sample: dict, slide: Mapping[str, Any], regions: int) -> None:
-        """A sample of `unit` for the slide `slide` (its input record or bag: label, patient, split), holding
-        `regions` input regions."""
-        if unit not in self.open:
-            stream = open(self.out / f"{self._name(unit)}.tmp", "wb")
-            self.open[unit] = (stream, wds.TarWriter(stream, encoder=False, mtime=0), {})
-        _, tar, slides = self.open[unit]
-        tar.write(sample)
-        entry = slides.setdefault(slide["slide_id"], {"label": slide["label"], "patient_id": slide["patient_id"],
-                                                      "split": slide.get("split"), "regions": 0, "samples": 0})
-        entry["regions"] += regions
-        entry["samples"] += 1
-
-    def close(self, unit: int, inputs: int) -> None:
-        """Rename unit's shard into place and record it; `inputs`: the input regions the unit held."""
-        stream, tar, slides = self.open.pop(unit)
-        tar.close()
-        stream.flush()
-        os.fsync(stream.fileno())
-        stream.close()
-        final = self.out / self._name(unit)
-        os.replace(self.out / f"{final.name}.tmp", final)
-        written = sum(entry["regions"] for entry in slides.values())
-        if written != inputs:
-            raise RuntimeError(f"{final}: wrote {written} regions of the {inputs} its input holds")
-        shard = {"name": final.name, "samples": sum(e["samples"] for e in slides.values()), "bytes": final.stat().st_size,
-                 "sha256": sha256_file(final), "slides": {s: e.pop("samples") for s, e in slides.items()},
-                 "slide_continues": False}
-        atomic_write_json(self.records / f"{unit:06d}.json", {"shard": shard, "slides": slides,
-                                                              "index": index_file(final)})
-
-    @staticmethod
-    def _name(unit: int) -> str:
-        return f"shard-{unit:06d}.tar"
-
-    def finish(self, accelerator: Accelerator, kind: str, source: Mapping[str, Any], units: int) -> dict:
-        """When every process is done: the manifest and index from the unit records (main process), the
-        config beside them; checks that every input region was written."""
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            records = [json.loads((self.records / f"{unit:06d}.json").read_text()) for unit in range(units)]
-            shards = [record["shard"] for record in records]
-            slides = {slide: {**entry, "shards": [record["shard"]["name"]]}
-                      for record in records for slide, entry in record["slides"].items()}
-            written = sum(entry["regions"] for entry in slides.values())
-            manifest = shard_set_manifest(kind, self.settings, source["classes"], slides, shards,
-                                          inputs=source["samples"], written=written, lineage=self.lineage.as_dict())
-            write_index(self.out, shards, {r["shard"]["name"]: [tuple(row) for row in r["index"]] for r in records})
-            atomic_write_json(self.out / MANIFEST, manifest)
-            save_config(self.settings, self.out)
-        accelerator.wait_for_everyone()
-        manifest = load_manifest(self.out)
-        if manifest["written"] != source["samples"]:
-            raise RuntimeError(f"{self.out}: {manifest['written']} regions written of {source['samples']} input regions")
-        log.info("%d input regions = %d written + 0 skipped; %d samples in %d shards -> %s", source["samples"],
-                 manifest["written"], manifest["samples"], len(manifest["shards"]), self.out)
-        return manifest
-
-
-def _existing_output(out: Path, settings: Mapping[str, Any]) -> dict | None:
-    """The manifest of a finished earlier run with the same settings (None if there is none)."""
-    if not (out / MANIFEST).exists():
-        return None
-    manifest = load_manifest(out)
-    if manifest["build_args"] != json.loads(json.dumps(dict(settings))):
-        raise FileExistsError(f"{out} already holds embeddings made with other settings; choose another out=")
-    log.info("%s is already complete (%d samples); nothing to do", out, manifest["samples"])
-    return manifest
-
-
-def _units_done(accelerator: Accelerator, outputs: UnitOutputs, units: int) -> set[int]:
-    done = outputs.done(accelerator)
+def _units_done(accelerator: Accelerator, shard_set: ShardSetWriter, units: int) -> set[int]:
+    """The units an interrupted run with the same settings finished (refusing one with other settings)."""
+    done = set(shard_set.resume(accelerator.is_main_process, accelerator.wait_for_everyone))
     if done:
-        log.info("%s: %d of %d units done by an earlier run; embedding the other %d", outputs.out, len(done),
+        log.info("%s: %d of %d units done by an earlier run; embedding the other %d", shard_set.out, len(done),
                  units, units - len(done))
     return done
+
+
+def _finish(accelerator: Accelerator, writer: UnitShards, kind: str, source: Mapping[str, Any], units: int,
+            lineage: Lineage) -> dict:
+    """When every process is done: the manifest and index from the unit records (main process), the config
+    beside them."""
+    accelerator.wait_for_everyone()
+    out = writer.shard_set.out
+    if accelerator.is_main_process:
+        writer.finish(kind, source["classes"], source["samples"], units, lineage.as_dict())
+        save_config(writer.shard_set.settings, out)
+    accelerator.wait_for_everyone()
+    manifest = json.loads((out / MANIFEST).read_text())
+    log.info("%d input regions = %d written + 0 skipped; %d samples in %d shards -> %s", source["samples"],
+             manifest["written"], manifest["samples"], len(manifest["shards"]), out)
+    return manifest
 
 
 # -------------------------------------------------------------------------------------- the steps
@@ -346,7 +260,7 @@ def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, sett
                 workers: int = 0, dtype: str = "float16", mixed_precision: str | None = None,
                 decode: str = "cpu") -> dict:
     """Every region of the shard set ``source`` -> its token grid, written as shards to ``out`` (one per
-    input unit, see UnitOutputs: resumable, the same files for any number of processes).
+    input unit, see UnitShards: resumable, the same files for any number of processes).
 
     ``settings`` (e.g. the recipe config) is recorded as the output's build_args, ``tile_encoder`` (the
     encoder's record) in its lineage; regions of another geometry than the encoder's card records are
@@ -355,15 +269,16 @@ def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, sett
     """
     out = Path(out)
     accelerator = make_accelerator(mixed_precision)
-    if (manifest := _existing_output(out, settings)) is not None:
+    shard_set = ShardSetWriter(out, settings)
+    if (manifest := shard_set.finished()) is not None:
         return manifest
     source_manifest = load_manifest(source)
     pixels = read_lineage(source_manifest)
     check_card(pixels.geometry, source, tile_encoder.card)
-    outputs = UnitOutputs(out, settings, Lineage(TOKEN_GRIDS, replace(pixels.geometry, width=encoder.num_features),
-                                                 source_of(source_manifest), tile_encoder))
-    units = len(slide_units(source_manifest))
-    dataset = UnitRegionBatches(source_manifest, _units_done(accelerator, outputs, units), regions_per_batch,
+    lineage = Lineage(TOKEN_GRIDS, replace(pixels.geometry, width=encoder.num_features), source_of(source_manifest),
+                      tile_encoder)
+    outputs, units = UnitShards(shard_set), len(slide_units(source_manifest))
+    dataset = UnitRegionBatches(source_manifest, _units_done(accelerator, shard_set, units), regions_per_batch,
                                 decode_mode(decode, accelerator.device))
     encoder = select_attention(encoder.to(accelerator.device).eval(), accelerator.device, accelerator.mixed_precision)
     mine = [u for w in range(max(workers, 1))
@@ -386,7 +301,7 @@ def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, sett
             outputs.add(item["unit"], {"__key__": key, ext: data, "json": json.dumps(grid_record).encode()}, record, 1)
         bar.update(len(grids))
     bar.close()
-    return outputs.finish(accelerator, GRIDS_KIND, source_manifest, units)
+    return _finish(accelerator, outputs, GRIDS_KIND, source_manifest, units, lineage)
 
 
 @torch.no_grad()
@@ -394,13 +309,14 @@ def embed_regions(encoder: nn.Module | None, source: str | Path, out: str | Path
                   region_encoder: Encoder | None, regions_per_batch: int, workers: int = 0,
                   mixed_precision: str | None = None, min_tile_tissue: float = 0.0) -> dict:
     """Every slide of the token-grid shard set ``source`` -> its region embeddings [M, D] (float32) with
-    coordinates, one sample per slide, written as shards to ``out`` (one per input unit, see UnitOutputs).
+    coordinates, one sample per slide, written as shards to ``out`` (one per input unit, see UnitShards).
     encoder None: the bag of every tile embedding instead (`tile_bag`). ``region_encoder``: the encoder's
     record, for the lineage; token grids of another width than the encoder takes, or of another geometry
     than its card records, are refused. Returns the manifest."""
     out = Path(out)
     accelerator = make_accelerator(mixed_precision)
-    if (manifest := _existing_output(out, settings)) is not None:
+    shard_set = ShardSetWriter(out, settings)
+    if (manifest := shard_set.finished()) is not None:
         return manifest
     source_manifest = load_manifest(source)
     grids = read_lineage(source_manifest)
@@ -409,11 +325,10 @@ def embed_regions(encoder: nn.Module | None, source: str | Path, out: str | Path
         check_card(geometry, source, region_encoder.card if region_encoder else None, encoder.in_dim,
                    "the region encoder (model.*)")
         geometry = replace(geometry, width=encoder.num_features)
-    outputs = UnitOutputs(out, settings, Lineage(REGION_EMBEDDINGS if encoder is not None else TILE_EMBEDDINGS,
-                                                 geometry, source_of(source_manifest), grids.tile_encoder,
-                                                 region_encoder if encoder is not None else None))
-    units = len(slide_units(source_manifest))
-    dataset = UnitSlideBags(source_manifest, _units_done(accelerator, outputs, units))
+    lineage = Lineage(REGION_EMBEDDINGS if encoder is not None else TILE_EMBEDDINGS, geometry,
+                      source_of(source_manifest), grids.tile_encoder, region_encoder if encoder is not None else None)
+    outputs, units = UnitShards(shard_set), len(slide_units(source_manifest))
+    dataset = UnitSlideBags(source_manifest, _units_done(accelerator, shard_set, units))
     if encoder is not None:
         encoder = select_attention(encoder.to(accelerator.device).eval(), accelerator.device, accelerator.mixed_precision)
     for item in progress(DataLoader(dataset, batch_size=None, num_workers=workers),
@@ -437,4 +352,4 @@ def embed_regions(encoder: nn.Module | None, source: str | Path, out: str | Path
         outputs.add(item["unit"], bag_sample(slide, item["ordinal"], source_manifest["classes"], np.dtype("float32")),
                     {"slide_id": slide.slide_id, "label": slide.label, "patient_id": slide.patient_id,
                      "split": slide.split}, regions)
-    return outputs.finish(accelerator, BAG_KIND, source_manifest, units)
+    return _finish(accelerator, outputs, BAG_KIND, source_manifest, units, lineage)

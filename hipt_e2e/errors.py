@@ -47,6 +47,10 @@ class UnknownSettingError(UserError, KeyError):
     __str__ = Exception.__str__  # the message as written, without KeyError's quotes
 
 
+class OtherSettingsError(UserError, FileExistsError):
+    """An output folder that holds a shard set, finished or interrupted, made with other settings than this run's."""
+
+
 class MissingExtraError(UserError, ImportError):
     """An optional dependency that is not installed; the message names the extra to install."""
 

@@ -2,9 +2,9 @@
 
 Flow: discover items (numbered in a seeded shuffled order) -> take this part's items -> for each item
 produce events ("sample" or "skip") in order -> a single writer packs samples into `shard-%06d.tar`
-files of at most `shard_bytes`. Each shard is written under a temporary name and renamed when complete;
-then a line is appended to `build-journal.jsonl` with the shard's hash, its slides, the skips so far and
-the position to resume from. A re-run continues after the last journalled shard; the manifest is written last.
+files of at most `shard_bytes` (hipt_e2e.data.writer.SizedShards): each is written under a temporary name and
+renamed when complete, then recorded with its hash, its slides, the skips before it and the position to resume
+from. A re-run continues after the last recorded shard; the manifest is written last.
 """
 from __future__ import annotations
 
@@ -22,9 +22,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from hipt_e2e.data.index import journal_rows, write_index
 from hipt_e2e.data.lineage import pixel_lineage
-from hipt_e2e.data.manifest import shard_set_manifest
 from hipt_e2e.data.samples import encode_pixels, sample_key
 from hipt_e2e.data.sources import (
     ImageReader,
@@ -35,15 +33,12 @@ from hipt_e2e.data.sources import (
     load_pt_pixels,
 )
 from hipt_e2e.data.tiling import TISSUE_FLOOR, RegionGeometry, tile_tissue_fractions
-from hipt_e2e.data.writer import ShardWriter
+from hipt_e2e.data.writer import ShardSetWriter, SizedShards
 from hipt_e2e.errors import SettingError, UserError
-from hipt_e2e.io import atomic_write_json
 from hipt_e2e.progress import progress
 from shards.inputs import Item, class_names, discover
 
 log = logging.getLogger(__name__)
-
-JOURNAL = "build-journal.jsonl"
 
 DEFAULTS: dict[str, Any] = {
     "kind": None,
@@ -219,29 +214,6 @@ def _events_parallel(items: list[tuple[Item, int]], cfg: dict, classes: list[str
                 break
 
 
-def read_journal(path: Path, args: dict) -> tuple[list[dict], list[dict], tuple[int, int]]:
-    """(shards, skipped, resume position) of an interrupted build; refuses one with other settings that
-    wrote a shard. One that wrote none (e.g. refused its first slide) holds nothing to protect: its journal
-    is removed, so that the corrected command (say with the --slide-mpp it suggested) starts afresh."""
-    if not path.exists():
-        return [], [], (0, 0)
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if lines[0].get("build_args") != args:
-        if any("shard" in entry for entry in lines[1:]):
-            raise BuildError(f"{path.parent} holds an interrupted build with other settings; use another --out "
-                             "or delete it")
-        log.info("%s: an interrupted build with other settings wrote no shard; starting afresh", path.parent)
-        path.unlink()
-        return [], [], (0, 0)
-    shards, skipped, resume = [], [], (0, 0)
-    for entry in lines[1:]:
-        if "shard" in entry:
-            shards.append(entry["shard"])
-        skipped += entry["skipped"]
-        resume = tuple(entry["resume"]) if entry["resume"] else resume
-    return shards, skipped, resume
-
-
 # --------------------------------------------------------------------------------------------- build
 def build(cfg: dict) -> dict:
     """Run a build (or the rest of an interrupted one) and return its manifest."""
@@ -249,13 +221,8 @@ def build(cfg: dict) -> dict:
     if cfg["on_error"] not in ("fail", "skip"):
         raise SettingError(f"on_error must be fail or skip, got {cfg['on_error']!r}")
     out_dir = part_dir(Path(cfg["out"]), cfg["part"])
-    args = build_args(cfg)
-    manifest_path = out_dir / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest["build_args"] != args:
-            raise BuildError(f"{out_dir} already holds a build with other settings; use another --out")
-        log.info("%s is already complete (%d shards); nothing to do", out_dir, len(manifest["shards"]))
+    shard_set = ShardSetWriter(out_dir, build_args(cfg), noun="build", out_option="--out")
+    if (manifest := shard_set.finished()) is not None:
         return manifest
 
     items = discover(cfg["kind"], cfg["input"], labels_csv=cfg["labels"],
@@ -266,22 +233,32 @@ def build(cfg: dict) -> dict:
     mine = [item for item in items if item.ordinal % part_count == part_index]
 
     out_dir.mkdir(parents=True, exist_ok=True)  # once the inputs are found: a refused build leaves no folder
-    journal = out_dir / JOURNAL
-    shards, skipped, resume = read_journal(journal, args)
-    if not journal.exists():
-        journal.write_text(json.dumps({"build_args": args}) + "\n")
-    elif shards or skipped:
-        log.info("resuming %s after %d shard(s) at item %d, sample %d", out_dir, len(shards), *resume)
-    todo = [(item, resume[1] if item.ordinal == resume[0] else 0) for item in mine if item.ordinal >= resume[0]]
+    writer = SizedShards(shard_set, int(cfg["shard_bytes"]), shard_set.resume())
+    start = writer.resume_position()
+    if writer.records:
+        log.info("resuming %s after %d shard(s) at %s", out_dir, len(writer.records),
+                 "the end" if start is None else "item {}, sample {}".format(*start))
+    todo = [(item, start[1] if item.ordinal == start[0] else 0) for item in mine
+            if start is not None and item.ordinal >= start[0]]
+    records, skipped = _write(writer, todo, cfg, classes)
+    slides, accounting = _accounting(cfg, mine, [record["shard"] for record in records], skipped)
+    manifest = shard_set.write_manifest(records, cfg["kind"], classes, slides, lineage=pixel_lineage(cfg).as_dict(),
+                                        **accounting)
+    log.info("%d inputs = %d written + %d skipped; %d samples in %d shards -> %s", manifest["inputs"],
+             manifest["written"], manifest["n_skipped"], manifest["samples"], len(records), out_dir)
+    return manifest
 
-    writer = ShardWriter(out_dir, int(cfg["shard_bytes"]), journal, first_shard=len(shards))
-    spool_dir = Path(tempfile.mkdtemp(prefix=".spool-", dir=out_dir))
+
+def _write(writer: SizedShards, todo: list[tuple[Item, int]], cfg: dict, classes: list[str]
+           ) -> tuple[list[dict], list[dict]]:
+    """The samples of the items (from their start) into shards; returns every shard's record and skip."""
+    spool_dir = Path(tempfile.mkdtemp(prefix=".spool-", dir=writer.shard_set.out))
     try:
         if cfg["workers"] > 1:
             streams = _events_parallel(todo, cfg, classes, spool_dir)
         else:
             streams = ((item, item_events(item, cfg, classes, start)) for item, start in todo)
-        for item, events in progress(streams, total=len(todo), desc=f"build {out_dir.name}", unit="item"):
+        for item, events in progress(streams, total=len(todo), desc=f"build {writer.shard_set.out.name}", unit="item"):
             for kind, index, payload in events:
                 if kind == "skip":
                     if cfg["on_error"] == "fail":
@@ -290,23 +267,17 @@ def build(cfg: dict) -> dict:
                     writer.skip(payload)
                 else:
                     writer.add(payload, item.slide_id, (item.ordinal, index))
-        writer.finish(resume=None)
+        return writer.finish()
     except BaseException:
         writer.abort()
         raise
     finally:
         shutil.rmtree(spool_dir, ignore_errors=True)
-    shards, skipped, _ = read_journal(journal, args)
-    manifest = make_manifest(cfg, mine, classes, shards, skipped)
-    write_index(out_dir, shards, journal_rows(journal))
-    atomic_write_json(manifest_path, manifest)
-    log.info("%d inputs = %d written + %d skipped; %d samples in %d shards -> %s", manifest["inputs"],
-             manifest["written"], manifest["n_skipped"], manifest["samples"], len(shards), out_dir)
-    return manifest
 
 
-def make_manifest(cfg: dict, items: list[Item], classes: list[str], shards: list[dict],
-                  skipped: list[dict]) -> dict:
+def _accounting(cfg: dict, items: list[Item], shards: list[dict], skipped: list[dict]) -> tuple[dict, dict]:
+    """The manifest's slides (what each holds and where) and accounting of a build's shards: inputs = written +
+    the inputs the skipped records stand for."""
     by_slide = {item.slide_id: item for item in items if item.slide_id is not None}
     slides: dict[str, dict] = {}
     for shard in shards:
@@ -322,5 +293,4 @@ def make_manifest(cfg: dict, items: list[Item], classes: list[str], shards: list
     n_skipped = sum(record["inputs"] for record in skipped)
     if inputs != written + n_skipped:
         raise RuntimeError(f"accounting error: {inputs} inputs != {written} written + {n_skipped} skipped")
-    return shard_set_manifest(cfg["kind"], build_args(cfg), classes, slides, shards, inputs=inputs, written=written,
-                              skipped=skipped, n_skipped=n_skipped, lineage=pixel_lineage(cfg).as_dict())
+    return slides, {"inputs": inputs, "written": written, "skipped": skipped, "n_skipped": n_skipped}

@@ -2,7 +2,7 @@
 the N-th call of a function, to test what survives. Only on torchrun's first attempt and, with CRASH_RANK
 set, only in that rank, so a restarted run goes through.
 
-    python tests/crash.py hipt_e2e.embedding:UnitOutputs.add 5 recipes/embed_tiles.py key=value ...
+    python tests/crash.py hipt_e2e.data.writer:UnitShards.add 5 recipes/embed_tiles.py key=value ...
 """
 from __future__ import annotations
 

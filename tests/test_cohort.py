@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from hipt_e2e.data import load_manifest
-from hipt_e2e.embedding import UNITS, slide_units
+from hipt_e2e.data.writer import UNITS
+from hipt_e2e.embedding import slide_units
 from hipt_e2e.models import model_preset, vit4k, vit256
 from hipt_e2e.training import export_safetensors
 from tests.launch import REPO, free_port, launch
@@ -74,7 +75,7 @@ def test_embedding_killed_and_rerun_gives_the_uninterrupted_bytes(shards: Path, 
     shutil.rmtree(out)
     # Killed in the middle of a unit (its shard half written), then run again with the same command.
     died = run_step("embed_tiles", *arguments, script=[str(REPO / "tests" / "crash.py"),
-                                                       "hipt_e2e.embedding:UnitOutputs.add", "10"])
+                                                       "hipt_e2e.data.writer:UnitShards.add", "10"])
     assert died.returncode == 17, died.stderr[-2000:]
     finished = sorted(p.name for p in (out / UNITS).glob("[0-9]*.json"))
     assert 0 < len(finished) < units and any(out.glob("*.tmp")) and not (out / "manifest.json").exists()

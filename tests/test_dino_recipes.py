@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate import Accelerator
 
 from hipt_e2e.config import resolve_settings
 from hipt_e2e.data import RegionStream, SlideBagStream, load_manifest
 from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.data.samples import encode_grid
-from hipt_e2e.embedding import GRIDS_KIND, EmbedRegionsSettings, EmbedTilesSettings, UnitOutputs, token_grids
+from hipt_e2e.data.writer import ShardSetWriter, UnitShards
+from hipt_e2e.embedding import GRIDS_KIND, EmbedRegionsSettings, EmbedTilesSettings, token_grids
 from hipt_e2e.errors import SettingError
 from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.models import cnn256, load_checkpoint, model_preset, vit4k, vit256
@@ -261,15 +261,15 @@ def assert_same_dino_step(two: dict, one: dict) -> None:
 
 def _grid_shards(out: Path, grids: np.ndarray) -> Path:
     """A token-grid shard set holding ``grids`` as the regions of one slide."""
-    writer = UnitOutputs(out, settings={})
-    writer.done(Accelerator())
+    writer = UnitShards(ShardSetWriter(out, settings={}))
+    writer.shard_set.resume()
     for index, grid in enumerate(grids):
         record = {"slide_id": "s", "patient_id": "p", "label": "a", "label_index": 0, "split": None,
                   "region_index": index, "x": 0, "y": 0, "height": 4, "width": 4, "grid": [4, 4], "tissue": [1.0] * 16}
         ext, data = encode_grid(grid)
         writer.add(0, {"__key__": f"r{index:04d}", ext: data, "json": json.dumps(record).encode()}, record, 1)
     writer.close(0, len(grids))
-    writer.finish(Accelerator(), GRIDS_KIND, {"classes": ["a"], "samples": len(grids)}, units=1)
+    writer.finish(GRIDS_KIND, ["a"], inputs=len(grids), units=1)
     return out
 
 

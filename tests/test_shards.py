@@ -14,7 +14,8 @@ import webdataset as wds
 from hipt_e2e.data.embeddings import SlideBag, write_slide_bags
 from hipt_e2e.data.samples import decode_sample
 from hipt_e2e.data.tiling import pad_region
-from hipt_e2e.errors import UnknownSettingError
+from hipt_e2e.data.writer import OLD_JOURNAL, UNITS
+from hipt_e2e.errors import UnknownSettingError, UserError
 from shards.build import BuildError, build
 from shards.cli import main as cli
 from shards.inputs import LabelsError, discover
@@ -214,6 +215,25 @@ def test_resume_after_interruption_gives_identical_shards(synthetic_slides, tmp_
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in reference["shards"]]
     assert resumed["slides"].keys() == reference["slides"].keys()
     assert build({**SYNTH, "input": str(broken_input), "out": str(tmp_path / "run")}) == resumed  # complete: no-op
+
+
+def test_interrupted_build_of_an_earlier_version_resumes_from_its_journal(synthetic_slides, tmp_path):
+    """Builds before the shard records journalled their settings and closed shards in build-journal.jsonl: one
+    interrupted after two shards refuses other settings, and resumes with its own to the uninterrupted bytes."""
+    settings = {**SYNTH, "input": str(synthetic_slides)}
+    reference = build({**settings, "out": str(tmp_path / "ref")})
+    old = tmp_path / "old"
+    old.mkdir()
+    closed = [json.loads((tmp_path / "ref" / UNITS / f"{n:06d}.json").read_text()) for n in range(2)]
+    lines = [{"build_args": reference["build_args"]}, *closed]
+    (old / OLD_JOURNAL).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for entry in closed:
+        shutil.copy(tmp_path / "ref" / entry["shard"]["name"], old)
+    with pytest.raises(UserError, match="holds an interrupted build with other settings"):
+        build({**settings, "out": str(old), "min_tissue": 0.3})
+    resumed = build({**settings, "out": str(old)})
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in reference["shards"]]
+    assert resumed["skipped"] == reference["skipped"] and not (old / OLD_JOURNAL).exists()
 
 
 def test_parallel_workers_and_parts_match_serial_build(synthetic_slides, tmp_path):

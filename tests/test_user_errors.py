@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from hipt_e2e import errors
 from hipt_e2e.config import resolve_config
 from hipt_e2e.data.embeddings import write_slide_bags
-from hipt_e2e.embedding import UnitOutputs
+from hipt_e2e.data.writer import ShardSetWriter, UnitShards
 from hipt_e2e.errors import USER_ERROR_EXIT, InputError, UnknownSettingError, UserError, error_message, run_main
 from shards.cli import main as hipt_shards
 from tests.test_slide_training import CLASSES, make_bags
@@ -168,25 +168,30 @@ class _RefusingDataset(Dataset):
         raise InputError("slides/a.svs", "no resolution")
 
 
-def test_embedding_run_without_a_finished_unit_takes_new_settings(tmp_path):
+def done(settings: dict, folder: Path) -> set[int]:
+    """The units an embedding run with these settings finds done in folder (as embed_tiles asks)."""
     accelerator = Accelerator(cpu=True)
-    assert UnitOutputs(tmp_path, {"model": "a"}).done(accelerator) == set()  # a run that died before its first unit
-    outputs = UnitOutputs(tmp_path, {"model": "b"})
-    assert outputs.done(accelerator) == set()
+    return set(ShardSetWriter(folder, settings).resume(accelerator.is_main_process, accelerator.wait_for_everyone))
+
+
+def test_embedding_run_without_a_finished_unit_takes_new_settings(tmp_path):
+    assert done({"model": "a"}, tmp_path) == set()  # a run that died before its first unit
+    outputs = UnitShards(ShardSetWriter(tmp_path, {"model": "b"}))
+    assert done({"model": "b"}, tmp_path) == set()
     grid = {"__key__": "r0000", "json": b"{}"}
     outputs.add(0, grid, {"slide_id": "s", "label": "a", "patient_id": "p"}, 1)
     outputs.close(0, 1)
-    assert UnitOutputs(tmp_path, {"model": "b"}).done(accelerator) == {0}
+    assert done({"model": "b"}, tmp_path) == {0}
     with pytest.raises(FileExistsError, match="holds an interrupted run with other settings"):
-        UnitOutputs(tmp_path, {"model": "c"}).done(accelerator)
+        done({"model": "c"}, tmp_path)
 
 
 
 def _recipe_main(argv: list[str]) -> None:
     """The parser every recipe shares (hipt_e2e.training.recipe), over the e2e recipe's defaults."""
-    from hipt_e2e.training.e2e import E2E_DEFAULTS
-    from hipt_e2e.training.recipe import recipe_config
-    recipe_config(E2E_DEFAULTS, "the e2e recipe", argv)
+    from hipt_e2e.training.e2e import E2ESettings
+    from hipt_e2e.training.recipe import recipe_settings
+    recipe_settings(E2ESettings, "the e2e recipe", argv)
 
 
 HELP_COMMANDS = {  # command -> (its main, argv before --help, its required options)

@@ -15,13 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hipt_e2e.data.index import journal_rows, write_index
-from hipt_e2e.data.manifest import load_manifest, shard_set_manifest, shard_urls
+from hipt_e2e.data.manifest import load_manifest, shard_urls
 from hipt_e2e.data.samples import npy_array, npy_bytes, sample_key
 from hipt_e2e.data.storage import tar_samples
-from hipt_e2e.data.writer import ShardWriter
+from hipt_e2e.data.writer import ShardSetWriter, SizedShards
 from hipt_e2e.errors import UserError
-from hipt_e2e.io import atomic_write_json
 
 KIND = "slide_embeddings"
 
@@ -51,30 +49,28 @@ def bag_sample(bag: SlideBag, ordinal: int, classes: Sequence[str], dtype: np.dt
 def write_slide_bags(out_dir: str | Path, bags: Iterable[SlideBag], classes: Sequence[str], *,
                      build_args: dict, dtype: str = "float32", shard_bytes: int = 500_000_000,
                      lineage: Mapping | None = None) -> dict:
-    """Write bags as shards + manifest.json; returns the manifest. `lineage`: what the bags hold and what
-    made them (hipt_e2e.data.lineage.Lineage.as_dict()), when the caller knows it."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    journal = out_dir / "build-journal.jsonl"
-    journal.write_text(json.dumps({"build_args": build_args}) + "\n")
-    writer = ShardWriter(out_dir, shard_bytes, journal, first_shard=0)
+    """Write bags as shards + manifest.json (over what an earlier call wrote there); returns the manifest.
+    `lineage`: what the bags hold and what made them (hipt_e2e.data.lineage.Lineage.as_dict()), when the
+    caller knows it."""
+    shard_set = ShardSetWriter(out_dir, build_args)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    shard_set.restart()  # the bags are the caller's, not made from build_args: nothing to resume or guard
+    writer = SizedShards(shard_set, shard_bytes, {})
     slides: dict[str, dict] = {}
     try:
         for ordinal, bag in enumerate(bags):
             writer.add(bag_sample(bag, ordinal, classes, np.dtype(dtype)), bag.slide_id, (ordinal, 0))
             slides[bag.slide_id] = {"label": bag.label, "patient_id": bag.patient_id, "split": bag.split,
-                                    "regions": bag.regions or int(bag.features.shape[0]), "shards": [writer.name]}
-        writer.finish(resume=None)
+                                    "regions": bag.regions or int(bag.features.shape[0])}
+        records, _ = writer.finish()
     except BaseException:
         writer.abort()
         raise
-    shards = [json.loads(line)["shard"] for line in journal.read_text().splitlines()[1:]
-              if "shard" in json.loads(line)]
-    manifest = shard_set_manifest(KIND, build_args, classes, slides, shards, inputs=len(slides), written=len(slides),
-                                  lineage=lineage)
-    write_index(out_dir, shards, journal_rows(journal))
-    atomic_write_json(out_dir / "manifest.json", manifest)
-    return manifest
+    for record in records:
+        for slide_id in record["shard"]["slides"]:
+            slides[slide_id]["shards"] = [record["shard"]["name"]]
+    return shard_set.write_manifest(records, KIND, classes, slides, inputs=len(slides), written=len(slides),
+                                    lineage=lineage)
 
 
 def read_slide_bags(source: str | Path) -> tuple[list[SlideBag], list[str]]:

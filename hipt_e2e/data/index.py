@@ -180,20 +180,8 @@ class ShardIndex:
         return {"__key__": key, **members}
 
 
-def journal_rows(journal: Path) -> dict[str, list[Row]]:
-    """Shard name -> its index rows, as the writer journalled them when it closed the shard."""
-    rows: dict[str, list[Row]] = {}
-    if journal.exists():
-        for line in journal.read_text().splitlines():
-            entry = json.loads(line) if line.strip() else {}
-            if "index" in entry:
-                rows[entry["shard"]["name"]] = [(key, slide, region, {e: tuple(m) for e, m in members.items()})
-                                                for key, slide, region, members in entry["index"]]
-    return rows
-
-
 def write_index(root: str | Path, shards: Sequence[Mapping], rows: Mapping[str, Sequence[Row]] | None = None) -> ShardIndex:
-    """Index the shards of a local shard set from journalled rows (reading a shard only when it has none)
+    """Index the shards of a local shard set from recorded rows (reading a shard only when it has none)
     and write root/index.npz."""
     rows = rows or {}
     index = ShardIndex.from_rows([rows[s["name"]] if s["name"] in rows else index_file(Path(root) / s["name"])

@@ -1,80 +1,255 @@
-"""Writing shards: `shard-%06d.tar` files of at most `shard_bytes`, each renamed into place when full.
+"""Writing shard sets: the one writer of `hipt-shards build`, both embedding steps and slide bags.
 
-After a shard is complete its name, sample count, size, sha256, per-slide counts, the position to
-resume from and its index rows (hipt_e2e.data.index: member offsets, sizes, CRC-32) are appended
-(fsynced) to a journal, which is what makes interrupted builds resumable and what manifests and the
-index are made from. Shard building and the embedding recipes write through this class.
+A shard is written as `shard-NNNNNN.tar.tmp` and closed atomically (fsynced, renamed into place), then described
+by its record: {"shard": its manifest entry (name, samples, bytes, sha256, slides, slide_continues), "index": its
+index rows (hipt_e2e.data.index), ...what the policy adds}, written to `OUT/units/NNNNNN.json` after the run's
+settings (`units/settings.json`). The records are the resume protocol: a rerun with the same settings keeps the
+recorded shards and goes on after them, one with other settings is refused, and the manifest and index are
+written from the records at the end. Two policies number the shards:
+
+- SizedShards: shards of at most `shard_bytes` in the order the samples come (build, slide bags); a record adds
+  the position to resume from and the inputs skipped before it.
+- UnitShards: one shard per input unit, numbered by the unit (both embedding steps), so any number of processes
+  or machines write the same files; a record adds the manifest entries of the unit's slides.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 
-from hipt_e2e.data.index import index_file
-from hipt_e2e.io import sha256_file
+from hipt_e2e.data.index import index_file, write_index
+from hipt_e2e.data.manifest import MANIFEST, shard_set_manifest
+from hipt_e2e.errors import OtherSettingsError
+from hipt_e2e.io import atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+UNITS = "units"  # OUT/units/: the settings, then one record per closed shard
+SETTINGS = "settings.json"
+OLD_JOURNAL = "build-journal.jsonl"  # what builds before the records wrote: settings, then a line per closed shard
 
 
-class ShardWriter:
-    """Packs samples into shard-%06d.tar files; each is renamed into place and journalled when full."""
+class OpenShard:
+    """A shard being written: `shard-NNNNNN.tar.tmp` until `close` renames it into place."""
 
-    def __init__(self, out_dir: Path, shard_bytes: int, journal: Path, first_shard: int):
-        self.out_dir, self.shard_bytes, self.journal = out_dir, shard_bytes, journal
-        self.index = first_shard
-        self.stream = None
-        self.tar = None
-        self.count = 0
-        self.slides: dict[str, int] = {}
-        self.open_slide_at_end = False
-        self.pending_skips: list[dict] = []
+    def __init__(self, folder: Path, number: int) -> None:
+        self.path = folder / f"shard-{number:06d}.tar"
+        self.temporary = folder / f"{self.path.name}.tmp"
+        self.stream = open(self.temporary, "wb")
+        self.tar = wds.TarWriter(self.stream, encoder=False, mtime=0)
+        self.samples = 0
+        self.slides: dict[str, int] = {}  # samples per slide
 
-    @property
-    def name(self) -> str:
-        return f"shard-{self.index:06d}.tar"
-
-    def add(self, sample: dict, slide_id: str | None, position: tuple[int, int]) -> None:
+    def write(self, sample: dict, slide_id: str | None) -> None:
         """Append a sample; `slide_id` is None for unlabelled tiles, which belong to no slide."""
-        size = sum(len(v) for k, v in sample.items() if not k.startswith("__")) + 1024 * len(sample)
-        if self.tar is not None and self.count and self.stream.tell() + size > self.shard_bytes:
-            self.finish(resume=position, slide_continues=slide_id in self.slides)
-        if self.tar is None:
-            self.stream = open(self.out_dir / (self.name + ".tmp"), "wb")
-            self.tar = wds.TarWriter(self.stream, encoder=False, mtime=0)
         self.tar.write(sample)
-        self.count += 1
+        self.samples += 1
         if slide_id is not None:
             self.slides[slide_id] = self.slides.get(slide_id, 0) + 1
 
-    def skip(self, record: dict) -> None:
-        self.pending_skips.append(record)
-
-    def finish(self, resume: tuple[int, int] | None, slide_continues: bool = False) -> None:
-        """Close the open shard (if any), rename it into place and journal it with the resume point."""
-        entry: dict[str, Any] = {"resume": list(resume) if resume else None, "skipped": self.pending_skips}
-        if self.tar is not None:
-            self.tar.close()
-            self.stream.flush()
-            os.fsync(self.stream.fileno())
-            self.stream.close()
-            final = self.out_dir / self.name
-            os.replace(self.out_dir / (self.name + ".tmp"), final)
-            entry["shard"] = {"name": self.name, "samples": self.count, "bytes": final.stat().st_size,
-                              "sha256": sha256_file(final), "slides": self.slides,
-                              "slide_continues": slide_continues}
-            entry["index"] = index_file(final)  # read back while the shard is in the page cache
-            self.index += 1
-        with open(self.journal, "a") as handle:
-            handle.write(json.dumps(entry) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        self.tar, self.stream, self.count, self.slides, self.pending_skips = None, None, 0, {}, []
+    def close(self, slide_continues: bool = False) -> dict[str, Any]:
+        """Close atomically (fsync, rename into place); returns the shard's record."""
+        self.tar.close()
+        self.stream.flush()
+        os.fsync(self.stream.fileno())
+        self.stream.close()
+        os.replace(self.temporary, self.path)
+        shard = {"name": self.path.name, "samples": self.samples, "bytes": self.path.stat().st_size,
+                 "sha256": sha256_file(self.path), "slides": self.slides, "slide_continues": slide_continues}
+        return {"shard": shard, "index": index_file(self.path)}  # read back while the shard is in the page cache
 
     def abort(self) -> None:
-        if self.tar is not None:
-            self.tar.close()
-            self.stream.close()
-            (self.out_dir / (self.name + ".tmp")).unlink(missing_ok=True)
-            self.tar = None
+        self.tar.close()
+        self.stream.close()
+        self.temporary.unlink(missing_ok=True)
+
+
+class ShardSetWriter:
+    """An output folder of shards: the settings guard, the records of closed shards, the manifest and index.
+
+    `settings` are what the set is made from (recorded as the manifest's build_args); `noun` and `out_option`
+    name the run and its output option in the refusals ("build", "--out")."""
+
+    def __init__(self, out: str | Path, settings: Mapping[str, Any], *, noun: str = "run",
+                 out_option: str = "out=") -> None:
+        self.out = Path(out)
+        self.settings = json.loads(json.dumps(dict(settings)))  # as recorded, so that a rerun compares alike
+        self.records = self.out / UNITS
+        self.noun, self.out_option = noun, out_option
+
+    def finished(self) -> dict | None:
+        """The manifest of a set finished with these settings, None when there is none; refuses other settings."""
+        if not (self.out / MANIFEST).exists():
+            return None
+        manifest = json.loads((self.out / MANIFEST).read_text())
+        if manifest["build_args"] != self.settings:
+            raise OtherSettingsError(f"{self.out} already holds a {self.noun} with other settings; "
+                                     f"use another {self.out_option}")
+        log.info("%s is already complete (%d samples in %d shards); nothing to do", self.out, manifest["samples"],
+                 len(manifest["shards"]))
+        return manifest
+
+    def resume(self, is_main: bool = True, wait: Callable[[], Any] = lambda: None) -> dict[int, dict]:
+        """The records of the shards an interrupted run with these settings closed, by number: what a rerun keeps.
+        One with other settings is refused once it closed a shard; one that closed none holds nothing to protect,
+        and these settings replace its own (so that the command it refused, corrected, runs into the same folder).
+        Several processes: `is_main` records, the others `wait` for it."""
+        settings = self.records / SETTINGS
+        if is_main:
+            self._convert_journal()
+            self.records.mkdir(parents=True, exist_ok=True)
+            if settings.exists() and not self._numbers() and json.loads(settings.read_text()) != self.settings:
+                log.info("%s: an interrupted %s with other settings closed no shard; starting afresh", self.out,
+                         self.noun)
+            if not settings.exists() or not self._numbers():
+                atomic_write_json(settings, self.settings)
+        wait()
+        if json.loads(settings.read_text()) != self.settings:
+            raise OtherSettingsError(f"{self.out} holds an interrupted {self.noun} with other settings; "
+                                     f"use another {self.out_option} or delete it")
+        return self.recorded()
+
+    def recorded(self) -> dict[int, dict]:
+        """The records of the closed shards, by number."""
+        return {number: json.loads(self._record_path(number).read_text()) for number in self._numbers()}
+
+    def restart(self) -> None:
+        """Forget what an earlier run recorded here and record these settings (a set written from what the caller
+        holds rather than from its settings alone, which a rerun cannot resume)."""
+        shutil.rmtree(self.records, ignore_errors=True)
+        self.resume()
+
+    def record(self, number: int, record: Mapping[str, Any]) -> None:
+        atomic_write_json(self._record_path(number), record)
+
+    def write_manifest(self, records: Sequence[Mapping], kind: str, classes: Sequence[str],
+                       slides: Mapping[str, Mapping], **accounting: Any) -> dict:
+        """The manifest (hipt_e2e.data.manifest.shard_set_manifest: `accounting` its inputs, written, skipped,
+        lineage) and index of the shards these records describe, written; returns the manifest."""
+        shards = [record["shard"] for record in records]
+        manifest = shard_set_manifest(kind, self.settings, classes, slides, shards, **accounting)
+        write_index(self.out, shards, {record["shard"]["name"]: record["index"] for record in records})
+        atomic_write_json(self.out / MANIFEST, manifest)
+        return manifest
+
+    def _numbers(self) -> list[int]:
+        return sorted(int(path.stem) for path in self.records.glob("[0-9]*.json"))
+
+    def _record_path(self, number: int) -> Path:
+        return self.records / f"{number:06d}.json"
+
+    def _convert_journal(self) -> None:
+        """An interrupted build of an earlier version journalled its settings and closed shards (their records
+        as SizedShards writes them) in one file: taken over as records, so that it resumes or is refused as then.
+        Its closing line without a shard held only skips that the rerun meets again."""
+        journal = self.out / OLD_JOURNAL
+        if not journal.exists() or (self.out / MANIFEST).exists():
+            return
+        lines = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+        self.records.mkdir(parents=True, exist_ok=True)
+        for number, entry in enumerate(entry for entry in lines[1:] if "shard" in entry):
+            self.record(number, entry)
+        atomic_write_json(self.records / SETTINGS, lines[0]["build_args"])
+        journal.unlink()
+
+
+class SizedShards:
+    """Shards of at most `shard_bytes` (a shard takes at least one sample), numbered in the order the samples
+    come; each record adds the position (item, sample) to resume from, None when nothing follows, and the
+    inputs skipped before it. Continues after the `records` (ShardSetWriter.resume) of an interrupted run."""
+
+    def __init__(self, shard_set: ShardSetWriter, shard_bytes: int, records: Mapping[int, dict]) -> None:
+        self.shard_set, self.shard_bytes = shard_set, shard_bytes
+        self.records = [records[number] for number in sorted(records)]
+        self.open: OpenShard | None = None
+        self.skipped: list[dict] = []  # since the last record
+
+    def resume_position(self) -> tuple[int, int] | None:
+        """Where the recorded shards end: (item, sample) to go on from, None when they hold every item."""
+        if not self.records:
+            return 0, 0
+        position = self.records[-1]["resume"]
+        return tuple(position) if position else None
+
+    def add(self, sample: dict, slide_id: str | None, position: tuple[int, int]) -> None:
+        """Append a sample, at `position` (item, sample) of the input; a full shard is closed first."""
+        size = sum(len(v) for k, v in sample.items() if not k.startswith("__")) + 1024 * len(sample)
+        if self.open is not None and self.open.stream.tell() + size > self.shard_bytes:
+            self._close(position, slide_continues=slide_id in self.open.slides)
+        if self.open is None:
+            self.open = OpenShard(self.shard_set.out, len(self.records))
+        self.open.write(sample, slide_id)
+
+    def skip(self, record: dict) -> None:
+        self.skipped.append(record)
+
+    def finish(self) -> tuple[list[dict], list[dict]]:
+        """Close the last shard; returns the records of every shard and every skipped input's record."""
+        if self.open is not None:
+            self._close(None)
+        return self.records, [entry for record in self.records for entry in record["skipped"]] + self.skipped
+
+    def abort(self) -> None:
+        if self.open is not None:
+            self.open.abort()
+            self.open = None
+
+    def _close(self, resume: tuple[int, int] | None, slide_continues: bool = False) -> None:
+        record = {"resume": list(resume) if resume else None, "skipped": self.skipped,
+                  **self.open.close(slide_continues)}
+        self.shard_set.record(len(self.records), record)
+        self.records.append(record)
+        self.open, self.skipped = None, []
+
+
+class UnitShards:
+    """One shard per input unit, `shard-{unit:06d}.tar`: its layout depends on the input alone, so any number of
+    processes or machines write the same files, each its units. A record adds the manifest entries of the
+    unit's slides (label, patient, split, the input regions they hold)."""
+
+    def __init__(self, shard_set: ShardSetWriter) -> None:
+        self.shard_set = shard_set
+        self.open: dict[int, tuple[OpenShard, dict[str, dict]]] = {}
+
+    def add(self, unit: int, sample: dict, slide: Mapping[str, Any], regions: int) -> None:
+        """A sample of `unit` for the slide `slide` (its input record or bag: label, patient, split), holding
+        `regions` input regions."""
+        if unit not in self.open:
+            self.open[unit] = (OpenShard(self.shard_set.out, unit), {})
+        shard, slides = self.open[unit]
+        shard.write(sample, slide["slide_id"])
+        entry = slides.setdefault(slide["slide_id"], {"label": slide["label"], "patient_id": slide["patient_id"],
+                                                      "split": slide.get("split"), "regions": 0})
+        entry["regions"] += regions
+
+    def close(self, unit: int, inputs: int) -> None:
+        """Close unit's shard and record it; `inputs`: the input regions the unit held."""
+        shard, slides = self.open.pop(unit)
+        written = sum(entry["regions"] for entry in slides.values())
+        if written != inputs:
+            raise RuntimeError(f"{shard.path}: wrote {written} regions of the {inputs} its input holds")
+        self.shard_set.record(unit, {**shard.close(), "slides": slides})
+
+    def finish(self, kind: str, classes: Sequence[str], inputs: int, units: int,
+               lineage: Mapping | None = None) -> dict:
+        """The manifest and index from the records of all `units` (every process done), checking that the
+        `inputs` input regions were all written; returns the manifest."""
+        records = self.shard_set.recorded()
+        missing = sorted(set(range(units)) - set(records))
+        if missing:
+            raise RuntimeError(f"{self.shard_set.out}: units {missing} have no record")
+        records = [records[unit] for unit in range(units)]
+        slides = {slide: {**entry, "shards": [record["shard"]["name"]]}
+                  for record in records for slide, entry in record["slides"].items()}
+        written = sum(entry["regions"] for entry in slides.values())
+        if written != inputs:
+            raise RuntimeError(f"{self.shard_set.out}: {written} regions written of {inputs} input regions")
+        return self.shard_set.write_manifest(records, kind, classes, slides, inputs=inputs, written=written,
+                                          lineage=lineage)
