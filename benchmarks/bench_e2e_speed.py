@@ -22,15 +22,15 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from tqdm import tqdm
 
-from hipt_e2e.config import resolve_config, setup_logging
+from hipt_e2e.config import resolve_settings, setup_logging
 from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.data.synthetic import make_dataset
 from hipt_e2e.evaluation.splits import make_folds
 from hipt_e2e.normalise import normalise
-from hipt_e2e.training.e2e import E2E_DEFAULTS, FoldTrainer
+from hipt_e2e.runtime import make_accelerator
+from hipt_e2e.training.e2e import E2ESettings, FoldTrainer
 from shards.build import build
 
 log = logging.getLogger("bench_e2e_speed")
@@ -45,16 +45,16 @@ def synthetic_shards(root: Path) -> Path:
     return root / "shards"
 
 
-def forward_pass(tile_encoder: torch.nn.Module, tile_px: int, cfg: dict, batch: int, rounds: int,
+def forward_pass(tile_encoder: torch.nn.Module, tile_px: int, normalisation: str, batch: int, rounds: int,
                  autocast) -> tuple[int, float]:
     """(tiles, seconds) of `rounds` calls of the tile encoder alone on `batch` tiles: normalise + forward,
     no gradients (after one warm-up call)."""
     tiles = torch.randint(0, 256, (batch, 3, tile_px, tile_px), dtype=torch.uint8)
     with torch.no_grad(), autocast():
-        tile_encoder(normalise(tiles, cfg["model"]["normalisation"]))
+        tile_encoder(normalise(tiles, normalisation))
         start = time.perf_counter()
         for _ in range(rounds):
-            tile_encoder(normalise(tiles, cfg["model"]["normalisation"]))
+            tile_encoder(normalise(tiles, normalisation))
     return batch * rounds, time.perf_counter() - start
 
 
@@ -70,13 +70,13 @@ def main() -> None:
     setup_logging()
     with tempfile.TemporaryDirectory() as scratch:
         shards = args.shards or synthetic_shards(Path(scratch))
-        cfg = resolve_config(copy.deepcopy(E2E_DEFAULTS), args.config,
-                             [f"data.shards={shards}", f"out={scratch}/run", *args.overrides])
-        torch.set_num_threads(cfg["train"]["threads"] or torch.get_num_threads())
-        accelerator = Accelerator(mixed_precision=cfg["train"]["mixed_precision"])
-        regions = ShardRegions(shards, regions_per_slide=cfg["data"]["regions_per_slide"], seed=cfg["seed"])
-        fold = make_folds(regions.infos(), cfg["folds"], cfg["seed"])[0]
-        trainer = FoldTrainer(accelerator, cfg, regions, regions.manifest["classes"], fold, Path(scratch) / "fold", 0)
+        settings = resolve_settings(E2ESettings, args.config,
+                                    [f"data.shards={shards}", f"out={scratch}/run", *args.overrides])
+        torch.set_num_threads(settings.train.threads or torch.get_num_threads())
+        accelerator = make_accelerator(settings.train.mixed_precision)
+        regions = ShardRegions(shards, regions_per_slide=settings.data.regions_per_slide, seed=settings.seed)
+        fold = make_folds(regions.infos(), settings.folds, settings.seed)[0]
+        trainer = FoldTrainer(accelerator, settings, regions, regions.manifest["classes"], fold, Path(scratch) / "fold", 0)
         trainer.dir.mkdir(parents=True)
         model = accelerator.unwrap_model(trainer.model)
         tiles = [0]
@@ -87,7 +87,7 @@ def main() -> None:
         # jobs (and the CPU's clock) drifts over a run, and both rates are averaged over the same stretch.
         forward_tiles = forward_s = train_tiles = train_s = 0
         for epoch in range(args.epochs + 1):
-            n, seconds = forward_pass(encoder, model.tile_px, cfg, args.batch, args.rounds, accelerator.autocast)
+            n, seconds = forward_pass(encoder, model.tile_px, settings.model.normalisation, args.batch, args.rounds, accelerator.autocast)
             forward_tiles, forward_s = forward_tiles + n, forward_s + seconds
             if epoch == args.epochs:
                 break

@@ -19,47 +19,64 @@ Outputs in `out`: config.yaml, splits.csv, predictions.csv, metrics.json, confus
 report.md, and per fold best_model.safetensors, history.json, train_log.jsonl, checkpoint.pt.
 """
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
 
+from hipt_e2e.config import Settings, bound, section
 from hipt_e2e.data.synthetic import make_dataset
 from hipt_e2e.errors import run_main
 from hipt_e2e.models import model_preset
-from hipt_e2e.training import recipe_config
-from hipt_e2e.training.e2e import E2E_DEFAULTS, e2e_accelerator, train_e2e
+from hipt_e2e.training import recipe_settings
+from hipt_e2e.training.e2e import E2ESettings, e2e_accelerator, train_e2e
 from shards.build import build
 
-DEFAULTS = {**E2E_DEFAULTS, "demo": {"dir": "demo_out", "slides_per_class": 24, "size": 512, "region_px": 128}}
+
+@dataclass(frozen=True)
+class Demo(Settings):
+    """The `demo` section: the synthetic slide set trained on when data.shards is not set."""
+
+    dir: str = "demo_out"
+    slides_per_class: int = bound(24, 1)
+    size: int = bound(512, 1)  # slide width and height, px
+    region_px: int = bound(128, 1)
 
 
-def demo_settings(cfg: dict) -> dict:
-    """cfg pointing at the demo's data in demo.dir (its shards; out: demo.dir/e2e unless set)."""
-    root = Path(cfg["demo"]["dir"])
-    return {**cfg, "data": {**cfg["data"], "shards": str(root / "shards")}, "out": cfg["out"] or str(root / "e2e")}
+@dataclass(frozen=True)
+class E2ERecipe(E2ESettings):
+    """This recipe's settings: end-to-end training's and the demo's."""
+
+    demo: Demo = section(Demo)
 
 
-def prepare_demo(cfg: dict, accelerator: Accelerator) -> None:
+def demo_settings(settings: E2ERecipe) -> E2ERecipe:
+    """The settings pointing at the demo's data in demo.dir (its shards; out: demo.dir/e2e unless set)."""
+    root = Path(settings.demo.dir)
+    return settings.with_changes(**{"data.shards": str(root / "shards"), "out": settings.out or str(root / "e2e")})
+
+
+def prepare_demo(settings: E2ERecipe, accelerator: Accelerator) -> None:
     """The demo's data, made by the main process and reused when present: synthetic pseudo-H&E slides
     (SYNTHETIC, see hipt_e2e.data.synthetic) -> region shards in demo.dir."""
-    demo, root = cfg["demo"], Path(cfg["demo"]["dir"])
+    demo, root = settings.demo, Path(settings.demo.dir)
     if accelerator.is_main_process:
-        slides = make_dataset(root / "slides", demo["slides_per_class"], demo["size"], demo["region_px"])
+        slides = make_dataset(root / "slides", demo.slides_per_class, demo.size, demo.region_px)
         build({"kind": "images", "input": str(slides), "out": str(root / "shards"), "labels": str(slides / "labels.csv"),
-               "slide_mpp": 0.5, "mpp": 0.5, "region_px": demo["region_px"],
-               "tile_px": model_preset(cfg["model"]["preset"])["tile_px"], "encoding": "png"})
+               "slide_mpp": 0.5, "mpp": 0.5, "region_px": demo.region_px,
+               "tile_px": model_preset(settings.model.preset)["tile_px"], "encoding": "png"})
     accelerator.wait_for_everyone()
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    cfg = recipe_config(DEFAULTS, __doc__, argv, required=())
-    demo = cfg["data"]["shards"] is None
+    settings = recipe_settings(E2ERecipe, __doc__, argv, required=())
+    demo = settings.data.shards is None
     if demo:
-        cfg = demo_settings(cfg)
-    accelerator = e2e_accelerator(cfg)  # first: it alone decides how many processes the run has (hipt_e2e.runtime)
+        settings = demo_settings(settings)
+    accelerator = e2e_accelerator(settings)  # first: it alone decides how many processes the run has (hipt_e2e.runtime)
     if demo:
-        prepare_demo(cfg, accelerator)
-    metrics = train_e2e(cfg, accelerator)
+        prepare_demo(settings, accelerator)
+    metrics = train_e2e(settings, accelerator)
     if metrics is not None and accelerator.is_main_process:
         accuracy, auc = metrics["summary"]["balanced_accuracy"], metrics["summary"]["auc_macro"]
         print(f"balanced accuracy {accuracy['mean']:.3f} +- {accuracy['sd']:.3f}, macro AUC {auc['mean']:.3f} +- "

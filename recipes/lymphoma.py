@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from hipt_e2e.config import HelpFormatter, setup_logging
+from hipt_e2e.config import HelpFormatter, resolve_settings, setup_logging
 from hipt_e2e.errors import run_main
 from hipt_e2e.evaluation.compare import compare_runs, load_run
 from hipt_e2e.io import atomic_write_text
 from hipt_e2e.training.colour_baseline import colour_baseline
+from hipt_e2e.training.e2e import E2ESettings
 from shards.build import build
 
 RECIPES = Path(__file__).resolve().parent
@@ -42,7 +42,7 @@ REGION = ["model.preset=tiny", "model.region.in_dim=192", "model.region.embed_di
 VIT4K = ["crops.global_size=3", "crops.local_size=2", "crops.n_local=4", "dino.out_dim=4096", "dino.hidden_dim=512",
          "optim.warmup_epochs=2", "train.epochs=20", "train.batch_size=64", "data.workers=0"]
 # Fields per optimizer step (the config's train.grad_accum for one process), kept for any --processes.
-E2E_GLOBAL_BATCH = yaml.safe_load((RECIPES / "configs" / "lymphoma_e2e.yaml").read_text())["train"]["grad_accum"]
+E2E_GLOBAL_BATCH = resolve_settings(E2ESettings, RECIPES / "configs" / "lymphoma_e2e.yaml").train.grad_accum
 BUDGETS = {  # extra settings per step
     "full": {"dino": [], "vit4k": [], "e2e": []},
     "smoke": {"dino": ["train.epochs=1", "train.steps_per_epoch=2", "train.batch_size=8", "data.workers=0",

@@ -1,14 +1,15 @@
 """Training-time region augmentation: poses keep the tile grid consistent, HED is exact, draws are seeded."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from hipt_e2e.data.augment import (
-    AUGMENT_DEFAULTS,
     RGB_FROM_HED,
+    AugmentSettings,
     augment_regions,
-    check_augment,
     hed_to_rgb,
     jitter_colour,
     pose,
@@ -49,14 +50,14 @@ def test_pose_moves_each_tile_to_its_rotated_place_rotated(flip: bool, turns: in
 def test_random_poses_move_tissue_grids_with_their_regions() -> None:
     regions = tiled_regions(16)
     tissue = tiles_of(regions).float().mean(dim=(3, 4, 5))  # a per-tile statistic stands in for tissue
-    moved, moved_tissue = random_poses(regions, tissue, AUGMENT_DEFAULTS, torch.Generator().manual_seed(3))
+    moved, moved_tissue = random_poses(regions, tissue, AugmentSettings(), torch.Generator().manual_seed(3))
     assert torch.equal(tiles_of(moved).float().mean(dim=(3, 4, 5)), moved_tissue)
     assert not torch.equal(moved, regions)  # 16 regions: some pose is not the identity
     # every region keeps its own pixels (a pose is a permutation of them)
     assert torch.equal(moved.flatten(1).sort(dim=1).values, regions.flatten(1).sort(dim=1).values)
     # non-square regions turn only by half turns, keeping their shape
     wide = torch.zeros(8, 3, 16, 32, dtype=torch.uint8)
-    assert random_poses(wide, None, AUGMENT_DEFAULTS, torch.Generator().manual_seed(0))[0].shape == wide.shape
+    assert random_poses(wide, None, AugmentSettings(), torch.Generator().manual_seed(0))[0].shape == wide.shape
 
 
 def test_hed_round_trip_is_exact_and_stains_separate() -> None:
@@ -72,35 +73,35 @@ def test_hed_round_trip_is_exact_and_stains_separate() -> None:
 
 def test_colour_jitter_ranges_and_identity() -> None:
     regions = tiled_regions(4)
-    off = {**AUGMENT_DEFAULTS, "hed_scale": 0.0, "hed_shift": 0.0, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0}
+    off = AugmentSettings(hed_scale=0.0, hed_shift=0.0, brightness=0.0, contrast=0.0, saturation=0.0)
     assert torch.equal(jitter_colour(regions, off, torch.Generator().manual_seed(0)), regions)
     # brightness alone scales every pixel by one factor in [0.9, 1.1] per image
-    bright = {**off, "brightness": 0.1}
+    bright = replace(off, brightness=0.1)
     out = jitter_colour(regions, bright, torch.Generator().manual_seed(0)).float()
     mask = (regions > 50) & (regions < 200)
     ratio = [(out[i][mask[i]] / regions[i][mask[i]].float()) for i in range(4)]
     assert all(0.89 < r.mean() < 1.11 and r.std() < 0.01 for r in ratio)
     assert len({round(r.mean().item(), 3) for r in ratio}) == 4  # a factor per image
-    strong = {**off, "hed_scale": 0.2, "hed_shift": 0.2}
+    strong = replace(off, hed_scale=0.2, hed_shift=0.2)
     assert (jitter_colour(regions, strong, torch.Generator().manual_seed(0)).float() - regions).abs().mean() > 2
 
 
 def test_augment_regions_seeded_and_per_tile() -> None:
     regions = tiled_regions(3)
-    cfg = {**AUGMENT_DEFAULTS, "enabled": True}
+    cfg = AugmentSettings(enabled=True)
     a = augment_regions(regions, None, cfg, TILE, torch.Generator().manual_seed(5))[0]
     b = augment_regions(regions, None, cfg, TILE, torch.Generator().manual_seed(5))[0]
     c = augment_regions(regions, None, cfg, TILE, torch.Generator().manual_seed(6))[0]
     assert torch.equal(a, b) and not torch.equal(a, c) and a.dtype == torch.uint8
     # per tile: a flat grey region's tiles get different colours; per region, one colour
     grey = torch.full((1, 3, 4 * TILE, 4 * TILE), 128, dtype=torch.uint8)
-    still = {**cfg, "flips": False, "rotations": False}
+    still = replace(cfg, flips=False, rotations=False)
     for per, distinct in (("region", 1), ("tile", 16)):
-        out = augment_regions(grey, None, {**still, "per": per}, TILE, torch.Generator().manual_seed(0))[0]
+        out = augment_regions(grey, None, replace(still, per=per), TILE, torch.Generator().manual_seed(0))[0]
         colours = {tuple(t.flatten(1)[:, 0].tolist()) for t in tiles_of(out)[0].flatten(0, 1)}
         assert len(colours) == distinct, per
     with pytest.raises(ValueError, match="augment.per"):
-        check_augment({**cfg, "per": "slide"})
+        AugmentSettings.from_mapping({**cfg.to_mapping(), "per": "slide"}, "augment.")
 
 
 def test_model_sees_augmented_regions_as_tiles_in_place() -> None:

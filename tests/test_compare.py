@@ -15,7 +15,7 @@ from hipt_e2e.data.slides import SlideInfo
 from hipt_e2e.errors import UserError
 from hipt_e2e.evaluation.compare import PairedDifference, SplitMismatch, load_run, main, paired_difference, run_labels
 from hipt_e2e.evaluation.splits import Fold
-from hipt_e2e.training.folds import run_folds
+from hipt_e2e.training.folds import FoldSettings, run_folds
 
 CLASSES = ["a", "b", "c"]
 
@@ -86,7 +86,7 @@ def simulated_run(out: Path, infos: list[SlideInfo], skill: float, seed: int, re
         return probs / probs.sum(1, keepdims=True)
 
     cfg = {"out": str(out), "folds": 5, "cv": {"repeats": repeats}, "seed": 0, "imbalance": "none"}
-    return run_folds(infos, CLASSES, cfg, Accelerator(cpu=True), test_probs, {"title": "simulated"})
+    return run_folds(infos, CLASSES, FoldSettings.from_mapping(cfg), Accelerator(cpu=True), test_probs, {"title": "simulated"})
 
 
 def test_compare_runs_cli(tmp_path, capsys):
@@ -115,7 +115,7 @@ def test_compare_runs_cli(tmp_path, capsys):
 
     # other folds (another seed) are refused, naming a slide that moved
     cfg_seed = {"out": str(tmp_path / "other"), "folds": 5, "cv": {"repeats": 2}, "seed": 7, "imbalance": "none"}
-    run_folds(infos, CLASSES, cfg_seed, Accelerator(cpu=True), lambda f, _: np.full((len(f.test), 3), 1 / 3), {})
+    run_folds(infos, CLASSES, FoldSettings.from_mapping(cfg_seed), Accelerator(cpu=True), lambda f, _: np.full((len(f.test), 3), 1 / 3), {})
     with pytest.raises(SplitMismatch, match=r"not run on identical splits: e.g. only .* has slide 's\d+'"):
         main([str(tmp_path / "strong"), str(tmp_path / "other")])
     with pytest.raises(FileNotFoundError, match="not a finished cross-validated run"):

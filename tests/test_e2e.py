@@ -8,6 +8,7 @@ import copy
 import csv
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,13 @@ from safetensors.torch import load_file
 from hipt_e2e.data import SlideBagStream
 from hipt_e2e.data.augment import pose, tta_poses
 from hipt_e2e.data.regions import ShardRegions
+from hipt_e2e.errors import SettingError
 from hipt_e2e.evaluation.splits import make_folds
 from hipt_e2e.models import load_checkpoint, model_preset, vit256
 from hipt_e2e.training import CHECKPOINT, TRAIN_LOG, export_safetensors, load_checkpoint_state
 from hipt_e2e.training.e2e import (
-    E2E_DEFAULTS,
+    E2EOptim,
+    E2ESettings,
     FoldTrainer,
     build_model,
     param_groups,
@@ -51,10 +54,8 @@ def settings(shards: Path, out: Path, *extra: str) -> list[str]:
             "train.mixed_precision=no", "train.log_every=1000", *extra]
 
 
-def tiny_cfg(**model: object) -> dict:
-    cfg = copy.deepcopy(E2E_DEFAULTS)
-    cfg["model"].update(model)
-    return cfg
+def tiny_cfg(**model: object) -> E2ESettings:
+    return E2ESettings().with_changes(**{f"model.{key}": value for key, value in model.items()})
 
 
 def test_memory_saving_paths_give_the_same_gradients_and_predictions(shards: Path) -> None:
@@ -123,7 +124,8 @@ def test_region_sampling_is_seeded_and_matches_the_slide_stream(shards: Path) ->
 
 def test_learning_rates_per_stage_with_layer_decay() -> None:
     model = build_model(tiny_cfg(freeze_region=False), 2)
-    optim = {"lr": {"tile": 1e-4, "region": 2e-4, "slide": 3e-4}, "layer_decay": 0.5, "weight_decay": 0.05}
+    optim = E2EOptim.from_mapping({"lr": {"tile": 1e-4, "region": 2e-4, "slide": 3e-4}, "layer_decay": 0.5,
+                                   "weight_decay": 0.05})
     lr = {id(p): (g["lr"], g["weight_decay"]) for g in param_groups(model, optim) for p in g["params"]}
     tile = model.tile_encoder  # depth 2: embeddings layer 0, blocks 1-2, final norm 3
     assert lr[id(tile.patch_embed.proj.weight)] == (1e-4 * 0.5 ** 3, 0.05)
@@ -151,8 +153,7 @@ def test_freeze_modes_leave_frozen_parameters_unchanged(shards: Path, tmp_path: 
 
     state = load_checkpoint_state(tmp_path / "run" / "fold_0" / CHECKPOINT)
     torch.manual_seed(0)  # seed + fold: the initial weights of fold 0
-    start = build_model({**cfg, "model": {**cfg["model"], "weights": {"tile": str(tmp_path / "tile.safetensors"),
-                                                                     "region": None, "slide": None}}}, 2)
+    start = build_model(cfg.with_changes(**{"model.weights.tile": str(tmp_path / "tile.safetensors")}), 2)
     for name, tensor in start.state_dict().items():  # parameters and buffers (BatchNorm statistics)
         frozen = name.split("_")[0] in freeze  # tile_encoder.* / region_encoder.* / slide_model.*
         if frozen:
@@ -295,8 +296,7 @@ def test_trainer_chooses_the_attention_path_for_its_precision(shards: Path, tmp_
                                                                fused: bool) -> None:
     """On CPUs under bf16 the fold's model, its evaluation copy and the tile encoder run timm's explicit
     attention (benchmarks/bench_cpu_attention.py); in fp32 torch's fused kernel."""
-    cfg = tiny_cfg()
-    cfg["data"]["shards"], cfg["out"] = str(shards), str(tmp_path)
+    cfg = tiny_cfg().with_changes(**{"data.shards": str(shards), "out": str(tmp_path)})
     regions = ShardRegions(shards, regions_per_slide=2, seed=0)
     fold = make_folds(regions.infos(), 3, 0)[0]
     AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide precision is set once per state
@@ -344,3 +344,16 @@ def test_embedded_default_runs(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     build_model(tiny_cfg(), 2).load_state_dict(load_file(demo / "e2e" / "fold_2" / "best_model.safetensors"))
     load_checkpoint(vit256(**TINY["tile"]), demo / "e2e" / "fold_2" / "best_model.safetensors",
                     prefix="tile_encoder.", strict=True)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.grad_accum=0", "train.grad_accum: must be >= 1, got 0"),
+    ("augment.per=slide", "augment.per: choose one of ['region', 'tile'], got 'slide'"),
+    ("imbalance=oversample", "imbalance: choose one of ['none', 'weighted_loss', 'balanced_sampling']"),
+    ("model.lora.rank=-1", "model.lora.rank: must be >= 0, got -1"),
+])
+def test_a_bad_setting_fails_at_the_start_naming_its_key(tmp_path: Path, override: str, message: str) -> None:
+    """Refused when the settings are read: before any shard is opened (these do not exist) or a fold trains."""
+    with pytest.raises(SettingError, match=re.escape(message)):
+        load_recipe().main(settings(tmp_path / "absent", tmp_path / "run", override))
+    assert not (tmp_path / "run").exists()

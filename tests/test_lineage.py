@@ -23,7 +23,7 @@ from hipt_e2e.lineage import read_lineage
 from hipt_e2e.models import model_preset, vit256
 from hipt_e2e.models.bundle import hipt_from, tile_architecture, write_card
 from hipt_e2e.training import TILE_MODEL_DEFAULTS, TileModel, export_safetensors
-from hipt_e2e.training.e2e import E2E_DEFAULTS, architecture
+from hipt_e2e.training.e2e import E2EModel, architecture
 from tests.test_dino_recipes import run_recipe
 
 TRAINED = "128 px regions of 32 px tiles at 0.5 um/px"  # the tiny e2e demo's geometry (the `shards` fixture)
@@ -46,7 +46,7 @@ def e2e_run(other_shards: Path, tmp_path_factory) -> Path:
     """A finished run's folder as e2e writes it, its fold model (random weights) trained at the demo's geometry,
     its config naming `other_shards` (as if the user pointed it there)."""
     run = tmp_path_factory.mktemp("run")
-    arch = architecture(E2E_DEFAULTS["model"])
+    arch = architecture(E2EModel())
     export_safetensors(hipt_from(arch, 2, tile_px=32, normalisation="hipt"), run / "fold_0" / "best_model.safetensors")
     write_card(run / "fold_0" / "best_model.safetensors", {
         "kind": "hipt", "source": "e2e", "architecture": arch, "classes": ["class_a", "class_b"],

@@ -219,23 +219,23 @@ def test_an_outage_past_the_budget_fails_in_one_line_and_once(shards: Path, monk
 
 
 def test_the_storage_settings_reach_every_process_through_the_environment(monkeypatch) -> None:
-    from hipt_e2e.training import recipe_config
-    from hipt_e2e.training.e2e import E2E_DEFAULTS as DEFAULTS
+    from hipt_e2e.training import recipe_settings
+    from hipt_e2e.training.e2e import E2ESettings
 
-    recipe_config(DEFAULTS, None, ["data.retry_budget_s=300", "data.storage_options.endpoint_url=http://127.0.0.1:9000",
-                                   "data.storage_options.anon=true"], required=())
+    recipe_settings(E2ESettings, None, ["data.retry_budget_s=300", "data.storage_options.endpoint_url=http://127.0.0.1:9000",
+                                        "data.storage_options.anon=true"], required=())
     child = subprocess.run([sys.executable, "-c", "from hipt_e2e.data import storage; "
                             "print(storage.retry_budget_s(), storage.storage_options())"],
                            capture_output=True, text=True, check=True)  # a DataLoader worker, an accelerate rank
     assert child.stdout == "300.0 {'endpoint_url': 'http://127.0.0.1:9000', 'anon': True}\n"
     # Not set in the recipe: what the environment says (a job script's export), else 120 s.
     monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "45")
-    recipe_config(DEFAULTS, None, [], required=())
+    recipe_settings(E2ESettings, None, [], required=())
     assert storage.retry_budget_s() == 45.0
     monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "")
     assert storage.retry_budget_s() == 120.0
     with pytest.raises(SettingError, match=r"^data.retry_budget_s='soon': the retry budget is a number of seconds"):
-        recipe_config(DEFAULTS, None, ["data.retry_budget_s=soon"], required=())
+        storage.configure("soon")  # what an untyped recipe's data.retry_budget_s=soon meets (a typed one: its type)
 
 
 def test_a_training_read_fetches_only_its_regions(shards: Path) -> None:
@@ -379,14 +379,14 @@ def s3_shards(shards: Path, s3_endpoint: str, monkeypatch) -> str:
 
 def test_a_shard_set_on_an_s3_server_of_ones_own_reads_as_the_folder(shards: Path, s3_shards: str, s3_endpoint: str,
                                                                      monkeypatch, capsys) -> None:
-    from hipt_e2e.training import recipe_config
-    from hipt_e2e.training.e2e import E2E_DEFAULTS as DEFAULTS
+    from hipt_e2e.training import recipe_settings
+    from hipt_e2e.training.e2e import E2ESettings
     from shards.cli import main as hipt_shards
 
     assert hipt_shards(["verify", s3_shards, "--storage-option", f"endpoint_url={s3_endpoint}"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"verify {s3_shards}: OK"
     monkeypatch.setenv(storage.STORAGE_OPTIONS_ENV, "")  # the recipe's setting alone, below
-    recipe_config(DEFAULTS, None, [f"data.shards={s3_shards}", f"data.storage_options.endpoint_url={s3_endpoint}"], required=())
+    recipe_settings(E2ESettings, None, [f"data.shards={s3_shards}", f"data.storage_options.endpoint_url={s3_endpoint}"], required=())
     assert [r["record"]["region_index"] for r in RegionStream(s3_shards)] == [
         r["record"]["region_index"] for r in RegionStream(shards)]
     assert_same_bags(bags(s3_shards), bags(shards))

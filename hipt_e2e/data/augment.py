@@ -16,39 +16,40 @@ processes draw the same; validation, test and prediction never call this.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from hipt_e2e.config import Settings, bound
 from hipt_e2e.errors import SettingError
 from hipt_e2e.ssl import colour
 
-AUGMENT_DEFAULTS: dict[str, Any] = {
-    "enabled": False,
-    "flips": True,  # random horizontal flip of each region
-    "rotations": True,  # random quarter turns of each region (half turns when not square)
-    "hed_scale": 0.05,  # stain amount factor a ~ U(1 - x, 1 + x) per H, E, D; 0: off
-    "hed_shift": 0.05,  # stain amount offset b ~ U(-x, x), optical-density units; 0: off
-    "brightness": 0.1,  # factor ~ U(1 - x, 1 + x); 0: off
-    "contrast": 0.1,
-    "saturation": 0.1,
-    "per": "region",  # colour parameters per region or per tile
-}
-PER = ("region", "tile")
+
+@dataclass(frozen=True)
+class AugmentSettings(Settings):
+    """The `augment` section of end-to-end training (training regions only)."""
+
+    enabled: bool = False
+    flips: bool = True  # random horizontal flip of each region
+    rotations: bool = True  # random quarter turns of each region (half turns when not square)
+    hed_scale: float = bound(0.05, 0.0, 1.0)  # stain amount factor a ~ U(1 - x, 1 + x) per H, E, D; 0: off
+    hed_shift: float = bound(0.05, 0.0, 1.0)  # stain amount offset b ~ U(-x, x), optical-density units; 0: off
+    brightness: float = bound(0.1, 0.0, 1.0)  # factor ~ U(1 - x, 1 + x); 0: off
+    contrast: float = bound(0.1, 0.0, 1.0)
+    saturation: float = bound(0.1, 0.0, 1.0)
+    per: Literal["region", "tile"] = "region"  # colour parameters per region or per tile
+
+    @property
+    def colour(self) -> bool:
+        """Whether any colour jitter is on."""
+        return any((self.hed_scale, self.hed_shift, self.brightness, self.contrast, self.saturation))
+
 
 # Ruifrok & Johnson (2001) stain optical-density vectors (rows: haematoxylin, eosin, DAB), unit length.
 RGB_FROM_HED = torch.nn.functional.normalize(torch.tensor(
     [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64), dim=1)
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
-
-
-def check_augment(cfg: Mapping[str, Any]) -> None:
-    if cfg["per"] not in PER:
-        raise SettingError(f"augment.per must be one of {PER}, got {cfg['per']!r}")
-    for key in ("hed_scale", "hed_shift", "brightness", "contrast", "saturation"):
-        if not 0 <= cfg[key] < 1:
-            raise SettingError(f"augment.{key} must be in [0, 1), got {cfg[key]!r}")
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -67,6 +68,7 @@ def unpose(images: torch.Tensor, flip: bool, quarter_turns: int) -> torch.Tensor
 
 DIHEDRAL = [(flip, turns) for flip in (False, True) for turns in range(4)]  # the 8 poses of a square
 TTA = {"none": [(False, 0)], "dihedral": DIHEDRAL}  # test-time augmentation: the poses each region is scored in
+Tta = Literal["none", "dihedral"]  # a tta setting: a name in TTA
 
 
 def tta_poses(name: str) -> list[tuple[bool, int]]:
@@ -75,13 +77,13 @@ def tta_poses(name: str) -> list[tuple[bool, int]]:
     return TTA[name]
 
 
-def random_poses(regions: torch.Tensor, tissue: torch.Tensor | None, cfg: Mapping[str, Any],
+def random_poses(regions: torch.Tensor, tissue: torch.Tensor | None, augment: AugmentSettings,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each region (and its tissue grid) in a random pose; regions sharing a pose are moved together."""
     n, square = len(regions), regions.shape[-1] == regions.shape[-2]
-    flips = torch.rand(n, generator=generator) < 0.5 if cfg["flips"] else torch.zeros(n, dtype=torch.bool)
+    flips = torch.rand(n, generator=generator) < 0.5 if augment.flips else torch.zeros(n, dtype=torch.bool)
     steps = 1 if square else 2  # a non-square region turns by half turns only, keeping its shape
-    turns = (torch.randint(0, 4 // steps, (n,), generator=generator) * steps if cfg["rotations"]
+    turns = (torch.randint(0, 4 // steps, (n,), generator=generator) * steps if augment.rotations
              else torch.zeros(n, dtype=torch.long))
     if not (flips.any() or (turns % 4).any()):
         return regions, tissue
@@ -112,21 +114,22 @@ def _uniform(spread: float, shape: tuple[int, ...], generator: torch.Generator) 
     return 1.0 + spread * (2.0 * torch.rand(shape, generator=generator) - 1.0)
 
 
-def jitter_colour(units: torch.Tensor, cfg: Mapping[str, Any], generator: torch.Generator) -> torch.Tensor:
+def jitter_colour(units: torch.Tensor, augment: AugmentSettings, generator: torch.Generator) -> torch.Tensor:
     """uint8 images [B, 3, h, w] (regions or tiles) -> colour-jittered uint8, parameters per image."""
     n = len(units)
-    scale = _uniform(cfg["hed_scale"], (n, 3), generator)
-    shift = cfg["hed_shift"] * (2.0 * torch.rand((n, 3), generator=generator) - 1.0)
-    factors = [_uniform(cfg[key], (n,), generator) for key in ("brightness", "contrast", "saturation")]
+    scale = _uniform(augment.hed_scale, (n, 3), generator)
+    shift = augment.hed_shift * (2.0 * torch.rand((n, 3), generator=generator) - 1.0)
+    spreads = (augment.brightness, augment.contrast, augment.saturation)
+    factors = [_uniform(spread, (n,), generator) for spread in spreads]
     images = units.float()
-    if cfg["hed_scale"] or cfg["hed_shift"]:
+    if augment.hed_scale or augment.hed_shift:
         stains = rgb_to_hed(images)
         stains = stains * scale.to(stains).view(n, 3, 1, 1) + shift.to(stains).view(n, 3, 1, 1)
         images = hed_to_rgb(stains)
     images = (images / 255.0).clamp(0.0, 1.0)
-    for key, op, factor in zip(("brightness", "contrast", "saturation"),
-                               (colour.adjust_brightness, colour.adjust_contrast, colour.adjust_saturation), factors):
-        if cfg[key]:
+    for spread, op, factor in zip(spreads, (colour.adjust_brightness, colour.adjust_contrast, colour.adjust_saturation),
+                                  factors):
+        if spread:
             images = op(images, factor)
     return (images * 255.0).round_().to(torch.uint8)
 
@@ -143,20 +146,20 @@ def _from_tiles(tiles: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return tiles.unflatten(0, (rows, cols)).permute(2, 0, 3, 1, 4).reshape(3, rows * t, cols * t)
 
 
-def augment_regions(regions: torch.Tensor, tissue: torch.Tensor | None, cfg: Mapping[str, Any], tile_px: int,
+def augment_regions(regions: torch.Tensor, tissue: torch.Tensor | None, augment: AugmentSettings, tile_px: int,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 regions [M, 3, H, W] of one slide (and their tissue grids [M, rows, cols]) -> augmented copies.
 
     Colour is applied one region at a time, so the float working copy stays one region's size.
     """
-    regions, tissue = random_poses(regions, tissue, cfg, generator)
-    if not any(cfg[key] for key in ("hed_scale", "hed_shift", "brightness", "contrast", "saturation")):
+    regions, tissue = random_poses(regions, tissue, augment, generator)
+    if not augment.colour:
         return regions, tissue
     rows, cols = regions.shape[-2] // tile_px, regions.shape[-1] // tile_px
     out = torch.empty_like(regions)
     for index, region in enumerate(regions):
-        if cfg["per"] == "tile":
-            out[index] = _from_tiles(jitter_colour(_as_tiles(region, tile_px), cfg, generator), rows, cols)
+        if augment.per == "tile":
+            out[index] = _from_tiles(jitter_colour(_as_tiles(region, tile_px), augment, generator), rows, cols)
         else:
-            out[index] = jitter_colour(region[None], cfg, generator)[0]
+            out[index] = jitter_colour(region[None], augment, generator)[0]
     return out, tissue

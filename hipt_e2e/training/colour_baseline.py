@@ -23,7 +23,7 @@ from hipt_e2e.errors import run_main
 from hipt_e2e.evaluation.knn import colour_histograms, labelled_image_paths, linear_probe, load_rgb
 from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.runtime import make_accelerator
-from hipt_e2e.training.folds import run_folds
+from hipt_e2e.training.folds import fold_settings, run_folds
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def colour_baseline(images_root: str | Path, out: str | Path, folds: int = 5, se
         return linear_probe().fit(features[train], labels[train]).predict_proba(features[test])
 
     cfg = {"out": str(out), "folds": folds, "cv": {"repeats": repeats}, "seed": seed, "imbalance": "none"}
-    return run_folds(infos, classes, cfg, make_accelerator(), test_probs,
-                     {"title": "colour histograms + logistic regression"})
+    return run_folds(infos, classes, fold_settings(cfg), make_accelerator(), test_probs,
+                     {"title": "colour histograms + logistic regression"}, config=cfg)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,49 +4,82 @@ one set of outputs (splits.csv, predictions.csv, metrics.json, plots, report.md)
 comparison reads."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from accelerate import Accelerator
 
-from hipt_e2e.config import save_config
-from hipt_e2e.errors import SettingError, UserError
+from hipt_e2e.config import Settings, bound, save_config, section
+from hipt_e2e.errors import UserError
 from hipt_e2e.evaluation.metrics import classification_metrics
 from hipt_e2e.evaluation.report import write_report
 from hipt_e2e.evaluation.splits import Fold, SlideInfo, check_labels, make_folds, write_splits
 
 log = logging.getLogger(__name__)
 
-IMBALANCE = ("none", "weighted_loss", "balanced_sampling")
+# How training meets unequal classes: balanced_sampling draws each class equally often, weighted_loss weighs
+# each slide's loss by N / N_class (hipt_e2e.training.slide_level: epoch_order, class_weights).
+Imbalance = Literal["none", "weighted_loss", "balanced_sampling"]
+IMBALANCE: tuple[str, ...] = typing.get_args(Imbalance)
 
 
-def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], cfg: dict, accelerator: Accelerator,
+@dataclass(frozen=True)
+class Repeats(Settings):
+    """The `cv` section."""
+
+    repeats: int = bound(1, 1)  # repeated cross-validation: repeats x folds, each repeat's split derived from seed
+
+
+@dataclass(frozen=True)
+class FoldSettings(Settings):
+    """The top-level settings of a cross-validated run that the fold loop and model selection read. A
+    trainer's settings derive from it (hipt_e2e.training.e2e.E2ESettings, with its own defaults); untyped ones
+    give theirs by `fold_settings`."""
+
+    out: str | None = None
+    seed: int = 0
+    folds: int = 5  # patient-grouped stratified folds (make_folds refuses fewer than 3)
+    cv: Repeats = section(Repeats)
+    imbalance: Imbalance = "none"
+    patience: int = bound(5, 0)  # epochs without a better validation balanced accuracy before a fold stops
+
+
+def fold_settings(values: Mapping[str, Any]) -> FoldSettings:
+    """The cross-validation settings among untyped ones (slide-level training's, a baseline's, a finished
+    run's config.yaml), validated; the keys they lack keep FoldSettings' defaults."""
+    names = {field.name for field in dataclasses.fields(FoldSettings)}
+    return FoldSettings.from_mapping({key: value for key, value in values.items() if key in names})
+
+
+def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], run: FoldSettings, accelerator: Accelerator,
               test_probs: Callable[[Fold, Path], np.ndarray], extra: dict[str, Any],
-              folds: Sequence[Fold] | None = None) -> dict:
+              folds: Sequence[Fold] | None = None, config: Settings | Mapping | None = None) -> dict:
     """The cross-validation every slide-level trainer shares: patient-grouped stratified folds, repeated
-    cfg["cv"]["repeats"] times (or the labels' fixed split; or `folds`, an earlier run's read back to score
+    run.cv.repeats times (or the labels' fixed split; or `folds`, an earlier run's read back to score
     its models again), then per fold test_probs(fold, fold_dir) ->
-    probabilities [len(fold.test), K] (training and model selection are the caller's), then splits.csv,
-    predictions.csv, metrics.json (each fold's metrics with its repeat, index and part sizes, which the
-    paired comparison needs) plots and report.md in cfg["out"]. Returns the metrics (on every process)."""
-    if cfg["imbalance"] not in IMBALANCE:
-        raise SettingError(f"imbalance must be one of {IMBALANCE}, got {cfg['imbalance']!r}")
+    probabilities [len(fold.test), K] (training and model selection are the caller's), then config.yaml
+    (`config`, the caller's whole settings; by default `run`), splits.csv, predictions.csv, metrics.json (each
+    fold's metrics with its repeat, index and part sizes, which the paired comparison needs) plots and
+    report.md in run.out. Returns the metrics (on every process)."""
     classes = list(classes)
-    out = Path(cfg["out"])
+    out = Path(run.out)
     missing = [info.slide_id for info in infos if info.label is None]
     if missing:
         raise UserError(f"slides without a label cannot be trained on: {missing[:10]}")
     check_labels(infos, classes)
     if folds is None:
-        folds = make_folds(infos, cfg["folds"], cfg["seed"], cfg.get("cv", {}).get("repeats", 1))
+        folds = make_folds(infos, run.folds, run.seed, run.cv.repeats)
     by_id = {info.slide_id: info for info in infos}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
+        save_config(run if config is None else config, out)
         write_splits(out / "splits.csv", infos, folds)
     rows, per_fold = [], []
     for fold in folds:
@@ -61,7 +94,7 @@ def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], cfg: dict, acc
     metrics = {}
     if accelerator.is_main_process:
         repeats = folds[-1].repeat + 1
-        extra = {**extra, "imbalance": cfg["imbalance"], "seed": cfg["seed"], "n_folds": len(folds) // repeats,
+        extra = {**extra, "imbalance": run.imbalance, "seed": run.seed, "n_folds": len(folds) // repeats,
                  "repeats": repeats,
                  "processes": accelerator.num_processes}
         histories = {fold.name: json.loads((out / fold.name / "history.json").read_text())

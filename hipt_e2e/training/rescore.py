@@ -39,7 +39,7 @@ from hipt_e2e.io import atomic_write_json
 from hipt_e2e.lineage import read_lineage
 from hipt_e2e.runtime import make_accelerator
 from hipt_e2e.training.e2e import scorer_chunks
-from hipt_e2e.training.folds import run_folds
+from hipt_e2e.training.folds import fold_settings, run_folds
 
 
 def _source_config(run: Path) -> dict:
@@ -116,7 +116,8 @@ def rescore(run: str | Path, out: str | Path, tta: str = "dihedral", shards: str
                        "chunk_regions": chunk_regions}}
     extra = {"title": f"{run.name} rescored with its fold models, tta={tta}", "rescored_from": str(run.resolve()),
              "tta": tta, "mixed_precision": precision}
-    metrics = run_folds(regions.infos(), classes, cfg, accelerator, test_probs, extra, folds=read_splits(run / "splits.csv"))
+    metrics = run_folds(regions.infos(), classes, fold_settings(cfg), accelerator, test_probs, extra,
+                        folds=read_splits(run / "splits.csv"), config=cfg)
     total = {"seconds": round(sum(c["seconds"] for c in cost.values()), 3), "tiles": sum(c["tiles"] for c in cost.values())}
     total["tiles_per_s"] = round(total["tiles"] / total["seconds"], 1)
     if accelerator.is_main_process:

@@ -37,7 +37,7 @@ from hipt_e2e.models.mil import RegionFC, vote
 from hipt_e2e.progress import progress
 from hipt_e2e.runtime import make_accelerator
 from hipt_e2e.training.checkpointing import export_safetensors
-from hipt_e2e.training.folds import run_folds
+from hipt_e2e.training.folds import fold_settings, run_folds
 from hipt_e2e.training.recipe import recipe_config
 from hipt_e2e.training.tracking import TRACKER_DEFAULTS, start_tracking, stop_tracking, track, tracker_settings
 
@@ -353,7 +353,7 @@ def cross_validate(bags: Sequence[SlideBag], classes: Sequence[str], cfg: dict,
              "dominant_ratio": cfg["data"]["dominant_ratio"]}
     start_tracking(accelerator, "slide", cfg)
     try:
-        return run_folds(infos, classes, cfg, accelerator, test_probs, extra)
+        return run_folds(infos, classes, fold_settings(cfg), accelerator, test_probs, extra, config=cfg)
     finally:
         stop_tracking(accelerator)
 

@@ -14,70 +14,90 @@ Writes docs/ablations/e2e_vs_frozen.{md,json,png}; each variant's run is in out/
     accelerate launch recipes/ablations/e2e_vs_frozen.py --config recipes/configs/e2e.yaml data.shards=SHARDS \
         model.weights.tile=runs/vit256/backbone.safetensors out=runs/ablations/e2e_vs_frozen
 """
-import copy
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from accelerate import PartialState
 
+from hipt_e2e.config import Settings, section
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.errors import SettingError, run_main
 from hipt_e2e.evaluation.ablation import folds_text, paired_answer, write_ablation
 from hipt_e2e.lineage import read_lineage
-from hipt_e2e.training.e2e import E2E_DEFAULTS, train_e2e
-from hipt_e2e.training.recipe import recipe_config
+from hipt_e2e.training.e2e import E2ESettings, train_e2e
+from hipt_e2e.training.recipe import recipe_settings
 
-DEFAULTS = {**copy.deepcopy(E2E_DEFAULTS), "docs": "docs/ablations", "budget": "steps",  # steps | converged
-            "variants": {"frozen": {"freeze_tile": True, "freeze_region": True},
-                         "partial": {"freeze_tile": True, "freeze_region": False},
-                         "end_to_end": {"freeze_tile": False, "freeze_region": False}}}
+
+@dataclass(frozen=True)
+class Frozen(Settings):
+    """One variant: the stages it freezes (model.freeze_tile, model.freeze_region)."""
+
+    freeze_tile: bool = False
+    freeze_region: bool = False
+
+
+@dataclass(frozen=True)
+class Variants(Settings):
+    """The `variants` section."""
+
+    frozen: Frozen = field(default_factory=lambda: Frozen(freeze_tile=True, freeze_region=True))
+    partial: Frozen = field(default_factory=lambda: Frozen(freeze_tile=True))
+    end_to_end: Frozen = section(Frozen)
+
+
+@dataclass(frozen=True)
+class E2EVsFrozen(E2ESettings):
+    """This ablation's settings: end-to-end training's, the variants and where the write-up goes."""
+
+    docs: str = "docs/ablations"
+    budget: Literal["steps", "converged"] = "steps"
+    variants: Variants = section(Variants)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
-    if cfg["train"]["stop_after"] is not None:
+    settings = recipe_settings(E2EVsFrozen, __doc__, argv, required=("out", "data.shards"))
+    if settings.train.stop_after is not None:
         raise SettingError("train.stop_after would end a variant early; the variants must share the step budget")
-    if cfg["budget"] not in ("steps", "converged"):
-        raise SettingError(f"budget={cfg['budget']!r}: choose steps or converged")
     start, variants = time.time(), {}
-    for name, freeze in cfg["variants"].items():
-        run = copy.deepcopy(cfg)
-        run["model"].update(freeze)
-        if cfg["budget"] == "steps":
-            run["patience"] = cfg["train"]["epochs"]  # no early stop: every variant takes every step
-        run["out"] = str(Path(cfg["out"]) / name)
-        variants[name] = train_e2e(run)
+    freezes = settings.variants.to_mapping()
+    for name, freeze in freezes.items():
+        changes = {f"model.{key}": on for key, on in freeze.items()}
+        if settings.budget == "steps":
+            changes["patience"] = settings.train.epochs  # no early stop: every variant takes every step
+        variants[name] = train_e2e(settings.with_changes(**changes, out=str(Path(settings.out) / name)))
     if not PartialState().is_main_process:
         return variants
-    manifest = load_manifest(cfg["data"]["shards"])
+    manifest = load_manifest(settings.data.shards)
     geometry = read_lineage(manifest).geometry
-    train, weights = cfg["train"], cfg["model"]["weights"]
+    train, weights, steps = settings.train, settings.model.weights.to_mapping(), settings.budget == "steps"
     start_from = ", ".join(f"{stage} {path}" for stage, path in weights.items() if path) or "random init (seeded)"
-    write_ablation(cfg["docs"], "e2e_vs_frozen", "End-to-end fine-tuning vs a frozen encoder",
+    write_ablation(settings.docs, "e2e_vs_frozen", "End-to-end fine-tuning vs a frozen encoder",
                    "Does end-to-end fine-tuning beat training only the head, from the same pretrained start and "
-                   + ("with the same budget in steps?" if cfg["budget"] == "steps" else
+                   + ("with the same budget in steps?" if steps else
                       "each trained until its validation stops improving?"), variants, manifest["classes"], answer=paired_answer(variants),
-                   runtime_s=time.time() - start, run_dirs={name: Path(cfg["out"]) / name for name in variants},
+                   runtime_s=time.time() - start, run_dirs={name: Path(settings.out) / name for name in variants},
                    lab_scale="A slide of hundreds of 4096 px regions does not fit one backward pass: end to end then "
                              "trains on data.regions_per_slide sampled regions per step (chunk and block "
                              "checkpointing bound the memory; docs/benchmarks.md gives memory and time per region), "
                              "while the frozen variants can read every region's precomputed embedding, so each "
                              "step of end to end sees less of a slide at several times the cost. Fields of 1-2 "
                              "regions, all used in every step, are the case most favourable to end to end.",
-                   setup=f"{len(manifest['slides'])} slides from `{cfg['data']['shards']}` "
+                   setup=f"{len(manifest['slides'])} slides from `{settings.data.shards}` "
                          f"({geometry.region_px} px regions of {geometry.tile_px} "
-                         f"px tiles); start: {start_from}; model preset {cfg['model']['preset']}; "
-                         f"{folds_text(cfg)}, imbalance {cfg['imbalance']}; "
-                         + (f"every variant trains {train['epochs']} epochs without early stopping, "
-                            if cfg["budget"] == "steps" else
+                         f"px tiles); start: {start_from}; model preset {settings.model.preset}; "
+                         f"{folds_text(settings.to_mapping())}, imbalance {settings.imbalance}; "
+                         + (f"every variant trains {train.epochs} epochs without early stopping, " if steps else
                             f"each variant trains until validation balanced accuracy has not improved for "
-                            f"{cfg['patience']} epochs (at most {train['epochs']}), ")
-                         + f"{cfg['data']['regions_per_slide']} regions per slide per step, {train['grad_accum']} "
-                         f"slides per optimizer step, learning rates {cfg['optim']['lr']}; frozen stages per variant: "
+                            f"{settings.patience} epochs (at most {train.epochs}), ")
+                         + f"{settings.data.regions_per_slide} regions per slide per step, {train.grad_accum} "
+                         f"slides per optimizer step, learning rates {settings.optim.lr.to_mapping()}; frozen stages "
+                         "per variant: "
                          + "; ".join(f"{name}: " + (", ".join(key.removeprefix("freeze_") for key, on in freeze.items()
                                                               if on) or "nothing")
-                                     for name, freeze in cfg["variants"].items()) + ".")
+                                     for name, freeze in freezes.items()) + ".")
     return variants
 
 
