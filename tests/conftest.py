@@ -13,11 +13,25 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
 
-from tests.processes import PROC, descendants, end_and_reap
+def _threads_per_worker() -> None:
+    """Under pytest-xdist (`-n N`), each worker and the processes its tests start use cores/N threads:
+    N workers of all the cores' OpenMP threads each spin against each other (a test took 5x its time beside
+    another process). Set before numpy and torch read them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(name, threads)
+
+
+_threads_per_worker()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tests.processes import PROC, descendants, end_and_reap  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LYMPHOMA = REPO.parent / "shared" / "data" / "lymphoma-iicbu2008"
