@@ -276,7 +276,7 @@ def _write(writer: SizedShards, todo: list[tuple[Item, int]], cfg: dict, classes
 
 
 def _accounting(cfg: dict, items: list[Item], shards: list[dict], skipped: list[dict]) -> tuple[dict, dict]:
-    """The manifest's slides (what each holds and where) and accounting of a build's shards: inputs = written +
+    """The manifest's slides (what each holds) and accounting of a build's shards: inputs = written +
     the inputs the skipped records stand for."""
     by_slide = {item.slide_id: item for item in items if item.slide_id is not None}
     slides: dict[str, dict] = {}
@@ -284,9 +284,8 @@ def _accounting(cfg: dict, items: list[Item], shards: list[dict], skipped: list[
         for slide_id, count in shard["slides"].items():
             item = by_slide[slide_id]
             entry = slides.setdefault(slide_id, {"label": item.label, "patient_id": item.patient_id or slide_id,
-                                                 "split": item.split, "regions": 0, "shards": []})
+                                                 "split": item.split, "regions": 0})
             entry["regions"] += count
-            entry["shards"].append(shard["name"])
     samples = sum(shard["samples"] for shard in shards)
     inputs = sum(item.n_inputs for item in items)
     written = samples if cfg["kind"] == "pt" else len(slides)

@@ -66,9 +66,6 @@ def write_slide_bags(out_dir: str | Path, bags: Iterable[SlideBag], classes: Seq
     except BaseException:
         writer.abort()
         raise
-    for record in records:
-        for slide_id in record["shard"]["slides"]:
-            slides[slide_id]["shards"] = [record["shard"]["name"]]
     return shard_set.write_manifest(records, KIND, classes, slides, inputs=len(slides), written=len(slides),
                                     lineage=lineage)
 

@@ -105,9 +105,6 @@ class ShardSetWriter:
         if is_main:
             self._convert_journal()
             self.records.mkdir(parents=True, exist_ok=True)
-            if settings.exists() and not self._numbers() and json.loads(settings.read_text()) != self.settings:
-                log.info("%s: an interrupted %s with other settings closed no shard; starting afresh", self.out,
-                         self.noun)
             if not settings.exists() or not self._numbers():
                 atomic_write_json(settings, self.settings)
         wait()
@@ -132,8 +129,14 @@ class ShardSetWriter:
     def write_manifest(self, records: Sequence[Mapping], kind: str, classes: Sequence[str],
                        slides: Mapping[str, Mapping], **accounting: Any) -> dict:
         """The manifest (hipt_e2e.data.manifest.shard_set_manifest: `accounting` its inputs, written, skipped,
-        lineage) and index of the shards these records describe, written; returns the manifest."""
+        lineage) and index of the shards these records describe, written; returns the manifest. `slides`: each
+        slide's entry, to which the shards that hold it are added."""
         shards = [record["shard"] for record in records]
+        holding: dict[str, list[str]] = {}
+        for shard in shards:
+            for slide_id in shard["slides"]:
+                holding.setdefault(slide_id, []).append(shard["name"])
+        slides = {slide_id: {**entry, "shards": holding[slide_id]} for slide_id, entry in slides.items()}
         manifest = shard_set_manifest(kind, self.settings, classes, slides, shards, **accounting)
         write_index(self.out, shards, {record["shard"]["name"]: record["index"] for record in records})
         atomic_write_json(self.out / MANIFEST, manifest)
@@ -241,13 +244,9 @@ class UnitShards:
                lineage: Mapping | None = None) -> dict:
         """The manifest and index from the records of all `units` (every process done), checking that the
         `inputs` input regions were all written; returns the manifest."""
-        records = self.shard_set.recorded()
-        missing = sorted(set(range(units)) - set(records))
-        if missing:
-            raise RuntimeError(f"{self.shard_set.out}: units {missing} have no record")
-        records = [records[unit] for unit in range(units)]
-        slides = {slide: {**entry, "shards": [record["shard"]["name"]]}
-                  for record in records for slide, entry in record["slides"].items()}
+        recorded = self.shard_set.recorded()
+        records = [recorded[unit] for unit in range(units)]
+        slides = {slide_id: entry for record in records for slide_id, entry in record["slides"].items()}
         written = sum(entry["regions"] for entry in slides.values())
         if written != inputs:
             raise RuntimeError(f"{self.shard_set.out}: {written} regions written of {inputs} input regions")
