@@ -24,8 +24,8 @@ import tifffile
 import torch
 from accelerate import Accelerator
 
-from hipt_e2e.config import resolve_config, setup_logging
-from hipt_e2e.inference.predict import PREDICT_DEFAULTS, Predictor, predict_inputs
+from hipt_e2e.config import resolve_settings, setup_logging
+from hipt_e2e.inference.predict import Predictor, PredictSettings, predict_inputs
 from hipt_e2e.models import HIPT, model_preset, select_attention
 from hipt_e2e.normalise import normalise
 
@@ -72,13 +72,13 @@ def main() -> None:
                           dtype=torch.uint8, device=accelerator.device)
     with tempfile.TemporaryDirectory() as scratch:
         slide = write_slide(Path(scratch) / "slide.tiff", side * region_px, rows * region_px)
-        cfg = resolve_config(PREDICT_DEFAULTS, None, [f"out={scratch}/out", f"model.preset={args.preset}",
-                                                      "geometry.min_tissue=0", "top_regions=0",
-                                                      f"mixed_precision={args.mixed_precision}", f"tta={args.tta}"])
+        settings = resolve_settings(PredictSettings, None, [f"out={scratch}/out", f"model.preset={args.preset}",
+                                                            "geometry.min_tissue=0", "top_regions=0",
+                                                            f"mixed_precision={args.mixed_precision}", f"tta={args.tta}"])
         before = forward_pass(model, tiles, args.rounds, accelerator.autocast)
-        predictor = Predictor([(model, None)], ["a", "b"], chunk_regions=cfg["chunk_regions"], tta=args.tta)
+        predictor = Predictor([(model, None)], ["a", "b"], chunk_regions=settings.chunk_regions, tta=args.tta)
         start = time.perf_counter()
-        assert predict_inputs(cfg, [slide], predictor) == 0
+        assert predict_inputs(settings, [slide], predictor) == 0
         predict_s = time.perf_counter() - start
         after = forward_pass(model, tiles, args.rounds, accelerator.autocast)
     n_tiles = side * rows * geometry["region_tiles"] ** 2

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from hipt_e2e.config import resolve_config
+from hipt_e2e.config import resolve_settings
 from hipt_e2e.data.sources import OpenSlideReader
 from hipt_e2e.inference.heatmaps import region_score_map
-from hipt_e2e.inference.predict import PREDICT_DEFAULTS, Predictor, main, predict_inputs
+from hipt_e2e.inference.predict import Predictor, PredictSettings, main, predict_inputs
 from hipt_e2e.models import HIPT
 from hipt_e2e.training.checkpointing import export_safetensors
 from tests.conftest import lymphoma_images, read_rgb
@@ -37,8 +37,8 @@ def slide_dir(lymphoma_dir, tmp_path_factory) -> Path:
     return root
 
 
-def config(tmp_path: Path, **model) -> dict:
-    return resolve_config(PREDICT_DEFAULTS, None, [
+def config(tmp_path: Path, **model) -> PredictSettings:
+    return resolve_settings(PredictSettings, None, [
         "model.preset=tiny", "model.classes=[CLL, FL]", f"out={tmp_path / 'out'}", "geometry.min_tissue=0.0",
         *[f"model.{k}={v}" for k, v in model.items()]])
 
@@ -126,6 +126,17 @@ def test_wrong_weights_fail_clearly(tmp_path):
     export_safetensors(HIPT.from_preset("tiny", n_classes=3), tmp_path / "three.safetensors")
     with pytest.raises(CheckpointError, match="classifier"):
         build_predictor(config(tmp_path, weights=tmp_path / "three.safetensors"))
+
+
+@pytest.mark.parametrize("bad, key", [("tta=flips", "tta"), ("model.head=mlp", "model.head"),
+                                      ("geometry.min_tissue=1.5", "geometry.min_tissue"),
+                                      ("chunk_regions=0", "chunk_regions")])
+def test_a_bad_setting_fails_at_the_start_naming_its_key(tmp_path, bad, key):
+    from hipt_e2e.errors import SettingError
+
+    with pytest.raises(SettingError, match=f"^{key}: "):
+        main([str(tmp_path), "model.preset=tiny", "model.classes=[CLL, FL]", f"out={tmp_path / 'out'}", bad])
+    assert not (tmp_path / "out").exists()
 
 
 def test_predict_region_shards_with_an_fc_head(synthetic_slides, tmp_path):

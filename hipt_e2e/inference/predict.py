@@ -28,15 +28,15 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from queue import Full, Queue
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from hipt_e2e.config import HelpFormatter, resolve_config, save_config, setup_logging
-from hipt_e2e.data.augment import tta_poses
+from hipt_e2e.config import HelpFormatter, Settings, bound, resolve_settings, save_config, section, setup_logging
+from hipt_e2e.data.augment import Tta, tta_poses
 from hipt_e2e.data.discovery import SlideFile, find_slides
 from hipt_e2e.data.lineage import Geometry, check_geometry
 from hipt_e2e.data.manifest import load_manifest
@@ -46,7 +46,7 @@ from hipt_e2e.data.sources import (
     check_resolution,
     iter_regions,
 )
-from hipt_e2e.data.storage import configure, with_storage_settings
+from hipt_e2e.data.storage import StorageSettings, configure
 from hipt_e2e.data.streams import SlideBagStream
 from hipt_e2e.data.tiling import RegionGeometry
 from hipt_e2e.errors import SettingError, run_main
@@ -59,39 +59,59 @@ from hipt_e2e.models import HIPT, load_checkpoint, model_preset, select_attentio
 from hipt_e2e.models.bundle import CARD, load_bundle
 from hipt_e2e.models.mil import RegionFC
 from hipt_e2e.progress import progress
-from hipt_e2e.runtime import make_accelerator
+from hipt_e2e.runtime import Precision, make_accelerator
 
 log = logging.getLogger(__name__)
 
-PREDICT_DEFAULTS: dict[str, Any] = {
-    "model": {
-        # a trained run folder (its fold models' cards), one fold folder or a model_card.json: classes,
-        # geometry, normalisation and weights come from the cards and the keys below (but trusted) are unused
-        "card": None,
-        "fold": "all",  # with a run folder: all (mean of the fold models' probabilities), i, or a fold folder name
-        "preset": "hipt",  # geometry of the three levels (see hipt_e2e/models/presets.py)
-        "cnn": None,  # a timm CNN name when the tile encoder is the CNN variant
-        "classes": None,  # class names in the order of the model's outputs
-        "normalisation": "hipt",
-        "head": "slide",  # slide: slide model over all regions; fc: per-region FC + vote
-        "vote": "majority",
-        "fc_hidden": None,  # hidden width of the FC, as trained (train_fc's model.hidden)
-        "weights": None,  # one safetensors file of the whole HIPT (end-to-end runs)
-        "tile_encoder": None,  # or per stage (staged runs): DINO exports and the slide model / FC
-        "region_encoder": None,
-        "slide_model": None,
-        "trusted": False,  # allow full unpickling of released .pth files (only for files you trust)
-    },
-    "input_kind": "slides",  # slides | images | shards
-    "geometry": {"region_px": None, "mpp": 0.5, "slide_mpp": None, "min_tissue": 0.25, "tissue_threshold": None,
-                 "allow_upsample": False},  # as hipt-shards build: --slide-mpp, --allow-upsample
-    "chunk_regions": 8,  # regions read, embedded and held at a time (the next chunk is read meanwhile)
-    "mixed_precision": None,  # no | bf16 | fp16; null: as `accelerate launch` says
-    "top_regions": 3,
-    "tta": "none",  # none | dihedral: every region scored in its 8 poses, the slide's outputs averaged
-    "thumbnail_px": 1024,
-    "out": None,
-}
+@dataclass(frozen=True)
+class PredictModel(Settings):
+    """The `model` section: a trained run's model cards, or the model named key by key."""
+
+    # a trained run folder (its fold models' cards), one fold folder or a model_card.json: classes,
+    # geometry, normalisation and weights come from the cards and the keys below (but trusted) are unused
+    card: str | None = None
+    fold: int | str = "all"  # with a run folder: all (mean of the fold models' probabilities), i, or a fold folder name
+    preset: str = "hipt"  # geometry of the three levels (see hipt_e2e/models/presets.py)
+    cnn: str | None = None  # a timm CNN name when the tile encoder is the CNN variant
+    classes: tuple[str, ...] | None = None  # class names in the order of the model's outputs
+    normalisation: str = "hipt"
+    head: Literal["slide", "fc"] = "slide"  # slide: slide model over all regions; fc: per-region FC + vote
+    vote: Literal["majority", "mean"] = "majority"
+    fc_hidden: int | None = bound(None, 1)  # hidden width of the FC, as trained (train_fc's model.hidden)
+    weights: str | None = None  # one safetensors file of the whole HIPT (end-to-end runs)
+    tile_encoder: str | None = None  # or per stage (staged runs): DINO exports and the slide model / FC
+    region_encoder: str | None = None
+    slide_model: str | None = None
+    trusted: bool = False  # allow full unpickling of released .pth files (only for files you trust)
+
+
+@dataclass(frozen=True)
+class PredictGeometry(Settings):
+    """The `geometry` section: how slides are read, as hipt-shards build reads them (--slide-mpp,
+    --allow-upsample, ...)."""
+
+    region_px: int | None = bound(None, 1)  # null: the preset's (tile_px x region_tiles)
+    mpp: float = bound(0.5, 0.0)
+    slide_mpp: float | None = bound(None, 0.0)  # inputs' resolution when their metadata has none or an implausible one
+    min_tissue: float = bound(0.25, 0.0, 1.0)
+    tissue_threshold: int | None = bound(None, 0, 255)  # saturation 0-255; null: Otsu per slide (floored)
+    allow_upsample: bool = False  # allow reading at an mpp finer than a slide's own by more than 1.25x
+
+
+@dataclass(frozen=True)
+class PredictSettings(Settings):
+    """hipt-predict's settings (data: the storage settings of shard inputs read by URL)."""
+
+    model: PredictModel = section(PredictModel)
+    input_kind: Literal["slides", "images", "shards"] = "slides"
+    geometry: PredictGeometry = section(PredictGeometry)
+    chunk_regions: int = bound(8, 1)  # regions read, embedded and held at a time (the next chunk is read meanwhile)
+    mixed_precision: Precision = None  # no | bf16 | fp16; null: as `accelerate launch` says
+    top_regions: int = bound(3, 0)
+    tta: Tta = "none"  # none | dihedral: every region scored in its 8 poses, the slide's outputs averaged
+    thumbnail_px: int = bound(1024, 1)
+    out: str | None = None
+    data: StorageSettings = section(StorageSettings)
 
 
 @dataclass
@@ -176,47 +196,45 @@ def card_paths(source: str | Path, fold: str | int = "all") -> list[Path]:
     return chosen
 
 
-def predictor_from_cards(cfg: dict) -> Predictor:
+def predictor_from_cards(settings: PredictSettings) -> Predictor:
     """The fold models named by model.card / model.fold, rebuilt from their cards (load_bundle)."""
-    spec = cfg["model"]
-    bundles = [load_bundle(path, trusted=spec["trusted"]) for path in card_paths(spec["card"], spec["fold"])]
+    spec = settings.model
+    bundles = [load_bundle(path, trusted=spec.trusted) for path in card_paths(spec.card, spec.fold)]
     first = bundles[0].card
     for bundle in bundles[1:]:
         if [bundle.classes, bundle.card["tile_px"], bundle.card["region_px"]] != [bundles[0].classes, first["tile_px"],
                                                                                   first["region_px"]]:
-            raise SettingError(f"{spec['card']}: its fold models differ in classes or geometry; pick one with model.fold")
-    geometry = RegionGeometry(first["region_px"], first["tile_px"], first.get("mpp") or cfg["geometry"]["mpp"])
-    log.info("%d model(s) from %s: %s, classes %s, %d px regions of %d px tiles at %s um/px", len(bundles), spec["card"],
+            raise SettingError(f"{spec.card}: its fold models differ in classes or geometry; pick one with model.fold")
+    geometry = RegionGeometry(first["region_px"], first["tile_px"], first.get("mpp") or settings.geometry.mpp)
+    log.info("%d model(s) from %s: %s, classes %s, %d px regions of %d px tiles at %s um/px", len(bundles), spec.card,
              first["source"], bundles[0].classes, geometry.region_px, geometry.tile_px, geometry.mpp)
-    return Predictor([(b.model, b.fc) for b in bundles], bundles[0].classes, bundles[0].vote, cfg["chunk_regions"],
-                     geometry, cfg["tta"])
+    return Predictor([(b.model, b.fc) for b in bundles], bundles[0].classes, bundles[0].vote, settings.chunk_regions,
+                     geometry, settings.tta)
 
 
-def build_predictor(cfg: dict) -> Predictor:
+def build_predictor(settings: PredictSettings) -> Predictor:
     """The model named by the `model:` section (model.card, or the explicit keys), loaded without unpickling
     unless `trusted`."""
-    spec = cfg["model"]
-    if spec["card"]:
-        return predictor_from_cards(cfg)
-    if not spec["classes"]:
+    spec = settings.model
+    if spec.card:
+        return predictor_from_cards(settings)
+    if not spec.classes:
         raise SettingError("model.classes must list the class names in the model's output order")
-    classes = list(spec["classes"])
-    model = HIPT.from_preset(spec["preset"], len(classes), cnn=spec["cnn"], normalisation=spec["normalisation"])
+    classes = list(spec.classes)
+    model = HIPT.from_preset(spec.preset, len(classes), cnn=spec.cnn, normalisation=spec.normalisation)
     fc = None
-    if spec["head"] == "fc":
-        fc = RegionFC(len(classes), dim=model_preset(spec["preset"])["slide"]["dim"], hidden=spec["fc_hidden"]).eval()
-    elif spec["head"] != "slide":
-        raise SettingError(f"model.head must be slide or fc, got {spec['head']!r}")
-    if spec["weights"]:
-        load_checkpoint(model, spec["weights"], trusted=spec["trusted"], strict=True)
-    for stage, module in (("tile_encoder", model.tile_encoder), ("region_encoder", model.region_encoder),
-                          ("slide_model", fc if fc is not None else model.slide_model)):
-        if spec[stage]:
-            load_checkpoint(module, spec[stage], trusted=spec["trusted"], strict=True)
-    if not spec["weights"] and not all(spec[s] for s in ("tile_encoder", "region_encoder", "slide_model")):
+    if spec.head == "fc":
+        fc = RegionFC(len(classes), dim=model_preset(spec.preset)["slide"]["dim"], hidden=spec.fc_hidden).eval()
+    if spec.weights:
+        load_checkpoint(model, spec.weights, trusted=spec.trusted, strict=True)
+    for weights, module in ((spec.tile_encoder, model.tile_encoder), (spec.region_encoder, model.region_encoder),
+                            (spec.slide_model, fc if fc is not None else model.slide_model)):
+        if weights:
+            load_checkpoint(module, weights, trusted=spec.trusted, strict=True)
+    if not spec.weights and not all((spec.tile_encoder, spec.region_encoder, spec.slide_model)):
         raise SettingError("give model.weights (a whole HIPT) or all of model.tile_encoder, model.region_encoder "
                          "and model.slide_model")
-    return Predictor([(model, fc)], classes, spec["vote"], cfg["chunk_regions"], tta=cfg["tta"])
+    return Predictor([(model, fc)], classes, spec.vote, settings.chunk_regions, tta=settings.tta)
 
 
 @dataclass
@@ -232,18 +250,19 @@ class SlideInput:
     dimensions: tuple[int, int] | None = None  # level-0 width, height (None: unknown, e.g. from shards)
 
 
-def _reader_inputs(slides: Sequence[SlideFile], cfg: dict, geometry: RegionGeometry) -> Iterator[SlideInput | tuple]:
-    opener = ImageReader if cfg["input_kind"] == "images" else OpenSlideReader
-    g = cfg["geometry"]
+def _reader_inputs(slides: Sequence[SlideFile], settings: PredictSettings, geometry: RegionGeometry
+                   ) -> Iterator[SlideInput | tuple]:
+    opener = ImageReader if settings.input_kind == "images" else OpenSlideReader
+    g = settings.geometry
     for slide in slides:
         path = slide.path
         try:
-            reader = opener(path, g["slide_mpp"])
-            check_resolution(reader, geometry, g["allow_upsample"])  # now, so a bad slide is listed before reading
-            regions = iter_regions(reader, geometry, min_tissue=g["min_tissue"], threshold=g["tissue_threshold"],
-                                   allow_upsample=g["allow_upsample"])
+            reader = opener(path, g.slide_mpp)
+            check_resolution(reader, geometry, g.allow_upsample)  # now, so a bad slide is listed before reading
+            regions = iter_regions(reader, geometry, min_tissue=g.min_tissue, threshold=g.tissue_threshold,
+                                   allow_upsample=g.allow_upsample)
             size = geometry.level0_size(reader.mpp) if reader.mpp else 0
-            thumbnail = reader.thumbnail(cfg["thumbnail_px"])
+            thumbnail = reader.thumbnail(settings.thumbnail_px)
             yield SlideInput(slide.slide_id, path, ((r.x, r.y, r.rgb) for r in regions), size, thumbnail,
                              thumbnail.shape[1] / reader.width,
                              lambda x, y, reader=reader, size=size: reader.read(x, y, size, geometry.region_px),
@@ -252,7 +271,7 @@ def _reader_inputs(slides: Sequence[SlideFile], cfg: dict, geometry: RegionGeome
             yield (slide, f"{type(exc).__name__}: {exc}")
 
 
-def _shard_inputs(root: str, cfg: dict) -> Iterator[SlideInput]:
+def _shard_inputs(root: str, settings: PredictSettings) -> Iterator[SlideInput]:
     """Slides of a region-shard set, all of them in every process (predict_inputs splits them); the
     thumbnail is a mosaic of the regions at their coordinates. root: a folder or URL."""
     for bag in SlideBagStream(root, rank=0, world_size=1):
@@ -260,7 +279,7 @@ def _shard_inputs(root: str, cfg: dict) -> Iterator[SlideInput]:
         rgb = bag["pixels"].permute(0, 2, 3, 1).numpy()
         size = int(rgb.shape[1])
         width, height = coords[:, 0].max() + size, coords[:, 1].max() + size
-        scale = min(1.0, cfg["thumbnail_px"] / max(width, height))
+        scale = min(1.0, settings.thumbnail_px / max(width, height))
         canvas = np.full((int(height * scale) + 1, int(width * scale) + 1, 3), 255, dtype=np.uint8)
         step = max(1, int(round(1 / scale)))
         for (x, y), region in zip(coords, rgb):
@@ -363,38 +382,38 @@ def _write_predictions(path: Path, rows: Sequence[list], classes: Sequence[str])
     atomic_write_text(path, buffer.getvalue())
 
 
-def predict_inputs(cfg: dict, inputs: Sequence[str | Path], predictor: Predictor | None = None) -> int:
+def predict_inputs(settings: PredictSettings, inputs: Sequence[str | Path], predictor: Predictor | None = None) -> int:
     """Predict every input slide; returns the number that failed (each listed in predictions.csv).
 
     Under `accelerate launch --num_processes N` the slides are split over the processes (each on its
     device, with the configured mixed precision) and the main process writes one predictions.csv in input
     order."""
     # found first, so that an input holding no slides (or a shard set) is refused before anything is written
-    found = [] if cfg["input_kind"] == "shards" else find_slides(inputs, cfg["input_kind"])
-    accelerator = make_accelerator(cfg["mixed_precision"])
-    predictor = (predictor or build_predictor(cfg)).to(accelerator)
+    found = [] if settings.input_kind == "shards" else find_slides(inputs, settings.input_kind)
+    accelerator = make_accelerator(settings.mixed_precision)
+    predictor = (predictor or build_predictor(settings)).to(accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
-    preset = model_preset(cfg["model"]["preset"])
-    region_px = cfg["geometry"]["region_px"] or preset["tile_px"] * preset["region_tiles"]
-    geometry = predictor.geometry or RegionGeometry(region_px, preset["tile_px"], cfg["geometry"]["mpp"])
-    if cfg["input_kind"] == "shards":  # slides are read at the model's geometry; shards hold theirs
+    preset = model_preset(settings.model.preset)
+    region_px = settings.geometry.region_px or preset["tile_px"] * preset["region_tiles"]
+    geometry = predictor.geometry or RegionGeometry(region_px, preset["tile_px"], settings.geometry.mpp)
+    if settings.input_kind == "shards":  # slides are read at the model's geometry; shards hold theirs
         for root in inputs:
             check_geometry(read_lineage(root).geometry, root, Geometry.of_regions(geometry),
-                           cfg["model"]["card"] or "model.* and geometry.* settings")
-    out = Path(cfg["out"])
+                           settings.model.card or "model.* and geometry.* settings")
+    out = Path(settings.out)
     if accelerator.is_main_process:
         (out / "heatmaps").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
+        save_config(settings, out)
     accelerator.wait_for_everyone()
-    if cfg["input_kind"] == "shards":
-        every: Iterable = (s for root in inputs for s in _shard_inputs(str(root), cfg))
+    if settings.input_kind == "shards":
+        every: Iterable = (s for root in inputs for s in _shard_inputs(str(root), settings))
         slides: Iterable = (s for n, s in enumerate(every) if n % world == rank)
         total = sum(len(load_manifest(root)["slides"]) for root in inputs)
     else:
-        slides, total = _reader_inputs(found[rank::world], cfg, geometry), len(found)
+        slides, total = _reader_inputs(found[rank::world], settings, geometry), len(found)
     show = accelerator.is_local_main_process
     mine = len(range(rank, total, world))
-    rows = [_prediction_row(slide, predictor, out, cfg["top_regions"], show)
+    rows = [_prediction_row(slide, predictor, out, settings.top_regions, show)
             for slide in progress(slides, total=mine, desc="predict", unit="slide", disable=not show)]
     # process r predicted inputs r, r + N, ...: interleave the parts back into input order
     parts = gather_object([rows])
@@ -418,11 +437,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # flags may come between the inputs and the key=value settings
     setup_logging()
     overrides = [a for a in args.inputs if "=" in a] + ([f"model.card={args.model}"] if args.model else [])
-    cfg = resolve_config(with_storage_settings(PREDICT_DEFAULTS), args.config, overrides)
-    configure(cfg["data"]["retry_budget_s"], cfg["data"]["storage_options"])
-    if not cfg["out"]:
+    settings = resolve_settings(PredictSettings, args.config, overrides)
+    configure(settings.data.retry_budget_s, settings.data.storage_options)
+    if not settings.out:
         parser.error("set out=DIR (in the --config file or as key=value)")
-    failed = predict_inputs(cfg, [a for a in args.inputs if "=" not in a])
+    failed = predict_inputs(settings, [a for a in args.inputs if "=" not in a])
     return min(failed, 125)  # the exit code says how many slides failed (capped for the shell)
 
 

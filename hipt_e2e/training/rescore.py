@@ -19,7 +19,6 @@ the gain.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ from hipt_e2e.data.lineage import PIXELS, Geometry, check_geometry
 from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.errors import InputError, SettingError, UserError, run_main
 from hipt_e2e.evaluation.splits import Fold, read_splits
-from hipt_e2e.inference.predict import PREDICT_DEFAULTS, Predictor, predictor_from_cards
+from hipt_e2e.inference.predict import Predictor, PredictSettings, predictor_from_cards
 from hipt_e2e.io import atomic_write_json
 from hipt_e2e.lineage import read_lineage
 from hipt_e2e.runtime import make_accelerator
@@ -61,10 +60,9 @@ def pixel_shards(shards: str) -> str:
 
 
 def _fold_predictor(run: Path, fold: Fold, tta: str, chunk_regions: int, trusted: bool) -> Predictor:
-    cfg = copy.deepcopy(PREDICT_DEFAULTS)
-    cfg["model"].update(card=str(run), fold=fold.name, trusted=trusted)
-    cfg.update(tta=tta, chunk_regions=chunk_regions)
-    return predictor_from_cards(cfg)
+    return predictor_from_cards(PredictSettings().with_changes(**{
+        "model.card": str(run), "model.fold": fold.name, "model.trusted": trusted, "tta": tta,
+        "chunk_regions": chunk_regions}))
 
 
 def _check_fit(predictor: Predictor, regions: ShardRegions, geometry: Geometry, where: str) -> None:
