@@ -31,7 +31,7 @@ from hipt_e2e.evaluation.splits import make_folds
 from hipt_e2e.normalise import normalise
 from hipt_e2e.runtime import make_accelerator
 from hipt_e2e.training.e2e import E2ESettings, FoldTrainer
-from shards.build import build
+from shards.build import BuildSettings, build
 
 log = logging.getLogger("bench_e2e_speed")
 REPO = Path(__file__).resolve().parents[1]
@@ -40,8 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 def synthetic_shards(root: Path) -> Path:
     """36 synthetic slides of 512 px cut into 256 px regions of 64 px tiles (the lymphoma shard geometry)."""
     slides = make_dataset(root / "slides", slides_per_class=18, size=512, region_px=256)
-    build({"kind": "images", "input": str(slides), "labels": str(slides / "labels.csv"), "out": str(root / "shards"),
-           "slide_mpp": 0.5, "region_px": 256, "tile_px": 64, "min_tissue": 0.25, "encoding": "png"})
+    build(BuildSettings.from_mapping({"kind": "images", "input": str(slides), "labels": str(slides / "labels.csv"),
+                                      "out": str(root / "shards"),
+                                      "slide_mpp": 0.5, "region_px": 256, "tile_px": 64, "min_tissue": 0.25, "encoding": "png"}))
     return root / "shards"
 
 

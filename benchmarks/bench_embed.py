@@ -31,7 +31,7 @@ from hipt_e2e.lineage import encoder_record
 from hipt_e2e.models import model_preset
 from hipt_e2e.models.bundle import tile_architecture
 from hipt_e2e.training import TileModel, build_tile_encoder
-from shards.build import build
+from shards.build import BuildSettings, build
 
 
 def write_region(path: Path, index: int, region_px: int) -> None:
@@ -52,9 +52,10 @@ def make_shards(root: Path, regions: int, distinct: int, region_px: int, tile_px
         folder = root / "slides" / CLASSES[n % len(CLASSES)]
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"slide_{n:04d}.jpg").symlink_to(paths[n % distinct])
-    build({"kind": "images", "input": str(root / "slides"), "out": str(root / "shards"), "labels_from_folders": True,
-           "slide_mpp": 0.5, "region_px": region_px, "tile_px": tile_px, "min_tissue": 0.0, "encoding": "jpeg",
-           "workers": min(8, os.cpu_count() or 1)})
+    build(BuildSettings.from_mapping({"kind": "images", "input": str(root / "slides"), "out": str(root / "shards"),
+                                      "labels_from_folders": True,
+                                      "slide_mpp": 0.5, "region_px": region_px, "tile_px": tile_px, "min_tissue": 0.0, "encoding": "jpeg",
+                                      "workers": min(8, os.cpu_count() or 1)}))
     return root / "shards"
 
 

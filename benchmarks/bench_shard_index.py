@@ -37,7 +37,7 @@ from hipt_e2e.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, load_manife
 from hipt_e2e.data.regions import ShardRegions  # noqa: E402
 from hipt_e2e.data.synthetic import make_dataset  # noqa: E402
 from hipt_e2e.io import sha256_file  # noqa: E402
-from shards.build import build  # noqa: E402
+from shards.build import BuildSettings, build  # noqa: E402
 from tests.http_server import ShardServer  # noqa: E402
 
 
@@ -141,8 +141,9 @@ def main() -> None:
               f"{held / 2**20:.0f} MiB ({held / n_big:.0f} B/region)")
 
         slides = make_dataset(Path(tmp) / "slides", slides_per_class=12, size=512, region_px=256)
-        build({"kind": "images", "input": str(slides), "labels": str(slides / "labels.csv"), "out": str(Path(tmp) / "http"),
-               "slide_mpp": 0.5, "region_px": 256, "tile_px": 32, "encoding": "jpeg", "shard_bytes": 2_000_000})
+        build(BuildSettings.from_mapping({"kind": "images", "input": str(slides), "labels": str(slides / "labels.csv"),
+                                          "out": str(Path(tmp) / "http"),
+                                          "slide_mpp": 0.5, "region_px": 256, "tile_px": 32, "encoding": "jpeg", "shard_bytes": 2_000_000}))
         total = sum(s["bytes"] for s in load_manifest(Path(tmp) / "http")["shards"])
         with ShardServer(Path(tmp)) as server:
             remote = ShardRegions(f"{server.url}/http", regions_per_slide=4, seed=0)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from hipt_e2e.config import setup_logging  # noqa: E402
 from hipt_e2e.data import TileStream  # noqa: E402
 from hipt_e2e.data.samples import decode_pixels, pixel_entry  # noqa: E402
-from shards.build import build  # noqa: E402
+from shards.build import BuildSettings, build  # noqa: E402
 from tests.conftest import LYMPHOMA, read_rgb  # noqa: E402
 
 log = logging.getLogger("bench_storage")
@@ -118,8 +118,8 @@ def main() -> None:
         layouts = {"float32 .pt per tile (Dataset + DataLoader)": (files, DataLoader(PtTiles(files), batch_size=None))}
         for encoding, quality in (("jpeg", 95), ("jpeg", 90), ("png", 95)):
             out = tmp / f"shards-{encoding}-{quality}"
-            manifest = build({"kind": "pt", "input": str(tmp / "pt"), "out": str(out), "tile_px": 256,
-                              "encoding": encoding, "quality": quality, "shard_bytes": 200_000_000})
+            manifest = build(BuildSettings.from_mapping({"kind": "pt", "input": str(tmp / "pt"), "out": str(out), "tile_px": 256,
+                                                         "encoding": encoding, "quality": quality, "shard_bytes": 200_000_000}))
             shard_files = [out / s["name"] for s in manifest["shards"]]
             label = f"shards, {encoding}{f' q{quality}' if encoding == 'jpeg' else ''} (TileStream)"
             layouts[label] = (shard_files, DataLoader(TileStream(out), batch_size=None))

@@ -30,7 +30,7 @@ from hipt_e2e.errors import run_main
 from hipt_e2e.models import model_preset
 from hipt_e2e.training import recipe_settings
 from hipt_e2e.training.e2e import E2ESettings, e2e_accelerator, train_e2e
-from shards.build import build
+from shards.build import BuildSettings, build
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,10 @@ def prepare_demo(settings: E2ERecipe, accelerator: Accelerator) -> None:
     demo, root = settings.demo, Path(settings.demo.dir)
     if accelerator.is_main_process:
         slides = make_dataset(root / "slides", demo.slides_per_class, demo.size, demo.region_px)
-        build({"kind": "images", "input": str(slides), "out": str(root / "shards"), "labels": str(slides / "labels.csv"),
-               "slide_mpp": 0.5, "mpp": 0.5, "region_px": demo.region_px,
-               "tile_px": model_preset(settings.model.preset)["tile_px"], "encoding": "png"})
+        build(BuildSettings.from_mapping({"kind": "images", "input": str(slides), "out": str(root / "shards"),
+                                          "labels": str(slides / "labels.csv"),
+                                          "slide_mpp": 0.5, "mpp": 0.5, "region_px": demo.region_px,
+                                          "tile_px": model_preset(settings.model.preset)["tile_px"], "encoding": "png"}))
     accelerator.wait_for_everyone()
 
 

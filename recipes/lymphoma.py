@@ -31,7 +31,7 @@ from hipt_e2e.evaluation.compare import compare_runs, load_run
 from hipt_e2e.io import atomic_write_text
 from hipt_e2e.training.colour_baseline import colour_baseline
 from hipt_e2e.training.e2e import E2ESettings
-from shards.build import build
+from shards.build import BuildSettings, build
 
 RECIPES = Path(__file__).resolve().parent
 IMAGES = RECIPES.parent.parent / "shared" / "data" / "lymphoma-iicbu2008"
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> str:
     out, seed, budget = args.out, args.seed, BUDGETS[args.budget]
     images = {"kind": "images", "input": str(args.images), "labels_from_folders": True, "slide_mpp": 0.5,
               "tile_px": 64, "encoding": "png", "shuffle_seed": seed}
-    build({**images, "out": str(out / "shards"), "region_px": 128, "min_tissue": 0.0, "shard_bytes": 1e6})
-    build({**images, "out": str(out / "shards256"), "region_px": 256, "min_tissue": 0.25})
+    build(BuildSettings.from_mapping({**images, "out": str(out / "shards"), "region_px": 128, "min_tissue": 0.0, "shard_bytes": 1e6}))
+    build(BuildSettings.from_mapping({**images, "out": str(out / "shards256"), "region_px": 256, "min_tissue": 0.25}))
 
     if not (out / "dino" / "backbone.safetensors").exists():
         recipe("pretrain_vit256", "--config", str(RECIPES / "configs" / "lymphoma_pretrain_vit256.yaml"),

@@ -13,15 +13,17 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import webdataset as wds
 
+from hipt_e2e.config import Settings, bound
 from hipt_e2e.data.lineage import pixel_lineage
 from hipt_e2e.data.samples import encode_pixels, sample_key
 from hipt_e2e.data.sources import (
@@ -36,34 +38,38 @@ from hipt_e2e.data.tiling import TISSUE_FLOOR, RegionGeometry, tile_tissue_fract
 from hipt_e2e.data.writer import ShardSetWriter, SizedShards
 from hipt_e2e.errors import SettingError, UserError
 from hipt_e2e.progress import progress
-from shards.inputs import Item, class_names, discover
+from shards.inputs import InputKind, Item, class_names, discover
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "kind": None,
-    "input": None,
-    "out": None,
-    "labels": None,  # CSV slide_id,label[,patient_id][,split]
-    "labels_from_folders": False,
-    "classes": None,  # explicit class order; default: sorted labels found
-    "region_px": 4096,
-    "tile_px": 256,
-    "mpp": 0.5,  # target resolution of the regions
-    "slide_mpp": None,  # resolution of the inputs when their metadata has none (images, pt) or an implausible one
-    "allow_upsample": False,  # allow reading at an mpp finer than a slide's own by more than 1.25x
-    "min_tissue": 0.25,
-    "tissue_threshold": None,  # saturation 0-255; None: Otsu per slide (floored)
-    "thumbnail_px": 2048,
-    "encoding": "jpeg",
-    "quality": 95,
-    "shard_bytes": 1_000_000_000,
-    "workers": 1,
-    "part": None,  # "i/n"
-    "on_error": "fail",  # fail | skip
-    "tiles_per_item": 1024,
-    "shuffle_seed": 0,  # build order of the items (slides); null: sorted by slide id
-}
+
+@dataclass(frozen=True)
+class BuildSettings(Settings):
+    """`hipt-shards build`'s settings (its flags and `key=value` overrides set them)."""
+
+    kind: InputKind | None = None  # what the input folder holds
+    input: str | None = None
+    out: str | None = None
+    labels: str | None = None  # CSV slide_id,label[,patient_id][,split]
+    labels_from_folders: bool = False
+    classes: tuple[str, ...] | None = None  # explicit class order; default: sorted labels found
+    region_px: int = bound(4096, 1)
+    tile_px: int = bound(256, 1)
+    mpp: float = bound(0.5, 0.0)  # target resolution of the regions
+    slide_mpp: float | None = bound(None, 0.0)  # resolution of the inputs when their metadata has none (images, pt) or an implausible one
+    allow_upsample: bool = False  # allow reading at an mpp finer than a slide's own by more than 1.25x
+    min_tissue: float = bound(0.25, 0.0, 1.0)
+    tissue_threshold: int | None = bound(None, 0, 255)  # saturation 0-255; None: Otsu per slide (floored)
+    thumbnail_px: int = bound(2048, 1)
+    encoding: Literal["jpeg", "png", "npy"] = "jpeg"
+    quality: int = bound(95, 0, 100)
+    shard_bytes: int | float = bound(1_000_000_000, 1)  # recorded as given (the CLI makes it an int)
+    workers: int = bound(1, 1)
+    part: str | None = None  # "i/n"
+    on_error: Literal["fail", "skip"] = "fail"
+    tiles_per_item: int = bound(1024, 1)
+    shuffle_seed: int | None = 0  # build order of the items (slides); null: sorted by slide id
+
 
 # Settings that change no byte of the output; a resumed or merged build may differ in these.
 RUN_ONLY_KEYS = ("workers", "part", "on_error", "out")
@@ -92,8 +98,9 @@ def part_dir(out: Path, part: str | None) -> Path:
     return out / f"part-{index:04d}-of-{count:04d}"
 
 
-def build_args(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in RUN_ONLY_KEYS}
+def build_args(settings: Mapping[str, Any]) -> dict:
+    """The settings a build's bytes depend on (a manifest's build_args, compared on resume and merge)."""
+    return {k: v for k, v in settings.items() if k not in RUN_ONLY_KEYS}
 
 
 # --------------------------------------------------------------------------------------------- items
@@ -103,51 +110,51 @@ def _record(item: Item, index: int, classes: list[str], **fields: Any) -> dict:
             "split": item.split, "region_index": index, **fields}
 
 
-def _sample(item: Item, index: int, rgb: np.ndarray, tissue: np.ndarray, cfg: dict, classes: list[str],
+def _sample(item: Item, index: int, rgb: np.ndarray, tissue: np.ndarray, settings: BuildSettings, classes: list[str],
             **fields: Any) -> dict:
-    ext, data = encode_pixels(rgb, cfg["encoding"], cfg["quality"])
+    ext, data = encode_pixels(rgb, settings.encoding, settings.quality)
     record = _record(item, index, classes, height=int(rgb.shape[0]), width=int(rgb.shape[1]),
-                     tile_px=cfg["tile_px"], grid=list(tissue.shape),
+                     tile_px=settings.tile_px, grid=list(tissue.shape),
                      tissue=[round(float(v), 4) for v in tissue.ravel()], **fields)
     return {"__key__": sample_key(item.ordinal, index), ext: data, "json": json.dumps(record).encode()}
 
 
-def _pt_events(item: Item, cfg: dict, classes: list[str], start: int) -> Iterator[tuple]:
-    threshold = cfg["tissue_threshold"] if cfg["tissue_threshold"] is not None else TISSUE_FLOOR
+def _pt_events(item: Item, settings: BuildSettings, classes: list[str], start: int) -> Iterator[tuple]:
+    threshold = settings.tissue_threshold if settings.tissue_threshold is not None else TISSUE_FLOOR
     for index, path in enumerate(item.files):
         if index < start:
             continue
         try:
             rgb = load_pt_pixels(path)
-            tissue = tile_tissue_fractions(rgb, cfg["tile_px"], threshold)
+            tissue = tile_tissue_fractions(rgb, settings.tile_px, threshold)
         except (InputError, ValueError) as exc:
             reason = exc.reason if isinstance(exc, InputError) else str(exc)
             yield "skip", index, {"path": str(path), "reason": reason, "inputs": 1}
             continue
         x, y = coords_from_name(path)
         slide_id = item.slide_id if item.slide_id is not None else path.stem
-        yield "sample", index, _sample(item, index, rgb, tissue, cfg, classes, slide_id=slide_id, x=x, y=y,
-                                       size=int(rgb.shape[1]), mpp=cfg["mpp"], slide_mpp=cfg["slide_mpp"],
+        yield "sample", index, _sample(item, index, rgb, tissue, settings, classes, slide_id=slide_id, x=x, y=y,
+                                       size=int(rgb.shape[1]), mpp=settings.mpp, slide_mpp=settings.slide_mpp,
                                        source=str(path))
 
 
-def _slide_events(item: Item, cfg: dict, classes: list[str], start: int) -> Iterator[tuple]:
-    geometry = RegionGeometry(cfg["region_px"], cfg["tile_px"], cfg["mpp"])
+def _slide_events(item: Item, settings: BuildSettings, classes: list[str], start: int) -> Iterator[tuple]:
+    geometry = RegionGeometry(settings.region_px, settings.tile_px, settings.mpp)
     try:
-        reader = (ImageReader(item.path, cfg["slide_mpp"]) if cfg["kind"] == "images"
-                  else OpenSlideReader(item.path, cfg["slide_mpp"]))
+        reader = (ImageReader(item.path, settings.slide_mpp) if settings.kind == "images"
+                  else OpenSlideReader(item.path, settings.slide_mpp))
     except InputError as exc:
         yield "skip", 0, {"path": exc.path, "reason": exc.reason, "inputs": 1}
         return
     count = 0
     try:
-        for region in iter_regions(reader, geometry, min_tissue=cfg["min_tissue"],
-                                   threshold=cfg["tissue_threshold"], thumbnail_px=cfg["thumbnail_px"],
-                                   start=start, allow_upsample=cfg["allow_upsample"]):
+        for region in iter_regions(reader, geometry, min_tissue=settings.min_tissue,
+                                   threshold=settings.tissue_threshold, thumbnail_px=settings.thumbnail_px,
+                                   start=start, allow_upsample=settings.allow_upsample):
             count += 1
             yield "sample", region.index, _sample(
-                item, region.index, region.rgb, region.tissue, cfg, classes, x=region.x, y=region.y,
-                size=region.size, mpp=cfg["mpp"], slide_mpp=reader.mpp, tissue_threshold=region.threshold,
+                item, region.index, region.rgb, region.tissue, settings, classes, x=region.x, y=region.y,
+                size=region.size, mpp=settings.mpp, slide_mpp=reader.mpp, tissue_threshold=region.threshold,
                 source=str(item.path))
     except InputError as exc:
         yield "skip", start + count, {"path": exc.path, "reason": exc.reason, "inputs": 1}
@@ -161,21 +168,21 @@ def _slide_events(item: Item, cfg: dict, classes: list[str], start: int) -> Iter
         reader.close()
     if start == 0 and count == 0:
         yield "skip", 0, {"path": str(item.path), "inputs": 1,
-                          "reason": f"no region with tissue fraction >= {cfg['min_tissue']}"}
+                          "reason": f"no region with tissue fraction >= {settings.min_tissue}"}
 
 
-def item_events(item: Item, cfg: dict, classes: list[str], start: int = 0) -> Iterator[tuple]:
+def item_events(item: Item, settings: BuildSettings, classes: list[str], start: int = 0) -> Iterator[tuple]:
     """("sample", index, sample) and ("skip", index, record) events of one item, in order."""
-    if cfg["kind"] == "pt":
-        return _pt_events(item, cfg, classes, start)
-    return _slide_events(item, cfg, classes, start)
+    if settings.kind == "pt":
+        return _pt_events(item, settings, classes, start)
+    return _slide_events(item, settings, classes, start)
 
 
-def _spool_item(item: Item, cfg: dict, classes: list[str], start: int, spool: str) -> list[tuple]:
+def _spool_item(item: Item, settings: BuildSettings, classes: list[str], start: int, spool: str) -> list[tuple]:
     """Worker side of a parallel build: samples go to a temporary tar, events come back in order."""
     events = []
     with open(spool, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0) as tar:
-        for kind, index, payload in item_events(item, cfg, classes, start):
+        for kind, index, payload in item_events(item, settings, classes, start):
             if kind == "sample":
                 tar.write(payload)
                 payload = None
@@ -192,16 +199,16 @@ def _replay(events: list[tuple], spool: str) -> Iterator[tuple]:
     os.unlink(spool)
 
 
-def _events_parallel(items: list[tuple[Item, int]], cfg: dict, classes: list[str], spool_dir: Path
+def _events_parallel(items: list[tuple[Item, int]], settings: BuildSettings, classes: list[str], spool_dir: Path
                      ) -> Iterator[tuple[Item, Iterator[tuple]]]:
     """Items built by `workers` processes, yielded in input order; a bounded window caps disk use."""
-    window = 2 * cfg["workers"]
-    with ProcessPoolExecutor(cfg["workers"], mp_context=get_context("spawn")) as pool:
+    window = 2 * settings.workers
+    with ProcessPoolExecutor(settings.workers, mp_context=get_context("spawn")) as pool:
         pending: list[tuple[Item, str, Future]] = []
         todo = iter(items)
         for item, start in todo:
             spool = str(spool_dir / f"item-{item.ordinal:07d}.tar")
-            pending.append((item, spool, pool.submit(_spool_item, item, cfg, classes, start, spool)))
+            pending.append((item, spool, pool.submit(_spool_item, item, settings, classes, start, spool)))
             if len(pending) >= window:
                 break
         while pending:
@@ -210,58 +217,56 @@ def _events_parallel(items: list[tuple[Item, int]], cfg: dict, classes: list[str
             for next_item, start in todo:
                 next_spool = str(spool_dir / f"item-{next_item.ordinal:07d}.tar")
                 pending.append((next_item, next_spool,
-                                pool.submit(_spool_item, next_item, cfg, classes, start, next_spool)))
+                                pool.submit(_spool_item, next_item, settings, classes, start, next_spool)))
                 break
 
 
 # --------------------------------------------------------------------------------------------- build
-def build(cfg: dict) -> dict:
+def build(settings: BuildSettings) -> dict:
     """Run a build (or the rest of an interrupted one) and return its manifest."""
-    cfg = {**DEFAULTS, **cfg}
-    if cfg["on_error"] not in ("fail", "skip"):
-        raise SettingError(f"on_error must be fail or skip, got {cfg['on_error']!r}")
-    out_dir = part_dir(Path(cfg["out"]), cfg["part"])
-    shard_set = ShardSetWriter(out_dir, build_args(cfg), noun="build", out_option="--out")
+    out_dir = part_dir(Path(settings.out), settings.part)
+    recorded = settings.to_mapping()
+    shard_set = ShardSetWriter(out_dir, build_args(recorded), noun="build", out_option="--out")
     if (manifest := shard_set.finished()) is not None:
         return manifest
 
-    items = discover(cfg["kind"], cfg["input"], labels_csv=cfg["labels"],
-                     labels_from_folders=cfg["labels_from_folders"], tiles_per_item=cfg["tiles_per_item"],
-                     shuffle_seed=cfg["shuffle_seed"])
-    classes = class_names(items, cfg["classes"])
-    part_index, part_count = parse_part(cfg["part"])
+    items = discover(settings.kind, settings.input, labels_csv=settings.labels,
+                     labels_from_folders=settings.labels_from_folders, tiles_per_item=settings.tiles_per_item,
+                     shuffle_seed=settings.shuffle_seed)
+    classes = class_names(items, None if settings.classes is None else list(settings.classes))
+    part_index, part_count = parse_part(settings.part)
     mine = [item for item in items if item.ordinal % part_count == part_index]
 
     out_dir.mkdir(parents=True, exist_ok=True)  # once the inputs are found: a refused build leaves no folder
-    writer = SizedShards(shard_set, int(cfg["shard_bytes"]), shard_set.resume())
+    writer = SizedShards(shard_set, int(settings.shard_bytes), shard_set.resume())
     start = writer.resume_position()
     if writer.records:
         log.info("resuming %s after %d shard(s) at %s", out_dir, len(writer.records),
                  "the end" if start is None else "item {}, sample {}".format(*start))
     todo = [(item, start[1] if item.ordinal == start[0] else 0) for item in mine
             if start is not None and item.ordinal >= start[0]]
-    records, skipped = _write(writer, todo, cfg, classes)
-    slides, accounting = _accounting(cfg, mine, [record["shard"] for record in records], skipped)
-    manifest = shard_set.write_manifest(records, cfg["kind"], classes, slides, lineage=pixel_lineage(cfg).as_dict(),
+    records, skipped = _write(writer, todo, settings, classes)
+    slides, accounting = _accounting(settings, mine, [record["shard"] for record in records], skipped)
+    manifest = shard_set.write_manifest(records, settings.kind, classes, slides, lineage=pixel_lineage(recorded).as_dict(),
                                         **accounting)
     log.info("%d inputs = %d written + %d skipped; %d samples in %d shards -> %s", manifest["inputs"],
              manifest["written"], manifest["n_skipped"], manifest["samples"], len(records), out_dir)
     return manifest
 
 
-def _write(writer: SizedShards, todo: list[tuple[Item, int]], cfg: dict, classes: list[str]
+def _write(writer: SizedShards, todo: list[tuple[Item, int]], settings: BuildSettings, classes: list[str]
            ) -> tuple[list[dict], list[dict]]:
     """The samples of the items (from their start) into shards; returns every shard's record and skip."""
     spool_dir = Path(tempfile.mkdtemp(prefix=".spool-", dir=writer.shard_set.out))
     try:
-        if cfg["workers"] > 1:
-            streams = _events_parallel(todo, cfg, classes, spool_dir)
+        if settings.workers > 1:
+            streams = _events_parallel(todo, settings, classes, spool_dir)
         else:
-            streams = ((item, item_events(item, cfg, classes, start)) for item, start in todo)
+            streams = ((item, item_events(item, settings, classes, start)) for item, start in todo)
         for item, events in progress(streams, total=len(todo), desc=f"build {writer.shard_set.out.name}", unit="item"):
             for kind, index, payload in events:
                 if kind == "skip":
-                    if cfg["on_error"] == "fail":
+                    if settings.on_error == "fail":
                         raise BuildError(f"{payload['path']}: {payload['reason']}")
                     log.warning("skipped %s: %s", payload["path"], payload["reason"])
                     writer.skip(payload)
@@ -275,7 +280,7 @@ def _write(writer: SizedShards, todo: list[tuple[Item, int]], cfg: dict, classes
         shutil.rmtree(spool_dir, ignore_errors=True)
 
 
-def _accounting(cfg: dict, items: list[Item], shards: list[dict], skipped: list[dict]) -> tuple[dict, dict]:
+def _accounting(settings: BuildSettings, items: list[Item], shards: list[dict], skipped: list[dict]) -> tuple[dict, dict]:
     """The manifest's slides (what each holds) and accounting of a build's shards: inputs = written +
     the inputs the skipped records stand for."""
     by_slide = {item.slide_id: item for item in items if item.slide_id is not None}
@@ -288,7 +293,7 @@ def _accounting(cfg: dict, items: list[Item], shards: list[dict], skipped: list[
             entry["regions"] += count
     samples = sum(shard["samples"] for shard in shards)
     inputs = sum(item.n_inputs for item in items)
-    written = samples if cfg["kind"] == "pt" else len(slides)
+    written = samples if settings.kind == "pt" else len(slides)
     n_skipped = sum(record["inputs"] for record in skipped)
     if inputs != written + n_skipped:
         raise RuntimeError(f"accounting error: {inputs} inputs != {written} written + {n_skipped} skipped")

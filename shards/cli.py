@@ -8,10 +8,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from hipt_e2e.config import HelpFormatter, add_config_arguments, parse_override, resolve_config, save_config, setup_logging
+from hipt_e2e.config import HelpFormatter, add_config_arguments, parse_override, resolve_settings, save_config, setup_logging
 from hipt_e2e.data.storage import configure
 from hipt_e2e.errors import run_main
-from shards.build import DEFAULTS, build, part_dir
+from shards.build import BuildSettings, build, part_dir
 from shards.inputs import KINDS
 from shards.inspect_bench import bench, count_tables, mosaic
 from shards.merge import merge
@@ -20,7 +20,7 @@ from shards.verify import verify
 log = logging.getLogger("hipt-shards")
 
 # flag -> (config key, type, help); flags override the config file, `key=value` overrides override both.
-# Their help states the default in words where DEFAULTS holds None.
+# Their help states the default in words where BuildSettings' is None.
 BUILD_FLAGS = {
     "--labels": ("labels", str, "labels CSV: slide_id,label[,patient_id][,split] (default: none, unlabelled)"),
     "--classes": ("classes", lambda s: s.split(","), "class order, comma-separated (default: the sorted labels found)"),
@@ -60,8 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="each input's label is the name of its folder (default: off)")
     build_cmd.add_argument("--allow-upsample", action="store_true", default=argparse.SUPPRESS,
                            help="allow --mpp finer than a slide's own resolution by more than 1.25x (default: off)")
+    defaults = BuildSettings().to_mapping()
     for flag, (key, kind, text) in BUILD_FLAGS.items():
-        shown = "" if "default:" in text else f" (default: {DEFAULTS[key]})"
+        shown = "" if "default:" in text else f" (default: {defaults[key]})"
         build_cmd.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text + shown)
     add_config_arguments(build_cmd, example="encoding=png")
 
@@ -93,13 +94,13 @@ def _run_build(args: argparse.Namespace) -> int:
     flags = {key: getattr(args, key) for key, _, _ in BUILD_FLAGS.values() if hasattr(args, key)}
     if hasattr(args, "labels_from_folders"):
         flags["labels_from_folders"] = True
-    cfg = resolve_config(DEFAULTS, args.config)
-    cfg.update(kind=args.kind, input=str(args.input), out=str(args.out), **flags)
-    cfg = resolve_config(cfg, None, args.overrides)
-    cfg["shard_bytes"] = int(cfg["shard_bytes"])
-    out_dir = part_dir(Path(cfg["out"]), cfg["part"])
-    manifest = build(cfg)
-    save_config(cfg, out_dir, "build-config.yaml")  # after build: a refused run must not overwrite the record
+    given = resolve_settings(BuildSettings, args.config, changes={
+        "kind": args.kind, "input": str(args.input), "out": str(args.out), **flags})
+    settings = resolve_settings(BuildSettings, None, args.overrides, base=given)
+    settings = settings.with_changes(shard_bytes=int(settings.shard_bytes))
+    out_dir = part_dir(Path(settings.out), settings.part)
+    manifest = build(settings)
+    save_config(settings, out_dir, "build-config.yaml")  # after build: a refused run must not overwrite the record
     print(f"{manifest['inputs']} inputs = {manifest['written']} written + {manifest['n_skipped']} skipped; "
           f"{manifest['samples']} samples in {len(manifest['shards'])} shards -> {out_dir}")
     return 0

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import csv
 import random
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from hipt_e2e.data.discovery import SlideFile, check_unique_ids, find_slides
 from hipt_e2e.data.sources import InputError
 from hipt_e2e.errors import SettingError, UserError
 
-KINDS = ("pt", "images", "slides")
+InputKind = Literal["pt", "images", "slides"]  # what a build's input folder holds
+KINDS: tuple[str, ...] = typing.get_args(InputKind)
 
 
 @dataclass

@@ -153,10 +153,10 @@ def e2e_slides(tmp_path_factory) -> Path:
 
 
 def _build_shards(slides: Path, out: Path, encoding: str) -> Path:
-    from shards.build import build
+    from shards.build import BuildSettings, build
 
-    build({"kind": "images", "input": str(slides), "labels": str(slides / "labels.csv"), "out": str(out),
-           "slide_mpp": 0.5, "region_px": 128, "tile_px": 32, "encoding": encoding, "shard_bytes": 200_000})
+    build(BuildSettings.from_mapping({"kind": "images", "input": str(slides), "labels": str(slides / "labels.csv"), "out": str(out),
+                                      "slide_mpp": 0.5, "region_px": 128, "tile_px": 32, "encoding": encoding, "shard_bytes": 200_000}))
     return out
 
 

@@ -28,11 +28,11 @@ TINY = model_preset("tiny")
 @pytest.fixture(scope="module")
 def shards(e2e_slides: Path, tmp_path_factory) -> Path:
     """The 12 e2e slides, one region per shard: a unit (the shards of one slide) per slide."""
-    from shards.build import build
+    from shards.build import BuildSettings, build
 
     out = tmp_path_factory.mktemp("cohort") / "shards"
-    build({"kind": "images", "input": str(e2e_slides), "labels": str(e2e_slides / "labels.csv"), "out": str(out),
-           "slide_mpp": 0.5, "region_px": 128, "tile_px": 32, "encoding": "png", "shard_bytes": 1})
+    build(BuildSettings.from_mapping({"kind": "images", "input": str(e2e_slides), "labels": str(e2e_slides / "labels.csv"), "out": str(out),
+                                      "slide_mpp": 0.5, "region_px": 128, "tile_px": 32, "encoding": "png", "shard_bytes": 1}))
     return out
 
 

@@ -33,7 +33,7 @@ from hipt_e2e.training import (
 )
 from hipt_e2e.training.rescore import pixel_shards
 from hipt_e2e.training.slide_level import build_slide_model, embedding_stages, slide_model_card
-from shards.build import build
+from shards.build import BuildSettings, build
 from shards.verify import verify
 from tests.launch import launch
 
@@ -60,8 +60,8 @@ def shards(synthetic_slides: Path, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dino_shards")
     common = {"kind": "images", "input": str(synthetic_slides), "labels": str(synthetic_slides / "labels.csv"),
               "slide_mpp": 0.5, "tile_px": 32, "encoding": "png"}
-    build({**common, "out": str(root / "tiles"), "region_px": 64, "shard_bytes": 1})
-    build({**common, "out": str(root / "regions"), "region_px": 128, "shard_bytes": 100_000})
+    build(BuildSettings.from_mapping({**common, "out": str(root / "tiles"), "region_px": 64, "shard_bytes": 1}))
+    build(BuildSettings.from_mapping({**common, "out": str(root / "regions"), "region_px": 128, "shard_bytes": 100_000}))
     return {"tiles": root / "tiles", "regions": root / "regions"}
 
 

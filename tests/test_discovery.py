@@ -18,7 +18,7 @@ from hipt_e2e.data.sources import InputError, ome_mpp
 from hipt_e2e.inference.predict import main as predict_main
 from hipt_e2e.models import HIPT
 from hipt_e2e.training.checkpointing import export_safetensors
-from shards.build import build
+from shards.build import BuildSettings, build
 from shards.cli import main as shards_main
 from tests.test_shards import samples_of
 
@@ -163,8 +163,8 @@ def test_a_dicom_series_is_one_slide_in_build_and_predict(dicom_root, model, tmp
 
 def test_labels_from_folders_name_the_folder_above_a_series_folder(tmp_path):
     write_dicom_wsi(tmp_path / "in" / "tumour" / "case_b", noise(128, 128))
-    items = build({**BUILD_ARGS, "kind": "slides", "input": str(tmp_path / "in"), "out": str(tmp_path / "out"),
-                   "labels_from_folders": True})["slides"]
+    items = build(BuildSettings.from_mapping({**BUILD_ARGS, "kind": "slides", "input": str(tmp_path / "in"), "out": str(tmp_path / "out"),
+                                              "labels_from_folders": True}))["slides"]
     assert {s: e["label"] for s, e in items.items()} == {"case_b": "tumour"}
 
 
@@ -176,7 +176,8 @@ def test_ome_tiff_resolution_from_its_ome_xml_and_one_id(tmp_path, model):
                      metadata={"PhysicalSizeX": 500, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 500,
                                "PhysicalSizeYUnit": "nm"})
     assert openslide.OpenSlide(str(tmp_path / "in" / "x.ome.tiff")).properties.get(openslide.PROPERTY_NAME_MPP_X) is None
-    manifest = build({**BUILD_ARGS, "kind": "slides", "input": str(tmp_path / "in"), "out": str(tmp_path / "out")})
+    manifest = build(BuildSettings.from_mapping({**BUILD_ARGS, "kind": "slides", "input": str(tmp_path / "in"),
+                                                 "out": str(tmp_path / "out")}))
     assert list(manifest["slides"]) == ["x"] and manifest["slides"]["x"]["regions"] == 6
     assert {record["slide_mpp"] for _, record in samples_of(tmp_path / "out")} == {0.5}
     failed, rows = predict([tmp_path / "in" / "x.ome.tiff"], model, tmp_path / "predicted")
@@ -205,17 +206,18 @@ def test_a_shard_set_or_an_empty_folder_given_as_slides_is_refused(tmp_path, mod
     (tmp_path / "in").mkdir()
     tifffile.imwrite(tmp_path / "in" / "s.tiff", noise(128, 128), tile=(128, 128), photometric="rgb",
                      resolution=(2e4, 2e4), resolutionunit="CENTIMETER")  # 0.5 um/px
-    build({**BUILD_ARGS, "kind": "slides", "input": str(tmp_path / "in"), "out": str(tmp_path / "shards")})
+    build(BuildSettings.from_mapping({**BUILD_ARGS, "kind": "slides", "input": str(tmp_path / "in"), "out": str(tmp_path / "shards")}))
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("no slides here")
     for given, message in ((tmp_path / "shards", r"shards: holds a shard set .*input_kind=shards"),
                            (tmp_path / "empty", r"empty: holds no slides \(looked for \.svs, .*\.dcm")):
         with pytest.raises(InputError, match=message):
-            build({**BUILD_ARGS, "kind": "slides", "input": str(given), "out": str(tmp_path / "refused")})
+            build(BuildSettings.from_mapping({**BUILD_ARGS, "kind": "slides", "input": str(given), "out": str(tmp_path / "refused")}))
         with pytest.raises(InputError, match=message):
             predict([given], model, tmp_path / "not_predicted")
         assert not (tmp_path / "not_predicted").exists()  # refused before anything is written
     with pytest.raises(InputError, match=r"empty: holds no images \(looked for \.png"):
-        build({**BUILD_ARGS, "kind": "images", "input": str(tmp_path / "empty"), "out": str(tmp_path / "refused")})
+        build(BuildSettings.from_mapping({**BUILD_ARGS, "kind": "images", "input": str(tmp_path / "empty"),
+                                          "out": str(tmp_path / "refused")}))
     failed, rows = predict([tmp_path / "shards"], model, tmp_path / "predicted", "input_kind=shards")
     assert failed == 0 and list(rows) == ["s"]

@@ -33,11 +33,11 @@ OTHER = "256 px regions of 64 px tiles at 0.5 um/px"
 @pytest.fixture(scope="module")
 def other_shards(e2e_slides: Path, tmp_path_factory) -> Path:
     """The e2e slides at another geometry: one 256 px region of 4 x 4 tiles of 64 px per slide."""
-    from shards.build import build
+    from shards.build import BuildSettings, build
 
     out = tmp_path_factory.mktemp("other") / "shards"
-    build({"kind": "images", "input": str(e2e_slides), "labels": str(e2e_slides / "labels.csv"), "out": str(out),
-           "slide_mpp": 0.5, "region_px": 256, "tile_px": 64, "min_tissue": 0.0, "encoding": "png"})
+    build(BuildSettings.from_mapping({"kind": "images", "input": str(e2e_slides), "labels": str(e2e_slides / "labels.csv"), "out": str(out),
+                                      "slide_mpp": 0.5, "region_px": 256, "tile_px": 64, "min_tissue": 0.0, "encoding": "png"}))
     return out
 
 

@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 from hipt_e2e.data.sources import composite_on_white
-from shards.build import BuildError, build
+from shards.build import BuildError, BuildSettings, build
 from tests.conftest import lymphoma_images, read_rgb
 from tests.test_shards import samples_of
 
@@ -49,8 +49,8 @@ def test_openslide_reads_the_pyramid(slides_dir):
 @pytest.mark.parametrize("mpp,level", [(0.5, 0), (1.0, 1)])
 def test_regions_match_read_region(slides_dir, tmp_path, mpp, level):
     """At 0.5 um/px regions come from level 0; at 1.0 um/px from level 1 without resizing."""
-    manifest = build({"kind": "slides", "input": str(slides_dir / "with_mpp"), "out": str(tmp_path),
-                      "region_px": 256, "tile_px": 64, "mpp": mpp, "min_tissue": 0.0, "encoding": "png"})
+    manifest = build(BuildSettings.from_mapping({"kind": "slides", "input": str(slides_dir / "with_mpp"), "out": str(tmp_path),
+                                                 "region_px": 256, "tile_px": 64, "mpp": mpp, "min_tissue": 0.0, "encoding": "png"}))
     slide = openslide.OpenSlide(str(slides_dir / "with_mpp" / "slide_a.tiff"))
     samples = samples_of(tmp_path)
     side = 256 * 2 ** level
@@ -67,8 +67,8 @@ def test_slide_without_mpp_fails_clearly_unless_given(slides_dir, tmp_path):
     args = {"kind": "slides", "input": str(slides_dir / "without_mpp"), "region_px": 256, "tile_px": 64,
             "min_tissue": 0.0}
     with pytest.raises(BuildError, match=r"slide_b\.tiff: no resolution .* pass --slide-mpp"):
-        build({**args, "out": str(tmp_path / "a")})
-    manifest = build({**args, "out": str(tmp_path / "b"), "slide_mpp": 0.5})
+        build(BuildSettings.from_mapping({**args, "out": str(tmp_path / "a")}))
+    manifest = build(BuildSettings.from_mapping({**args, "out": str(tmp_path / "b"), "slide_mpp": 0.5}))
     assert manifest["written"] == 1 and manifest["samples"] == 12
     record = json.loads(json.dumps(samples_of(tmp_path / "b")[0][1]))
     assert record["slide_mpp"] == 0.5 and record["mpp"] == 0.5

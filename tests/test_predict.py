@@ -140,10 +140,10 @@ def test_a_bad_setting_fails_at_the_start_naming_its_key(tmp_path, bad, key):
 
 
 def test_predict_region_shards_with_an_fc_head(synthetic_slides, tmp_path):
-    from shards.build import build
+    from shards.build import BuildSettings, build
 
-    build({"kind": "images", "input": str(synthetic_slides), "out": str(tmp_path / "shards"),
-           "labels_from_folders": True, "slide_mpp": 0.5, "region_px": 128, "tile_px": 32})
+    build(BuildSettings.from_mapping({"kind": "images", "input": str(synthetic_slides), "out": str(tmp_path / "shards"),
+                                      "labels_from_folders": True, "slide_mpp": 0.5, "region_px": 128, "tile_px": 32}))
     model = HIPT.from_preset("tiny", n_classes=2)
     from hipt_e2e.models.mil import RegionFC
 

@@ -15,7 +15,7 @@ from hipt_e2e.inference.predict import main as predict_main
 from hipt_e2e.models import HIPT
 from hipt_e2e.progress import LogLines, progress
 from hipt_e2e.training.checkpointing import export_safetensors
-from shards.build import BuildError, build
+from shards.build import BuildError, BuildSettings, build
 
 RNG = np.random.default_rng(0)
 
@@ -41,10 +41,10 @@ def test_build_refuses_a_72_dpi_tiff_unless_its_resolution_is_given(tmp_path):
     args = {"kind": "slides", "input": str(tmp_path / "in"), "region_px": 64, "tile_px": 32, "min_tissue": 0.0}
     with pytest.raises(BuildError, match=r"photo\.tiff: its metadata gives 352\.8 um/px, a display resolution "
                                          r"\(72 px per inch\).*pass --slide-mpp"):
-        build({**args, "out": str(tmp_path / "a")})
-    skipped = build({**args, "out": str(tmp_path / "b"), "on_error": "skip"})
+        build(BuildSettings.from_mapping({**args, "out": str(tmp_path / "a")}))
+    skipped = build(BuildSettings.from_mapping({**args, "out": str(tmp_path / "b"), "on_error": "skip"}))
     assert skipped["written"] == 0 and "352.8 um/px" in skipped["skipped"][0]["reason"]
-    rescued = build({**args, "out": str(tmp_path / "c"), "slide_mpp": 0.5})
+    rescued = build(BuildSettings.from_mapping({**args, "out": str(tmp_path / "c"), "slide_mpp": 0.5}))
     assert rescued["written"] == 1 and rescued["samples"] == 20  # 300 x 250 px at 0.5 um/px: 5 x 4 regions of 64
 
 
@@ -52,9 +52,9 @@ def test_build_refuses_to_upsample_unless_allowed(tmp_path):
     write_tiff(tmp_path / "in" / "scan.tiff", (1e4 / 1.0, "CENTIMETER"))  # a 1 um/px scan
     args = {"kind": "slides", "input": str(tmp_path / "in"), "region_px": 64, "tile_px": 32, "min_tissue": 0.0}
     with pytest.raises(BuildError, match=r"scan\.tiff: reading it at 0\.5 um/px would enlarge its 1 um/px 2x"):
-        build({**args, "out": str(tmp_path / "a"), "mpp": 0.5})
-    assert build({**args, "out": str(tmp_path / "b"), "mpp": 0.8})["written"] == 1  # 1.25x: within the margin
-    assert build({**args, "out": str(tmp_path / "c"), "mpp": 0.5, "allow_upsample": True})["written"] == 1
+        build(BuildSettings.from_mapping({**args, "out": str(tmp_path / "a"), "mpp": 0.5}))
+    assert build(BuildSettings.from_mapping({**args, "out": str(tmp_path / "b"), "mpp": 0.8}))["written"] == 1  # 1.25x: within the margin
+    assert build(BuildSettings.from_mapping({**args, "out": str(tmp_path / "c"), "mpp": 0.5, "allow_upsample": True}))["written"] == 1
 
 
 def test_predict_lists_the_same_problems(tmp_path):

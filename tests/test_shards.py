@@ -16,7 +16,7 @@ from hipt_e2e.data.samples import decode_sample
 from hipt_e2e.data.tiling import pad_region
 from hipt_e2e.data.writer import OLD_JOURNAL, UNITS
 from hipt_e2e.errors import UnknownSettingError, UserError
-from shards.build import BuildError, build
+from shards.build import BuildError, BuildSettings, build
 from shards.cli import main as cli
 from shards.inputs import LabelsError, discover
 from shards.verify import verify
@@ -57,8 +57,8 @@ JPEG_MIN_PSNR = {95: 36.0, 97: 40.0}
 @pytest.mark.parametrize("encoding,quality", [("png", 95), ("npy", 95), ("jpeg", 95), ("jpeg", 97)])
 def test_real_images_round_trip(real_images, tmp_path, encoding, quality):
     out = tmp_path / encoding
-    manifest = build({**IMAGE_ARGS, "input": str(real_images), "out": str(out), "encoding": encoding,
-                      "quality": quality})
+    manifest = build(BuildSettings.from_mapping({**IMAGE_ARGS, "input": str(real_images), "out": str(out), "encoding": encoding,
+                                                 "quality": quality}))
     assert manifest["inputs"] == manifest["written"] == 9 and manifest["classes"] == ["CLL", "FL", "MCL"]
     samples = samples_of(out)
     # 417 x 312 px -> a 4 x 3 grid of 128 px regions, edges padded with white
@@ -79,7 +79,7 @@ def test_real_images_round_trip(real_images, tmp_path, encoding, quality):
 
 def test_resize_to_target_mpp(real_images, tmp_path):
     """Images at 0.5 um/px cut at 1.0 um/px: each 128 px region covers 256 level-0 px."""
-    build({**IMAGE_ARGS, "input": str(real_images), "out": str(tmp_path), "mpp": 1.0, "encoding": "png"})
+    build(BuildSettings.from_mapping({**IMAGE_ARGS, "input": str(real_images), "out": str(tmp_path), "mpp": 1.0, "encoding": "png"}))
     rgb, record = samples_of(tmp_path)[0]
     assert record["size"] == 256 and rgb.shape == (128, 128, 3)
     original = read_rgb(Path(record["source"]))[:256, :256]
@@ -100,8 +100,8 @@ def _write_pt_slides(root: Path, rng: np.random.Generator) -> None:
 
 def test_pt_slides_uint8_and_float(tmp_path):
     _write_pt_slides(tmp_path / "in", np.random.default_rng(0))
-    build({"kind": "pt", "input": str(tmp_path / "in"), "out": str(tmp_path / "out"), "tile_px": 32,
-           "encoding": "png"})
+    build(BuildSettings.from_mapping({"kind": "pt", "input": str(tmp_path / "in"), "out": str(tmp_path / "out"), "tile_px": 32,
+                                      "encoding": "png"}))
     samples = samples_of(tmp_path / "out")
     assert len(samples) == 6
     for rgb, record in samples:
@@ -144,15 +144,15 @@ def bad_tiles(tmp_path) -> Path:
 def test_bad_pt_files_fail_naming_the_file(bad_tiles, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(BuildError, match=r"dict\.pt: holds a dict"):  # the first bad file in sorted order
-        build({"kind": "pt", "input": str(bad_tiles), "out": str(out), "tile_px": 32, "tiles_per_item": 4,
-               "shuffle_seed": None})
+        build(BuildSettings.from_mapping({"kind": "pt", "input": str(bad_tiles), "out": str(out), "tile_px": 32, "tiles_per_item": 4,
+                                          "shuffle_seed": None}))
     assert not (out / "manifest.json").exists()
     assert not list(out.glob("*.tmp")) and not list(out.glob("shard-*.tar"))
 
 
 def test_bad_pt_files_skipped_and_accounted(bad_tiles, tmp_path):
-    manifest = build({"kind": "pt", "input": str(bad_tiles), "out": str(tmp_path / "out"), "tile_px": 32,
-                      "on_error": "skip", "tiles_per_item": 4})
+    manifest = build(BuildSettings.from_mapping({"kind": "pt", "input": str(bad_tiles), "out": str(tmp_path / "out"), "tile_px": 32,
+                                                 "on_error": "skip", "tiles_per_item": 4}))
     skipped = {Path(r["path"]).name: r["reason"] for r in manifest["skipped"]}
     assert set(skipped) == set(REASONS)
     for name, word in REASONS.items():
@@ -167,8 +167,9 @@ def test_labels_csv_problems_reported_together(synthetic_slides, tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("\n".join(rows) + "\n")
     with pytest.raises(LabelsError) as info:
-        build({"kind": "images", "input": str(synthetic_slides), "out": str(tmp_path / "o"), "labels": str(labels),
-               "slide_mpp": 0.5})
+        build(BuildSettings.from_mapping({"kind": "images", "input": str(synthetic_slides), "out": str(tmp_path / "o"),
+                                          "labels": str(labels),
+                                          "slide_mpp": 0.5}))
     message = str(info.value)
     assert "duplicate slide id 'class_a_000'" in message and "'class_a_001' has no label" in message
     assert "'ghost_slide' is listed but not found" in message
@@ -190,8 +191,9 @@ def test_build_order_is_a_seeded_shuffle_of_the_sorted_slides(synthetic_slides):
 
 def test_image_without_mpp_is_an_error(synthetic_slides, tmp_path):
     with pytest.raises(BuildError, match=r"class_._00.\.png: no resolution"):
-        build({"kind": "images", "input": str(synthetic_slides), "out": str(tmp_path), "labels_from_folders": True,
-               "region_px": 64, "tile_px": 32})
+        build(BuildSettings.from_mapping({"kind": "images", "input": str(synthetic_slides), "out": str(tmp_path),
+                                          "labels_from_folders": True,
+                                          "region_px": 64, "tile_px": 32}))
 
 
 SYNTH = dict(kind="images", labels_from_folders=True, slide_mpp=0.5, region_px=64, tile_px=32, encoding="png",
@@ -201,27 +203,28 @@ SYNTH = dict(kind="images", labels_from_folders=True, slide_mpp=0.5, region_px=6
 def test_resume_after_interruption_gives_identical_shards(synthetic_slides, tmp_path):
     broken_input = tmp_path / "input"
     shutil.copytree(synthetic_slides, broken_input)
-    reference = build({**SYNTH, "input": str(broken_input), "out": str(tmp_path / "ref")})
+    reference = build(BuildSettings.from_mapping({**SYNTH, "input": str(broken_input), "out": str(tmp_path / "ref")}))
     assert len(reference["shards"]) > 3
     victim = broken_input / "class_b" / "class_b_001.png"
     good = victim.read_bytes()
     victim.write_bytes(b"not a png")
     with pytest.raises(BuildError, match="class_b_001.png: cannot read image"):
-        build({**SYNTH, "input": str(broken_input), "out": str(tmp_path / "run")})
+        build(BuildSettings.from_mapping({**SYNTH, "input": str(broken_input), "out": str(tmp_path / "run")}))
     done = sorted(p.name for p in (tmp_path / "run").glob("shard-*.tar"))
     assert 0 < len(done) < len(reference["shards"])
     victim.write_bytes(good)  # the user fixes the file and runs the same command again
-    resumed = build({**SYNTH, "input": str(broken_input), "out": str(tmp_path / "run")})
+    resumed = build(BuildSettings.from_mapping({**SYNTH, "input": str(broken_input), "out": str(tmp_path / "run")}))
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in reference["shards"]]
     assert resumed["slides"].keys() == reference["slides"].keys()
-    assert build({**SYNTH, "input": str(broken_input), "out": str(tmp_path / "run")}) == resumed  # complete: no-op
+    again = build(BuildSettings.from_mapping({**SYNTH, "input": str(broken_input), "out": str(tmp_path / "run")}))
+    assert again == resumed  # complete: no-op
 
 
 def test_interrupted_build_of_an_earlier_version_resumes_from_its_journal(synthetic_slides, tmp_path):
     """Builds before the shard records journalled their settings and closed shards in build-journal.jsonl: one
     interrupted after two shards refuses other settings, and resumes with its own to the uninterrupted bytes."""
     settings = {**SYNTH, "input": str(synthetic_slides)}
-    reference = build({**settings, "out": str(tmp_path / "ref")})
+    reference = build(BuildSettings.from_mapping({**settings, "out": str(tmp_path / "ref")}))
     old = tmp_path / "old"
     old.mkdir()
     closed = [json.loads((tmp_path / "ref" / UNITS / f"{n:06d}.json").read_text()) for n in range(2)]
@@ -230,15 +233,15 @@ def test_interrupted_build_of_an_earlier_version_resumes_from_its_journal(synthe
     for entry in closed:
         shutil.copy(tmp_path / "ref" / entry["shard"]["name"], old)
     with pytest.raises(UserError, match="holds an interrupted build with other settings"):
-        build({**settings, "out": str(old), "min_tissue": 0.3})
-    resumed = build({**settings, "out": str(old)})
+        build(BuildSettings.from_mapping({**settings, "out": str(old), "min_tissue": 0.3}))
+    resumed = build(BuildSettings.from_mapping({**settings, "out": str(old)}))
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in reference["shards"]]
     assert resumed["skipped"] == reference["skipped"] and not (old / OLD_JOURNAL).exists()
 
 
 def test_parallel_workers_and_parts_match_serial_build(synthetic_slides, tmp_path):
-    serial = build({**SYNTH, "input": str(synthetic_slides), "out": str(tmp_path / "serial")})
-    parallel = build({**SYNTH, "input": str(synthetic_slides), "out": str(tmp_path / "parallel"), "workers": 2})
+    serial = build(BuildSettings.from_mapping({**SYNTH, "input": str(synthetic_slides), "out": str(tmp_path / "serial")}))
+    parallel = build(BuildSettings.from_mapping({**SYNTH, "input": str(synthetic_slides), "out": str(tmp_path / "parallel"), "workers": 2}))
     assert [s["sha256"] for s in parallel["shards"]] == [s["sha256"] for s in serial["shards"]]
     for part in ("0/2", "1/2"):
         assert cli(["build", "images", str(synthetic_slides), "--out", str(tmp_path / "parts"),
@@ -253,7 +256,7 @@ def test_parallel_workers_and_parts_match_serial_build(synthetic_slides, tmp_pat
 
 def test_verify_catches_truncated_and_missing_shards(synthetic_slides, tmp_path, capsys):
     out = tmp_path / "out"
-    build({**SYNTH, "input": str(synthetic_slides), "out": str(out)})
+    build(BuildSettings.from_mapping({**SYNTH, "input": str(synthetic_slides), "out": str(out)}))
     assert cli(["verify", str(out)]) == 0
     shard = out / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
@@ -291,9 +294,19 @@ def test_config_file_and_overrides(synthetic_slides, tmp_path):
         cli(["build", "images", str(synthetic_slides), "--out", str(tmp_path / "x"), "no_such_key=1"])
 
 
+@pytest.mark.parametrize("bad, key", [(["encoding=webp"], "encoding"), (["--on-error", "ignore"], "on_error"),
+                                      (["--min-tissue", "2"], "min_tissue"), (["workers=0"], "workers")])
+def test_a_bad_build_setting_fails_at_the_start_naming_its_key(synthetic_slides, tmp_path, bad, key):
+    from hipt_e2e.errors import SettingError
+
+    with pytest.raises(SettingError, match=f"^{key}: "):
+        cli(["build", "images", str(synthetic_slides), "--out", str(tmp_path / "out"), *bad])
+    assert not (tmp_path / "out").exists()
+
+
 def test_inspect_and_bench_commands(synthetic_slides, tmp_path, capsys):
     out = tmp_path / "out"
-    build({**SYNTH, "input": str(synthetic_slides), "out": str(out)})
+    build(BuildSettings.from_mapping({**SYNTH, "input": str(synthetic_slides), "out": str(out)}))
     assert cli(["inspect", str(out), "--mosaic", str(tmp_path / "mosaic.png")]) == 0
     table = capsys.readouterr().out
     assert re.search(r"class_a\s+4\s+64\n", table) and re.search(r"class_b_003\s+class_b\s+\S+\s+16", table)

@@ -120,16 +120,16 @@ def test_verify_finds_an_index_that_lies(shards: Path, tmp_path: Path) -> None:
 
 
 def test_merged_parts_have_one_index(e2e_slides: Path, tmp_path: Path) -> None:
-    from shards.build import build
+    from shards.build import BuildSettings, build
     from shards.merge import merge
 
     settings = {"kind": "images", "input": str(e2e_slides), "labels": str(e2e_slides / "labels.csv"),
                 "out": str(tmp_path / "parts"), "slide_mpp": 0.5, "region_px": 128, "tile_px": 32, "encoding": "png",
                 "shard_bytes": 200_000}
     for part in ("0/2", "1/2"):
-        build({**settings, "part": part})
+        build(BuildSettings.from_mapping({**settings, "part": part}))
     merge(tmp_path / "parts")
-    whole = build({**settings, "out": str(tmp_path / "whole")})
+    whole = build(BuildSettings.from_mapping({**settings, "out": str(tmp_path / "whole")}))
     assert verify(tmp_path / "parts") == [] and len(open_index(load_manifest(tmp_path / "parts"))) == whole["samples"]
     assert_same_bags(sorted(bags(tmp_path / "parts"), key=lambda b: b["slide_id"]), bags(tmp_path / "whole"))
 

@@ -25,15 +25,16 @@ from hipt_e2e.data.samples import (
     encode_pixels,
     stack_pixels,
 )
-from shards.build import build
+from shards.build import BuildSettings, build
 
 
 @pytest.fixture(scope="module")
 def shard_dir(synthetic_slides, tmp_path_factory) -> Path:
     """8 slides x 16 regions in many small shards, so that slides span shard boundaries."""
     out = tmp_path_factory.mktemp("stream_shards")
-    manifest = build({"kind": "images", "input": str(synthetic_slides), "out": str(out), "labels_from_folders": True,
-                      "slide_mpp": 0.5, "region_px": 64, "tile_px": 32, "encoding": "png", "shard_bytes": 25_000})
+    manifest = build(BuildSettings.from_mapping({"kind": "images", "input": str(synthetic_slides), "out": str(out),
+                                                 "labels_from_folders": True, "slide_mpp": 0.5, "region_px": 64, "tile_px": 32,
+                                                 "encoding": "png", "shard_bytes": 25_000}))
     assert sum(shard["slide_continues"] for shard in manifest["shards"]) >= 3
     return out
 
@@ -101,8 +102,8 @@ def test_balanced_resampling_equalises_classes(synthetic_slides, tmp_path):
     rows = ["slide_id,label"] + [f"class_a_00{n},major" for n in range(4)] + \
         [f"class_b_00{n},major" for n in range(3)] + ["class_b_003,minor"]
     labels.write_text("\n".join(rows) + "\n")
-    build({"kind": "images", "input": str(synthetic_slides), "out": str(tmp_path / "s"), "labels": str(labels),
-           "slide_mpp": 0.5, "region_px": 64, "tile_px": 32, "shard_bytes": 25_000})
+    build(BuildSettings.from_mapping({"kind": "images", "input": str(synthetic_slides), "out": str(tmp_path / "s"), "labels": str(labels),
+                                      "slide_mpp": 0.5, "region_px": 64, "tile_px": 32, "shard_bytes": 25_000}))
     plain = Counter(r["record"]["label"] for r in RegionStream(tmp_path / "s"))
     assert plain["major"] == 7 * plain["minor"]
     drawn = Counter(r["record"]["label"] for r in itertools.islice(RegionStream(tmp_path / "s", balanced=True), 600))

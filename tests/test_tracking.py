@@ -40,7 +40,7 @@ def test_end_to_end_run_writes_loss_and_validation_scalars(shards: Path, tmp_pat
 
 def test_slide_level_and_dino_runs_write_their_scalars(tmp_path: Path, synthetic_slides: Path) -> None:
     from hipt_e2e.data.embeddings import write_slide_bags
-    from shards.build import build
+    from shards.build import BuildSettings, build
     from tests.test_dino_recipes import run_recipe
     from tests.test_slide_training import CLASSES, make_bags, train_wsi
 
@@ -49,8 +49,8 @@ def test_slide_level_and_dino_runs_write_their_scalars(tmp_path: Path, synthetic
                     "train.log_with=tensorboard"])
     assert {"fold_0/epoch/train_loss", "fold_0/epoch/val_balanced_accuracy"} <= scalars(tmp_path / "slide" / "slide").keys()
 
-    build({"kind": "images", "input": str(synthetic_slides), "labels": str(synthetic_slides / "labels.csv"),
-           "out": str(tmp_path / "tiles"), "slide_mpp": 0.5, "tile_px": 32, "region_px": 64, "encoding": "png"})
+    build(BuildSettings.from_mapping({"kind": "images", "input": str(synthetic_slides), "labels": str(synthetic_slides / "labels.csv"),
+                                      "out": str(tmp_path / "tiles"), "slide_mpp": 0.5, "tile_px": 32, "region_px": 64, "encoding": "png"}))
     run_recipe("pretrain_vit256", f"data.shards={tmp_path / 'tiles'}", f"out={tmp_path / 'dino'}",
                "train.steps_per_epoch=2", "train.log_with=tensorboard")
     found = scalars(tmp_path / "dino" / "dino")
