@@ -8,14 +8,11 @@ Same splits, imbalance settings, model selection and report as train_wsi.py.
 import sys
 
 from hipt_e2e.errors import run_main
-from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, train_from_shards
-
-FC_DEFAULTS = {**SLIDE_DEFAULTS, "model": {**SLIDE_DEFAULTS["model"], "name": "fc"},
-               "optim": {**SLIDE_DEFAULTS["optim"], "lr": 1e-3}}
+from hipt_e2e.training.slide_level import FCSettings, train_from_shards
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return train_from_shards(FC_DEFAULTS, __doc__, argv)
+    return train_from_shards(FCSettings, __doc__, argv)
 
 
 if __name__ == "__main__":

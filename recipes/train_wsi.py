@@ -8,11 +8,11 @@ predictions.csv, metrics.json, confusion_matrix.png, roc.png, report.md and per-
 import sys
 
 from hipt_e2e.errors import run_main
-from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, train_from_shards
+from hipt_e2e.training.slide_level import SlideSettings, train_from_shards
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return train_from_shards(SLIDE_DEFAULTS, __doc__, argv)
+    return train_from_shards(SlideSettings, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 from hipt_e2e.data.embeddings import write_slide_bags
 from hipt_e2e.evaluation.ablation import command_line, convergence_table
 from hipt_e2e.evaluation.metrics import selection_key
-from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, training_slides
+from hipt_e2e.training.slide_level import SlideData, training_slides
 from tests.test_slide_training import CLASSES, make_bags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_command_line_names_the_launch(monkeypatch):
 
 def test_dominant_class_subsampling():
     bags = make_bags(n_per_class=12)
-    data = {**SLIDE_DEFAULTS["data"], "dominant_class": "b", "dominant_ratio": 4.0}
+    data = SlideData(dominant_class="b", dominant_ratio=4.0)
     kept = Counter(bag.label for bag in training_slides(bags, data, seed=0))
     assert kept == {"b": 12, "a": 3, "c": 3}
     assert training_slides(bags, data, seed=0) == training_slides(bags, data, seed=0)

@@ -32,7 +32,7 @@ from hipt_e2e.training import (
     load_checkpoint_state,
 )
 from hipt_e2e.training.rescore import pixel_shards
-from hipt_e2e.training.slide_level import build_slide_model, embedding_stages, slide_model_card
+from hipt_e2e.training.slide_level import SlideSettings, build_slide_model, embedding_stages, slide_model_card
 from shards.build import BuildSettings, build
 from shards.verify import verify
 from tests.launch import launch
@@ -156,9 +156,9 @@ def test_four_recipes_end_to_end(shards: dict[str, Path], tmp_path: Path) -> Non
     assert Path(pixel_shards(str(slides_dir))).resolve() == regions.resolve()  # what a staged run is rescored on
     assert stages["tile"]["weights"] == str((tmp_path / "vit256" / BACKBONE_EXPORT).resolve())
     assert (stages["tile_px"], stages["region_px"], stages["normalisation"]) == (32, 128, "hipt")
-    cfg = {"model": {"name": "vit_wsi", "dropout": 0.0, "hidden": None}, "data": {"shards": str(slides_dir)},
-           "vote": "majority"}
-    slide_model = build_slide_model(cfg, len(classes), 24)
+    cfg = SlideSettings.from_mapping({"model": {"name": "vit_wsi", "dropout": 0.0, "hidden": None},
+                                      "data": {"shards": str(slides_dir)}, "vote": "majority"})
+    slide_model = build_slide_model(cfg.model, len(classes), 24)
     export_safetensors(slide_model, tmp_path / "wsi" / "best_model.safetensors")
     write_card(tmp_path / "wsi" / "best_model.safetensors", slide_model_card(cfg, classes, 24, Fold(0, (), (), ()), {}))
     bundle = load_bundle(tmp_path / "wsi")

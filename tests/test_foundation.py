@@ -227,7 +227,7 @@ def test_staged_path_with_a_pretrained_encoder(shards: Path, tmp_path: Path) -> 
     from hipt_e2e.evaluation.splits import Fold
     from hipt_e2e.models.bundle import CARD, load_bundle, write_card
     from hipt_e2e.training import export_safetensors
-    from hipt_e2e.training.slide_level import build_slide_model, embedding_stages, slide_model_card
+    from hipt_e2e.training.slide_level import SlideSettings, build_slide_model, embedding_stages, slide_model_card
     from tests.test_dino_recipes import run_recipe
 
     path, _ = random_release("kaiko-vits16", ENCODERS["kaiko-vits16"], tmp_path / "kaiko")
@@ -252,9 +252,9 @@ def test_staged_path_with_a_pretrained_encoder(shards: Path, tmp_path: Path) -> 
     assert tile_bags[0].coords[6].tolist() == [first["record"]["x"] + 2 * step, first["record"]["y"] + step]  # row 1, col 2
     stages = embedding_stages(tmp_path / "slides")
     assert stages["tile"]["sha256"] == sha256(path) and stages["normalisation"] == "hipt"  # kaiko: 0.5 / 0.5
-    cfg = {"model": {"name": "abmil", "dropout": 0.0, "hidden": None}, "data": {"shards": str(tmp_path / "slides")},
-           "vote": "majority"}
-    slide_model = build_slide_model(cfg, len(classes), bags[0].features.shape[1])
+    cfg = SlideSettings.from_mapping({"model": {"name": "abmil", "dropout": 0.0, "hidden": None},
+                                      "data": {"shards": str(tmp_path / "slides")}, "vote": "majority"})
+    slide_model = build_slide_model(cfg.model, len(classes), bags[0].features.shape[1])
     export_safetensors(slide_model, tmp_path / "wsi" / "best_model.safetensors")
     write_card(tmp_path / "wsi" / "best_model.safetensors",
                slide_model_card(cfg, classes, bags[0].features.shape[1], Fold(0, (), (), ()), {}))

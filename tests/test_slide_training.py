@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -12,9 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hipt_e2e.config import resolve_settings
 from hipt_e2e.data.embeddings import SlideBag, read_slide_bags, write_slide_bags
+from hipt_e2e.errors import SettingError
 from hipt_e2e.evaluation.splits import SplitError
-from hipt_e2e.training.slide_level import class_weights, epoch_order
+from hipt_e2e.training.slide_level import FCSettings, SlideSettings, class_weights, epoch_order
 from tests.launch import launch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +109,27 @@ def test_clear_errors(tmp_path):
     write_slide_bags(tmp_path / "unknown", make_bags(), CLASSES[:2], build_args={})
     with pytest.raises(SplitError, match=r"label\(s\) \['c'\].*not in the class list \['a', 'b'\]"):
         _run(train_wsi, tmp_path / "unknown", tmp_path / "o2")
+
+
+@pytest.mark.parametrize("recipe, override, message", [
+    (train_wsi, "model.name=transmil", "model.name: choose one of ['vit_wsi', 'abmil', 'fc'], got 'transmil'"),
+    (train_fc, "vote=median", "vote: choose one of ['majority', 'mean'], got 'median'"),
+    (train_wsi, "data.train_fraction=1.5", "data.train_fraction: must be in [0.0, 1.0], got 1.5"),
+    (train_wsi, "optim.epochs=0", "optim.epochs: must be >= 1, got 0"),
+    (train_wsi, "imbalance=oversample", "imbalance: choose one of"),
+    (train_wsi, "train.log_with=neptune", "train.log_with: choose one of"),
+])
+def test_a_bad_setting_fails_at_the_start_naming_its_key(tmp_path, recipe, override, message):
+    """Refused when the settings are read: before the bags (absent here) are opened or a fold trains."""
+    with pytest.raises(SettingError, match=re.escape(message)):
+        _run(recipe, tmp_path / "absent", tmp_path / "run", override)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("recipe, kind", [("train_wsi", SlideSettings), ("train_fc", FCSettings)])
+def test_the_recipe_configs_resolve(recipe, kind):
+    settings = resolve_settings(kind, REPO / "recipes" / "configs" / f"{recipe}.yaml")
+    assert settings.out == f"runs/{recipe}" and settings.model.name == ("fc" if recipe == "train_fc" else "vit_wsi")
 
 
 def test_two_processes_equal_one_process_with_accumulation(tmp_path):

@@ -77,11 +77,10 @@ def bar_plot(path: Path, variants: dict[str, dict], metric: str = "balanced_accu
     return path
 
 
-def folds_text(cfg: Mapping) -> str:
+def folds_text(folds: int, repeats: int, seed: int) -> str:
     """How a run was cross-validated, for the reports' setup: "5 patient-grouped folds x 3 repeats (seed 0)"."""
-    repeats = cfg.get("cv", {}).get("repeats", 1)
-    return (f"{cfg['folds']} patient-grouped stratified folds" + (f" x {repeats} repeats" if repeats > 1 else "")
-            + f" (seed {cfg['seed']})")
+    return (f"{folds} patient-grouped stratified folds" + (f" x {repeats} repeats" if repeats > 1 else "")
+            + f" (seed {seed})")
 
 
 def fold_histories(run_dir: str | Path) -> list[list[dict]]:

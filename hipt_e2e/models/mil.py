@@ -4,13 +4,36 @@ Both take the same inputs as the slide transformer (`vit_wsi`), so recipes swap 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 import torch
 from torch import nn
 
+from hipt_e2e.config import Settings, bound
 from hipt_e2e.errors import SettingError
 
 from .slide import GatedAttentionPool
+
+SlideModelName = Literal["vit_wsi", "abmil", "fc"]  # HIPT's slide transformer | attention-MIL | FC + vote
+Vote = Literal["majority", "mean"]  # how the FC's region probabilities make a slide's (`vote`)
+
+
+@dataclass(frozen=True)
+class SlideModel(Settings):
+    """The `model` section of slide-level training: the model on a slide's region embeddings."""
+
+    name: SlideModelName = "vit_wsi"
+    dropout: float = bound(0.25, 0.0, 1.0)
+    hidden: int | None = bound(None, 0)  # abmil and fc: width of their hidden layer; null: the embeddings' width
+
+    def architecture(self, dim: int) -> dict:
+        """The model on `dim`-wide region embeddings, as bundles record it (hipt_e2e.models.bundle)."""
+        if self.name == "vit_wsi":
+            return {"name": self.name, "dim": dim, "depth": 2, "num_heads": 3 if dim % 3 == 0 else 1,
+                    "dropout": self.dropout}
+        return {"name": self.name, "dim": dim, "hidden": self.hidden, "dropout": self.dropout}
 
 
 class AttentionMIL(nn.Module):

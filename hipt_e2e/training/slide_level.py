@@ -13,6 +13,7 @@ import contextlib
 import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,57 +25,84 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import train_test_split
 from torch import nn
 
+from hipt_e2e.config import Settings, bound, section
 from hipt_e2e.data.embeddings import SlideBag, read_slide_bags
 from hipt_e2e.data.lineage import REGION_EMBEDDINGS
 from hipt_e2e.data.slides import SlideInfo
-from hipt_e2e.errors import SettingError
+from hipt_e2e.data.storage import StorageSettings
 from hipt_e2e.evaluation.metrics import classification_metrics, selection_key
 from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.io import atomic_write_json
 from hipt_e2e.lineage import read_lineage
 from hipt_e2e.models.bundle import slide_model_from, write_card
-from hipt_e2e.models.mil import RegionFC, vote
+from hipt_e2e.models.mil import RegionFC, SlideModel, Vote, vote
 from hipt_e2e.progress import progress
-from hipt_e2e.runtime import make_accelerator
+from hipt_e2e.runtime import Precision, make_accelerator
 from hipt_e2e.training.checkpointing import export_safetensors
-from hipt_e2e.training.folds import fold_settings, run_folds
-from hipt_e2e.training.recipe import recipe_config
-from hipt_e2e.training.tracking import TRACKER_DEFAULTS, start_tracking, stop_tracking, track, tracker_settings
+from hipt_e2e.training.folds import FoldSettings, Imbalance, run_folds
+from hipt_e2e.training.recipe import recipe_settings
+from hipt_e2e.training.tracking import LogWith, start_tracking, stop_tracking, track, tracker_settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-SLIDE_DEFAULTS: dict[str, Any] = {
-    # train_fraction: stratified share of each fold's training slides (learning curves);
-    # dominant_class / dominant_ratio: subsample the other classes' training slides to 1 : ratio of it
-    "data": {"shards": None, "train_fraction": 1.0, "dominant_class": None, "dominant_ratio": 4.0},
-    "model": {"name": "vit_wsi", "dropout": 0.25, "hidden": None},  # vit_wsi | abmil | fc
-    "optim": {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 20, "accumulate": 1, "batch_regions": 256},
-    "imbalance": "balanced_sampling",  # none | weighted_loss | balanced_sampling (weight N / N_class)
-    "vote": "majority",  # fc only: majority | mean
-    "folds": 5,
-    "cv": {"repeats": 1},  # repeated cross-validation: repeats x folds, each repeat's split derived from seed
-    "seed": 0,
-    "patience": 5,  # epochs without a better validation balanced accuracy before stopping
-    "mixed_precision": "no",
-    "train": dict(TRACKER_DEFAULTS),  # log_with: none | tensorboard | mlflow | wandb, one run, tags per fold
-    "out": None,
-}
+@dataclass(frozen=True)
+class SlideData(StorageSettings):
+    """The `data` section: the bags, and which of each fold's training slides are trained on."""
+
+    shards: str | None = None  # region-embedding bags (recipes/embed_regions.py)
+    train_fraction: float = bound(1.0, 0.0, 1.0)  # stratified share of each fold's training slides (learning curves)
+    dominant_class: str | None = None  # subsample the other classes' training slides to 1 : dominant_ratio of it
+    dominant_ratio: float = bound(4.0, 1.0)
 
 
-def slide_architecture(cfg: dict, dim: int) -> dict[str, Any]:
-    """The slide model of cfg["model"] on `dim`-wide region embeddings (hipt_e2e.models.bundle)."""
-    name, dropout, hidden = cfg["model"]["name"], cfg["model"]["dropout"], cfg["model"]["hidden"]
-    if name == "vit_wsi":
-        return {"name": name, "dim": dim, "depth": 2, "num_heads": 3 if dim % 3 == 0 else 1, "dropout": dropout}
-    if name in ("abmil", "fc"):
-        return {"name": name, "dim": dim, "hidden": hidden, "dropout": dropout}
-    raise SettingError(f"unknown slide model {name!r}; choose vit_wsi, abmil or fc")
+@dataclass(frozen=True)
+class SlideOptim(Settings):
+    """The `optim` section: Adam."""
+
+    lr: float = bound(2e-4, 0.0)
+    weight_decay: float = bound(1e-5, 0.0)
+    epochs: int = bound(20, 1)
+    accumulate: int = bound(1, 1)  # training units (slides; fc: batches of regions) per optimizer step
+    batch_regions: int = bound(256, 1)  # fc: regions per batch
 
 
-def build_slide_model(cfg: dict, n_classes: int, dim: int) -> nn.Module:
-    return slide_model_from(slide_architecture(cfg, dim), n_classes)
+@dataclass(frozen=True)
+class SlideTrain(Settings):
+    """The `train` section."""
+
+    log_with: LogWith = "none"  # none | tensorboard | mlflow | wandb, one run, tags per fold
+
+
+@dataclass(frozen=True)
+class SlideSettings(FoldSettings):
+    """Slide-level training's settings (recipes/train_wsi.py; the ablations on it add theirs): the
+    cross-validation (FoldSettings) with class-balanced sampling by default, and the sections below."""
+
+    imbalance: Imbalance = "balanced_sampling"  # none | weighted_loss | balanced_sampling (weight N / N_class)
+    data: SlideData = section(SlideData)
+    model: SlideModel = section(SlideModel)
+    optim: SlideOptim = section(SlideOptim)
+    vote: Vote = "majority"  # fc only: majority | mean
+    mixed_precision: Precision = "no"
+    train: SlideTrain = section(SlideTrain)
+
+
+@dataclass(frozen=True)
+class FCSettings(SlideSettings):
+    """recipes/train_fc.py's settings: the FC on single region embeddings, at a higher learning rate."""
+
+    model: SlideModel = field(default_factory=lambda: SlideModel(name="fc"))
+    optim: SlideOptim = field(default_factory=lambda: SlideOptim(lr=1e-3))
+
+
+# the same, for recipes/ablations/cnn_vs_vit.py, whose settings are still an untyped dict
+SLIDE_DEFAULTS: dict[str, Any] = SlideSettings().to_mapping()
+
+
+def build_slide_model(model: SlideModel, n_classes: int, dim: int) -> nn.Module:
+    return slide_model_from(model.architecture(dim), n_classes)
 
 
 def embedding_stages(bags: str | Path | Mapping) -> dict[str, Any] | None:
@@ -269,38 +297,38 @@ def _make_dominant(bags: list[SlideBag], dominant: str | None, ratio: float, see
     return [bags[i] for i in sorted(keep)]
 
 
-def training_slides(bags: list[SlideBag], data: dict, seed: int) -> list[SlideBag]:
+def training_slides(bags: list[SlideBag], data: SlideData, seed: int) -> list[SlideBag]:
     """A fold's training slides after the data settings (`train_fraction`, `dominant_class`)."""
-    bags = _make_dominant(bags, data["dominant_class"], data["dominant_ratio"], seed)
-    return _subsample(bags, data["train_fraction"], seed)
+    bags = _make_dominant(bags, data.dominant_class, data.dominant_ratio, seed)
+    return _subsample(bags, data.train_fraction, seed)
 
 
-def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], classes: list[str], cfg: dict,
-             fold_dir: Path) -> tuple[nn.Module, list[dict]]:
+def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], classes: list[str],
+             settings: SlideSettings, fold_dir: Path) -> tuple[nn.Module, list[dict]]:
     """Train on fold.train, select on fold.val (balanced accuracy, then loss), return the best model."""
-    seed = cfg["seed"] + fold.seed_offset
+    seed = settings.seed + fold.seed_offset
     set_seed(seed)
-    train = training_slides([bags[s] for s in fold.train], cfg["data"], seed)
+    train = training_slides([bags[s] for s in fold.train], settings.data, seed)
     val = [bags[s] for s in fold.val]
     dim = train[0].features.shape[1]
-    model = build_slide_model(cfg, len(classes), dim)
-    optim = cfg["optim"]
-    optimizer = torch.optim.Adam(model.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"])
+    model = build_slide_model(settings.model, len(classes), dim)
+    optim = settings.optim
+    optimizer = torch.optim.Adam(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    units = TrainingUnits(train, classes, isinstance(accelerator.unwrap_model(model), RegionFC), optim["batch_regions"])
+    units = TrainingUnits(train, classes, isinstance(accelerator.unwrap_model(model), RegionFC), optim.batch_regions)
     labels = units.labels.tolist()
-    weights = class_weights(labels, len(classes)) if cfg["imbalance"] == "weighted_loss" else None
+    weights = class_weights(labels, len(classes)) if settings.imbalance == "weighted_loss" else None
     loss_fn = WeightedCrossEntropy(weights).to(accelerator.device)
     val_y = np.array([classes.index(bag.label) for bag in val])
-    selection = ModelSelection(cfg["patience"])
-    bar = progress(range(optim["epochs"]), desc=fold.name, disable=not accelerator.is_main_process)
+    selection = ModelSelection(settings.patience)
+    bar = progress(range(optim.epochs), desc=fold.name, disable=not accelerator.is_main_process)
     for epoch in bar:
-        order = epoch_order(labels, len(classes), balanced=cfg["imbalance"] == "balanced_sampling",
+        order = epoch_order(labels, len(classes), balanced=settings.imbalance == "balanced_sampling",
                             seed=seed, epoch=epoch, rank=accelerator.process_index,
                             world_size=accelerator.num_processes)
         entry = {"epoch": epoch, "train_loss": train_epoch(accelerator, model, optimizer, loss_fn,
-                                                            units.batches(order), optim["accumulate"])}
-        probs = predict(accelerator.unwrap_model(model), val, cfg["vote"]) if val else None
+                                                            units.batches(order), optim.accumulate)}
+        probs = predict(accelerator.unwrap_model(model), val, settings.vote) if val else None
         stop = selection.update(entry, val_y, probs,
                                 lambda: copy.deepcopy(accelerator.unwrap_model(model).state_dict()))
         track(accelerator, {k: v for k, v in entry.items() if k != "epoch"}, epoch, f"{fold.name}/epoch/")
@@ -316,50 +344,51 @@ def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], cl
     return final, selection.history
 
 
-def slide_model_card(cfg: dict, classes: list[str], dim: int, fold: Fold, test_metrics: dict) -> dict[str, Any]:
+def slide_model_card(settings: SlideSettings, classes: list[str], dim: int, fold: Fold,
+                     test_metrics: dict) -> dict[str, Any]:
     """A staged fold model's card: its own architecture, under "stages" the encoders of its bags, the
     geometry they were embedded at and their lineage."""
-    shards = cfg["data"]["shards"]
+    shards, fc = settings.data.shards, settings.model.name == "fc"
     stages = embedding_stages(shards) if shards else None
     pixels = {key: stages.pop(key) for key in ("normalisation", "tile_px", "region_px", "mpp")} if stages else {}
-    return {"kind": "slide_model", "source": f"train_{'fc' if cfg['model']['name'] == 'fc' else 'wsi'}",
-            "architecture": {"slide": slide_architecture(cfg, dim)}, "classes": classes,
-            "head": "fc" if cfg["model"]["name"] == "fc" else "slide", "vote": cfg["vote"], "stages": stages,
+    return {"kind": "slide_model", "source": f"train_{'fc' if fc else 'wsi'}",
+            "architecture": {"slide": settings.model.architecture(dim)}, "classes": classes,
+            "head": "fc" if fc else "slide", "vote": settings.vote, "stages": stages,
             **pixels, "lineage": read_lineage(shards).as_dict() if shards else None,
             "fold": {"repeat": fold.repeat, "index": fold.index}, "test_metrics": test_metrics}
 
 
-def cross_validate(bags: Sequence[SlideBag], classes: Sequence[str], cfg: dict,
+def cross_validate(bags: Sequence[SlideBag], classes: Sequence[str], settings: SlideSettings,
                    accelerator: Accelerator | None = None) -> dict:
-    """Run every fold on in-memory bags (run_folds), then write splits.csv, predictions.csv,
-    metrics.json, plots and report.md."""
-    accelerator = accelerator or make_accelerator(cfg["mixed_precision"],
-                                                 **tracker_settings(cfg["train"]["log_with"], cfg["out"]))
+    """Run every fold on in-memory bags (run_folds), then write config.yaml (the whole `settings`, a
+    recipe's own keys included), splits.csv, predictions.csv, metrics.json, plots and report.md."""
+    accelerator = accelerator or make_accelerator(settings.mixed_precision,
+                                                 **tracker_settings(settings.train.log_with, settings.out))
     by_id = {bag.slide_id: bag for bag in bags}
 
     def test_probs(fold: Fold, fold_dir: Path) -> np.ndarray:
-        model, _ = run_fold(accelerator, fold, by_id, list(classes), cfg, fold_dir)
+        model, _ = run_fold(accelerator, fold, by_id, list(classes), settings, fold_dir)
         test = [by_id[s] for s in fold.test]
-        probs = predict(model, test, cfg["vote"])
+        probs = predict(model, test, settings.vote)
         if accelerator.is_main_process:
             metrics = classification_metrics([classes.index(bag.label) for bag in test], probs, classes)
             write_card(fold_dir / "best_model.safetensors",
-                       slide_model_card(cfg, list(classes), test[0].features.shape[1], fold, metrics))
+                       slide_model_card(settings, list(classes), test[0].features.shape[1], fold, metrics))
         return probs
 
     infos = [SlideInfo(bag.slide_id, bag.label, bag.patient_id, bag.split) for bag in bags]
-    extra = {"title": f"{cfg['model']['name']} on region embeddings", "model": cfg["model"]["name"],
-             "train_fraction": cfg["data"]["train_fraction"], "dominant_class": cfg["data"]["dominant_class"],
-             "dominant_ratio": cfg["data"]["dominant_ratio"]}
-    start_tracking(accelerator, "slide", cfg)
+    data, name = settings.data, settings.model.name
+    extra = {"title": f"{name} on region embeddings", "model": name, "train_fraction": data.train_fraction,
+             "dominant_class": data.dominant_class, "dominant_ratio": data.dominant_ratio}
+    start_tracking(accelerator, "slide", settings.to_mapping())
     try:
-        return run_folds(infos, classes, fold_settings(cfg), accelerator, test_probs, extra, config=cfg)
+        return run_folds(infos, classes, settings, accelerator, test_probs, extra)
     finally:
         stop_tracking(accelerator)
 
 
-def train_from_shards(defaults: dict, description: str | None, argv: Sequence[str] | None = None) -> dict:
-    """The body of train_wsi.py / train_fc.py: config -> slide-embedding bags -> cross-validation."""
-    cfg = recipe_config(defaults, description, argv, required=("out", "data.shards"))
-    bags, classes = read_slide_bags(cfg["data"]["shards"])
-    return cross_validate(bags, classes, cfg)
+def train_from_shards(kind: type[SlideSettings], description: str | None, argv: Sequence[str] | None = None) -> dict:
+    """The body of train_wsi.py / train_fc.py: settings -> slide-embedding bags -> cross-validation."""
+    settings = recipe_settings(kind, description, argv, required=("out", "data.shards"))
+    bags, classes = read_slide_bags(settings.data.shards)
+    return cross_validate(bags, classes, settings)

@@ -22,7 +22,6 @@ from hipt_e2e.training.checkpointing import flatten_config
 
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # train.log_with -> its module
 LogWith = Literal["none", "tensorboard", "mlflow", "wandb"]  # a train.log_with setting
-TRACKER_DEFAULTS = {"log_with": "none"}  # the same, for the training modules whose settings are untyped dicts
 
 
 def tracker_settings(log_with: str | None, out: str | Path) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from hipt_e2e.training import (
     load_encoder_weights,
     recipe_config,
 )
-from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, cross_validate
+from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, SlideSettings, cross_validate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stage recipes run as they are, not copied
 import embed_regions  # noqa: E402
@@ -92,7 +92,7 @@ def cross_validated(bags: list, classes: list[str], run: dict) -> dict:
         if all(done.get(key) == json.loads(json.dumps(run[key])) for key in decisive):
             return json.loads((out / "metrics.json").read_text())
     fresh_precision()
-    return cross_validate(bags, classes, run)
+    return cross_validate(bags, classes, SlideSettings.from_mapping({key: run[key] for key in SLIDE_DEFAULTS}))
 
 
 def dino_epochs_for(stage: dict, *overrides: str) -> tuple[int, float]:
@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
                          + (f"the same {cfg['pretrain']['minutes']:g} wall-clock minutes each (steps below)"
                             if cfg["pretrain"]["minutes"] else "the same steps each (below)") + "; "
                            f"ViT4K: {region['weights'] or 'random init, frozen, the same for both'}; "
-                           f"slide model {cfg['model']['name']}, {folds_text(cfg)}, at most {cfg['optim']['epochs']} "
-                           f"epochs, patience {cfg['patience']}.")
+                           f"slide model {cfg['model']['name']}, {folds_text(cfg['folds'], cfg['cv']['repeats'], cfg['seed'])}, "
+                           f"at most {cfg['optim']['epochs']} epochs, patience {cfg['patience']}.")
     return variants
 
 

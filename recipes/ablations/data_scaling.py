@@ -6,9 +6,10 @@ and 100 % of every fold's training slides (stratified), same folds and seeds, on
 
     accelerate launch recipes/ablations/data_scaling.py data.shards=runs/lymphoma/bags out=runs/ablations/data_scaling
 """
-import copy
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -17,14 +18,23 @@ from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.errors import run_main
 from hipt_e2e.evaluation.ablation import folds_text, paired_answer, write_ablation
 from hipt_e2e.io import atomic_open
-from hipt_e2e.training.recipe import recipe_config
-from hipt_e2e.training.slide_level import SLIDE_DEFAULTS, cross_validate
-
-DEFAULTS = {**copy.deepcopy(SLIDE_DEFAULTS), "models": ["vit_wsi", "abmil", "fc"],
-            "fractions": [0.1, 0.25, 0.5, 1.0], "fc_lr": 1e-3, "docs": "docs/ablations"}
+from hipt_e2e.models.mil import SlideModelName
+from hipt_e2e.training.recipe import recipe_settings
+from hipt_e2e.training.slide_level import SlideSettings, cross_validate
 
 
-def learning_curves(path: Path, variants: dict, models: list, fractions: list) -> Path:
+@dataclass(frozen=True)
+class DataScaling(SlideSettings):
+    """This ablation's settings: slide-level training's, the models and training shares compared (every model
+    at every share) and where the write-up goes."""
+
+    models: tuple[SlideModelName, ...] = ("vit_wsi", "abmil", "fc")
+    fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)  # shares of each fold's training slides (data.train_fraction)
+    fc_lr: float = 1e-3  # the fc's optim.lr (the others keep optim.lr)
+    docs: str = "docs/ablations"
+
+
+def learning_curves(path: Path, variants: dict, models: Sequence[str], fractions: Sequence[float]) -> Path:
     figure, axis = plt.subplots(figsize=(6, 4))
     for model in models:
         stats = [variants[f"{model} @ {f:.0%}"]["summary"]["balanced_accuracy"] for f in fractions]
@@ -42,25 +52,23 @@ def learning_curves(path: Path, variants: dict, models: list, fractions: list) -
 
 
 def main(argv=None) -> dict:
-    cfg = recipe_config(DEFAULTS, __doc__, argv, required=("out", "data.shards"))
-    bags, classes = read_slide_bags(cfg["data"]["shards"])
+    cfg = recipe_settings(DataScaling, __doc__, argv, required=("out", "data.shards"))
+    bags, classes = read_slide_bags(cfg.data.shards)
     start, variants, run_dirs = time.time(), {}, {}
-    for model in cfg["models"]:
-        for fraction in cfg["fractions"]:
-            run = copy.deepcopy(cfg)
-            run["model"]["name"] = model
-            run["data"]["train_fraction"] = fraction
-            run["optim"]["lr"] = cfg["fc_lr"] if model == "fc" else cfg["optim"]["lr"]
-            run["out"] = str(Path(cfg["out"]) / f"{model}_{int(fraction * 100)}")
+    for model in cfg.models:
+        for fraction in cfg.fractions:
+            run = cfg.with_changes(**{"model.name": model, "data.train_fraction": fraction,
+                                      "optim.lr": cfg.fc_lr if model == "fc" else cfg.optim.lr,
+                                      "out": str(Path(cfg.out) / f"{model}_{int(fraction * 100)}")})
             variants[f"{model} @ {fraction:.0%}"] = cross_validate(bags, classes, run)
-            run_dirs[f"{model} @ {fraction:.0%}"] = run["out"]
+            run_dirs[f"{model} @ {fraction:.0%}"] = run.out
     full = {name: metrics for name, metrics in variants.items() if name.endswith("@ 100%")}
-    smallest = {name: metrics for name, metrics in variants.items() if name.endswith(f"@ {min(cfg['fractions']):.0%}")}
+    smallest = {name: metrics for name, metrics in variants.items() if name.endswith(f"@ {min(cfg.fractions):.0%}")}
     answer = (f"With all training slides: {paired_answer(full)} With the smallest share: {paired_answer(smallest)} "
               "Read the learning curves for whether the slide transformer is still improving at 100 %.")
-    docs = Path(cfg["docs"])
+    docs = Path(cfg.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    plot = learning_curves(docs / "data_scaling.png", variants, cfg["models"], cfg["fractions"])
+    plot = learning_curves(docs / "data_scaling.png", variants, cfg.models, cfg.fractions)
     write_ablation(docs, "data_scaling", "Is there enough data for the slide transformer?",
                    "Can the final slide transformer be trained with the data at hand, compared with attention-MIL "
                    "and FC + majority vote, as the training set shrinks?", variants, classes, answer=answer,
@@ -70,9 +78,9 @@ def main(argv=None) -> dict:
                              "of regions it has real sequences to aggregate, where attention-MIL and the "
                              "transformer are expected to separate from FC + majority vote by more, and the "
                              "number of slides (not regions) is what these curves count.",
-                   setup=f"{len(bags)} slides from `{cfg['data']['shards']}`, {folds_text(cfg)}, "
-                         f"imbalance={cfg['imbalance']}, at most {cfg['optim']['epochs']} epochs with early stopping "
-                         f"(patience {cfg['patience']}); "
+                   setup=f"{len(bags)} slides from `{cfg.data.shards}`, {folds_text(cfg.folds, cfg.cv.repeats, cfg.seed)}, "
+                         f"imbalance={cfg.imbalance}, at most {cfg.optim.epochs} epochs with early stopping "
+                         f"(patience {cfg.patience}); "
                          "the test folds are always complete.")
     return variants
 

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
                    setup=f"{len(manifest['slides'])} slides from `{settings.data.shards}` "
                          f"({geometry.region_px} px regions of {geometry.tile_px} "
                          f"px tiles); start: {start_from}; model preset {settings.model.preset}; "
-                         f"{folds_text(settings.to_mapping())}, imbalance {settings.imbalance}; "
+                         f"{folds_text(settings.folds, settings.cv.repeats, settings.seed)}, imbalance {settings.imbalance}; "
                          + (f"every variant trains {train.epochs} epochs without early stopping, " if steps else
                             f"each variant trains until validation balanced accuracy has not improved for "
                             f"{settings.patience} epochs (at most {train.epochs}), ")
