@@ -81,10 +81,10 @@ def test_predict_refuses_shards_of_another_geometry(other_shards: Path, e2e_run:
 
 
 def test_rescore_refuses_shards_of_another_geometry(e2e_run: Path, other_shards: Path, tmp_path: Path) -> None:
-    from hipt_e2e.training.rescore import rescore
+    from hipt_e2e.training.rescore import RescoreSettings, rescore
 
     with pytest.raises(InputError, match=refusal(other_shards, e2e_run / "fold_0")):
-        rescore(e2e_run, tmp_path / "out", tta="none")
+        rescore(e2e_run, tmp_path / "out", RescoreSettings(tta="none"))
 
 
 def test_e2e_from_weights_refuses_shards_of_another_geometry(other_shards: Path, tile_export: Path,

@@ -17,7 +17,7 @@ from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.evaluation.compare import compare_runs, load_run
 from hipt_e2e.models.bundle import load_bundle
 from hipt_e2e.training.e2e import slide_probabilities
-from hipt_e2e.training.rescore import main, rescore
+from hipt_e2e.training.rescore import RescoreSettings, main, rescore
 from tests.test_e2e import load_recipe, settings
 
 
@@ -32,8 +32,8 @@ GEOMETRY = ["model.tile.embed_dim=24", "model.tile.depth=1", "model.region.in_di
 def test_rescoring_pairs_with_the_run_and_tta_matches_the_engines(shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     load_recipe().main(settings(shards, run, *GEOMETRY, "train.epochs=1"))
-    plain = rescore(run, tmp_path / "plain", tta="none")
-    turned = rescore(run, tmp_path / "tta", tta="dihedral")
+    plain = rescore(run, tmp_path / "plain", RescoreSettings(tta="none"))
+    turned = rescore(run, tmp_path / "tta", RescoreSettings(tta="dihedral"))
 
     original, again, tta = (load_run(path, name) for path, name in
                             ((run, "run"), (tmp_path / "plain", "plain"), (tmp_path / "tta", "tta")))
@@ -68,3 +68,11 @@ def test_rescoring_pairs_with_the_run_and_tta_matches_the_engines(shards: Path, 
 def test_rescoring_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'splits.csv'} not found"):
         main([str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def test_a_bad_rescore_setting_fails_at_the_start_naming_its_key(tmp_path: Path) -> None:
+    from hipt_e2e.errors import SettingError
+
+    with pytest.raises(SettingError, match="^chunk_regions: must be >= 1"):
+        main([str(tmp_path), "--out", str(tmp_path / "out"), "--chunk-regions", "0"])
+    assert not (tmp_path / "out").exists()

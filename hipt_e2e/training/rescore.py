@@ -22,13 +22,15 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 from accelerate.utils import gather_object
 
-from hipt_e2e.config import HelpFormatter, setup_logging
+from hipt_e2e.config import HelpFormatter, Settings, bound, setup_logging
+from hipt_e2e.data.augment import Tta
 from hipt_e2e.data.lineage import PIXELS, Geometry, check_geometry
 from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.errors import InputError, SettingError, UserError, run_main
@@ -36,7 +38,7 @@ from hipt_e2e.evaluation.splits import Fold, read_splits
 from hipt_e2e.inference.predict import Predictor, PredictSettings, predictor_from_cards
 from hipt_e2e.io import atomic_write_json
 from hipt_e2e.lineage import read_lineage
-from hipt_e2e.runtime import make_accelerator
+from hipt_e2e.runtime import Precision, make_accelerator
 from hipt_e2e.training.e2e import scorer_chunks
 from hipt_e2e.training.folds import fold_settings, run_folds
 
@@ -59,10 +61,21 @@ def pixel_shards(shards: str) -> str:
     return shards
 
 
-def _fold_predictor(run: Path, fold: Fold, tta: str, chunk_regions: int, trusted: bool) -> Predictor:
+@dataclass(frozen=True)
+class RescoreSettings(Settings):
+    """How the fold models infer this time (the command's flags)."""
+
+    tta: Tta = "dihedral"  # test-time augmentation: dihedral averages the 8 flips and rotations
+    shards: str | None = None  # region shards (folder or URL); null: the run's data.shards
+    chunk_regions: int = bound(16, 1)  # regions per model call
+    mixed_precision: Precision = None  # null: the run's train.mixed_precision
+    trusted: bool = False  # allow unpickling the cards' released .pth weights
+
+
+def _fold_predictor(run: Path, fold: Fold, settings: RescoreSettings) -> Predictor:
     return predictor_from_cards(PredictSettings().with_changes(**{
-        "model.card": str(run), "model.fold": fold.name, "model.trusted": trusted, "tta": tta,
-        "chunk_regions": chunk_regions}))
+        "model.card": str(run), "model.fold": fold.name, "model.trusted": settings.trusted, "tta": settings.tta,
+        "chunk_regions": settings.chunk_regions}))
 
 
 def _check_fit(predictor: Predictor, regions: ShardRegions, geometry: Geometry, where: str) -> None:
@@ -74,19 +87,19 @@ def _check_fit(predictor: Predictor, regions: ShardRegions, geometry: Geometry, 
     check_geometry(geometry, regions.manifest["root"], Geometry.of_regions(predictor.geometry), where)
 
 
-def rescore(run: str | Path, out: str | Path, tta: str = "dihedral", shards: str | None = None,
-            chunk_regions: int = 16, mixed_precision: str | None = None, trusted: bool = False) -> dict:
-    """Score every test fold of `run` with its fold model (settings above); returns OUT's metrics, with
-    "rescore": the per-fold cost. mixed_precision None: an e2e run's train.mixed_precision (as it evaluated),
-    else no (fp32, as the staged recipes embed by default)."""
-    run, out = Path(run), Path(out)
+def rescore(run: str | Path, out: str | Path, settings: RescoreSettings | None = None) -> dict:
+    """Score every test fold of `run` with its fold model (settings above; None: the defaults); returns OUT's
+    metrics, with "rescore": the per-fold cost. mixed_precision None: an e2e run's train.mixed_precision (as
+    it evaluated), else no (fp32, as the staged recipes embed by default)."""
+    run, out, settings = Path(run), Path(out), settings or RescoreSettings()
+    tta, chunk_regions = settings.tta, settings.chunk_regions
     source = _source_config(run)
-    shards = shards or (source.get("data") or {}).get("shards")
+    shards = settings.shards or (source.get("data") or {}).get("shards")
     if not shards:
         raise SettingError(f"{run}: its config names no data.shards; give shards=, the region shards it was trained on")
     shards = pixel_shards(shards)
     min_tile_tissue = (source.get("data") or {}).get("min_tile_tissue") or 0.0
-    precision = mixed_precision or (source.get("train") or {}).get("mixed_precision") or "no"
+    precision = settings.mixed_precision or (source.get("train") or {}).get("mixed_precision") or "no"
     accelerator = make_accelerator(precision)
     regions = ShardRegions(shards, regions_per_slide=None, seed=0)
     classes = list(regions.manifest["classes"])
@@ -95,7 +108,7 @@ def rescore(run: str | Path, out: str | Path, tta: str = "dihedral", shards: str
     cost: dict[str, dict] = {}
 
     def test_probs(fold: Fold, fold_dir: Path) -> np.ndarray:
-        predictor = _fold_predictor(run, fold, tta, chunk_regions, trusted).to(accelerator)
+        predictor = _fold_predictor(run, fold, settings).to(accelerator)
         _check_fit(predictor, regions, geometry, str(run / fold.name))
         start, probs, n_regions = time.perf_counter(), {}, 0
         for slide in fold.test[accelerator.process_index::accelerator.num_processes]:
@@ -136,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--trusted", action="store_true", help="allow unpickling the cards' released .pth weights")
     args = parser.parse_args(argv)
     setup_logging()
-    metrics = rescore(args.run, args.out, args.tta, args.shards, args.chunk_regions, args.mixed_precision, args.trusted)
+    settings = RescoreSettings.from_mapping({"tta": args.tta, "shards": args.shards, "chunk_regions": args.chunk_regions,
+                                             "mixed_precision": args.mixed_precision, "trusted": args.trusted})
+    metrics = rescore(args.run, args.out, settings)
     summary, total = metrics["summary"]["balanced_accuracy"], metrics["rescore"]["total"]
     print(f"balanced accuracy {summary['mean']:.3f} +- {summary['sd']:.3f} (tta={args.tta}), "
           f"{total['tiles_per_s']:.1f} tiles/s -> {args.out / 'report.md'}")
