@@ -32,6 +32,7 @@ from hipt_e2e.data.lineage import (
 )
 from hipt_e2e.data.manifest import GRIDS_KIND, load_manifest
 from hipt_e2e.errors import UserError
+from hipt_e2e.io import sha256_file
 from hipt_e2e.models.bundle import (
     card_beside,
     read_card,
@@ -41,7 +42,7 @@ from hipt_e2e.models.bundle import (
     tile_width,
 )
 from hipt_e2e.models.encoders import RegionModel, TileModel
-from hipt_e2e.models.foundation import sha256, weights_file
+from hipt_e2e.models.foundation import weights_file
 
 
 def read_lineage(manifest: str | Path | Mapping) -> Lineage:
@@ -100,7 +101,7 @@ def _authors_sha256(arch: Mapping[str, Any], weights: str | None) -> str | None:
     if "entry" not in arch or not weights:
         return None
     try:
-        return sha256(weights_file(weights))
+        return sha256_file(weights_file(weights))
     except FileNotFoundError:
         return None
 

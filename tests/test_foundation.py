@@ -17,8 +17,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from hipt_e2e.embedding import token_grids
+from hipt_e2e.io import sha256_file as sha256
 from hipt_e2e.models import CheckpointError
-from hipt_e2e.models.foundation import ENCODERS, EncoderEntry, PretrainedTileEncoder, _resolved_layers, sha256
+from hipt_e2e.models.foundation import ENCODERS, EncoderEntry, PretrainedTileEncoder, _resolved_layers
 from hipt_e2e.normalise import NORMALISATIONS
 from hipt_e2e.training import TileModel, TileModelWithWeights, build_tile_encoder, load_encoder_weights
 from tests.conftest import LYMPHOMA, lymphoma_images, read_rgb

@@ -17,11 +17,9 @@ normalisation and the result is the model card's "resize, then normalise".
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hipt_e2e.errors import SettingError
+from hipt_e2e.io import sha256_file
 
 from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
 from .lora import LORA_KEYS, LoRALinear, add_lora
@@ -164,14 +163,6 @@ def weights_file(path: str | Path) -> Path:
     return path
 
 
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(partial(handle.read, 1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _resolved_layers(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Entries name layers by string (JSON in model cards); timm wants the classes."""
     out = dict(kwargs)
@@ -252,7 +243,7 @@ class PretrainedTileEncoder(nn.Module):
             load_checkpoint(self.model, state, strict=True)
         except CheckpointError as error:
             raise CheckpointError(f"{file} does not fit tile encoder {self.name} ({self.entry.arch}): {error}") from None
-        self.weights = {"path": str(file.resolve()), "sha256": sha256(file)}
+        self.weights = {"path": str(file.resolve()), "sha256": sha256_file(file)}
         log.info("tile encoder %s: weights %s (sha256 %s)", self.name, file, self.weights["sha256"][:12])
         return self.weights
 
