@@ -17,12 +17,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# TEST_WORKERS pytest-xdist processes, each test file on one (its module fixtures built once), each worker
-# and what it starts on cores/TEST_WORKERS threads (tests/conftest.py); TEST_WORKERS=0: one process
+# TEST_WORKERS pytest-xdist processes sharing the tests (worksteal: an idle worker takes queued tests from the
+# other, so neither finishes long before the other), each worker and what it starts on cores/TEST_WORKERS threads
+# (tests/conftest.py); TEST_WORKERS=0: one process
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PYTHON) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	$(PYTHON) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist worksteal
 
 # The tests that compare floats across processes, run again on torch's scalar kernels (no SIMD): other
 # reduction orders than this CPU's AVX-512 ones, as another CPU would give (docs/portability.md).
