@@ -3,7 +3,6 @@ converted from the manifests of earlier versions, and the geometry refusal: a mo
 geometry than it was trained on refuses them, naming both (hipt-predict, rescore, e2e from weights, embedding)."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import re
@@ -22,7 +21,7 @@ from hipt_e2e.evaluation.splits import Fold, write_splits
 from hipt_e2e.lineage import read_lineage
 from hipt_e2e.models import model_preset, vit256
 from hipt_e2e.models.bundle import hipt_from, tile_architecture, write_card
-from hipt_e2e.training import TILE_MODEL_DEFAULTS, TileModel, export_safetensors
+from hipt_e2e.training import TileModel, export_safetensors
 from hipt_e2e.training.e2e import E2EModel, architecture
 from tests.test_dino_recipes import run_recipe
 
@@ -137,7 +136,7 @@ def test_old_manifests_are_read_and_converted(shards: Path, tmp_path: Path) -> N
     old_pixels = {key: value for key, value in load_manifest(shards).items() if key != "lineage"}
     assert read_lineage(old_pixels) == read_lineage(shards)
 
-    model = {**copy.deepcopy(TILE_MODEL_DEFAULTS), "preset": "tiny", "weights": None, "trusted": False}
+    model = {**TileModel().to_mapping(), "preset": "tiny", "weights": None, "trusted": False}
     old_grids = {"kind": GRIDS_KIND, "root": str(tmp_path), "build_args": {
         "data": {"shards": str(shards)}, "model": model, "embed": {"normalisation": "hipt"}, "out": str(tmp_path)}}
     grids = read_lineage(old_grids)

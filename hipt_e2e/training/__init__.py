@@ -2,8 +2,6 @@
 training, the cross-validation fold loop and what runs it (rescoring, the colour baseline), checkpoints and exports."""
 from hipt_e2e.models.encoders import (
     BACKBONE_EXPORT,
-    REGION_MODEL_DEFAULTS,
-    TILE_MODEL_DEFAULTS,
     RegionModel,
     RegionModelWithWeights,
     TileModel,
@@ -23,13 +21,13 @@ from hipt_e2e.training.checkpointing import (
 )
 from hipt_e2e.training.data import EpochBatches, derived_seed
 from hipt_e2e.training.dino import DINOSettings, DINOTrainer, RegionPretraining, TilePretraining, make_crops, train_dino
-from hipt_e2e.training.recipe import recipe_config, recipe_settings
+from hipt_e2e.training.recipe import recipe_settings
 
 __all__ = [
     "BACKBONE_EXPORT", "CHECKPOINT", "DINOSettings", "DINOTrainer", "EpochBatches", "NonFiniteLossError",
-    "REGION_MODEL_DEFAULTS", "TILE_MODEL_DEFAULTS", "TRAIN_LOG", "RegionModel", "RegionModelWithWeights",
+    "TRAIN_LOG", "RegionModel", "RegionModelWithWeights",
     "RegionPretraining", "TileModel", "TileModelWithWeights", "TilePretraining",
     "build_region_encoder", "build_tile_encoder", "derived_seed", "export_safetensors",
-    "load_checkpoint_state", "load_encoder_weights", "make_crops", "recipe_config", "recipe_settings",
+    "load_checkpoint_state", "load_encoder_weights", "make_crops", "recipe_settings",
     "save_checkpoint", "train_dino", "with_grid_width",
 ]

@@ -7,8 +7,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hipt_e2e.config import HelpFormatter, S, add_config_arguments, resolve_config, resolve_settings, setup_logging
-from hipt_e2e.data.storage import StorageSettings, configure, with_storage_settings
+from hipt_e2e.config import HelpFormatter, S, add_config_arguments, resolve_settings, setup_logging
+from hipt_e2e.data.storage import StorageSettings, configure
 
 
 def _lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
@@ -47,15 +47,3 @@ def recipe_settings(kind: type[S], description: str | None, argv: Sequence[str] 
         configure(data.retry_budget_s, data.storage_options)
     return settings
 
-
-def recipe_config(defaults: Mapping[str, Any], description: str | None, argv: Sequence[str] | None = None,
-                  required: Sequence[str] = ("out",)) -> dict[str, Any]:
-    """recipe_settings for a recipe whose settings are still an untyped dict of ``defaults``: a recipe with a
-    data section reads shard sets and gets the storage settings (data.retry_budget_s, data.storage_options)."""
-    parser, args = _parse(description, argv)
-    reads_shards = "data" in defaults
-    cfg = resolve_config(with_storage_settings(defaults) if reads_shards else defaults, args.config, args.overrides)
-    _require(parser, cfg, required)
-    if reads_shards:
-        configure(cfg["data"]["retry_budget_s"], cfg["data"]["storage_options"])
-    return cfg

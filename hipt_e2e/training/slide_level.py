@@ -1,11 +1,6 @@
-"""Slide-level training with cross-validation: the last stage of the staged path.
-
-Bags of region embeddings -> `vit_wsi` (HIPT's slide transformer) or attention-MIL, one slide per step;
-or an FC on single region embeddings (each labelled with its slide's label) whose slide prediction is
-a vote over the slide's regions. Every variant shares the splits (patient-grouped, stratified), the
-class-imbalance setting, model selection on validation balanced accuracy with early stopping, and the
-report (`hipt_e2e.evaluation`). Processes split each epoch's units (slides, or batches of regions);
-evaluation runs on the small in-memory bags, identically on every process.
+"""Slide-level training with cross-validation, the staged path's last stage: bags of region embeddings ->
+`vit_wsi` or attention-MIL (a slide per step), or an FC on single regions whose slide prediction is a vote.
+Processes split each epoch's units; evaluation runs on the small in-memory bags on every process.
 """
 from __future__ import annotations
 
@@ -97,10 +92,6 @@ class FCSettings(SlideSettings):
     optim: SlideOptim = field(default_factory=lambda: SlideOptim(lr=1e-3))
 
 
-# the same, for recipes/ablations/cnn_vs_vit.py, whose settings are still an untyped dict
-SLIDE_DEFAULTS: dict[str, Any] = SlideSettings().to_mapping()
-
-
 def build_slide_model(model: SlideModel, n_classes: int, dim: int) -> nn.Module:
     return slide_model_from(model.architecture(dim), n_classes)
 
@@ -130,11 +121,9 @@ def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
 
 
 class WeightedCrossEntropy(nn.Module):
-    """Cross-entropy with each sample's loss scaled by its class weight (N / (K * N_class)), then averaged.
-
-    Not torch's `CrossEntropyLoss(weight=...)`, whose mean divides by the batch's summed weights: with
-    one slide per step that normalisation cancels the weight exactly and the setting does nothing.
-    """
+    """Cross-entropy with each sample's loss scaled by its class weight, then averaged. Not torch's
+    `CrossEntropyLoss(weight=...)`, whose mean divides by the summed weights: with one slide per step that
+    cancels the weight exactly."""
 
     def __init__(self, weights: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -198,13 +187,9 @@ class TrainingUnits:
 
 def accumulation_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
                       group: Sequence[T], loss_of: Callable[[int, T], torch.Tensor], clip_grad: float = 0.0) -> float:
-    """One optimizer step on the averaged gradient of a group of micro-batches; returns their summed loss.
-
-    loss_of(n, item) is the loss of the group's n-th item. Gradients are synchronised across processes
-    only after the last micro-batch (no_sync before), and each loss is divided by the group size, so
-    k processes x a micro-batches per step equal 1 process x k*a micro-batches. clip_grad > 0 clips the
-    global gradient norm before the step.
-    """
+    """One optimizer step on the averaged gradient of a group of micro-batches (loss_of(n, item): the n-th's
+    loss); returns their summed loss. Gradients sync after the last micro-batch only, and each loss is divided
+    by the group size, so k processes x a micro-batches equal 1 process x k*a. clip_grad > 0: global norm."""
     total = 0.0
     for n, item in enumerate(group):
         sync = n == len(group) - 1
