@@ -1,12 +1,6 @@
-"""Errors a user can fix, as opposed to bugs, and the one wrapper that prints them.
-
-A `UserError` is bad input, a missing file or extra, refused settings, too few slides for the folds, a
-server that stayed down past the retry budget: every console command and recipe runs its `main` through
-`run_main`, which prints it (or a FILE_ERRORS one: a missing file, an output in the way) as one line
-`error: ...` on stderr and exits 2. Anything else is a bug and keeps its traceback; `--debug` on the
-command line or HIPT_DEBUG=1 shows the traceback of user errors too. The subclasses below keep the
-builtin base their raisers had (ValueError, KeyError, ImportError, OSError), so callers catching those
-still do.
+"""Errors a user can fix, as opposed to bugs, and `run_main`, which prints them as one line `error: ...` and
+exits 2 (bugs keep their traceback; `--debug` or HIPT_DEBUG=1 shows it for user errors too). The subclasses
+keep the builtin base their raisers had (ValueError, OSError, ...), so callers catching those still do.
 """
 from __future__ import annotations
 
@@ -31,8 +25,7 @@ class InputError(UserError, ValueError):
     """An input (slide, image, tensor file, shard set) that cannot be used, with the file and the reason."""
 
     def __init__(self, path: object, reason: str | None = None):
-        # one argument: the whole message, as pickling and torch's re-raise of a DataLoader worker's error
-        # rebuild an exception from its args
+        # one argument, the whole message: pickling and DataLoader workers rebuild an exception from its args
         super().__init__(str(path) if reason is None else f"{path}: {reason}")
         self.path, self.reason = str(path), reason
 
@@ -60,8 +53,7 @@ class StorageError(UserError, OSError):
 
 
 def take_debug_flag() -> bool:
-    """True under HIPT_DEBUG=1 or with `--debug` among the arguments, which it removes (the commands'
-    parsers do not know it) and passes on as HIPT_DEBUG=1 to the processes this one starts."""
+    """True under HIPT_DEBUG=1 or `--debug`, which it takes from the arguments and passes on as HIPT_DEBUG=1."""
     if "--debug" in sys.argv[1:]:
         sys.argv[1:] = [arg for arg in sys.argv[1:] if arg != "--debug"]
         os.environ["HIPT_DEBUG"] = "1"
@@ -69,9 +61,8 @@ def take_debug_flag() -> bool:
 
 
 def error_message(error: BaseException) -> str:
-    """An OSError from open() as `path: reason`, any other error as its message. An error raised in a
-    DataLoader worker arrives as `Caught X in DataLoader worker process N.` + the worker's traceback
-    (torch's ExceptionWrapper): its message is what follows the last `X: ` line of that traceback."""
+    """An OSError from open() as `path: reason`, any other error as its message; one re-raised from a DataLoader
+    worker (`Caught X in DataLoader worker process N.` + traceback) as what follows its last `X: ` line."""
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         return f"{error.filename}: {error.strerror}"
     text = str(error)
@@ -84,11 +75,9 @@ def error_message(error: BaseException) -> str:
 
 
 def report(error: BaseException) -> None:
-    """The error line on stderr, once per run. Under `accelerate launch` every rank usually meets the same
-    user error (all read the same settings, inputs and splits): rank 0 says it, and the launcher ends the
-    other ranks when it exits. A rank that is still alive after RANK_GRACE_S met an error of its own (say
-    its shard's server stayed down) and says it, naming itself. Other ranks must not exit at once: the
-    launcher would end rank 0 before it had printed."""
+    """The error line on stderr, once per run: under `accelerate launch` rank 0 says it and the launcher ends the
+    others; a rank still alive after RANK_GRACE_S met an error of its own and says it, naming itself (exiting at
+    once would let the launcher end rank 0 before it printed)."""
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         time.sleep(RANK_GRACE_S)
@@ -96,8 +85,7 @@ def report(error: BaseException) -> None:
 
 
 def run_main(main: Callable[[], Any]) -> int:
-    """Run an entry point's `main()` and return its exit code (0 for None, an int as it is, or 2 for a
-    user error, printed as one line on stderr, see `report`). Bugs propagate with their traceback."""
+    """Run an entry point's `main()`: its exit code (0 for None), or 2 for a user error printed by `report`."""
     debug = take_debug_flag()
     try:
         result = main()

@@ -12,10 +12,7 @@ from typing import IO, Any, BinaryIO
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """Write to `path.tmp` and rename over `path` only when the block finishes without error.
-
-    A crash or exception leaves no partial file under the final name (the temporary one is removed).
-    """
+    """Write to `path.tmp` and rename over `path` only when the block finishes: no partial file is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

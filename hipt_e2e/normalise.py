@@ -1,9 +1,5 @@
-"""Pixel normalisation: the one place uint8 pixels become model inputs.
-
-The released HIPT weights expect x/255 normalised with mean 0.5 and std 0.5 per channel; the tile-level
-DINO pretraining of the original method used ImageNet statistics; pretrained encoders carry their own
-(H-optimus, Lunit). Which one a run uses is a recorded config setting (`normalisation: hipt | imagenet`,
-or the registry entry's for a pretrained encoder), never an implicit default buried in a model.
+"""Pixel normalisation, the one place uint8 pixels become model inputs: a recorded setting (the released HIPT
+weights: mean 0.5, std 0.5; the original DINO pretraining: ImageNet's; pretrained encoders: their own).
 """
 from __future__ import annotations
 
@@ -26,7 +22,5 @@ def normalise(pixels: torch.Tensor, name: str = "hipt", dtype: torch.dtype = tor
         raise SettingError(f"unknown normalisation {name!r}; choose one of {sorted(NORMALISATIONS)}")
     if pixels.shape[-3] != 3:
         raise ValueError(f"expected 3 channels at dim -3, got shape {tuple(pixels.shape)}")
-    mean, std = NORMALISATIONS[name]
-    mean_t = torch.tensor(mean, dtype=dtype, device=pixels.device).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=dtype, device=pixels.device).view(3, 1, 1)
-    return (pixels.to(dtype) / 255.0 - mean_t) / std_t
+    mean, std = (torch.tensor(v, dtype=dtype, device=pixels.device).view(3, 1, 1) for v in NORMALISATIONS[name])
+    return (pixels.to(dtype) / 255.0 - mean) / std

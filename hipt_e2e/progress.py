@@ -1,7 +1,4 @@
-"""Progress that suits where it is written: tqdm's bar on a terminal; otherwise (a log file, a batch
-job) one log line at the start, every `LOG_EVERY_S` seconds and at the end, with the count, elapsed
-time, time left and rate, instead of the bar's carriage-return redraws (megabytes of them over a run).
-"""
+"""Progress: tqdm's bar on a terminal, else a log line every `LOG_EVERY_S` seconds (not megabytes of redraws)."""
 from __future__ import annotations
 
 import logging

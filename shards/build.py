@@ -1,10 +1,7 @@
 """`hipt-shards build`: inputs -> WebDataset shards + manifest.json, atomic, resumable, partitionable.
 
-Flow: discover items (numbered in a seeded shuffled order) -> take this part's items -> for each item
-produce events ("sample" or "skip") in order -> a single writer packs samples into `shard-%06d.tar`
-files of at most `shard_bytes` (hipt_e2e.data.writer.SizedShards): each is written under a temporary name and
-renamed when complete, then recorded with its hash, its slides, the skips before it and the position to resume
-from. A re-run continues after the last recorded shard; the manifest is written last.
+Each item of this part yields "sample" and "skip" events in order; one SizedShards writer packs the samples
+into shards and records each closed one with the position to resume from (hipt_e2e.data.writer).
 """
 from __future__ import annotations
 
@@ -13,9 +10,11 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
@@ -104,36 +103,33 @@ def build_args(settings: Mapping[str, Any]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- items
-def _record(item: Item, index: int, classes: list[str], **fields: Any) -> dict:
-    return {"slide_id": fields.pop("slide_id", item.slide_id), "patient_id": item.patient_id or item.slide_id,
-            "label": item.label, "label_index": classes.index(item.label) if item.label is not None else None,
-            "split": item.split, "region_index": index, **fields}
-
-
 def _sample(item: Item, index: int, rgb: np.ndarray, tissue: np.ndarray, settings: BuildSettings, classes: list[str],
-            **fields: Any) -> dict:
+            slide_id: str | None, **fields: Any) -> dict:
     ext, data = encode_pixels(rgb, settings.encoding, settings.quality)
-    record = _record(item, index, classes, height=int(rgb.shape[0]), width=int(rgb.shape[1]),
-                     tile_px=settings.tile_px, grid=list(tissue.shape),
-                     tissue=[round(float(v), 4) for v in tissue.ravel()], **fields)
+    record = {"slide_id": slide_id, "patient_id": item.patient_id or item.slide_id, "label": item.label,
+              "label_index": classes.index(item.label) if item.label is not None else None, "split": item.split,
+              "region_index": index, "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
+              "tile_px": settings.tile_px, "grid": list(tissue.shape),
+              "tissue": [round(float(v), 4) for v in tissue.ravel()], **fields}
     return {"__key__": sample_key(item.ordinal, index), ext: data, "json": json.dumps(record).encode()}
+
+
+def _skip(index: int, path: object, reason: str) -> tuple:
+    return "skip", index, {"path": str(path), "reason": reason, "inputs": 1}
 
 
 def _pt_events(item: Item, settings: BuildSettings, classes: list[str], start: int) -> Iterator[tuple]:
     threshold = settings.tissue_threshold if settings.tissue_threshold is not None else TISSUE_FLOOR
-    for index, path in enumerate(item.files):
-        if index < start:
-            continue
+    for index, path in enumerate(item.files[start:], start):
         try:
             rgb = load_pt_pixels(path)
             tissue = tile_tissue_fractions(rgb, settings.tile_px, threshold)
         except (InputError, ValueError) as exc:
-            reason = exc.reason if isinstance(exc, InputError) else str(exc)
-            yield "skip", index, {"path": str(path), "reason": reason, "inputs": 1}
+            yield _skip(index, path, exc.reason if isinstance(exc, InputError) else str(exc))
             continue
         x, y = coords_from_name(path)
         slide_id = item.slide_id if item.slide_id is not None else path.stem
-        yield "sample", index, _sample(item, index, rgb, tissue, settings, classes, slide_id=slide_id, x=x, y=y,
+        yield "sample", index, _sample(item, index, rgb, tissue, settings, classes, slide_id, x=x, y=y,
                                        size=int(rgb.shape[1]), mpp=settings.mpp, slide_mpp=settings.slide_mpp,
                                        source=str(path))
 
@@ -144,7 +140,7 @@ def _slide_events(item: Item, settings: BuildSettings, classes: list[str], start
         reader = (ImageReader(item.path, settings.slide_mpp) if settings.kind == "images"
                   else OpenSlideReader(item.path, settings.slide_mpp))
     except InputError as exc:
-        yield "skip", 0, {"path": exc.path, "reason": exc.reason, "inputs": 1}
+        yield _skip(0, exc.path, exc.reason)
         return
     count = 0
     try:
@@ -153,29 +149,25 @@ def _slide_events(item: Item, settings: BuildSettings, classes: list[str], start
                                    start=start, allow_upsample=settings.allow_upsample):
             count += 1
             yield "sample", region.index, _sample(
-                item, region.index, region.rgb, region.tissue, settings, classes, x=region.x, y=region.y,
-                size=region.size, mpp=settings.mpp, slide_mpp=reader.mpp, tissue_threshold=region.threshold,
-                source=str(item.path))
+                item, region.index, region.rgb, region.tissue, settings, classes, item.slide_id, x=region.x,
+                y=region.y, size=region.size, mpp=settings.mpp, slide_mpp=reader.mpp,
+                tissue_threshold=region.threshold, source=str(item.path))
     except InputError as exc:
-        yield "skip", start + count, {"path": exc.path, "reason": exc.reason, "inputs": 1}
+        yield _skip(start + count, exc.path, exc.reason)
         return
     except Exception as exc:  # a corrupt tile deep inside a slide file
-        yield "skip", start + count, {"path": str(item.path), "inputs": 1,
-                                      "reason": f"read failed after {start + count} regions "
-                                                f"({type(exc).__name__}: {exc})"}
+        yield _skip(start + count, item.path,
+                    f"read failed after {start + count} regions ({type(exc).__name__}: {exc})")
         return
     finally:
         reader.close()
     if start == 0 and count == 0:
-        yield "skip", 0, {"path": str(item.path), "inputs": 1,
-                          "reason": f"no region with tissue fraction >= {settings.min_tissue}"}
+        yield _skip(0, item.path, f"no region with tissue fraction >= {settings.min_tissue}")
 
 
 def item_events(item: Item, settings: BuildSettings, classes: list[str], start: int = 0) -> Iterator[tuple]:
     """("sample", index, sample) and ("skip", index, record) events of one item, in order."""
-    if settings.kind == "pt":
-        return _pt_events(item, settings, classes, start)
-    return _slide_events(item, settings, classes, start)
+    return (_pt_events if settings.kind == "pt" else _slide_events)(item, settings, classes, start)
 
 
 def _spool_item(item: Item, settings: BuildSettings, classes: list[str], start: int, spool: str) -> list[tuple]:
@@ -201,24 +193,18 @@ def _replay(events: list[tuple], spool: str) -> Iterator[tuple]:
 
 def _events_parallel(items: list[tuple[Item, int]], settings: BuildSettings, classes: list[str], spool_dir: Path
                      ) -> Iterator[tuple[Item, Iterator[tuple]]]:
-    """Items built by `workers` processes, yielded in input order; a bounded window caps disk use."""
-    window = 2 * settings.workers
+    """Items built by `workers` processes, yielded in input order; a window of 2 x workers items caps disk use."""
     with ProcessPoolExecutor(settings.workers, mp_context=get_context("spawn")) as pool:
-        pending: list[tuple[Item, str, Future]] = []
-        todo = iter(items)
-        for item, start in todo:
+        def submit(item: Item, start: int) -> tuple[Item, str, Future]:
             spool = str(spool_dir / f"item-{item.ordinal:07d}.tar")
-            pending.append((item, spool, pool.submit(_spool_item, item, settings, classes, start, spool)))
-            if len(pending) >= window:
-                break
+            return item, spool, pool.submit(_spool_item, item, settings, classes, start, spool)
+
+        todo = iter(items)
+        pending = deque(submit(*entry) for entry in islice(todo, 2 * settings.workers))
         while pending:
-            item, spool, future = pending.pop(0)
+            item, spool, future = pending.popleft()
             yield item, _replay(future.result(), spool)
-            for next_item, start in todo:
-                next_spool = str(spool_dir / f"item-{next_item.ordinal:07d}.tar")
-                pending.append((next_item, next_spool,
-                                pool.submit(_spool_item, next_item, settings, classes, start, next_spool)))
-                break
+            pending.extend(submit(*entry) for entry in islice(todo, 1))
 
 
 # --------------------------------------------------------------------------------------------- build

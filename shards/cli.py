@@ -17,8 +17,6 @@ from shards.inspect_bench import bench, count_tables, mosaic
 from shards.merge import merge
 from shards.verify import verify
 
-log = logging.getLogger("hipt-shards")
-
 # flag -> (config key, type, help); flags override the config file, `key=value` overrides override both.
 # Their help states the default in words where BuildSettings' is None.
 BUILD_FLAGS = {

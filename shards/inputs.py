@@ -1,13 +1,9 @@
 """Finding the inputs of a build and their labels.
 
-An input *item* is one unit of work: a slide (whole-slide file or DICOM series, image, or folder of
-region `.pt` files) or, for a flat folder of `.pt` tiles, a fixed-size group of tile files. Slides and
-their ids are found by `hipt_e2e.data.discovery.find_slides`, as `hipt-predict` finds them. Items are sorted by
-slide id and then put in a seeded random order (`shuffle_seed`; None keeps the sorted order), so their
-ordinals (and the sample keys derived from them) are the same on every machine, which is what makes
-`--part i/n` and resuming deterministic. The shuffle matters for training: slide ids and folders
-usually follow the class, and shards written in that order would each hold one class, so a stream's
-batches (drawn from a few shards at a time) would be one class for long stretches.
+An item is one unit of work: a slide (file, DICOM series, or folder of region `.pt` files) or a group of
+`.pt` tiles of a flat folder. Items are sorted by slide id, then put in a seeded order, so their ordinals
+(and sample keys) are the same on every machine for `--part i/n` and resuming. The shuffle matters: ids
+follow the class, and shards in that order would each hold one class, as would a stream's batches.
 """
 from __future__ import annotations
 
@@ -37,8 +33,7 @@ class Item:
     files: tuple[Path, ...] = ()  # the .pt files of a pt item
 
     @property
-    def n_inputs(self) -> int:
-        """Inputs this item accounts for: its files for `pt`, else the one slide."""
+    def n_inputs(self) -> int:  # its files for `pt`, else the one slide
         return len(self.files) if self.files else 1
 
 
@@ -88,8 +83,7 @@ def _find_pt(root: Path) -> tuple[list[Path], bool]:
 def discover(kind: str, root: str | Path, *, labels_csv: str | Path | None = None,
              labels_from_folders: bool = False, tiles_per_item: int = 1024,
              shuffle_seed: int | None = 0) -> list[Item]:
-    """All items of a build, numbered in their (seeded, shuffled) build order; label problems raise one
-    LabelsError listing all."""
+    """All items of a build, numbered in their build order; label problems raise one LabelsError listing all."""
     if kind not in KINDS:
         raise SettingError(f"unknown kind {kind!r}; choose one of {KINDS}")
     root = Path(root)
@@ -128,7 +122,7 @@ def discover(kind: str, root: str | Path, *, labels_csv: str | Path | None = Non
 
 
 def _build_order(names: list, seed: int | None) -> list:
-    """``names`` (sorted) in a random order fixed by ``seed``; None keeps them sorted."""
+    """`names` (sorted) in a random order fixed by `seed`; None keeps them sorted."""
     if seed is None:
         return names
     shuffled = list(names)

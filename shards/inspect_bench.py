@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import time
 from pathlib import Path
@@ -14,8 +13,6 @@ from torch.utils.data import DataLoader
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.data.streams import RegionStream, TileStream
 from hipt_e2e.errors import UserError
-
-log = logging.getLogger(__name__)
 
 
 def count_tables(root: str | Path) -> str:

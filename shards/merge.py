@@ -5,8 +5,8 @@ import json
 import re
 from pathlib import Path
 
-from hipt_e2e.data.index import ShardIndex, open_index
-from hipt_e2e.data.manifest import class_counts, load_manifest
+from hipt_e2e.data.index import open_index, write_index
+from hipt_e2e.data.manifest import class_counts
 from hipt_e2e.io import atomic_write_json
 from shards.build import BuildError, build_args
 
@@ -31,6 +31,7 @@ def merge(out: str | Path) -> dict:
             raise BuildError(f"{part}: built with other settings than {parts[0]}")
     merged = {key: first[key] for key in ("format", "version", "kind", "build_args", "lineage", "classes") if key in first}
     merged.update(inputs=0, written=0, n_skipped=0, samples=0, slides={}, shards=[], skipped=[])
+    rows = {}  # each part's index rows, by the names the merged manifest gives its shards
     for part, manifest in zip(parts, manifests):
         for key in ("inputs", "written", "n_skipped", "samples"):
             merged[key] += manifest[key]
@@ -38,7 +39,9 @@ def merge(out: str | Path) -> dict:
             merged["slides"][slide_id] = {**entry, "shards": [f"{part.name}/{s}" for s in entry["shards"]]}
         merged["shards"] += [{**shard, "name": f"{part.name}/{shard['name']}"} for shard in manifest["shards"]]
         merged["skipped"] += manifest["skipped"]
+        index = open_index({**manifest, "root": str(part)})
+        rows.update({f"{part.name}/{shard['name']}": index.rows(n) for n, shard in enumerate(manifest["shards"])})
     merged["class_counts"] = class_counts(merged["slides"])
-    ShardIndex.concatenate([open_index(load_manifest(part)) for part in parts]).write(out)
+    write_index(out, merged["shards"], rows)
     atomic_write_json(out / "manifest.json", merged)
     return merged

@@ -1,6 +1,5 @@
-"""`hipt-shards verify`: re-hash every shard, decode every sample, check every count and the index. Pixel and
-token-grid shards are checked region by region; slide-embedding shards (one bag of regions per slide) bag by
-bag. The shard set may be a folder or a URL."""
+"""`hipt-shards verify`: re-hash every shard of a folder or URL, decode every sample (region or slide bag),
+check every count and the index."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +11,7 @@ from hipt_e2e.data.embeddings import decode_bag
 from hipt_e2e.data.index import INDEX, ShardIndex, index_file
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.data.samples import decode_sample
-from hipt_e2e.data.storage import child, exists, local_path, open_stream, read_bytes, tar_samples
+from hipt_e2e.data.storage import child, local_path, open_stream, read_bytes, tar_samples
 from hipt_e2e.io import sha256_stream
 from hipt_e2e.progress import progress
 
@@ -21,39 +20,35 @@ log = logging.getLogger(__name__)
 REQUIRED_FIELDS = ("slide_id", "label", "region_index", "x", "y", "size", "mpp", "grid", "tissue")
 
 
-def _check_region(name: str, sample: dict) -> tuple[str | None, int, str | None]:
-    """(slide_id, regions held, problem) of one raw pixel or token-grid sample."""
+def _check_sample(name: str, sample: dict, bags: bool) -> tuple[str | None, int, str | None]:
+    """(slide_id, regions held, problem) of one raw sample: a region (pixels or token grid) or a slide's bag."""
+    where = f"{name}: sample {sample.get('__key__')}"
     try:
+        if bags:
+            bag = decode_bag(sample)
+            return bag.slide_id, bag.features.shape[0], None
         rgb, record = decode_sample(sample)
     except Exception as exc:
-        return None, 0, f"{name}: sample {sample.get('__key__')}: cannot decode ({type(exc).__name__}: {exc})"
+        return None, 0, f"{where}: cannot decode ({type(exc).__name__}: {exc})"
     missing = [field for field in REQUIRED_FIELDS if field not in record]
     if missing:
-        return record.get("slide_id"), 0, f"{name}: sample {sample['__key__']}: record lacks {missing}"
+        return record.get("slide_id"), 0, f"{where}: record lacks {missing}"
     rows, cols = record["grid"]
     if tuple(rgb.shape[1:]) != (record["height"], record["width"]) or len(record["tissue"]) != rows * cols:
-        return record["slide_id"], 0, (f"{name}: sample {sample['__key__']}: pixels {rgb.shape} do not match the "
-                                       f"record ({record['height']}x{record['width']}, grid {rows}x{cols})")
+        return record["slide_id"], 0, (f"{where}: pixels {rgb.shape} do not match the record "
+                                       f"({record['height']}x{record['width']}, grid {rows}x{cols})")
     return record["slide_id"], 1, None
 
 
-def _check_bag(name: str, sample: dict) -> tuple[str | None, int, str | None]:
-    """(slide_id, regions held, problem) of one raw slide-embedding sample."""
-    try:
-        bag = decode_bag(sample)
-    except Exception as exc:
-        return None, 0, f"{name}: sample {sample.get('__key__')}: cannot decode ({type(exc).__name__}: {exc})"
-    return bag.slide_id, bag.features.shape[0], None
-
-
-def _check_shard(root: str, shard: dict, check_sample) -> tuple[list[str], Counter]:
+def _check_shard(root: str, shard: dict, bags: bool) -> tuple[list[str], Counter]:
     """Problems of one shard, and the regions it holds per slide."""
     location = child(root, shard["name"])
-    if not exists(location):
+    try:
+        with open_stream(location) as stream:
+            digest = sha256_stream(stream)
+    except FileNotFoundError:
         return [f"{shard['name']}: missing"], Counter()
     problems = []
-    with open_stream(location) as stream:
-        digest = sha256_stream(stream)
     if digest != shard["sha256"]:
         problems.append(f"{shard['name']}: sha256 differs from the manifest (altered or truncated)")
     samples: Counter = Counter()  # per slide, as the shard's manifest entry counts them
@@ -62,7 +57,7 @@ def _check_shard(root: str, shard: dict, check_sample) -> tuple[list[str], Count
     try:
         for sample in tar_samples(location):
             count += 1
-            slide_id, held, problem = check_sample(shard["name"], sample)
+            slide_id, held, problem = _check_sample(shard["name"], sample, bags)
             if problem:
                 problems.append(problem)
             elif shard["slides"]:  # unlabelled tile shards belong to no slide
@@ -78,13 +73,13 @@ def _check_shard(root: str, shard: dict, check_sample) -> tuple[list[str], Count
 
 
 def _check_index(root: str, manifest: dict) -> list[str]:
-    """Problems of the shard index: it must describe these shards, sample by sample and member by member
-    (a shard set built before the index has none; it is made on first open)."""
+    """Problems of the shard index, which must describe these shards member by member (if there is one)."""
     location = child(root, INDEX)
-    if not exists(location):
+    try:
+        index = ShardIndex.from_bytes(read_bytes(location), location)
+    except FileNotFoundError:
         log.info("%s: no index (built before it; training makes it on first open)", root)
         return []
-    index = ShardIndex.from_bytes(read_bytes(location), location)
     if index.shard_sha256.tolist() != [shard["sha256"] for shard in manifest["shards"]]:
         return [f"{INDEX}: describes other shards than the manifest lists (stale; delete it to rebuild)"]
     problems = []
@@ -108,11 +103,10 @@ def verify(root: str | Path) -> list[str]:
     except FileNotFoundError as exc:
         return [str(exc)]
     root = manifest["root"]
-    check_sample = _check_bag if manifest.get("kind") == BAG_KIND else _check_region
     problems: list[str] = []
     totals: Counter = Counter()
     for shard in progress(manifest["shards"], desc="verify", unit="shard"):
-        shard_problems, slides = _check_shard(root, shard, check_sample)
+        shard_problems, slides = _check_shard(root, shard, manifest.get("kind") == BAG_KIND)
         problems += shard_problems
         totals.update(slides)
     for slide_id, entry in manifest["slides"].items():

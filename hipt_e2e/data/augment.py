@@ -1,18 +1,9 @@
-"""Training-time augmentation of uint8 regions, on their device, before normalisation.
+"""Training-time augmentation of uint8 regions, on their device, before normalisation (README: augment.*).
 
-Geometry: each whole region gets one of the 8 dihedral poses (a horizontal flip or not, then 0-3
-quarter turns; half turns only when the region is not square). Tiles are cut after it, so tile (r, c)
-of the augmented region is the rotated source tile from the rotated position, and the tissue grid
-[M, rows, cols] takes the same pose (background masks follow their tiles).
-
-Colour, per region or per tile (`per`): stain jitter in HED space, then brightness, contrast and
-saturation. HED: optical density OD = -ln((x + 1) / 256) (exact back to uint8 for every x) projected
-on Ruifrok & Johnson's haematoxylin / eosin / DAB vectors; each stain amount s -> a * s + b with
-a ~ U(1 - hed_scale, 1 + hed_scale), b ~ U(-hed_shift, hed_shift) in OD units (Tellez et al. 2018/2019:
-"HED-light" 0.05, "HED-strong" 0.2). Brightness / contrast / saturation factors ~ U(1 - x, 1 + x) as
-torchvision's ColorJitter. Every parameter is drawn on the CPU from the generator the caller seeds (the
-training engine: seed, fold, epoch, step, place in the global batch), so resumed runs and any number of
-processes draw the same; validation, test and prediction never call this.
+Each whole region takes one of the 8 dihedral poses before tiles are cut, its tissue grid with it. Colour:
+HED stain jitter on optical density -ln((x + 1) / 256) (exact back to uint8), then brightness, contrast and
+saturation as torchvision's ColorJitter. Every parameter is drawn on the CPU from the caller's seeded
+generator, so resumed runs and any number of processes draw the same.
 """
 from __future__ import annotations
 
@@ -20,8 +11,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from einops import rearrange
 
 from hipt_e2e.config import Settings, bound
+from hipt_e2e.data.tiling import cut_tiles
 from hipt_e2e.errors import SettingError
 from hipt_e2e.ssl import colour
 
@@ -134,24 +127,10 @@ def jitter_colour(units: torch.Tensor, augment: AugmentSettings, generator: torc
     return (images * 255.0).round_().to(torch.uint8)
 
 
-def _as_tiles(region: torch.Tensor, tile_px: int) -> torch.Tensor:
-    """[3, H, W] -> [rows * cols, 3, t, t] in raster order (a copy)."""
-    rows, cols = region.shape[-2] // tile_px, region.shape[-1] // tile_px
-    return region.unflatten(2, (cols, tile_px)).unflatten(1, (rows, tile_px)).permute(1, 3, 0, 2, 4).flatten(0, 1)
-
-
-def _from_tiles(tiles: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Inverse of _as_tiles."""
-    t = tiles.shape[-1]
-    return tiles.unflatten(0, (rows, cols)).permute(2, 0, 3, 1, 4).reshape(3, rows * t, cols * t)
-
-
 def augment_regions(regions: torch.Tensor, tissue: torch.Tensor | None, augment: AugmentSettings, tile_px: int,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """uint8 regions [M, 3, H, W] of one slide (and their tissue grids [M, rows, cols]) -> augmented copies.
-
-    Colour is applied one region at a time, so the float working copy stays one region's size.
-    """
+    """uint8 regions [M, 3, H, W] of one slide (and their tissue grids [M, rows, cols]) -> augmented copies;
+    colour one region at a time, so the float working copy stays one region's size."""
     regions, tissue = random_poses(regions, tissue, augment, generator)
     if not augment.colour:
         return regions, tissue
@@ -159,7 +138,8 @@ def augment_regions(regions: torch.Tensor, tissue: torch.Tensor | None, augment:
     out = torch.empty_like(regions)
     for index, region in enumerate(regions):
         if augment.per == "tile":
-            out[index] = _from_tiles(jitter_colour(_as_tiles(region, tile_px), augment, generator), rows, cols)
+            tiles = jitter_colour(cut_tiles(region, tile_px), augment, generator)
+            out[index] = rearrange(tiles, "(r q) c h w -> c (r h) (q w)", r=rows, q=cols)
         else:
             out[index] = jitter_colour(region[None], augment, generator)[0]
     return out, tissue

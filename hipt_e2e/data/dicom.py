@@ -1,11 +1,6 @@
-"""The few header fields of a DICOM file that say which whole-slide image it belongs to.
-
-A DICOM whole-slide image is a series (one SeriesInstanceUID) of files in one folder: one file per
-pyramid level (ImageType VOLUME) and optional LABEL, OVERVIEW and THUMBNAIL images. OpenSlide (>= 4)
-opens a series from any one of its files, scanning the rest of that folder for the same series; finding
-the slides therefore needs each file's series and image flavour, read here from the header alone (the
-file meta group and the dataset up to SeriesInstanceUID, skipping sequences), without a DICOM library.
-Little-endian transfer syntaxes only (all that OpenSlide reads); any other file reads as None.
+"""The few header fields of a DICOM file that say which whole-slide image it belongs to (its series and image
+flavour: OpenSlide opens a series from any of its files), read without a DICOM library from the file meta
+group and the dataset up to SeriesInstanceUID. Little-endian transfer syntaxes only, as OpenSlide reads.
 """
 from __future__ import annotations
 
@@ -36,14 +31,13 @@ class DicomHeader:
 
     @property
     def is_pyramid_level(self) -> bool:
-        """ImageType's third value (the flavour OpenSlide reads) is VOLUME, or none of LABEL, OVERVIEW, THUMBNAIL
-        (then OpenSlide names the problem when the slide is opened)."""
+        """ImageType's flavour is none of LABEL, OVERVIEW, THUMBNAIL (OpenSlide names any other problem)."""
         return len(self.image_type) < 3 or self.image_type[2] not in ASSOCIATED_FLAVOURS
 
 
 def read_dicom_header(path: str | Path) -> DicomHeader | None:
-    """SOP class, SeriesInstanceUID and ImageType of a DICOM Part 10 file; None when the file is not one
-    (no DICM preamble), is truncated or uses a transfer syntax other than little endian."""
+    """SOP class, SeriesInstanceUID and ImageType of a DICOM Part 10 file; None for another file, a truncated
+    one or a big-endian or deflated one."""
     try:
         with open(path, "rb") as handle:
             handle.seek(PREAMBLE)
@@ -63,8 +57,7 @@ def read_dicom_header(path: str | Path) -> DicomHeader | None:
 
 
 def _read_elements(handle: BinaryIO, explicit: bool, wanted: set[int], last: int) -> dict[int, str]:
-    """Text values of the `wanted` top-level elements, reading on to the first element after tag `last`
-    (the file meta group ends where its group length says, so the dataset's encoding can differ)."""
+    """Text values of the `wanted` top-level elements up to tag `last`, or the file meta group's end."""
     values: dict[int, str] = {}
     meta_end = None
     while meta_end is None or handle.tell() < meta_end:
@@ -89,7 +82,7 @@ def _read_elements(handle: BinaryIO, explicit: bool, wanted: set[int], last: int
 
 
 def _element_head(handle: BinaryIO, explicit: bool) -> tuple[int, int]:
-    """(tag, value length) of the element at the handle; leaves the handle at its value."""
+    """(tag, value length) of the element at the handle, left at its value."""
     head = handle.read(8)
     if len(head) < 8:
         raise EOFError
@@ -102,7 +95,7 @@ def _element_head(handle: BinaryIO, explicit: bool) -> tuple[int, int]:
 
 
 def _skip_undefined(handle: BinaryIO, explicit: bool) -> None:
-    """Move past a sequence or item of undefined length, and everything nested in it, to its delimiter."""
+    """Move past a sequence or item of undefined length (and all nested in it)."""
     while True:
         tag, length = _element_head(handle, explicit)
         if tag in (ITEM_END, SEQUENCE_END):

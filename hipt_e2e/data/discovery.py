@@ -1,15 +1,9 @@
 """Finding the slides among the inputs, one rule for `hipt-shards build` and `hipt-predict` alike.
 
-A slide is one file (`.svs`, `.tiff`, ... or an image) or one DICOM whole-slide image: a series of
-`.dcm` files in one folder (one file per pyramid level, plus LABEL, OVERVIEW and THUMBNAIL images,
-which are no slides of their own), opened through OpenSlide once, from one of its VOLUME files.
-
-Slide ids (the keys of the labels CSV, the manifest and predictions.csv):
-- a file: its name without the suffix; `.ome.tiff` and `.ome.tif` count as one suffix (`x.ome.tiff` -> `x`);
-- a DICOM series: the name of its folder when that folder holds no other series, else its
-  SeriesInstanceUID (so one folder per slide gives readable ids).
-Under `--labels-from-folders` a slide's class is the name of the folder holding it: the folder of a
-file, or the folder above a one-series DICOM folder (`<class>/<slide>/*.dcm`).
+A slide is one file or one DICOM series (`.dcm` files in one folder, opened from one of its VOLUME files). Its
+id: a file's name without the suffix (`.ome.tiff` counts as one); a DICOM series' folder name when that folder
+holds no other series, else its SeriesInstanceUID. Its folder (for `--labels-from-folders`): the file's, or
+the one above a one-series DICOM folder (`<class>/<slide>/*.dcm`).
 """
 from __future__ import annotations
 
@@ -39,7 +33,6 @@ class SlideFile:
 
 
 def slide_id_of_file(path: Path) -> str:
-    """A slide file's id: its name without the suffix, `.ome.tiff` / `.ome.tif` counted as one suffix."""
     lower = path.name.lower()
     for suffix in MULTI_SUFFIXES:
         if lower.endswith(suffix):
@@ -48,9 +41,9 @@ def slide_id_of_file(path: Path) -> str:
 
 
 def find_slides(inputs: Iterable[str | Path], kind: str = "slides") -> list[SlideFile]:
-    """The slides of `inputs` (files as given, folders searched recursively for the suffixes of `kind`:
-    slides or images), in input order, each folder's sorted by path. InputError for an input that is
-    missing, holds a shard set, or holds no slide, and for two slides with one id."""
+    """The slides of `inputs` (files, or folders searched recursively for `kind`: slides or images) in input
+    order, each folder's sorted. InputError for an input missing, holding a shard set or no slide, and for
+    two slides with one id."""
     if kind not in SUFFIXES:
         raise SettingError(f"input kind {kind!r}: slides are found for {' or '.join(SUFFIXES)}")
     slides: list[SlideFile] = []
@@ -112,10 +105,8 @@ def _slides_of_files(files: Sequence[Path], series: dict[Path, list]) -> list[Sl
 
 
 def _dicom_series(folder: Path) -> list[tuple[SlideFile, set[Path]]]:
-    """The DICOM whole-slide images among a folder's `.dcm` files (all of them: OpenSlide reads a series
-    from its whole folder), each with its files. A file whose header cannot be read stays a slide of its
-    own, so that opening it names the problem; other DICOM objects (annotations, ...) and series without
-    a pyramid level are left out, and logged."""
+    """The DICOM whole-slide images among a folder's `.dcm` files, each with its files. An unreadable header
+    stays a slide of its own, so that opening it names the problem; other objects are left out, and logged."""
     series: dict[str, list[tuple[Path, DicomHeader]]] = {}
     unreadable: list[Path] = []
     for path in sorted(folder.glob(f"*{DICOM_SUFFIX}")):

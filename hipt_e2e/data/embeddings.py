@@ -1,9 +1,5 @@
-"""Slide-level embedding shards: one sample per slide holding its region embeddings [M, D].
-
-Sample entries: `features.npy` (float16 or float32 [M, D]), `coords.npy` (int64 [M, 2], level-0 x/y,
--1 when unknown) and `json` (slide_id, patient_id, label, label_index, split, n_regions, dim). The
-directory has a manifest.json in the shard-set format, so the same tools list and stream it. These
-bags are small (a few hundred KB per slide), so slide-level training loads them all into memory.
+"""Slide-level embedding shards: one sample per slide, `features.npy` (float [M, D]), `coords.npy` (int64
+[M, 2], level-0 x/y, -1 when unknown) and `json`. Bags are small, so slide-level training loads them all.
 """
 from __future__ import annotations
 
@@ -49,9 +45,7 @@ def bag_sample(bag: SlideBag, ordinal: int, classes: Sequence[str], dtype: np.dt
 def write_slide_bags(out_dir: str | Path, bags: Iterable[SlideBag], classes: Sequence[str], *,
                      build_args: dict, dtype: str = "float32", shard_bytes: int = 500_000_000,
                      lineage: Mapping | None = None) -> dict:
-    """Write bags as shards + manifest.json (over what an earlier call wrote there); returns the manifest.
-    `lineage`: what the bags hold and what made them (hipt_e2e.data.lineage.Lineage.as_dict()), when the
-    caller knows it."""
+    """Write bags as shards + manifest.json (over what an earlier call wrote there); returns the manifest."""
     shard_set = ShardSetWriter(out_dir, build_args)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     shard_set.restart()  # the bags are the caller's, not made from build_args: nothing to resume or guard

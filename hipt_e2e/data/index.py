@@ -1,13 +1,8 @@
 """The shard index: `index.npz` beside manifest.json, what random access to a shard set needs.
 
-For every sample: its shard (position in the manifest), key, slide and region index (from its JSON
-record), and per member (extension) the byte offset and size inside the uncompressed tar and a CRC-32
-of its bytes. Opening a shard set reads the manifest and this file only, never the shards; each read is
-checked against the CRC. Writers index each shard when they close it (the rows go into the build
-journal), and the index is written with the manifest. It records the sha256 of the shards it describes,
-so an index that no longer fits its shards is noticed; a shard set built before the index (or whose
-index is stale) is indexed on first open by reading its shards once, and the index saved when the set is
-a local folder one can write to.
+Per sample its shard, key, slide and region index, and per member the byte offset, size and CRC-32 inside the
+tar, so a read needs neither the shards' headers nor trust in the bytes. It records the sha256 of the shards
+it describes: a set without one, or a stale one, is indexed on first open (and saved when the folder is writable).
 """
 from __future__ import annotations
 
@@ -20,12 +15,12 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
 from hipt_e2e.data.storage import child, local_path, open_stream, read_bytes
 from hipt_e2e.errors import UserError
+from hipt_e2e.io import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +30,14 @@ Row = tuple[str, str | None, int, dict[str, tuple[int, int, int]]]  # key, slide
 
 
 class ShardDataError(UserError, OSError):
-    """Shard bytes that differ from what the index recorded (corrupted in storage or in transit): the user
-    rebuilds or recopies the shard, so it is reported as one line naming it."""
+    """Shard bytes that differ from what the index recorded: corrupted in storage or in transit."""
 
 
-def index_tar(stream: BinaryIO) -> list[Row]:
-    """The index rows of one uncompressed tar read sequentially: members grouped by key (the name up to
-    its first dot, as webdataset groups them), slide and region index from the `json` member."""
+def index_file(path: str | Path) -> list[Row]:
+    """The index rows of one shard read sequentially: members grouped by key (the name up to its first dot,
+    as webdataset groups them), slide and region index from the `json` member."""
     rows: list[Row] = []
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
+    with open_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -57,11 +51,6 @@ def index_tar(stream: BinaryIO) -> list[Row]:
                 region = record.get("region_index")
                 rows[-1] = (key, record.get("slide_id"), -1 if region is None else region, rows[-1][3])
     return rows
-
-
-def index_file(path: str | Path) -> list[Row]:
-    with open_stream(path) as stream:
-        return index_tar(stream)
 
 
 @dataclass
@@ -88,11 +77,8 @@ class ShardIndex:
         exts = sorted({ext for row in rows for ext in row[3]})
         slide_ids = sorted({row[1] for row in rows if row[1] is not None})
         slide_code = {slide: code for code, slide in enumerate(slide_ids)}
-        members = np.full((len(rows), len(exts), 3), -1, dtype=np.int64)
-        for i, row in enumerate(rows):
-            for j, ext in enumerate(exts):
-                if ext in row[3]:
-                    members[i, j] = row[3][ext]
+        members = np.array([[row[3].get(ext, (-1, -1, -1)) for ext in exts] for row in rows],
+                           dtype=np.int64).reshape(len(rows), len(exts), 3)
         return cls(
             shard=np.repeat(np.arange(len(rows_per_shard), dtype=np.int32), [len(r) for r in rows_per_shard]),
             key=np.array([row[0].encode() for row in rows], dtype=bytes),
@@ -100,38 +86,6 @@ class ShardIndex:
             slide_ids=np.array(slide_ids, dtype=str), region_index=np.array([row[2] for row in rows], dtype=np.int32),
             exts=np.array(exts, dtype=str), offset=members[..., 0], size=members[..., 1],
             crc32=members[..., 2].astype(np.uint32), shard_sha256=np.array(list(shard_sha256), dtype=str))
-
-    @classmethod
-    def concatenate(cls, parts: Sequence[ShardIndex]) -> ShardIndex:
-        """One index over the shards of several (e.g. of merged parts), in the given order."""
-        exts = sorted({str(ext) for part in parts for ext in part.exts})
-        slide_ids = sorted({str(s) for part in parts for s in part.slide_ids})
-        code = {slide: i for i, slide in enumerate(slide_ids)}
-
-        def widen(part: ShardIndex, column: np.ndarray, fill: int) -> np.ndarray:
-            out = np.full((len(part), len(exts)), fill, dtype=column.dtype)
-            out[:, [exts.index(str(e)) for e in part.exts]] = column
-            return out
-
-        shard_base = np.cumsum([0] + [len(part.shard_sha256) for part in parts])
-        # each part's slide codes -> the merged ones; the appended -1 keeps "no slide" (-1 indexes it) as -1
-        remap = [np.array([code[str(s)] for s in part.slide_ids] + [-1], dtype=np.int32) for part in parts]
-        return cls(
-            shard=np.concatenate([part.shard + base for part, base in zip(parts, shard_base)]).astype(np.int32),
-            key=np.concatenate([part.key for part in parts]),
-            slide=np.concatenate([m[part.slide] for part, m in zip(parts, remap)]).astype(np.int32),
-            slide_ids=np.array(slide_ids, dtype=str),
-            region_index=np.concatenate([part.region_index for part in parts]),
-            exts=np.array(exts, dtype=str),
-            offset=np.concatenate([widen(p, p.offset, -1) for p in parts]),
-            size=np.concatenate([widen(p, p.size, -1) for p in parts]),
-            crc32=np.concatenate([widen(p, p.crc32, 0) for p in parts]),
-            shard_sha256=np.concatenate([part.shard_sha256 for part in parts]))
-
-    def to_bytes(self) -> bytes:
-        buffer = io.BytesIO()
-        np.savez(buffer, version=np.int32(INDEX_VERSION), **self.__dict__)
-        return buffer.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> ShardIndex:
@@ -142,16 +96,11 @@ class ShardIndex:
 
     def write(self, root: str | Path) -> None:
         """Atomically to root/index.npz (a local folder)."""
-        path = Path(root) / INDEX
-        temporary = path.with_name(path.name + ".tmp")
-        with open(temporary, "wb") as handle:
-            handle.write(self.to_bytes())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        with atomic_open(Path(root) / INDEX) as handle:
+            np.savez(handle, version=np.int32(INDEX_VERSION), **self.__dict__)
 
     def rows(self, position: int) -> list[Row]:
-        """The rows of shard `position`, as index_tar gives them."""
+        """The rows of shard `position`, as index_file gives them."""
         return [(self.key[r].decode(), str(self.slide_ids[self.slide[r]]) if self.slide[r] >= 0 else None,
                  int(self.region_index[r]),
                  {str(ext): (int(self.offset[r, j]), int(self.size[r, j]), int(self.crc32[r, j]))
@@ -164,8 +113,7 @@ class ShardIndex:
         return int(self.offset[row][present].min()), int((self.offset[row] + self.size[row])[present].max())
 
     def read_sample(self, row: int, data: bytes, start: int, where: str) -> dict[str, bytes]:
-        """Sample `row`'s members (ext -> bytes) cut from `data` (the shard's bytes from `start`), each
-        checked against its CRC-32."""
+        """Sample `row`'s members (ext -> bytes) cut from `data` (the shard's bytes from `start`), CRC-checked."""
         key = self.key[row].decode()
         members = {}
         for j, ext in enumerate(self.exts):
@@ -181,8 +129,7 @@ class ShardIndex:
 
 
 def write_index(root: str | Path, shards: Sequence[Mapping], rows: Mapping[str, Sequence[Row]] | None = None) -> ShardIndex:
-    """Index the shards of a local shard set from recorded rows (reading a shard only when it has none)
-    and write root/index.npz."""
+    """Write root/index.npz of a local shard set from recorded rows (reading a shard only when it has none)."""
     rows = rows or {}
     index = ShardIndex.from_rows([rows[s["name"]] if s["name"] in rows else index_file(Path(root) / s["name"])
                                   for s in shards], [s["sha256"] for s in shards])
@@ -191,8 +138,7 @@ def write_index(root: str | Path, shards: Sequence[Mapping], rows: Mapping[str, 
 
 
 def open_index(manifest: Mapping) -> ShardIndex:
-    """The index of a shard set (manifest from load_manifest); built from the shards when it is absent or
-    stale, and then saved when the set is a writable local folder."""
+    """The index of a shard set (manifest from load_manifest), built when absent or stale (see the module)."""
     root = manifest["root"]
     location = child(root, INDEX)
     expected = [shard["sha256"] for shard in manifest["shards"]]

@@ -1,16 +1,8 @@
-"""Typed lineage: what a shard set holds and what made it, in every manifest and model card.
-
-A set's lineage is its kind (pixels, token grids, region or tile embeddings, slide bags of unknown making),
-its geometry (region px, tile px, um/px and so the tile grid; the embedding width where it holds
-embeddings), the set it was made from (location and the sha256 of that set's manifest.json) and the
-encoders that embedded it, carried forward from step to step so that one manifest tells the whole story.
-Writers record `Lineage.as_dict()` under the manifest's "lineage" key; `hipt_e2e.lineage.read_lineage` is
-the one reader (it converts the manifests of earlier versions). `check_geometry` is the one test that data
-fit a model: hipt-predict, rescore, e2e from weights and both embedding steps refuse a mismatch with it,
-naming both geometries. Nothing is resampled to make data fit: a model runs at the geometry it was trained at.
-
-`Geometry` records what data hold or a model was trained on, any part possibly unknown (a `.pt` set's
-regions have no fixed size); `hipt_e2e.data.tiling.RegionGeometry` is the complete recipe for cutting regions.
+"""Typed lineage: what a shard set holds (kind, geometry) and what made it (source set, encoders), in every
+manifest and model card, carried forward from step to step. Writers record `Lineage.as_dict()`;
+`hipt_e2e.lineage.read_lineage` is the one reader. `check_geometry` is the one test that data fit a model:
+a mismatch is refused, never resampled. A `Geometry` may be partly unknown (a `.pt` set's regions have no
+fixed size); `hipt_e2e.data.tiling.RegionGeometry` is the complete recipe for cutting regions.
 """
 from __future__ import annotations
 
@@ -45,8 +37,7 @@ class Geometry:
     width: int | None = None  # embedding width of a set of embeddings (None: pixels)
 
     @property
-    def grid(self) -> int | None:
-        """Tiles per region side."""
+    def grid(self) -> int | None:  # tiles per region side
         return self.region_px // self.tile_px if self.region_px and self.tile_px else None
 
     def describe(self) -> str:
@@ -60,15 +51,11 @@ class Geometry:
 
     def differs_from(self, other: Geometry) -> bool:
         """True when a size both record differs (unknown sizes are not compared)."""
-        for name in ("region_px", "tile_px", "mpp", "width"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine is not None and theirs is not None and not math.isclose(mine, theirs, rel_tol=1e-6):
-                return True
-        return False
+        pairs = ((getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self))
+        return any(a is not None and b is not None and not math.isclose(a, b, rel_tol=1e-6) for a, b in pairs)
 
     @classmethod
     def of_regions(cls, regions: RegionGeometry) -> Geometry:
-        """The geometry of regions cut as `regions` says (a model that reads them, say)."""
         return cls(regions.region_px, regions.tile_px, regions.mpp)
 
     def pixel_fields(self) -> dict[str, Any]:
@@ -119,16 +106,14 @@ class Lineage:
 
 # ------------------------------------------------------------------------------------------ writing
 def pixel_lineage(settings: Mapping[str, Any]) -> Lineage:
-    """The lineage of a hipt-shards build with these settings. `.pt` inputs are taken as they are: their
-    regions have no fixed size and their resolution is the stated slide_mpp, if any."""
+    """The lineage of a hipt-shards build; `.pt` regions have no fixed size and their resolution is slide_mpp."""
     if settings.get("kind") == "pt":
         return Lineage(PIXELS, Geometry(None, settings.get("tile_px"), settings.get("slide_mpp")))
     return Lineage(PIXELS, Geometry(settings.get("region_px"), settings.get("tile_px"), settings.get("mpp")))
 
 
 def source_of(manifest: Mapping[str, Any]) -> Source:
-    """A loaded manifest's set as the source of another: its location (a local one absolute) and the
-    sha256 of its manifest.json."""
+    """A loaded manifest's set as the source of another: its location (a local one absolute), its manifest's sha256."""
     root = str(manifest["root"])
     digest = hashlib.sha256(read_bytes(child(root, MANIFEST))).hexdigest()
     return Source(root if is_url(root) else str(Path(root).resolve()), digest)
@@ -136,7 +121,7 @@ def source_of(manifest: Mapping[str, Any]) -> Source:
 
 # ------------------------------------------------------------------------------------------ checking
 def card_geometry(card: Mapping[str, Any]) -> Geometry:
-    """The geometry a model card says its model was trained at (the parts it records)."""
+    """The geometry a model card says its model was trained at."""
     return Geometry(card.get("region_px"), card.get("tile_px"), card.get("mpp"))
 
 

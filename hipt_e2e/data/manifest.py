@@ -14,8 +14,8 @@ GRIDS_KIND = "token_grids"  # the kind of embed_tiles' output: one token grid [D
 
 
 def load_manifest(root: str | Path | Mapping) -> dict:
-    """The manifest of a shard set (a folder or URL, or its manifest.json itself), with a clear error when
-    absent; manifest["root"] is where the shards are. A manifest already loaded is returned as it is."""
+    """The manifest of a shard set (a folder or URL, or its manifest.json; one already loaded as it is), its
+    "root" where the shards are."""
     if isinstance(root, Mapping):
         return dict(root)
     text = str(root)
@@ -44,10 +44,8 @@ def class_counts(slides: Mapping[str, Mapping]) -> dict[str, dict[str, int]]:
 def shard_set_manifest(kind: str, build_args: Mapping, classes: Sequence[str], slides: Mapping[str, Mapping],
                        shards: Sequence[Mapping], *, inputs: int, written: int,
                        skipped: Sequence[Mapping] = (), n_skipped: int = 0, lineage: Mapping | None = None) -> dict:
-    """The manifest of a finished shard set, whoever wrote it (shard building, the embedding recipes):
-    `inputs` = `written` + `n_skipped` (the inputs the skipped records stand for), samples from the shards;
-    `lineage` what the set holds and what made it (hipt_e2e.data.lineage.Lineage.as_dict()), build_args the
-    settings that a rerun must repeat."""
+    """The manifest of a finished shard set: `inputs` = `written` + `n_skipped`, `lineage` a Lineage.as_dict(),
+    `build_args` the settings a rerun must repeat."""
     return {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "build_args": dict(build_args),
             **({"lineage": dict(lineage)} if lineage is not None else {}),
             "classes": list(classes), "class_counts": class_counts(slides), "inputs": inputs, "written": written,
@@ -56,11 +54,8 @@ def shard_set_manifest(kind: str, build_args: Mapping, classes: Sequence[str], s
 
 
 def shard_urls(source: str | Path | Mapping | Sequence[str]) -> list[str]:
-    """Shard URLs in build order from a shard directory, a manifest, or an explicit list of paths/URLs.
-
-    An explicit list (paths or URLs) is the user's own and taken as it is; a manifest's shard names only ever resolve to
-    files inside its own folder or URL (storage.child).
-    """
+    """Shard URLs in build order from a shard directory, a manifest, or the user's own list, taken as it is (a
+    manifest's names only resolve inside its own folder or URL)."""
     if isinstance(source, (list, tuple)):
         return [str(url) for url in source]
     manifest = load_manifest(source)

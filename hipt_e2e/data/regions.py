@@ -1,11 +1,7 @@
-"""Random access to the regions of a region-shard set, by (slide id, region positions).
-
-End-to-end training visits slides in a seeded order per fold, epoch and process, which a sequential
-stream over shards cannot give; so the shard index (hipt_e2e.data.index) says where each region's
-members are, and just the regions asked for are read (one range read per region, from a local folder
-or a URL), checked against the index's CRC-32 and decoded. Items are SlideBagStream's slide items,
-decoded by SlideBagStream, and the regions of a training step are drawn by its seeded sampler, so both
-readers agree exactly. Remote regions can go through a bounded local cache.
+"""Random access to the regions of a region-shard set, by (slide id, region positions), for end-to-end
+training's seeded slide order: one range read per region through the shard index (hipt_e2e.data.index),
+through a bounded local cache when remote. Items are SlideBagStream's, drawn and decoded by it, so both
+readers agree exactly.
 """
 from __future__ import annotations
 
@@ -26,11 +22,9 @@ from hipt_e2e.errors import UserError
 
 
 class RegionCache:
-    """Region bytes of remote shards kept in a local folder, at most `max_bytes` (oldest written go first).
-
-    Entries are named by a hash of (shard URL, byte range) and written atomically, so processes can share
-    the folder; every entry is checked against the index's CRC-32 on use, and one that fails is refetched.
-    """
+    """Region bytes of remote shards in a local folder, at most `max_bytes` (oldest written go first). Entries,
+    named by a hash of (shard URL, byte range), are written atomically (processes share the folder) and
+    CRC-checked on use by the caller."""
 
     def __init__(self, folder: str | Path, max_bytes: int) -> None:
         self.folder, self.max_bytes = Path(folder), int(max_bytes)
@@ -106,7 +100,7 @@ class ShardRegions(Dataset):
                 for slide, entry in self.manifest["slides"].items()]
 
     def sample(self, slide_id: str, epoch: int) -> tuple[str, tuple[int, ...]]:
-        """The key of a training item: the slide's regions drawn for this epoch."""
+        """A training item's key: the slide's regions drawn for this epoch."""
         self.sampler.set_epoch(epoch)
         return slide_id, tuple(self.sampler.sample_indices(slide_id, len(self.slides[slide_id])))
 

@@ -1,10 +1,7 @@
-"""The shard sample format: one region (or tile) = encoded pixels + a JSON record.
+"""The shard sample format, for writers and readers alike: one region (or tile) = encoded pixels + a JSON record.
 
-Writers (shard building) and readers (streams, verify, bench) share these functions, so the format
-is defined once. Pixel entries are `jpg` (lossy, `quality`), `png` or `npy` (both lossless); the
-embedding step writes token grids [C, rows, cols] as `grid.npy` (float16/float32), which every reader
-decodes like pixels, so the same streams and checks serve both; for a token grid the record's
-height/width are its rows/cols (the size of the stored array, as for pixels).
+Pixel entries are `jpg`, `png` or `npy`; token grids [C, rows, cols] are `grid.npy`, decoded like pixels so the
+same streams and checks serve both (the record's height/width are then the grid's rows/cols).
 """
 from __future__ import annotations
 
@@ -73,8 +70,7 @@ def encode_grid(grid: np.ndarray) -> tuple[str, bytes]:
 
 @dataclass(frozen=True)
 class JpegBatch:
-    """JPEG-encoded regions whose decoding is left to the device (data.decode=gpu): readers hand these on
-    instead of pixels, batches concatenate them, and `device_pixels` decodes them all in one call."""
+    """JPEG regions left encoded for the device (data.decode=gpu); `device_pixels` decodes a batch in one call."""
     data: tuple[torch.Tensor, ...]  # uint8 [n_bytes] each
     shape: tuple[int, int, int]  # [3, H, W] of every region (from the records; checked after decoding)
 
@@ -83,13 +79,11 @@ class JpegBatch:
 
 
 def _jpeg_tensor(data: bytes) -> torch.Tensor:
-    """JPEG bytes as the uint8 tensor torchvision's decoder takes (a writable copy)."""
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def decode_mode(requested: str, device: torch.device) -> str:
-    """The decoding that will run: "gpu" (nvJPEG through torchvision) needs a CUDA device, otherwise the
-    readers decode on the CPU, said once in the log."""
+    """The decoding that will run: "gpu" (nvJPEG) needs a CUDA device, else the CPU decodes (and the log says so)."""
     if requested not in DECODE_MODES:
         raise SettingError(f"data.decode={requested!r}: choose one of {list(DECODE_MODES)}")
     if requested == "gpu" and (device.type != "cuda" or decode_jpeg is None):
@@ -101,12 +95,10 @@ def decode_mode(requested: str, device: torch.device) -> str:
 
 def decode_pixels(ext: str, data: bytes, record: dict[str, Any] | None = None,
                   decode: str = "cpu") -> torch.Tensor | JpegBatch:
-    """(extension, bytes) -> contiguous RGB uint8 tensor [3, H, W], the layout models take (a token
-    grid: float [C, rows, cols]). With decode="gpu" a JPEG stays encoded: a JpegBatch of one, its size
-    taken from the sample's record."""
+    """(extension, bytes) -> contiguous RGB uint8 [3, H, W] (a token grid: float [C, rows, cols]); decode="gpu"
+    leaves a JPEG encoded, a JpegBatch of one sized by the record."""
     if decode == "gpu" and ext == "jpg":
-        return JpegBatch((_jpeg_tensor(data),),
-                         (3, record["height"], record["width"]))
+        return JpegBatch((_jpeg_tensor(data),), (3, record["height"], record["width"]))
     if ext == GRID_EXT:
         grid = npy_array(data)
         if grid.dtype.kind != "f" or grid.ndim != 3:
@@ -143,8 +135,7 @@ def pixel_entry(sample: dict) -> str:
 
 
 def decode_sample(sample: dict, decode: str = "cpu") -> tuple[torch.Tensor | JpegBatch, dict[str, Any]]:
-    """Raw webdataset sample (bytes per entry) -> (RGB uint8 tensor [3, H, W] or, decode="gpu", a JPEG
-    left encoded, record)."""
+    """Raw webdataset sample (bytes per entry) -> (pixels as decode_pixels gives them, record)."""
     ext = pixel_entry(sample)
     record = json.loads(sample["json"])
     return decode_pixels(ext, sample[ext], record, decode), record
@@ -160,7 +151,6 @@ def stack_pixels(items: Sequence[torch.Tensor | JpegBatch]) -> torch.Tensor | Jp
     return JpegBatch(tuple(data for item in items for data in item.data), items[0].shape)
 
 
-
 def collate(items: Sequence[dict]) -> dict:
     """Stack the "pixels" (or token grids) of stream items; every other field becomes a list (records hold
     None values, which the default collate refuses)."""
@@ -168,9 +158,9 @@ def collate(items: Sequence[dict]) -> dict:
     batch["pixels"] = stack_pixels([item["pixels"] for item in items])
     return batch
 
+
 def device_pixels(pixels: torch.Tensor | JpegBatch, device: torch.device) -> torch.Tensor:
-    """A batch's pixels on `device`: tensors copied (non-blocking from pinned memory), a JpegBatch decoded
-    there in one call (nvJPEG on a CUDA device; libjpeg-turbo on the CPU, which is how the CPU tests run it)."""
+    """A batch's pixels on `device`: tensors copied (non-blocking), a JpegBatch decoded there in one call."""
     if not isinstance(pixels, JpegBatch):
         return pixels.to(device, non_blocking=True)
     if decode_jpeg is None:

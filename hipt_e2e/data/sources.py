@@ -1,11 +1,7 @@
-"""Reading pixels from the inputs the lab has: whole-slide files, plain images and `.pt` tensors.
-
-Each source gives regions at the target geometry through the same tiling functions
-(`hipt_e2e.data.tiling`); shard building and inference both read slides through `iter_regions`.
-"""
+"""Reading pixels from whole-slide files, plain images and `.pt` tensors; shard building and inference both
+read slides through `iter_regions`."""
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections.abc import Iterator
@@ -29,19 +25,15 @@ from hipt_e2e.data.tiling import (
 )
 from hipt_e2e.errors import InputError
 
-log = logging.getLogger(__name__)
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".svslide", ".bif", ".vms", ".vmu", ".dcm")
-
 
 # Resolutions a microscope scan can have (micrometres per pixel): 40x is ~0.25, 1.25x thumbnails ~8.
 PLAUSIBLE_MPP = (0.05, 20.0)
 # Display resolutions image writers put in TIFF/PNG headers when no microscope wrote the file.
 DISPLAY_DPI = (72, 96, 150, 300, 600)
 MICRONS_PER_UNIT = {"inch": 25_400.0, "cm": 10_000.0, "mm": 1_000.0}
-# OME-XML length units (UnitsLength) a pixel size is given in; OME's default is the micrometre, written with
-# the micro sign (U+00B5); writers also use the Greek mu (U+03BC) or "um"
+# OME-XML length units (UnitsLength); the default micrometre is written with U+00B5, U+03BC or "um"
 MICRONS_PER_OME_UNIT = {"m": 1e6, "dm": 1e5, "cm": 1e4, "mm": 1e3, "\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0,
                         "nm": 1e-3, "pm": 1e-6, "\u00c5": 1e-4, "in": 25_400.0, "thou": 25.4}
 MAX_UPSAMPLE = 1.25  # reading finer than the slide's own resolution by more than this needs allow_upsample
@@ -49,10 +41,8 @@ MAX_UPSAMPLE = 1.25  # reading finer than the slide's own resolution by more tha
 
 def implausible_mpp(mpp: float) -> str | None:
     """Why a recorded resolution cannot be a microscope scan's, or None when it can be one."""
-    if not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
-        reason = f"outside the {PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} um/px microscopes produce"
-    else:
-        reason = ""
+    low, high = PLAUSIBLE_MPP
+    reason = "" if low <= mpp <= high else f"outside the {low}-{high} um/px microscopes produce"
     for dpi in DISPLAY_DPI:
         for unit, microns in MICRONS_PER_UNIT.items():
             if abs(microns / dpi - mpp) <= 0.01 * mpp:
@@ -118,7 +108,7 @@ class ImageReader:
 
 
 class OpenSlideReader:
-    """A pyramidal whole-slide file read through OpenSlide (openslide-bin, no system package)."""
+    """A pyramidal whole-slide file read through OpenSlide."""
 
     def __init__(self, path: str | Path, mpp: float | None = None):
         import openslide
@@ -139,8 +129,7 @@ class OpenSlideReader:
         return np.asarray(self.slide.get_thumbnail((max_px, max_px)).convert("RGB"))
 
     def read(self, x: int, y: int, size: int, out_px: int) -> np.ndarray:
-        # Read from the smallest pyramid level that still has at least out_px pixels per region,
-        # so the resize only ever shrinks.
+        # the smallest pyramid level with at least out_px pixels per region: the resize only ever shrinks
         level = self.slide.get_best_level_for_downsample(size / out_px)
         downsample = self.slide.level_downsamples[level]
         side = math.ceil(size / downsample)
@@ -155,9 +144,8 @@ class OpenSlideReader:
 
 
 def ome_mpp(path: Path, description: str) -> float | None:
-    """Micrometres per pixel from an OME-TIFF's OME-XML (its first image's Pixels PhysicalSizeX, in
-    PhysicalSizeXUnit, default um), for OME-TIFFs whose TIFF tags carry no resolution; None when the
-    description is no OME-XML or gives no size. InputError for a size in a unit that is not a length."""
+    """Micrometres per pixel from an OME-TIFF's OME-XML (its first Pixels' PhysicalSizeX), for OME-TIFFs whose
+    TIFF tags carry none; None when there is no OME-XML or size, InputError for a size that is no length."""
     if "<OME" not in description:
         return None
     try:
@@ -192,8 +180,8 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
 
 
 def check_resolution(reader: SlideReader, geometry: RegionGeometry, allow_upsample: bool = False) -> None:
-    """InputError (naming the file and the values) when the slide has no usable resolution, or when
-    reading it at geometry.mpp would enlarge it by more than MAX_UPSAMPLE without allow_upsample."""
+    """InputError when the slide has no usable resolution, or reading it at geometry.mpp would enlarge it by
+    more than MAX_UPSAMPLE without allow_upsample."""
     if reader.mpp is None:
         raise InputError(reader.path, "no resolution (microns per pixel) in the slide's metadata; "
                                       "pass --slide-mpp to state it")
@@ -211,13 +199,8 @@ def check_resolution(reader: SlideReader, geometry: RegionGeometry, allow_upsamp
 def iter_regions(reader: SlideReader, geometry: RegionGeometry, *, min_tissue: float,
                  threshold: int | None = None, thumbnail_px: int = 2048,
                  start: int = 0, allow_upsample: bool = False) -> Iterator[Region]:
-    """Regions of one slide with tissue fraction >= min_tissue, raster order, indices from 0.
-
-    The slide's resolution is checked first (check_resolution). The tissue decision uses the
-    low-resolution thumbnail mask (cheap); the per-tile fractions stored with each region are measured
-    on the region's own pixels. Regions before `start` are counted but not read (used to resume a build
-    inside a slide).
-    """
+    """Regions of one slide with tissue fraction >= min_tissue (on the thumbnail's mask), raster order; the
+    per-tile fractions are measured on each region's pixels. Regions before `start` are counted, not read."""
     check_resolution(reader, geometry, allow_upsample)
     size = geometry.level0_size(reader.mpp)
     thumb = reader.thumbnail(thumbnail_px)
@@ -236,10 +219,8 @@ def iter_regions(reader: SlideReader, geometry: RegionGeometry, *, min_tissue: f
 
 
 def load_pt_pixels(path: str | Path) -> np.ndarray:
-    """A `.pt` file holding one tensor [3, H, W] (uint8 0-255 or float 0-1) -> RGB uint8 [H, W, 3].
-
-    Loaded with weights_only=True: a file that needs arbitrary unpickling is refused, not executed.
-    """
+    """A `.pt` file holding one tensor [3, H, W] (uint8 0-255 or float 0-1) -> RGB uint8 [H, W, 3]; loaded with
+    weights_only=True, so a file that needs arbitrary unpickling is refused, not executed."""
     try:
         tensor = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -1,19 +1,8 @@
-"""Where shard sets live: a local folder, or a URL (file://, http(s):// with range requests, and any
-fsspec protocol, e.g. s3:// or gs:// with the `s3` / `gcs` extra installed, given `storage_options`).
-
-Every read of a shard set goes through here: whole files (manifest, index), byte ranges (one region's
-members, for random access) and sequential streams (webdataset's tar iterator, resumed where a
-connection broke off). Transient failures (connection refused or reset, timeouts, HTTP 5xx, a short
-read, an object store's connection errors) are waited out: retried with capped exponential backoff and
-jitter until the server has been down for the retry budget (`data.retry_budget_s`, $HIPT_RETRY_BUDGET_S,
-120 s by default: a server restart). The budget is per outage of a server, not per read: once a server
-has been down past it, every read from it fails at once until one succeeds again. An outage is logged
-when its first retry fails too and when it ends, not at every retry (a dropped connection that one retry
-cures is not logged). A missing file is a FileNotFoundError naming the
-URL. Names read from a manifest are data: `child` accepts only plain relative paths inside the shard
-set, so a manifest can neither run a `pipe:` command nor point a reader at another host.
-
-The settings reach every process of a run (DataLoader workers, `accelerate launch` ranks, subprocesses)
+"""Every read of a shard set: a local folder or a URL (file://, http(s):// with range requests, any fsspec
+protocol such as s3:// or gs://). Whole files, byte ranges and resumed sequential streams; transient failures
+are retried with capped backoff until the server's outage exceeds the retry budget (README: shared storage).
+Names read from a manifest are data: `children` accepts only relative paths inside the set, so a manifest can
+neither run a `pipe:` command nor point a reader at another host. The settings reach every process of a run
 through the environment, which `configure` writes.
 """
 from __future__ import annotations
@@ -71,8 +60,7 @@ T = TypeVar("T")
 
 
 class StorageUnavailableError(StorageError):
-    """A server that stayed unreachable past the retry budget. Its message stays itself when a reader
-    adds to its args on the way up (webdataset's tar iterators append the stream and the URL)."""
+    """A server unreachable past the retry budget; its message survives webdataset appending to its args."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -83,7 +71,7 @@ class StorageUnavailableError(StorageError):
 
 
 class TransientReadError(OSError):
-    """A read that may succeed when tried again (a 5xx answer, a short read)."""
+    """A read that may succeed when tried again (a short read, a connection closed early)."""
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -93,9 +81,8 @@ def with_storage_settings(defaults: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def configure(retry_budget_s: float | None = None, storage_options: Mapping[str, Any] | None = None) -> None:
-    """The retry budget and fsspec options of this process and of every process it starts (they inherit
-    the environment: DataLoader workers, `accelerate launch` ranks, subprocesses); None and {} keep what
-    the environment says."""
+    """The retry budget and fsspec options of this process and every process it starts (through the
+    environment); None and {} keep what the environment says."""
     if retry_budget_s is not None:
         os.environ[RETRY_BUDGET_ENV] = str(_seconds(retry_budget_s, "data.retry_budget_s"))
     if storage_options:
@@ -115,7 +102,6 @@ def _seconds(value: object, setting: str) -> float:
 
 
 def retry_budget_s() -> float:
-    """How long a read waits out a server's outage: $HIPT_RETRY_BUDGET_S, else 120 s."""
     raw = os.environ.get(RETRY_BUDGET_ENV, "")
     return _seconds(raw, RETRY_BUDGET_ENV) if raw.strip() else DEFAULT_RETRY_BUDGET_S
 
@@ -148,7 +134,7 @@ def local_path(location: str | Path) -> Path | None:
 
 
 def children(root: str | Path, names: Sequence[str]) -> list[str]:
-    """The locations of `names` (a manifest's file names, e.g. part-0000-of-0002/shard-000001.tar) in `root`."""
+    """The locations of a manifest's file names (e.g. part-0000-of-0002/shard-000001.tar) in `root`."""
     for name in names:
         if not name or "\\" in name or ":" in name or any(part in ("", ".", "..") for part in name.split("/")):
             raise InputError(root, f"{name!r} is not a file inside the shard set (a manifest names files by "
@@ -161,12 +147,10 @@ def children(root: str | Path, names: Sequence[str]) -> list[str]:
 
 
 def child(root: str | Path, name: str) -> str:
-    """The location of one file named by a manifest (see children)."""
     return children(root, [name])[0]
 
 
 def parent(location: str | Path) -> str:
-    """The folder a file's location is in (a URL stays a URL)."""
     path = local_path(location)
     if path is not None:
         return str(path.parent)
@@ -177,7 +161,7 @@ def parent(location: str | Path) -> str:
 @dataclass
 class _Outage:
     began: float  # time.monotonic() of the server's first failed read since its last good one
-    failures: int = 0  # logged from the second on: a dropped connection that the first retry cures is no outage
+    failures: int = 0
 
 
 _outages: dict[str, _Outage] = {}  # server (scheme://host:port) -> its outage under way
@@ -190,8 +174,7 @@ def _server(location: str) -> str:
 
 
 def _object_store_errors() -> tuple[type[BaseException], ...]:
-    """Connection failures of the libraries under fsspec's object stores, which are not the builtin
-    ConnectionError; only a library already imported can have raised one."""
+    """Connection failures of object-store libraries; only a library already imported can have raised one."""
     errors: list[type[BaseException]] = []
     if (botocore := sys.modules.get("botocore.exceptions")) is not None:
         errors += [botocore.ConnectionError, botocore.HTTPClientError]  # refused, timed out, closed mid-answer
@@ -207,7 +190,7 @@ def _describe(error: BaseException) -> str:
 
 
 def _retrying(location: str, attempt: Callable[[], T]) -> T:
-    """attempt() until it succeeds, waiting out transient failures while the server's outage is within the budget."""
+    """attempt() until it succeeds, waiting out transient failures while the server's outage is in the budget."""
     server, waits = _server(location), 0
     while True:
         try:
@@ -230,8 +213,8 @@ def _retrying(location: str, attempt: Callable[[], T]) -> T:
 
 
 def _outage_so_far(server: str, location: str, error: BaseException) -> tuple[float, float]:
-    """(seconds the server has been down, the budget); the outage begins at its first failure and is
-    logged at its second."""
+    """(seconds the server has been down, the budget); an outage is logged at its second failure: a dropped
+    connection that one retry cures is none."""
     budget, now = retry_budget_s(), time.monotonic()
     with _outage_lock:
         outage = _outages.setdefault(server, _Outage(now))
@@ -310,14 +293,19 @@ def _fsspec_file(location: str):
     return fs, fs_path
 
 
+def _local_file(location: str) -> Path | None:
+    """The path of a local location, which must be a file; None for a URL."""
+    path = local_path(location)
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"{location}: no such file")
+    return path
+
+
 # ------------------------------------------------------------------------------------------ reads
 def read_bytes(location: str | Path, offset: int = 0, size: int | None = None) -> bytes:
     """`size` bytes at `offset` (to the end when None) of a local file or URL."""
     location = str(location)
-    path = local_path(location)
-    if path is not None:
-        if not path.is_file():
-            raise FileNotFoundError(f"{location}: no such file")
+    if (path := _local_file(location)) is not None:
         with open(path, "rb") as handle:
             handle.seek(offset)
             return handle.read(-1 if size is None else size)
@@ -336,25 +324,12 @@ def read_bytes(location: str | Path, offset: int = 0, size: int | None = None) -
     return _retrying(location, attempt)
 
 
-def exists(location: str | Path) -> bool:
-    location = str(location)
-    path = local_path(location)
-    if path is not None:
-        return path.exists()
-    try:
-        read_bytes(location, 0, 1)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _http_from(url: str, position: int) -> tuple[BinaryIO, int | None]:
-    response = _http_get(url, position)
-    length = response.headers.get("Content-Length")
-    return response, None if length is None else position + int(length)
-
-
-def _fsspec_from(location: str, position: int) -> tuple[BinaryIO, int | None]:
+def _open_from(location: str, position: int) -> tuple[BinaryIO, int | None]:
+    """A remote file read from `position`, and where it ends (None: unknown)."""
+    if location.startswith(("http://", "https://")):
+        response = _http_get(location, position)
+        length = response.headers.get("Content-Length")
+        return response, None if length is None else position + int(length)
     fs, fs_path = _fsspec_file(location)
     handle = fs.open(fs_path, "rb")
     handle.seek(position)
@@ -362,11 +337,10 @@ def _fsspec_from(location: str, position: int) -> tuple[BinaryIO, int | None]:
 
 
 class _ResumingStream(io.RawIOBase):
-    """A remote file read from its start that reconnects where it broke off (from the bytes read);
-    `open_from(location, position)` gives the file read from `position` and where it ends (None: unknown)."""
+    """A remote file read from its start that reconnects where it broke off (from the bytes read)."""
 
-    def __init__(self, location: str, open_from: Callable[[str, int], tuple[BinaryIO, int | None]]) -> None:
-        self.location, self.open_from = location, open_from
+    def __init__(self, location: str) -> None:
+        self.location = location
         self.position, self.end, self.source = 0, None, None
 
     def readable(self) -> bool:
@@ -375,7 +349,7 @@ class _ResumingStream(io.RawIOBase):
     def readinto(self, buffer) -> int:
         def attempt() -> bytes:
             if self.source is None:
-                self.source, self.end = self.open_from(self.location, self.position)
+                self.source, self.end = _open_from(self.location, self.position)
             try:
                 data = self.source.read(len(buffer))
                 if not data and self.end is not None and self.position < self.end:
@@ -402,17 +376,13 @@ class _ResumingStream(io.RawIOBase):
 def open_stream(location: str | Path) -> BinaryIO:
     """A file object reading a local file or URL from its start (retried and resumed when remote)."""
     location = str(location)
-    path = local_path(location)
-    if path is not None:
-        if not path.is_file():
-            raise FileNotFoundError(f"{location}: no such file")
+    if (path := _local_file(location)) is not None:
         return open(path, "rb")
-    open_from = _http_from if location.startswith(("http://", "https://")) else _fsspec_from
-    return io.BufferedReader(_ResumingStream(location, open_from), buffer_size=1 << 20)
+    return io.BufferedReader(_ResumingStream(location), buffer_size=1 << 20)
 
 
 def tar_samples(location: str | Path) -> Iterator[dict]:
-    """The webdataset samples (key -> bytes) of one shard, read sequentially from wherever it is."""
+    """The webdataset samples (key -> bytes) of one shard, read sequentially."""
     with open_stream(location) as stream:
         files = wds.tariterators.tar_file_expander([{"url": str(location), "stream": stream}])
         yield from wds.tariterators.group_by_keys(files)

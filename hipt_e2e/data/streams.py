@@ -1,14 +1,9 @@
 """Streaming readers over shards, built on webdataset: regions, tiles, and slide bags.
 
-Splitting: each epoch the shard list is shuffled with (seed, epoch) - identically on every process -
-and shard i goes to reader i mod (world_size * workers), where a reader is one DataLoader worker of
-one rank (rank/world from torch.distributed or RANK/WORLD_SIZE, as webdataset reads them). Without
-resampling every sample is therefore seen exactly once per epoch across all processes and workers.
-With `balanced=True` the stream instead resamples shards forever and keeps a sample of class c with
-probability min_count / count_c, so classes arrive equally often (the caller counts steps).
-
-Slide bags keep a slide's regions together even when a slide continues into the next shard: the
-reader that owns the shard where a slide starts follows it into the next shard.
+Each epoch the shard list is shuffled with (seed, epoch), identically on every process, and shard i goes to
+reader i mod (ranks x DataLoader workers): every sample is seen once per epoch. `balanced=True` instead
+resamples shards forever, keeping a sample of class c with probability min_count / count_c. A slide bag
+is read by the owner of the shard where the slide starts, following it into the next shards.
 """
 from __future__ import annotations
 
@@ -40,19 +35,6 @@ def reader_info(rank: int | None = None, world_size: int | None = None) -> tuple
     return rank * workers + worker, world_size * workers
 
 
-def assign_shards(urls: Sequence[str], *, seed: int, epoch: int, shuffle: bool, reader: int,
-                  readers: int) -> list[tuple[int, str]]:
-    """(build position, url) of the shards this reader owns this epoch."""
-    order = list(enumerate(urls))
-    if shuffle:
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[reader::readers]
-
-
-def _read_shard(url: str) -> Iterator[dict]:
-    return tar_samples(url)
-
-
 def _label_of(sample: dict) -> str | None:
     return json.loads(sample["json"]).get("label")
 
@@ -78,22 +60,24 @@ class _ShardStream(IterableDataset):
         reader, _ = reader_info(self.rank, self.world_size)
         return random.Random((self.seed * 1_000_003 + self.epoch) * 1_009 + reader * 7 + salt)
 
-    def _keep_probability(self, counts: dict[str, int]) -> dict[str, float]:
-        smallest = min(counts.values())
-        return {label: smallest / count for label, count in counts.items()}
+    def _my_shards(self) -> list[tuple[int, str]]:
+        """(build position, url) of the shards this reader owns this epoch."""
+        reader, readers = reader_info(self.rank, self.world_size)
+        order = list(enumerate(self.urls))
+        if self.shuffle > 0:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order[reader::readers]
 
     def raw_samples(self) -> Iterator[dict]:
         """Raw samples (bytes) of this reader, in shard order."""
-        reader, readers = reader_info(self.rank, self.world_size)
         if self.balanced:
-            yield from self._balanced(self.manifest["class_counts"]["regions"], _label_of, _read_shard)
+            yield from self._balanced(self.manifest["class_counts"]["regions"], _label_of, tar_samples)
             return
-        for _, url in assign_shards(self.urls, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle > 0,
-                                    reader=reader, readers=readers):
-            yield from _read_shard(url)
+        for _, url in self._my_shards():
+            yield from tar_samples(url)
 
     def _balanced(self, counts: dict[str, int], label_of, read) -> Iterator[Any]:
-        keep = self._keep_probability(counts)
+        keep = {label: min(counts.values()) / count for label, count in counts.items()}
         rng = self._rng(salt=1)
         while True:
             for unit in read(rng.choice(self.urls)):
@@ -112,9 +96,8 @@ def _region(sample: dict, decode: str = "cpu") -> dict:
 
 
 class RegionStream(_ShardStream):
-    """One item per region: {"pixels": uint8 [3, H, W] (a token grid float [C, rows, cols]; with
-    decode="gpu" a JPEG region stays a JpegBatch for samples.device_pixels), "record": the sample's JSON
-    record}."""
+    """One item per region: {"pixels": uint8 [3, H, W] (a token grid: float [C, rows, cols]; decode="gpu": a
+    JpegBatch), "record": the sample's JSON record}."""
 
     def __init__(self, source: str | Path | Sequence[str], *, decode: str = "cpu", **kwargs: Any):
         super().__init__(source, **kwargs)
@@ -126,12 +109,9 @@ class RegionStream(_ShardStream):
 
 
 class TileStream(_ShardStream):
-    """One item per tile, cut on the fly in raster order, optionally only tiles with enough tissue.
-
-    {"pixels": uint8 [3, tile, tile], "record": {...region record..., "tile_index", "row", "col",
-    "tissue_fraction"}}. The shuffle buffer mixes tiles (not regions), since tiles of one region are
-    strongly correlated.
-    """
+    """One item per tile with at least `min_tissue`, raster order: {"pixels": uint8 [3, tile, tile], "record":
+    the region's record with "tile_index", "row", "col", "tissue_fraction"}. The shuffle buffer mixes tiles, not
+    regions: tiles of one region are strongly correlated."""
 
     def __init__(self, source: str | Path | Sequence[str], *, min_tissue: float = 0.0, **kwargs: Any):
         super().__init__(source, **kwargs)
@@ -140,16 +120,11 @@ class TileStream(_ShardStream):
     def _tiles(self) -> Iterator[dict]:
         for sample in self.raw_samples():
             pixels, record = decode_sample(sample)
-            tiles = cut_tiles(pixels, record["tile_px"])
-            cols = record["grid"][1]
-            for index, tile in enumerate(tiles):
-                fraction = record["tissue"][index]
-                if fraction < self.min_tissue:
-                    continue
-                tile_record = {**record, "tile_index": index, "row": index // cols, "col": index % cols,
-                               "tissue_fraction": fraction}
-                del tile_record["tissue"]
-                yield {"pixels": tile.contiguous(), "record": tile_record}
+            cols, region = record["grid"][1], {k: v for k, v in record.items() if k != "tissue"}
+            for index, (tile, fraction) in enumerate(zip(cut_tiles(pixels, record["tile_px"]), record["tissue"])):
+                if fraction >= self.min_tissue:
+                    yield {"pixels": tile.contiguous(), "record": {**region, "tile_index": index, "row": index // cols,
+                                                                   "col": index % cols, "tissue_fraction": fraction}}
 
     def __iter__(self) -> Iterator[dict]:
         return self._shuffled(self._tiles(), salt=3)
@@ -165,13 +140,10 @@ def count_tiles(source: str | Path, min_tissue: float) -> int:
 
 
 class SlideBagStream(_ShardStream):
-    """One item per slide: all its regions, or `regions_per_slide` of them sampled (seeded).
-
-    {"slide_id", "patient_id", "label", "label_index", "pixels": uint8 [k, 3, H, W],
-     "coords": int64 [k, 2] (level-0 x, y; -1 when unknown), "sizes": int64 [k] (level-0 side; -1 when
-     unknown), "region_index": int64 [k], "tissue": float32 [k, rows, cols]}. Only the sampled regions are decoded; with decode="gpu" JPEG
-    regions stay encoded ("pixels" is a JpegBatch, decoded on the device by samples.device_pixels).
-    """
+    """One item per slide, all its regions or `regions_per_slide` drawn (seeded; only those decoded):
+    {"slide_id", "patient_id", "label", "label_index", "pixels": uint8 [k, 3, H, W] (decode="gpu": a JpegBatch),
+    "coords": int64 [k, 2] (level-0 x, y), "sizes": int64 [k] (level-0 side), -1 where unknown,
+    "region_index": int64 [k], "tissue": float32 [k, rows, cols]}."""
 
     def __init__(self, source: str | Path, *, regions_per_slide: int | None = None, decode: str = "cpu",
                  **kwargs: Any):
@@ -183,7 +155,7 @@ class SlideBagStream(_ShardStream):
 
     def _bags_of_shard(self, position: int) -> Iterator[list[dict]]:
         """Raw bags of slides that start in shard `position`, following the last one into later shards."""
-        groups = groupby(_read_shard(self.urls[position]), key=lambda s: json.loads(s["json"])["slide_id"])
+        groups = groupby(tar_samples(self.urls[position]), key=lambda s: json.loads(s["json"])["slide_id"])
         bags = [(slide_id, list(samples)) for slide_id, samples in groups]
         if bags and json.loads(bags[0][1][0]["json"])["region_index"] != 0:
             bags = bags[1:]  # that slide started in an earlier shard; its owner reads it
@@ -192,7 +164,7 @@ class SlideBagStream(_ShardStream):
         following = position
         while self.continues[following] and following + 1 < len(self.urls):
             following += 1
-            tail = [s for s in _read_shard(self.urls[following]) if json.loads(s["json"])["slide_id"] == bags[-1][0]]
+            tail = [s for s in tar_samples(self.urls[following]) if json.loads(s["json"])["slide_id"] == bags[-1][0]]
             bags[-1][1].extend(tail)
             if len(tail) < self.manifest["shards"][following]["samples"]:
                 break  # the slide ended inside this shard
@@ -205,9 +177,7 @@ class SlideBagStream(_ShardStream):
                                       lambda bag: _label_of(bag[0]),
                                       lambda url: self._bags_of_shard(self.urls.index(url)))
             return
-        reader, readers = reader_info(self.rank, self.world_size)
-        for position, _ in assign_shards(self.urls, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle > 0,
-                                         reader=reader, readers=readers):
+        for position, _ in self._my_shards():
             yield from self._bags_of_shard(position)
 
     def sample_indices(self, slide_id: str, count: int) -> list[int]:

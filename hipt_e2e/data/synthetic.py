@@ -1,9 +1,7 @@
-"""A small, deterministic, synthetic pseudo-H&E slide dataset for the demo and the tests.
+"""A small, deterministic, synthetic pseudo-H&E slide dataset for the demo and the tests (no medical data).
 
-SYNTHETIC: these images only imitate the look of H&E (pink eosin stroma, purple haematoxylin nuclei,
-white glass). Each slide is an image whose tissue covers most of the field; the class signal (nucleus
-size and density) is present only in a random subset of its regions, the rest looking alike in every
-class - the situation attention-based slide models are built for. Nothing here is medical data.
+The class signal (nucleus size and density) is in a random subset of each slide's regions only, the rest
+alike in every class: the situation attention-based slide models are built for.
 """
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""The one tiling code path: tissue masks, the region grid over a slide, tiles inside a region.
-
-Shard building, the streaming readers and inference all call these functions, so that region
-coordinates, tile order and tissue fractions mean the same thing everywhere.
-
-Conventions (HIPT): a region of `region_px` pixels at the target resolution is cut into a grid of
-`tile_px` tiles in raster order, tile index = row * cols + col, rows running down from the top-left.
-Regions are laid on a grid over the slide starting at (0, 0); regions that cross the slide border are
-padded with white (background), so the whole slide is covered.
+"""The one tiling code path (tissue masks, the region grid over a slide, tiles inside a region), so that
+coordinates, tile order and tissue fractions mean the same everywhere. Tiles are in raster order (index =
+row * cols + col); regions lie on a grid from (0, 0), those crossing the border padded with white.
 """
 from __future__ import annotations
 
@@ -27,8 +21,7 @@ TISSUE_CEILING = 30
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation (0-255, uint8) of an RGB uint8 image [..., 3]."""
     rgb = rgb.astype(np.int16)
-    high = rgb.max(axis=-1)
-    low = rgb.min(axis=-1)
+    high, low = rgb.max(axis=-1), rgb.min(axis=-1)
     sat = np.where(high > 0, (high - low) * 255 // np.maximum(high, 1), 0)
     return sat.astype(np.uint8)
 
@@ -47,8 +40,7 @@ def otsu_threshold(values: np.ndarray) -> int:
         mean_low = mean_low_sum / weight_low
         mean_high = (mean_low_sum[-1] - mean_low_sum) / weight_high
         between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    between = np.nan_to_num(between)
-    return int(np.argmax(between))
+    return int(np.argmax(np.nan_to_num(between)))
 
 
 def tissue_threshold(thumbnail_rgb: np.ndarray, fixed: int | None = None) -> int:
@@ -99,11 +91,8 @@ def region_origins(width: int, height: int, size: int) -> list[tuple[int, int]]:
 
 
 def footprint_fraction(mask: np.ndarray, mask_scale: float, x: int, y: int, size: int) -> float:
-    """Tissue fraction of a level-0 square (x, y, size) measured on a low-resolution mask.
-
-    `mask_scale` is mask pixels per level-0 pixel. Parts of the square outside the slide count as
-    background, as they are padded with white when the region is read.
-    """
+    """Tissue fraction of a level-0 square (x, y, size) on a mask of `mask_scale` pixels per level-0 pixel; parts
+    outside the slide count as background (they are padded with white when read)."""
     x0, y0 = int(x * mask_scale), int(y * mask_scale)
     side = max(1, int(round(size * mask_scale)))
     window = mask[y0: y0 + side, x0: x0 + side]

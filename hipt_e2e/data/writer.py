@@ -1,16 +1,9 @@
 """Writing shard sets: the one writer of `hipt-shards build`, both embedding steps and slide bags.
 
-A shard is written as `shard-NNNNNN.tar.tmp` and closed atomically (fsynced, renamed into place), then described
-by its record: {"shard": its manifest entry (name, samples, bytes, sha256, slides, slide_continues), "index": its
-index rows (hipt_e2e.data.index), ...what the policy adds}, written to `OUT/units/NNNNNN.json` after the run's
-settings (`units/settings.json`). The records are the resume protocol: a rerun with the same settings keeps the
-recorded shards and goes on after them, one with other settings is refused, and the manifest and index are
-written from the records at the end. Two policies number the shards:
-
-- SizedShards: shards of at most `shard_bytes` in the order the samples come (build, slide bags); a record adds
-  the position to resume from and the inputs skipped before it.
-- UnitShards: one shard per input unit, numbered by the unit (both embedding steps), so any number of processes
-  or machines write the same files; a record adds the manifest entries of the unit's slides.
+Each closed shard gets a record (its manifest entry, its index rows, what the policy adds) in `OUT/units/`, after
+the run's settings: a rerun with the same settings keeps the recorded shards, one with other settings is refused,
+and the manifest and index are written from the records. SizedShards packs shards by size in sample order;
+UnitShards writes one shard per input unit, so any number of processes write the same files.
 """
 from __future__ import annotations
 
@@ -48,7 +41,7 @@ class OpenShard:
         self.slides: dict[str, int] = {}  # samples per slide
 
     def write(self, sample: dict, slide_id: str | None) -> None:
-        """Append a sample; `slide_id` is None for unlabelled tiles, which belong to no slide."""
+        """Append a sample; `slide_id` is None for unlabelled tiles."""
         self.tar.write(sample)
         self.samples += 1
         if slide_id is not None:
@@ -73,9 +66,7 @@ class OpenShard:
 
 class ShardSetWriter:
     """An output folder of shards: the settings guard, the records of closed shards, the manifest and index.
-
-    `settings` are what the set is made from (recorded as the manifest's build_args); `noun` and `out_option`
-    name the run and its output option in the refusals ("build", "--out")."""
+    `settings` are recorded as the manifest's build_args; `noun` and `out_option` name the run in refusals."""
 
     def __init__(self, out: str | Path, settings: Mapping[str, Any], *, noun: str = "run",
                  out_option: str = "out=") -> None:
@@ -97,10 +88,9 @@ class ShardSetWriter:
         return manifest
 
     def resume(self, is_main: bool = True, wait: Callable[[], Any] = lambda: None) -> dict[int, dict]:
-        """The records of the shards an interrupted run with these settings closed, by number: what a rerun keeps.
-        One with other settings is refused once it closed a shard; one that closed none holds nothing to protect,
-        and these settings replace its own (so that the command it refused, corrected, runs into the same folder).
-        Several processes: `is_main` records, the others `wait` for it."""
+        """The records, by number, of the shards an interrupted run with these settings closed. A run with other
+        settings is refused once it closed a shard; one that closed none is taken over (a corrected command runs
+        into the same folder). Several processes: `is_main` records, the others `wait` for it."""
         settings = self.records / SETTINGS
         if is_main:
             self._convert_journal()
@@ -114,12 +104,10 @@ class ShardSetWriter:
         return self.recorded()
 
     def recorded(self) -> dict[int, dict]:
-        """The records of the closed shards, by number."""
         return {number: json.loads(self._record_path(number).read_text()) for number in self._numbers()}
 
     def restart(self) -> None:
-        """Forget what an earlier run recorded here and record these settings (a set written from what the caller
-        holds rather than from its settings alone, which a rerun cannot resume)."""
+        """Forget what an earlier run recorded here (a set written from what the caller holds cannot resume)."""
         shutil.rmtree(self.records, ignore_errors=True)
         self.resume()
 
@@ -128,9 +116,8 @@ class ShardSetWriter:
 
     def write_manifest(self, records: Sequence[Mapping], kind: str, classes: Sequence[str],
                        slides: Mapping[str, Mapping], **accounting: Any) -> dict:
-        """The manifest (hipt_e2e.data.manifest.shard_set_manifest: `accounting` its inputs, written, skipped,
-        lineage) and index of the shards these records describe, written; returns the manifest. `slides`: each
-        slide's entry, to which the shards that hold it are added."""
+        """Write the manifest (`accounting`: see shard_set_manifest) and index of these records' shards; `slides`:
+        each slide's entry, to which the shards holding it are added."""
         shards = [record["shard"] for record in records]
         holding: dict[str, list[str]] = {}
         for shard in shards:
@@ -149,9 +136,8 @@ class ShardSetWriter:
         return self.records / f"{number:06d}.json"
 
     def _convert_journal(self) -> None:
-        """An interrupted build of an earlier version journalled its settings and closed shards (their records
-        as SizedShards writes them) in one file: taken over as records, so that it resumes or is refused as then.
-        Its closing line without a shard held only skips that the rerun meets again."""
+        """Take over the journal of an interrupted build of an earlier version (settings, then a SizedShards record
+        per closed shard) as records; a closing line without a shard held only skips the rerun meets again."""
         journal = self.out / OLD_JOURNAL
         if not journal.exists() or (self.out / MANIFEST).exists():
             return
@@ -164,9 +150,8 @@ class ShardSetWriter:
 
 
 class SizedShards:
-    """Shards of at most `shard_bytes` (a shard takes at least one sample), numbered in the order the samples
-    come; each record adds the position (item, sample) to resume from, None when nothing follows, and the
-    inputs skipped before it. Continues after the `records` (ShardSetWriter.resume) of an interrupted run."""
+    """Shards of at most `shard_bytes` (at least one sample) in sample order, after the `records` of an interrupted
+    run; each record adds the position (item, sample) to resume from (None: the end) and the skips before it."""
 
     def __init__(self, shard_set: ShardSetWriter, shard_bytes: int, records: Mapping[int, dict]) -> None:
         self.shard_set, self.shard_bytes = shard_set, shard_bytes
@@ -175,14 +160,14 @@ class SizedShards:
         self.skipped: list[dict] = []  # since the last record
 
     def resume_position(self) -> tuple[int, int] | None:
-        """Where the recorded shards end: (item, sample) to go on from, None when they hold every item."""
+        """(item, sample) to go on from, None when the recorded shards hold every item."""
         if not self.records:
             return 0, 0
         position = self.records[-1]["resume"]
         return tuple(position) if position else None
 
     def add(self, sample: dict, slide_id: str | None, position: tuple[int, int]) -> None:
-        """Append a sample, at `position` (item, sample) of the input; a full shard is closed first."""
+        """Append a sample at `position` (item, sample); a full shard is closed first."""
         size = sum(len(v) for k, v in sample.items() if not k.startswith("__")) + 1024 * len(sample)
         if self.open is not None and self.open.stream.tell() + size > self.shard_bytes:
             self._close(position, slide_continues=slide_id in self.open.slides)
@@ -194,7 +179,7 @@ class SizedShards:
         self.skipped.append(record)
 
     def finish(self) -> tuple[list[dict], list[dict]]:
-        """Close the last shard; returns the records of every shard and every skipped input's record."""
+        """Close the last shard; returns every shard's record and every skip."""
         if self.open is not None:
             self._close(None)
         return self.records, [entry for record in self.records for entry in record["skipped"]] + self.skipped
@@ -213,17 +198,15 @@ class SizedShards:
 
 
 class UnitShards:
-    """One shard per input unit, `shard-{unit:06d}.tar`: its layout depends on the input alone, so any number of
-    processes or machines write the same files, each its units. A record adds the manifest entries of the
-    unit's slides (label, patient, split, the input regions they hold)."""
+    """One shard per input unit, `shard-{unit:06d}.tar`, whichever process writes it; a record adds the manifest
+    entries of the unit's slides."""
 
     def __init__(self, shard_set: ShardSetWriter) -> None:
         self.shard_set = shard_set
         self.open: dict[int, tuple[OpenShard, dict[str, dict]]] = {}
 
     def add(self, unit: int, sample: dict, slide: Mapping[str, Any], regions: int) -> None:
-        """A sample of `unit` for the slide `slide` (its input record or bag: label, patient, split), holding
-        `regions` input regions."""
+        """A sample of `unit` for `slide` (its record or bag: label, patient, split), holding `regions` input regions."""
         if unit not in self.open:
             self.open[unit] = (OpenShard(self.shard_set.out, unit), {})
         shard, slides = self.open[unit]
@@ -233,7 +216,7 @@ class UnitShards:
         entry["regions"] += regions
 
     def close(self, unit: int, inputs: int) -> None:
-        """Close unit's shard and record it; `inputs`: the input regions the unit held."""
+        """Close and record unit's shard, which must hold its `inputs` input regions."""
         shard, slides = self.open.pop(unit)
         written = sum(entry["regions"] for entry in slides.values())
         if written != inputs:
@@ -242,8 +225,7 @@ class UnitShards:
 
     def finish(self, kind: str, classes: Sequence[str], inputs: int, units: int,
                lineage: Mapping | None = None) -> dict:
-        """The manifest and index from the records of all `units` (every process done), checking that the
-        `inputs` input regions were all written; returns the manifest."""
+        """The manifest and index from the records of all `units` (every process done), which hold `inputs` regions."""
         recorded = self.shard_set.recorded()
         records = [recorded[unit] for unit in range(units)]
         slides = {slide_id: entry for record in records for slide_id, entry in record["slides"].items()}
