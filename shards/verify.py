@@ -11,7 +11,7 @@ from hipt_e2e.data.embeddings import decode_bag
 from hipt_e2e.data.index import INDEX, ShardIndex, index_file
 from hipt_e2e.data.manifest import load_manifest
 from hipt_e2e.data.samples import decode_sample
-from hipt_e2e.data.storage import child, local_path, open_stream, read_bytes, tar_samples
+from hipt_e2e.data.storage import child, exists, local_path, open_stream, read_bytes, tar_samples
 from hipt_e2e.io import sha256_stream
 from hipt_e2e.progress import progress
 
@@ -43,12 +43,11 @@ def _check_sample(name: str, sample: dict, bags: bool) -> tuple[str | None, int,
 def _check_shard(root: str, shard: dict, bags: bool) -> tuple[list[str], Counter]:
     """Problems of one shard, and the regions it holds per slide."""
     location = child(root, shard["name"])
-    try:
-        with open_stream(location) as stream:
-            digest = sha256_stream(stream)
-    except FileNotFoundError:
+    if not exists(location):
         return [f"{shard['name']}: missing"], Counter()
     problems = []
+    with open_stream(location) as stream:
+        digest = sha256_stream(stream)
     if digest != shard["sha256"]:
         problems.append(f"{shard['name']}: sha256 differs from the manifest (altered or truncated)")
     samples: Counter = Counter()  # per slide, as the shard's manifest entry counts them
@@ -75,11 +74,10 @@ def _check_shard(root: str, shard: dict, bags: bool) -> tuple[list[str], Counter
 def _check_index(root: str, manifest: dict) -> list[str]:
     """Problems of the shard index, which must describe these shards member by member (if there is one)."""
     location = child(root, INDEX)
-    try:
-        index = ShardIndex.from_bytes(read_bytes(location), location)
-    except FileNotFoundError:
+    if not exists(location):
         log.info("%s: no index (built before it; training makes it on first open)", root)
         return []
+    index = ShardIndex.from_bytes(read_bytes(location), location)
     if index.shard_sha256.tolist() != [shard["sha256"] for shard in manifest["shards"]]:
         return [f"{INDEX}: describes other shards than the manifest lists (stale; delete it to rebuild)"]
     problems = []

@@ -35,9 +35,8 @@ class RegionCache:
         return self.folder / (hashlib.sha256(f"{url}\0{start}\0{end}".encode()).hexdigest()[:32] + ".bin")
 
     def get(self, url: str, start: int, end: int) -> bytes | None:
-        path = self._path(url, start, end)
         try:
-            return path.read_bytes()
+            return self._path(url, start, end).read_bytes()
         except FileNotFoundError:
             return None
 

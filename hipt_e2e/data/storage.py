@@ -168,11 +168,6 @@ _outages: dict[str, _Outage] = {}  # server (scheme://host:port) -> its outage u
 _outage_lock = threading.Lock()
 
 
-def _server(location: str) -> str:
-    parts = urllib.parse.urlsplit(location)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
 def _object_store_errors() -> tuple[type[BaseException], ...]:
     """Connection failures of object-store libraries; only a library already imported can have raised one."""
     errors: list[type[BaseException]] = []
@@ -191,7 +186,8 @@ def _describe(error: BaseException) -> str:
 
 def _retrying(location: str, attempt: Callable[[], T]) -> T:
     """attempt() until it succeeds, waiting out transient failures while the server's outage is in the budget."""
-    server, waits = _server(location), 0
+    parts, waits = urllib.parse.urlsplit(location), 0
+    server = f"{parts.scheme}://{parts.netloc}"
     while True:
         try:
             result = attempt()
@@ -322,6 +318,18 @@ def read_bytes(location: str | Path, offset: int = 0, size: int | None = None) -
         return data
 
     return _retrying(location, attempt)
+
+
+def exists(location: str | Path) -> bool:
+    location = str(location)
+    path = local_path(location)
+    if path is not None:
+        return path.exists()
+    try:
+        read_bytes(location, 0, 1)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _open_from(location: str, position: int) -> tuple[BinaryIO, int | None]:
