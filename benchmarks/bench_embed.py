@@ -30,7 +30,7 @@ from hipt_e2e.embedding import embed_tiles
 from hipt_e2e.lineage import encoder_record
 from hipt_e2e.models import model_preset
 from hipt_e2e.models.bundle import tile_architecture
-from hipt_e2e.training import TileModel, build_tile_encoder
+from hipt_e2e.models.encoders import TileModel, build_tile_encoder
 from shards.build import BuildSettings, build
 
 

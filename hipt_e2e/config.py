@@ -1,13 +1,6 @@
-"""Config in, artefacts out: YAML files plus dotted `key=value` overrides, typed settings, and logging setup.
-
-Every recipe and CLI resolves its settings the same way: built-in defaults <- `--config FILE` <- command
-line flags <- `a.b=value` overrides, and writes the resolved result next to its outputs so that every
-artefact says exactly how it was made.
-
-Typed settings are dataclasses deriving from `Settings`: the defaults are the fields' defaults, a section is
-a field whose type is another `Settings`, choices are `Literal[...]`, bounds are `bound(default, low, high)`.
-`Settings.from_mapping` validates once, at the entry point (unknown keys, types, choices, bounds), with
-errors naming the dotted key; the library then reads attributes, never string keys.
+"""Settings: defaults <- `--config FILE` <- `a.b=value` overrides, resolved once at the entry point into typed
+`Settings` dataclasses (sections are Settings fields, choices `Literal[...]`, bounds `bound(default, low,
+high)`), validated with errors naming the dotted key, and written next to every run's outputs.
 """
 from __future__ import annotations
 
@@ -53,9 +46,7 @@ def _merge(base: dict, update: Mapping, prefix: str = "") -> None:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 numbers and booleans: PyYAML (YAML 1.1) reads 1e-3 and 1.0e9 as strings, which a learning
-    rate or a byte count must never be, and yes/no/on/off as booleans, so `mixed_precision=no` would
-    arrive as False."""
+    """YAML 1.2 numbers and booleans: PyYAML (YAML 1.1) reads 1e-3 as a string and `no` as False."""
 
 
 _BOOL = "tag:yaml.org,2002:bool"
@@ -88,8 +79,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _free_form(defaults: Mapping, prefix: str = "") -> list[str]:
-    """The dotted keys whose default is {}: mappings of free keys (model.timm_kwargs, data.storage_options),
-    so `data.storage_options.endpoint_url=URL` may add a key there."""
+    """The dotted keys whose default is {}: mappings of free keys (data.storage_options.endpoint_url=URL)."""
     found = []
     for key, value in defaults.items():
         if isinstance(value, Mapping):
@@ -140,8 +130,7 @@ def _type_name(kind: Any) -> str:
 
 
 def _checked(kind: Any, value: Any, key: str) -> Any:
-    """`value` as a setting of type `kind` (int -> float where a float is asked for; lists -> tuples), or a
-    SettingError naming `key`."""
+    """`value` as a setting of type `kind` (ints as floats, lists as tuples), or a SettingError naming `key`."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if kind is Any:
         return value
@@ -233,8 +222,7 @@ def resolve_settings(kind: type[S], config_file: str | Path | None = None, overr
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """`--help` of every command: descriptions as written (they hold examples), and every optional
-    argument's default after its help, unless the help states it already."""
+    """Descriptions as written (they hold examples); every optional argument's default after its help."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
@@ -246,8 +234,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, example: str = "out=DIR") -> None:
-    """`--config FILE` and trailing `key=value` overrides, shared by every entry point; `example` is an
-    override that fits the command."""
+    """`--config FILE` and trailing `key=value` overrides (`example`: one that fits the command)."""
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML file of settings over the built-in defaults (default: none)")
     parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",

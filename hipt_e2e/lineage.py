@@ -1,10 +1,6 @@
-"""Reading lineage (the typed record of hipt_e2e.data.lineage): `read_lineage`, the one reader of a shard
-set's lineage, which converts the manifests of earlier versions, and the records of what made a set and of
-the models it must fit, which need the model code (architectures, cards).
-
-An earlier version recorded only its recipe's settings (`build_args`): a build's geometry, or an embedding
-step's config (the source set, the encoder's model section and weights), which are resolved here as the
-step resolved them, with the source's lineage read while it can be.
+"""Reading lineage (hipt_e2e.data.lineage's record), which needs the model code: `read_lineage`, the one
+reader, converts the manifests of earlier versions (their recipe settings, `build_args`, resolved as the step
+resolved them); and the checks that data fit a model's card.
 """
 from __future__ import annotations
 
@@ -86,6 +82,7 @@ def _fields_of(kind: type[Settings], model: Mapping[str, Any]) -> dict[str, Any]
 
 
 def _readable_lineage(shards: str) -> Lineage:
+    """The lineage of the set an old one was made from, while it can be read."""
     try:
         return read_lineage(shards)
     except (OSError, UserError):  # the source has moved or gone: what this set recorded still holds

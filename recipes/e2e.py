@@ -28,8 +28,8 @@ from hipt_e2e.config import Settings, bound, section
 from hipt_e2e.data.synthetic import make_dataset
 from hipt_e2e.errors import run_main
 from hipt_e2e.models import model_preset
-from hipt_e2e.training import recipe_settings
 from hipt_e2e.training.e2e import E2ESettings, e2e_accelerator, train_e2e
+from hipt_e2e.training.recipe import recipe_settings
 from shards.build import BuildSettings, build
 
 

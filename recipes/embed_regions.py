@@ -14,7 +14,8 @@ from hipt_e2e.embedding import EmbedRegionsSettings, embed_regions
 from hipt_e2e.errors import run_main
 from hipt_e2e.lineage import encoder_record, read_lineage
 from hipt_e2e.models.bundle import region_architecture
-from hipt_e2e.training import build_region_encoder, load_encoder_weights, recipe_settings, with_grid_width
+from hipt_e2e.models.encoders import build_region_encoder, load_encoder_weights, with_grid_width
+from hipt_e2e.training.recipe import recipe_settings
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,8 @@ from hipt_e2e.embedding import EmbedTilesSettings, embed_tiles
 from hipt_e2e.errors import run_main
 from hipt_e2e.lineage import encoder_record
 from hipt_e2e.models.bundle import tile_architecture, tile_normalisation
-from hipt_e2e.training import build_tile_encoder, load_encoder_weights, recipe_settings
+from hipt_e2e.models.encoders import build_tile_encoder, load_encoder_weights
+from hipt_e2e.training.recipe import recipe_settings
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,8 +14,10 @@ from hipt_e2e.data.streams import count_tiles
 from hipt_e2e.errors import run_main
 from hipt_e2e.lineage import read_lineage
 from hipt_e2e.models.bundle import tile_architecture
+from hipt_e2e.models.encoders import build_tile_encoder
 from hipt_e2e.ssl import TileMultiCrop
-from hipt_e2e.training import TilePretraining, build_tile_encoder, recipe_settings, train_dino
+from hipt_e2e.training.dino import TilePretraining, train_dino
+from hipt_e2e.training.recipe import recipe_settings
 
 
 def main(argv: list[str] | None = None) -> None:

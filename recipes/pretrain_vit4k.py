@@ -14,8 +14,10 @@ from hipt_e2e.data import RegionStream, load_manifest
 from hipt_e2e.errors import run_main
 from hipt_e2e.lineage import read_lineage
 from hipt_e2e.models.bundle import region_architecture
+from hipt_e2e.models.encoders import build_region_encoder, with_grid_width
 from hipt_e2e.ssl import RegionMultiCrop
-from hipt_e2e.training import RegionPretraining, build_region_encoder, recipe_settings, train_dino, with_grid_width
+from hipt_e2e.training.dino import RegionPretraining, train_dino
+from hipt_e2e.training.recipe import recipe_settings
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ from hipt_e2e.data import load_manifest
 from hipt_e2e.data.writer import UNITS
 from hipt_e2e.embedding import slide_units
 from hipt_e2e.models import model_preset, vit4k, vit256
-from hipt_e2e.training import export_safetensors
+from hipt_e2e.training.checkpointing import export_safetensors
 from tests.launch import REPO, free_port, launch
 from tests.processes import run
 from tests.test_e2e import settings as e2e_settings

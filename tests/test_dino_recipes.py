@@ -21,16 +21,9 @@ from hipt_e2e.errors import SettingError
 from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.models import cnn256, load_checkpoint, model_preset, vit4k, vit256
 from hipt_e2e.models.bundle import CARD, load_bundle, write_card
-from hipt_e2e.training import (
-    BACKBONE_EXPORT,
-    CHECKPOINT,
-    TRAIN_LOG,
-    NonFiniteLossError,
-    RegionPretraining,
-    TilePretraining,
-    export_safetensors,
-    load_checkpoint_state,
-)
+from hipt_e2e.models.encoders import BACKBONE_EXPORT
+from hipt_e2e.training.checkpointing import CHECKPOINT, TRAIN_LOG, NonFiniteLossError, export_safetensors, load_checkpoint_state
+from hipt_e2e.training.dino import RegionPretraining, TilePretraining
 from hipt_e2e.training.rescore import pixel_shards
 from hipt_e2e.training.slide_level import SlideSettings, build_slide_model, embedding_stages, slide_model_card
 from shards.build import BuildSettings, build

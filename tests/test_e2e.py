@@ -24,7 +24,7 @@ from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.errors import SettingError
 from hipt_e2e.evaluation.splits import make_folds
 from hipt_e2e.models import load_checkpoint, model_preset, vit256
-from hipt_e2e.training import CHECKPOINT, TRAIN_LOG, export_safetensors, load_checkpoint_state
+from hipt_e2e.training.checkpointing import CHECKPOINT, TRAIN_LOG, export_safetensors, load_checkpoint_state
 from hipt_e2e.training.e2e import (
     E2EOptim,
     E2ESettings,

@@ -19,9 +19,9 @@ from torchvision.transforms import v2 as T
 from hipt_e2e.embedding import token_grids
 from hipt_e2e.io import sha256_file as sha256
 from hipt_e2e.models import CheckpointError
+from hipt_e2e.models.encoders import TileModel, TileModelWithWeights, build_tile_encoder, load_encoder_weights
 from hipt_e2e.models.foundation import ENCODERS, EncoderEntry, PretrainedTileEncoder, _resolved_layers
 from hipt_e2e.normalise import NORMALISATIONS
-from hipt_e2e.training import TileModel, TileModelWithWeights, build_tile_encoder, load_encoder_weights
 from tests.conftest import LYMPHOMA, lymphoma_images, read_rgb
 
 # The suite runs ResNet-50 and one ViT-S/16 whole, the other ViTs at depth 2 (the same blocks, widths,
@@ -227,7 +227,7 @@ def test_staged_path_with_a_pretrained_encoder(shards: Path, tmp_path: Path) -> 
     from hipt_e2e.data.embeddings import read_slide_bags
     from hipt_e2e.evaluation.splits import Fold
     from hipt_e2e.models.bundle import CARD, load_bundle, write_card
-    from hipt_e2e.training import export_safetensors
+    from hipt_e2e.training.checkpointing import export_safetensors
     from hipt_e2e.training.slide_level import SlideSettings, build_slide_model, embedding_stages, slide_model_card
     from tests.test_dino_recipes import run_recipe
 
@@ -302,7 +302,7 @@ def test_end_to_end_with_a_pretrained_encoder_saves_what_trained(shards: Path, t
 
 
 def test_lora_run_resumes_from_checkpoints_without_the_base(shards: Path, tmp_path: Path) -> None:
-    from hipt_e2e.training import CHECKPOINT, load_checkpoint_state
+    from hipt_e2e.training.checkpointing import CHECKPOINT, load_checkpoint_state
     from tests.test_e2e import load_recipe, settings
 
     path, _ = random_release("kaiko-vits16", ENCODERS["kaiko-vits16"], tmp_path / "kaiko")

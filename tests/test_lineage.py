@@ -21,7 +21,8 @@ from hipt_e2e.evaluation.splits import Fold, write_splits
 from hipt_e2e.lineage import read_lineage
 from hipt_e2e.models import model_preset, vit256
 from hipt_e2e.models.bundle import hipt_from, tile_architecture, write_card
-from hipt_e2e.training import TileModel, export_safetensors
+from hipt_e2e.models.encoders import TileModel
+from hipt_e2e.training.checkpointing import export_safetensors
 from hipt_e2e.training.e2e import E2EModel, architecture
 from tests.test_dino_recipes import run_recipe
 

@@ -219,8 +219,8 @@ def test_an_outage_past_the_budget_fails_in_one_line_and_once(shards: Path, monk
 
 
 def test_the_storage_settings_reach_every_process_through_the_environment(monkeypatch) -> None:
-    from hipt_e2e.training import recipe_settings
     from hipt_e2e.training.e2e import E2ESettings
+    from hipt_e2e.training.recipe import recipe_settings
 
     recipe_settings(E2ESettings, None, ["data.retry_budget_s=300", "data.storage_options.endpoint_url=http://127.0.0.1:9000",
                                         "data.storage_options.anon=true"], required=())
@@ -310,7 +310,7 @@ def test_end_to_end_training_from_a_url_gives_the_local_predictions(shards: Path
 def test_prediction_from_a_url_gives_the_local_predictions(shards: Path, tmp_path: Path) -> None:
     from hipt_e2e.inference.predict import main as predict
     from hipt_e2e.models import HIPT
-    from hipt_e2e.training import export_safetensors
+    from hipt_e2e.training.checkpointing import export_safetensors
 
     export_safetensors(HIPT.from_preset("tiny", n_classes=2), tmp_path / "hipt.safetensors")
     settings = ["input_kind=shards", "model.preset=tiny", "model.classes=[a, b]",
@@ -325,7 +325,7 @@ def test_prediction_from_a_url_gives_the_local_predictions(shards: Path, tmp_pat
 
 def test_embedding_from_a_url_writes_the_local_shards(shards: Path, tmp_path: Path) -> None:
     from hipt_e2e.models import model_preset, vit256
-    from hipt_e2e.training import export_safetensors
+    from hipt_e2e.training.checkpointing import export_safetensors
     from tests.test_dino_recipes import run_recipe
 
     torch.manual_seed(0)
@@ -379,8 +379,8 @@ def s3_shards(shards: Path, s3_endpoint: str, monkeypatch) -> str:
 
 def test_a_shard_set_on_an_s3_server_of_ones_own_reads_as_the_folder(shards: Path, s3_shards: str, s3_endpoint: str,
                                                                      monkeypatch, capsys) -> None:
-    from hipt_e2e.training import recipe_settings
     from hipt_e2e.training.e2e import E2ESettings
+    from hipt_e2e.training.recipe import recipe_settings
     from shards.cli import main as hipt_shards
 
     assert hipt_shards(["verify", s3_shards, "--storage-option", f"endpoint_url={s3_endpoint}"]) == 0

@@ -1,13 +1,9 @@
 """Attention as QuPath objects: a GeoJSON FeatureCollection (RFC 7946) per slide, in level-0 pixels.
 
-One Polygon per scored region (objectType "detection") and, for the top regions, one per tile
-(objectType "tile"), with QuPath's conventions: `classification` {"name", "color"} names the
-attention decile ("attention 1" lowest .. "attention 10" highest, coloured with matplotlib's inferno),
-so File > Import objects shows them coloured; `measurements` (name -> number) hold the attention, its
-rank, the slide's class probabilities and the region's index, for Measure > Show measurement maps.
-Coordinates are those the regions were read at (level-0 x, y and side, whatever resolution they were
-read in); polygons are clipped to the slide when its dimensions are known (regions at the border are
-padded with white when read, the padding is not tissue).
+A Polygon per scored region ("detection") and per tile of the top regions ("tile"); `classification` names
+the attention decile (coloured with inferno, so File > Import objects shows them coloured) and `measurements`
+hold attention, rank and the slide's probabilities. Polygons are clipped to the slide (border padding is
+not tissue).
 """
 from __future__ import annotations
 

@@ -1,17 +1,10 @@
 """Predict slides and show the evidence: `hipt-predict` / `accelerate launch recipes/predict.py`.
 
-Whole-slide files (OpenSlide), image files or region shards -> predictions.csv (one row per slide: its
-class probabilities, predicted class, number of regions, or the reason it failed) and per slide a
-region-attention heatmap over a thumbnail plus tile-attention heatmaps of the top regions.
-
-Memory is bounded whatever the slide size: regions are read and embedded `chunk_regions` at a time
-(only the [M, 192] embeddings and small attention maps are kept), then the slide model runs once.
-Slides are read through `hipt_e2e.data.sources.iter_regions`, the same tiling as shard building.
-
-The model: `--model RUN_DIR` (or model.card=...), a trained run folder (e2e, train_wsi, train_fc) whose
-fold models are rebuilt from their model cards, with classes, tile / region size, resolution and
-normalisation as trained; model.fold=all (default) averages the fold models, model.fold=i takes one. Or
-the explicit model.* keys (preset, classes, weights or the three stages).
+Slide files, image files or region shards -> predictions.csv (a row per slide: probabilities, or why it
+failed), a region-attention heatmap per slide and tile-attention heatmaps of its top regions. Regions are
+read (the tiling of shard building) and embedded `chunk_regions` at a time, so memory is bounded whatever
+the slide size. The model: a trained run's fold models rebuilt from their cards (`--model RUN_DIR`;
+model.fold=all averages them), or the explicit model.* keys.
 """
 from __future__ import annotations
 
@@ -26,8 +19,9 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from pathlib import Path
-from queue import Full, Queue
+from queue import Empty, Queue
 from typing import Any, Literal
 
 import numpy as np
@@ -40,6 +34,7 @@ from hipt_e2e.data.augment import Tta, tta_poses
 from hipt_e2e.data.discovery import SlideFile, find_slides
 from hipt_e2e.data.lineage import Geometry, check_geometry
 from hipt_e2e.data.manifest import load_manifest
+from hipt_e2e.data.samples import device_pixels
 from hipt_e2e.data.sources import (
     ImageReader,
     OpenSlideReader,
@@ -62,6 +57,7 @@ from hipt_e2e.progress import progress
 from hipt_e2e.runtime import Precision, make_accelerator
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class PredictModel(Settings):
@@ -150,12 +146,6 @@ class Predictor:
         """One slide from chunks of its regions on the device, (pixels, tile mask or None), as score_slide."""
         return score_slide(self.members, chunks, self.poses, self.autocast, self.vote_method, return_attention)
 
-    def _device_pixels(self, rgbs: Sequence[np.ndarray]) -> torch.Tensor:
-        pixels = torch.stack([torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1) for rgb in rgbs])
-        if self.device.type == "cuda":
-            pixels = pixels.pin_memory()
-        return pixels.to(self.device, non_blocking=True)
-
     def predict(self, regions: Iterable[tuple[int, int, np.ndarray]], size: int) -> SlidePrediction:
         """regions: (x, y, rgb [H, W, 3]) of one slide, consumed `chunk_regions` at a time. With test-time
         augmentation every member scores the slide once per pose (every region in that pose, its tile grid
@@ -163,15 +153,11 @@ class Predictor:
         coords: list[tuple[int, int]] = []
 
         def chunks() -> Iterator[tuple[torch.Tensor, None]]:
-            rgbs = []
-            for x, y, rgb in regions:
-                coords.append((x, y))
-                rgbs.append(rgb)
-                if len(rgbs) == self.chunk_regions:
-                    yield self._device_pixels(rgbs), None
-                    rgbs = []
-            if rgbs:
-                yield self._device_pixels(rgbs), None
+            regions_left = iter(regions)
+            while chunk := list(islice(regions_left, self.chunk_regions)):
+                coords.extend((x, y) for x, y, _ in chunk)
+                pixels = torch.stack([torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1) for *_, rgb in chunk])
+                yield device_pixels(pixels, self.device), None
 
         scored = self.score(chunks(), return_attention=True)
         return SlidePrediction(scored.probs, scored.scores, scored.tile_attention, np.array(coords), size)
@@ -306,11 +292,6 @@ def _heatmaps(out: Path, slide: SlideInput, result: SlidePrediction, classes: Se
                           result.tile_attention[index], f"{title}\nregion {rank + 1} at ({x}, {y})")
 
 
-class _Failed:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
 def prefetch(items: Iterable, ahead: int) -> Iterator:
     """The items of `items`, produced by a background thread at most `ahead` items in advance: reading and
     decoding the next regions (OpenSlide and Pillow release the GIL) overlaps the model, and memory stays
@@ -318,31 +299,28 @@ def prefetch(items: Iterable, ahead: int) -> Iterator:
     queue: Queue = Queue(maxsize=max(1, ahead))
     done, stop = object(), threading.Event()
 
-    def produce() -> None:
+    def produce() -> None:  # (item, None) ..., then (done, the error or None)
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        queue.put(item, timeout=0.1)
-                        break
-                    except Full:
-                        continue
                 if stop.is_set():
                     return
+                queue.put((item, None))
+            queue.put((done, None))
         except BaseException as error:  # handed to the consumer
-            queue.put(_Failed(error))
-        queue.put(done)
+            queue.put((done, error))
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
     try:
-        while (item := queue.get()) is not done:
-            if isinstance(item, _Failed):
-                raise item.error
-            yield item
+        while (entry := queue.get())[0] is not done:
+            yield entry[0]
+        if entry[1] is not None:
+            raise entry[1]
     finally:
         stop.set()
-        thread.join()  # a slide is closed only after its reader thread has let go of it
+        while thread.is_alive():  # a slide is closed only after its reader thread has let go of it
+            with contextlib.suppress(Empty):
+                queue.get(timeout=0.1)  # frees a producer waiting to put
 
 
 def _prediction_row(slide: SlideInput | tuple, predictor: Predictor, out: Path, top_regions: int,

@@ -1,12 +1,9 @@
 """Scoring one slide: the one code path of end-to-end evaluation, `hipt-predict` and rescoring.
 
-A slide comes as chunks of its regions (uint8 pixels on the models' device, each with an optional tile
-mask of the tiles not to encode), so memory stays bounded whatever its size: only the region embeddings
-[M, 192] (and, when asked, the small tile-attention maps) are kept, then each member's slide model (or its
-region FC and vote) runs once over all of them. Every member (e.g. the fold models of a run) scores the
-slide once per pose (test-time augmentation: every region and its tile mask in that pose, the tile
-attention turned back); the slide probabilities, region scores and tile attention are the means over all
-(member, pose) pairs.
+A slide comes as chunks of its regions (pixels on the device, optional tile masks); only the region
+embeddings are kept, then each member's slide model (or region FC and vote) runs once. Every member scores
+the slide once per pose (test-time augmentation); probabilities, region scores and tile attention are the
+means over all (member, pose) pairs.
 """
 from __future__ import annotations
 

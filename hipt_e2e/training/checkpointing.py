@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from hipt_e2e.config import Settings
 from hipt_e2e.errors import SettingError
 from hipt_e2e.io import atomic_open, atomic_write_text
 
@@ -65,16 +66,16 @@ def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def resume_state(cfg: Mapping[str, Any], path: Path) -> dict[str, Any] | None:
+def resume_state(settings: Settings, path: Path) -> dict[str, Any] | None:
     """The checkpoint to continue from, or None for a fresh run; refuses to overwrite or mix runs."""
     if not path.exists():
-        if cfg["resume"]:
+        if settings.resume:
             log.info("resume=true but %s does not exist yet: starting from scratch", path)
         return None
-    if not cfg["resume"]:
+    if not settings.resume:
         raise FileExistsError(f"{path} exists: pass resume=true to continue that run, or choose another out=")
     state = load_checkpoint_state(path)
-    saved, now = flatten_config(state["config"]), flatten_config(cfg)
+    saved, now = flatten_config(state["config"]), flatten_config(settings.to_mapping())
     changed = sorted(k for k in saved.keys() | now.keys()
                      if k not in RUN_CONTROL and saved.get(k) != now.get(k))
     if changed:

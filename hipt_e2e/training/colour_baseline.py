@@ -1,9 +1,7 @@
 """The colour-only baseline on the slide-level folds: is a model learning more than stain colour?
 
-48-bin RGB histograms of each field/slide image -> standardised logistic regression, trained on each
-fold's train + validation slides and scored on its test slides, through slide-level training's own
-cross-validation (`folds.run_folds`: the same folds for the same slides and seed, the same
-splits.csv, metrics and report as train_wsi / train_fc).
+48-bin RGB histograms per image -> standardised logistic regression on each fold's train + validation
+slides, through slide-level training's own fold loop (the same folds, outputs and report as train_wsi).
 
     python -m hipt_e2e.training.colour_baseline --images ../shared/data/lymphoma-iicbu2008 --out runs/colour
 """

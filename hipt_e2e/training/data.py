@@ -1,7 +1,6 @@
-"""Feeding training loops from shard streams: batch collation, an endless per-process batch source
-that knows its position (so a resumed run continues at the same sample), and seeds derived from the
-run seed and a batch's place in the global batch (so no random state needs saving, and a run draws
-the same augmentations whatever its number of processes).
+"""Feeding training loops from shard streams: an endless per-process batch source that knows its position
+(a resumed run continues at the same sample), and seeds derived from the run seed and a batch's place in the
+global batch (no random state to save; the same draws whatever the number of processes).
 """
 from __future__ import annotations
 
@@ -20,11 +19,8 @@ def derived_seed(*key: int) -> int:
 
 
 class EpochBatches(Iterator[dict]):
-    """Endless batches of a stream: pass after pass (``set_epoch`` each time), full batches only.
-
-    ``position`` = (stream epoch, batches taken in it); constructing with a saved position skips to it,
-    which re-reads (but does not train on) that epoch's earlier batches.
-    """
+    """Endless full batches of a stream, pass after pass (``set_epoch`` each time). ``position`` = (stream
+    epoch, batches taken in it); a saved position is reached by re-reading that epoch's earlier batches."""
 
     def __init__(self, stream: IterableDataset, batch_size: int, workers: int, position: tuple[int, int] = (0, 0),
                  pin_memory: bool = False) -> None:

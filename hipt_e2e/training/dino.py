@@ -1,15 +1,9 @@
 """The DINO training engine behind both pretraining recipes: tiles -> ViT256 (or a CNN), token grids -> ViT4K.
 
-One optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` samples on each process (the
-global batch scales the learning rate). Per step, as in DINO: scheduled lr, weight decay and teacher
-momentum; multi-crop (one backbone pass per crop size); the loss against the centred, sharpened
-teacher; per-parameter gradient clipping; the prototype layer frozen during the first epoch(s); then
-the teacher EMA. Mixed precision, gradient accumulation and multi-process data parallelism come from
-Accelerate; every process streams its own shards.
-
-Randomness (crops, stochastic depth) is re-seeded every step from (seed, step, place in the global
-batch), and the checkpoint records where each process is in its stream, so ``resume=true`` repeats
-the uninterrupted run exactly. A loss that is not finite stops the run before anything is saved.
+A step, as in DINO: scheduled lr, weight decay and teacher momentum; multi-crop; the loss against the
+centred, sharpened teacher; per-parameter clipping; the prototype layer frozen in the first epoch(s); the
+teacher EMA. Random draws are re-seeded every step from (seed, step, place in the global batch) and the
+checkpoint records each process's place in its stream, so `resume=true` repeats the uninterrupted run.
 """
 from __future__ import annotations
 
@@ -81,8 +75,6 @@ class DINOObjective(Settings):
 
 @dataclass(frozen=True)
 class DINOOptim(Settings):
-    """The `optim` section."""
-
     # adamw (DINO's ViT recipe) | sgd (momentum 0.9: DINO's ResNet-50 recipe, with lr 0.03 and a constant
     # weight decay of 1e-4 at weight_decay = weight_decay_end)
     name: Literal["adamw", "sgd"] = "adamw"
@@ -96,8 +88,6 @@ class DINOOptim(Settings):
 
 @dataclass(frozen=True)
 class DINOTrain(Settings):
-    """The `train` section."""
-
     epochs: int = bound(100, 1)
     steps_per_epoch: int | None = bound(None, 0)  # null: one pass over the data at the global batch size
     batch_size: int = bound(64, 1)  # per process and micro-batch
@@ -205,20 +195,12 @@ def make_crops(multicrop: Callable[..., list[torch.Tensor]], inputs: torch.Tenso
 
 def dino_optimizer(name: str, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     """The optimizer of optim.name; its lr and weight decay are set every step by the schedules."""
-    if name == "adamw":
-        return torch.optim.AdamW(groups)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
-    raise SettingError(f"optim.name must be adamw or sgd, got {name!r}")
+    return torch.optim.AdamW(groups) if name == "adamw" else torch.optim.SGD(groups, lr=0.0, momentum=0.9)
 
 
 class DINOTrainer:
-    """One DINO run: models, optimizer, schedules and data, set up (or restored) on construction.
-
-    backbone(drop_path_rate) builds a fresh encoder with ``num_features``; stream yields {"pixels", ...}
-    items (uint8 tiles or float token grids) and has set_epoch; multicrop(batch, generator) returns
-    2 global + crops.n_local local crops.
-    """
+    """One DINO run, set up (or restored) on construction. backbone(drop_path_rate) builds a fresh encoder;
+    stream yields {"pixels", ...} items and has set_epoch; multicrop(batch, generator) returns the crops."""
 
     def __init__(self, settings: DINOSettings, backbone: Callable[[float], nn.Module], stream: IterableDataset,
                  multicrop: Callable[..., list[torch.Tensor]], samples_per_epoch: int,
@@ -248,7 +230,7 @@ class DINOTrainer:
                                  for model in _student_and_teacher(backbone, dino))
         self.dino_loss = DINOLoss(dino.out_dim, 2 + settings.crops.n_local, dino.warmup_teacher_temp,
                                   dino.teacher_temp, dino.warmup_teacher_temp_epochs, epochs)
-        state = resume_state(settings.to_mapping(), self.checkpoint_path)
+        state = resume_state(settings, self.checkpoint_path)
         if state is not None:
             student.load_state_dict(state["student"])
             self.teacher.load_state_dict(state["teacher"])
@@ -299,9 +281,9 @@ class DINOTrainer:
             return
         saved = (f"{self.checkpoint_path} (after step {self.saved_step})" if self.saved_step is not None
                  else "none (no checkpoint was written yet)")
-        message = (f"DINO loss is {value} at step {step} (epoch {epoch}); stopped without applying or saving "
-                   f"this step. Last good checkpoint: {saved}. Lower optim.lr, raise optim.warmup_epochs or use "
-                   "bf16 instead of fp16, check the inputs, then continue with resume=true.")
+        message = (f"DINO loss is {value} at step {step} (epoch {epoch}); stopped without applying or saving this "
+                   f"step. Last good checkpoint: {saved}. Lower optim.lr, raise optim.warmup_epochs or use bf16 "
+                   "instead of fp16, check the inputs, then continue with resume=true.")
         log.error(message)
         raise NonFiniteLossError(message)
 

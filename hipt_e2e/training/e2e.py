@@ -1,22 +1,11 @@
 """End-to-end fine-tuning of the nested HIPT: raw region pixels from shards -> slide label.
 
-One training micro-step is one slide: k of its regions (seeded by seed, epoch and slide id; all when
-it has fewer), augmented when `augment.enabled` (hipt_e2e.data.augment: poses, stain and colour
-jitter), go through tile encoder -> ViT4K -> slide model with gradients into every stage that is not
-frozen (with `train.slides_per_call=k`, k small slides share the tile-encoder and ViT4K calls of a
-micro-step; the slide model still sees each on its own). Memory stays bounded by gradient
-checkpointing over chunks of tiles (and optionally every ViT block), mixed precision, and gradient
-accumulation over slides; tiles that the shard's tissue fractions mark as background can be skipped.
-Validation and test use every region of a slide, encoded a bounded number of regions at a time
-without gradients.
-
-Splits, class-imbalance settings, model selection with early stopping and the report are those of
-slide-level training (`training.folds.run_folds`, `ModelSelection`, `epoch_order`), so the staged and
-the end-to-end paths are evaluated identically. Each fold is a resumable run like a DINO run
-(`fold_i/checkpoint.pt`, `fold_i/train_log.jsonl`): the slide order, the sampled regions and every
-random draw (augmentation, dropout, stochastic depth) are functions of (seed, fold, epoch, step, place in
-the global batch), so ``resume=true`` continues exactly, and k processes x a slides per step equal one process
-accumulating k*a slides. Data parallelism is Accelerate's DDP, or FSDP with ``train.fsdp=true``.
+One micro-step is one slide: k sampled regions (augmented when `augment.enabled`) through tile encoder ->
+ViT4K -> slide model, with gradients into every stage not frozen; memory bounded by checkpointing chunks of
+tiles (and optionally blocks), mixed precision and accumulation over slides. Evaluation scores every region
+(hipt_e2e.inference.scoring). Splits, selection and the report are slide-level training's (training.folds).
+Every random draw is a function of (seed, fold, epoch, step, place in the global batch), so `resume=true`
+continues exactly and k processes x a slides equal one process accumulating k*a.
 """
 from __future__ import annotations
 
@@ -72,8 +61,15 @@ from hipt_e2e.models.foundation import load_stage_weights, require_weights
 from hipt_e2e.models.hipt import STAGES
 from hipt_e2e.progress import progress
 from hipt_e2e.runtime import Precision, make_accelerator
-from hipt_e2e.training import CHECKPOINT, TRAIN_LOG, NonFiniteLossError, export_safetensors
-from hipt_e2e.training.checkpointing import keep_log_before, resume_state, save_checkpoint
+from hipt_e2e.training.checkpointing import (
+    CHECKPOINT,
+    TRAIN_LOG,
+    NonFiniteLossError,
+    export_safetensors,
+    keep_log_before,
+    resume_state,
+    save_checkpoint,
+)
 from hipt_e2e.training.data import derived_seed
 from hipt_e2e.training.folds import FoldSettings, run_folds
 from hipt_e2e.training.slide_level import (
@@ -147,8 +143,6 @@ class E2EModel(RegionModel, TileModel):
 
 @dataclass(frozen=True)
 class Memory(Settings):
-    """The `memory` section."""
-
     chunk_size: int = bound(256, 1)  # tiles per tile-encoder call
     checkpoint_chunks: bool = True  # keep only chunk outputs; recompute each chunk in backward
     checkpoint_blocks: bool = False  # also recompute every ViT block (tile and region encoders)
@@ -177,8 +171,6 @@ class E2EOptim(Settings):
 
 @dataclass(frozen=True)
 class E2ETrain(Settings):
-    """The `train` section."""
-
     epochs: int = bound(30, 1)
     grad_accum: int = bound(1, 1)  # slides per process per optimizer step
     # slides whose regions share one tile-encoder / ViT4K call (divides grad_accum): fills the batch when
@@ -360,7 +352,7 @@ class FoldTrainer:
         self.epoch, self.step, self.steps, self.run_steps = 0, 0, 0, run_steps
         self.epoch_losses: list[float] = []
         self.test_probs: np.ndarray | None = None
-        state = resume_state(settings.to_mapping(), self.checkpoint_path)
+        state = resume_state(settings, self.checkpoint_path)
         if state is not None:
             self._restore(state)
 

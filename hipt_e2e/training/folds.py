@@ -1,7 +1,5 @@
-"""The cross-validation protocol every slide-level model shares, whatever trains it: patient-grouped
-stratified folds (repeated, or the labels' fixed split), the caller's test probabilities per fold, then
-one set of outputs (splits.csv, predictions.csv, metrics.json, plots, report.md) that the paired
-comparison reads."""
+"""The cross-validation every slide-level model shares, whatever trains it: patient-grouped stratified folds,
+the caller's test probabilities per fold, then the outputs that the paired comparison reads."""
 from __future__ import annotations
 
 import dataclasses
@@ -32,16 +30,13 @@ IMBALANCE: tuple[str, ...] = typing.get_args(Imbalance)
 
 @dataclass(frozen=True)
 class Repeats(Settings):
-    """The `cv` section."""
-
     repeats: int = bound(1, 1)  # repeated cross-validation: repeats x folds, each repeat's split derived from seed
 
 
 @dataclass(frozen=True)
 class FoldSettings(Settings):
-    """The top-level settings of a cross-validated run that the fold loop and model selection read. A
-    trainer's settings derive from it (hipt_e2e.training.e2e.E2ESettings, with its own defaults); untyped ones
-    give theirs by `fold_settings`."""
+    """The top-level settings of a cross-validated run that the fold loop and model selection read; every
+    trainer's settings derive from it."""
 
     out: str | None = None
     seed: int = 0
@@ -61,13 +56,10 @@ def fold_settings(values: Mapping[str, Any]) -> FoldSettings:
 def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], run: FoldSettings, accelerator: Accelerator,
               test_probs: Callable[[Fold, Path], np.ndarray], extra: dict[str, Any],
               folds: Sequence[Fold] | None = None, config: Settings | Mapping | None = None) -> dict:
-    """The cross-validation every slide-level trainer shares: patient-grouped stratified folds, repeated
-    run.cv.repeats times (or the labels' fixed split; or `folds`, an earlier run's read back to score
-    its models again), then per fold test_probs(fold, fold_dir) ->
-    probabilities [len(fold.test), K] (training and model selection are the caller's), then config.yaml
-    (`config`, the caller's whole settings; by default `run`), splits.csv, predictions.csv, metrics.json (each
-    fold's metrics with its repeat, index and part sizes, which the paired comparison needs) plots and
-    report.md in run.out. Returns the metrics (on every process)."""
+    """Patient-grouped stratified folds repeated run.cv.repeats times (or the labels' fixed split, or `folds`
+    read back from an earlier run), test_probs(fold, fold_dir) -> [len(fold.test), K] per fold (training is
+    the caller's), then in run.out: config.yaml (`config`, default `run`), splits.csv, predictions.csv,
+    metrics.json (per fold with its repeat, index and sizes), plots and report.md. Returns the metrics."""
     classes = list(classes)
     out = Path(run.out)
     missing = [info.slide_id for info in infos if info.label is None]
@@ -95,8 +87,7 @@ def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], run: FoldSetti
     if accelerator.is_main_process:
         repeats = folds[-1].repeat + 1
         extra = {**extra, "imbalance": run.imbalance, "seed": run.seed, "n_folds": len(folds) // repeats,
-                 "repeats": repeats,
-                 "processes": accelerator.num_processes}
+                 "repeats": repeats, "processes": accelerator.num_processes}
         histories = {fold.name: json.loads((out / fold.name / "history.json").read_text())
                      for fold in folds if (out / fold.name / "history.json").is_file()}
         metrics = write_report(out, rows, per_fold, classes, extra, histories)

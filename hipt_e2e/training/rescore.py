@@ -1,20 +1,12 @@
 """Score a finished cross-validated run's test folds again, with its own fold models, under other inference
-settings: test-time augmentation (every region in its 8 dihedral poses) or another precision.
-
-Nothing is trained or selected again, so two scorings of one run differ only in how they infer: the same
-splits, the same fold models, the same test slides; `hipt_e2e.evaluation.compare` then gives the paired CI.
+settings (test-time augmentation, another precision): nothing is trained or selected again, so
+`hipt_e2e.evaluation.compare` can pair the two scorings fold by fold.
 
     python -m hipt_e2e.training.rescore RUN --out OUT --tta dihedral [--shards SHARDS]
 
-RUN: a finished run of e2e, train_wsi or train_fc (splits.csv, fold folders with model cards). The slides'
-regions are read from region shards: the run's data.shards, or for a staged run (its data are region bags)
-the region shards its bags were embedded from, traced through the embedding manifests (or --shards, e.g.
-the same shards at another URL). Every fold model scores its own test slides through the slide scorer of
-prediction and e2e evaluation (`hipt_e2e.inference.scoring`: every region of a slide, the tiles below the
-run's data.min_tile_tissue skipped as it evaluated). OUT gets what the run wrote (splits.csv - the run's -,
-predictions.csv, metrics.json, report.md) plus rescore.json: per fold the seconds, the tiles scored and
-tiles/s (each tile counted once, whatever the number of poses), the cost the paired comparison sets against
-the gain.
+RUN: a finished e2e, train_wsi or train_fc run. Regions come from its data.shards or, for a staged run, the
+region shards its bags were embedded from (or --shards). OUT gets the run's outputs scored again plus
+rescore.json: per fold the seconds, tiles scored and tiles/s, the cost set against the gain.
 """
 from __future__ import annotations
 

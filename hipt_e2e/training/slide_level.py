@@ -65,8 +65,6 @@ class SlideOptim(Settings):
 
 @dataclass(frozen=True)
 class SlideTrain(Settings):
-    """The `train` section."""
-
     log_with: LogWith = "none"  # none | tensorboard | mlflow | wandb, one run, tags per fold
 
 

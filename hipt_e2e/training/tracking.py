@@ -1,11 +1,6 @@
-"""Experiment trackers (`train.log_with`) through Accelerate's own: TensorBoard, MLflow or W&B, offline
-unless the user configures otherwise.
-
-TensorBoard writes event files under the run folder, MLflow a file store in `out/mlruns` (unless
-MLFLOW_TRACKING_URI says where), W&B runs in offline mode in `out/wandb` (unless WANDB_MODE is set): no
-network call happens unless the user asks for one. The resolved config goes in as hyper-parameters
-(nested keys flattened to "optim.lr"), scalars are tagged by what they are and, in cross-validated
-runs, by fold ("fold_0/train/loss").
+"""Experiment trackers (`train.log_with`) through Accelerate's own: TensorBoard event files, an MLflow file
+store in `out/mlruns`, W&B offline in `out/wandb` (unless MLFLOW_TRACKING_URI / WANDB_MODE say otherwise), so
+no network call happens unless asked for. Scalars are tagged by fold where there are folds ("fold_0/train/loss").
 """
 from __future__ import annotations
 

@@ -36,14 +36,9 @@ from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.errors import SettingError, run_main
 from hipt_e2e.evaluation.ablation import folds_text, paired_answer, write_ablation
 from hipt_e2e.lineage import read_lineage
-from hipt_e2e.training import (
-    BACKBONE_EXPORT,
-    TRAIN_LOG,
-    TileModelWithWeights,
-    build_tile_encoder,
-    load_encoder_weights,
-    recipe_settings,
-)
+from hipt_e2e.models.encoders import BACKBONE_EXPORT, TileModelWithWeights, build_tile_encoder, load_encoder_weights
+from hipt_e2e.training.checkpointing import TRAIN_LOG
+from hipt_e2e.training.recipe import recipe_settings
 from hipt_e2e.training.slide_level import SlideSettings, cross_validate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stage recipes run as they are, not copied
