@@ -20,8 +20,7 @@ import time
 import torch
 
 from hipt_e2e.data.tiling import cut_tiles
-from hipt_e2e.embedding import token_grids
-from hipt_e2e.models import HIPT, vit4k, vit_wsi
+from hipt_e2e.models import HIPT, token_grids, vit4k, vit_wsi
 from hipt_e2e.models.foundation import ENCODERS, PretrainedTileEncoder
 from hipt_e2e.normalise import normalise
 

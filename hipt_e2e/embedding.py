@@ -1,17 +1,10 @@
 """The two embedding steps of the staged path, each shard set in -> shard set out.
 
-embed_tiles:   regions (uint8 [3, H, W]) -> token grids [D, rows, cols] (one sample per region, the
-               region's key and record kept, `grid.npy` entry), batched over regions.
-embed_regions: token grids of a slide -> its region embeddings [M, D'] with their coordinates, one
-               sample per slide in the slide-embedding format of hipt_e2e.data.embeddings; or, without a
-               region encoder, the bag of all its tile embeddings [N, D] (attention-MIL's usual input).
-
-Work goes by input units (the shards whose slides belong together: a slide continuing into the next
-shard keeps them in one unit), unit i to reader i mod n of the processes x DataLoader workers; each unit
-becomes one output shard (hipt_e2e.data.writer.UnitShards), so every slide stays contiguous, as the slide-bag stream needs.
-The output does not depend on the number of readers, a killed run continues where it stopped (finished
-units are kept and skipped), and the manifest accounts for every input region (inputs = written +
-skipped, and skipped is empty).
+embed_tiles: regions -> token grids [D, rows, cols], one sample per region. embed_regions: a slide's token
+grids -> its region embeddings [M, D'] (hipt_e2e.data.embeddings' format) or, without a region encoder,
+the bag of all its tile embeddings. Work goes by input units (shards a slide spans stay together), unit i
+to reader i mod n; each unit becomes one output shard (UnitShards), so output does not depend on the
+number of readers and a killed run resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -37,12 +30,10 @@ from hipt_e2e.data.manifest import GRIDS_KIND, MANIFEST, load_manifest, shard_ur
 from hipt_e2e.data.samples import collate, decode_mode, decode_sample, device_pixels, encode_grid
 from hipt_e2e.data.storage import StorageSettings, tar_samples
 from hipt_e2e.data.streams import SlideBagStream, reader_info
-from hipt_e2e.data.tiling import cut_tiles
 from hipt_e2e.data.writer import ShardSetWriter, UnitShards
 from hipt_e2e.lineage import check_card, read_lineage
-from hipt_e2e.models import select_attention
+from hipt_e2e.models import select_attention, token_grids
 from hipt_e2e.models.encoders import RegionModelWithWeights, TileModelWithWeights
-from hipt_e2e.normalise import normalise
 from hipt_e2e.progress import progress
 from hipt_e2e.runtime import Precision, make_accelerator
 
@@ -51,11 +42,9 @@ log = logging.getLogger(__name__)
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-# ------------------------------------------------------------------------------------------ settings
 @dataclass(frozen=True)
 class EmbeddingData(StorageSettings):
     """The `data` section of both embedding recipes."""
-
     shards: str | None = None  # embed_tiles: region shards (hipt-shards build); embed_regions: an embed_tiles output
     workers: int = bound(2, 0)  # DataLoader workers per process
 
@@ -63,14 +52,12 @@ class EmbeddingData(StorageSettings):
 @dataclass(frozen=True)
 class EmbedTilesData(EmbeddingData):
     """embed_tiles' `data` section: the regions' reading too."""
-
     decode: Literal["cpu", "gpu"] = "cpu"  # cpu (readers) | gpu (nvJPEG, batched)
 
 
 @dataclass(frozen=True)
 class TileEmbedding(Settings):
     """embed_tiles' `embed` section."""
-
     # the released HIPT weights' (x/127.5 - 1); use what your weights were trained with (a pretrained
     # encoder of the registry always takes its own)
     normalisation: str = "hipt"
@@ -83,7 +70,6 @@ class TileEmbedding(Settings):
 @dataclass(frozen=True)
 class RegionEmbedding(Settings):
     """embed_regions' `embed` section."""
-
     regions_per_batch: int = bound(64, 1)
     mixed_precision: Precision = None  # no | bf16 | fp16; null: as `accelerate launch` says
     # region: ViT4K embeddings, the HIPT path | tile: every tile embedding of the slide, no region stage (the
@@ -95,7 +81,6 @@ class RegionEmbedding(Settings):
 @dataclass(frozen=True)
 class EmbeddingSettings(Settings):
     """What both embedding recipes' settings hold besides their model and embed sections."""
-
     out: str | None = None
     data: EmbeddingData = section(EmbeddingData)
 
@@ -103,7 +88,6 @@ class EmbeddingSettings(Settings):
 @dataclass(frozen=True)
 class EmbedTilesSettings(EmbeddingSettings):
     """recipes/embed_tiles.py: regions -> token grids."""
-
     data: EmbedTilesData = section(EmbedTilesData)
     model: TileModelWithWeights = section(TileModelWithWeights)
     embed: TileEmbedding = section(TileEmbedding)
@@ -112,23 +96,8 @@ class EmbedTilesSettings(EmbeddingSettings):
 @dataclass(frozen=True)
 class EmbedRegionsSettings(EmbeddingSettings):
     """recipes/embed_regions.py: token grids -> region embeddings (or tile bags), grouped per slide."""
-
     model: RegionModelWithWeights = section(RegionModelWithWeights)
     embed: RegionEmbedding = section(RegionEmbedding)
-
-
-# ------------------------------------------------------------------------------------------ maths
-def token_grids(encoder: nn.Module, regions: torch.Tensor, tile_px: int, normalisation: str,
-                tiles_per_call: int) -> torch.Tensor:
-    """uint8 regions [B, 3, H, W] -> token grids [B, D, rows, cols], grid[:, :, r, c] = tile r * cols + c.
-
-    The tiles of all B regions go through the encoder together, ``tiles_per_call`` at a time.
-    """
-    batch, _, height, width = regions.shape
-    rows, cols = height // tile_px, width // tile_px
-    tiles = cut_tiles(regions, tile_px).flatten(0, 1)  # raster order per region
-    embeddings = torch.cat([encoder(normalise(chunk, normalisation)) for chunk in tiles.split(tiles_per_call)])
-    return embeddings.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
 
 
 def tile_bag(grids: torch.Tensor, coords: torch.Tensor, sizes: torch.Tensor, tissue: torch.Tensor,
@@ -149,7 +118,6 @@ def tile_bag(grids: torch.Tensor, coords: torch.Tensor, sizes: torch.Tensor, tis
     return features[keep], tile_coords[keep]
 
 
-# ------------------------------------------------------------------------------------------ input
 def slide_units(manifest: Mapping[str, Any]) -> list[list[int]]:
     """Shard positions grouped so that a slide continuing into the next shard stays in one group."""
     units: list[list[int]] = [[]]
@@ -193,9 +161,8 @@ class UnitItems(IterableDataset):
 
 
 class UnitRegionBatches(UnitItems):
-    """Regions of each unit in batches of `batch` (batches never span units, so a unit's grids do not
-    depend on which reader computes it): {"pixels", "record", "key"} lists, pixels stacked (with
-    decode="gpu" JPEG pixels stay encoded for the device)."""
+    """Regions of each unit in batches of `batch` that never span units (so a unit's grids do not depend on
+    which reader computes it): {"pixels", "record", "key"} lists, pixels stacked (or JPEG, decode="gpu")."""
 
     def __init__(self, source: str | Path | Mapping, done: set[int], batch: int, decode: str = "cpu") -> None:
         super().__init__(source, done)
@@ -227,7 +194,6 @@ class UnitSlideBags(UnitItems):
             yield {"bag": self.bags.decode_bag(list(samples)), "ordinal": self.ordinals[slide_id]}
 
 
-# ----------------------------------------------------------------------------------------- output
 def _units_done(accelerator: Accelerator, shard_set: ShardSetWriter, units: int) -> set[int]:
     """The units an interrupted run with the same settings finished (refusing one with other settings)."""
     done = set(shard_set.resume(accelerator.is_main_process, accelerator.wait_for_everyone))
@@ -239,8 +205,7 @@ def _units_done(accelerator: Accelerator, shard_set: ShardSetWriter, units: int)
 
 def _finish(accelerator: Accelerator, writer: UnitShards, kind: str, source: Mapping[str, Any], units: int,
             lineage: Lineage) -> dict:
-    """When every process is done: the manifest and index from the unit records (main process), the config
-    beside them."""
+    """When every process is done: the manifest and index from the unit records, the config beside them."""
     accelerator.wait_for_everyone()
     out = writer.shard_set.out
     if accelerator.is_main_process:
@@ -253,21 +218,14 @@ def _finish(accelerator: Accelerator, writer: UnitShards, kind: str, source: Map
     return manifest
 
 
-# -------------------------------------------------------------------------------------- the steps
 @torch.no_grad()
 def embed_tiles(encoder: nn.Module, source: str | Path, out: str | Path, *, settings: Mapping[str, Any],
                 tile_encoder: Encoder, normalisation: str, regions_per_batch: int, tiles_per_call: int,
                 workers: int = 0, dtype: str = "float16", mixed_precision: str | None = None,
                 decode: str = "cpu") -> dict:
-    """Every region of the shard set ``source`` -> its token grid, written as shards to ``out`` (one per
-    input unit, see UnitShards: resumable, the same files for any number of processes).
-
-    ``settings`` (e.g. the recipe config) is recorded as the output's build_args, ``tile_encoder`` (the
-    encoder's record) in its lineage; regions of another geometry than the encoder's card records are
-    refused. ``decode="gpu"``: JPEG regions are decoded on the CUDA device in batches (the CPU readers when
-    there is none). Returns the manifest.
-    """
-    out = Path(out)
+    """Every region of the shard set ``source`` -> its token grid, written as shards to ``out``; returns the
+    manifest. ``settings`` become its build_args, ``tile_encoder`` (the encoder's record) its lineage; regions of
+    another geometry than the encoder's card records are refused. decode="gpu": JPEGs decode on the device."""
     accelerator = make_accelerator(mixed_precision)
     shard_set = ShardSetWriter(out, settings)
     if (manifest := shard_set.finished()) is not None:
@@ -309,11 +267,8 @@ def embed_regions(encoder: nn.Module | None, source: str | Path, out: str | Path
                   region_encoder: Encoder | None, regions_per_batch: int, workers: int = 0,
                   mixed_precision: str | None = None, min_tile_tissue: float = 0.0) -> dict:
     """Every slide of the token-grid shard set ``source`` -> its region embeddings [M, D] (float32) with
-    coordinates, one sample per slide, written as shards to ``out`` (one per input unit, see UnitShards).
-    encoder None: the bag of every tile embedding instead (`tile_bag`). ``region_encoder``: the encoder's
-    record, for the lineage; token grids of another width than the encoder takes, or of another geometry
-    than its card records, are refused. Returns the manifest."""
-    out = Path(out)
+    coordinates, written as shards to ``out``; returns the manifest. encoder None: the bag of every tile
+    embedding instead (`tile_bag`). Grids of another width or geometry than the encoder's card are refused."""
     accelerator = make_accelerator(mixed_precision)
     shard_set = ShardSetWriter(out, settings)
     if (manifest := shard_set.finished()) is not None:

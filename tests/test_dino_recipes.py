@@ -16,10 +16,10 @@ from hipt_e2e.data import RegionStream, SlideBagStream, load_manifest
 from hipt_e2e.data.embeddings import read_slide_bags
 from hipt_e2e.data.samples import encode_grid
 from hipt_e2e.data.writer import ShardSetWriter, UnitShards
-from hipt_e2e.embedding import GRIDS_KIND, EmbedRegionsSettings, EmbedTilesSettings, token_grids
+from hipt_e2e.embedding import GRIDS_KIND, EmbedRegionsSettings, EmbedTilesSettings
 from hipt_e2e.errors import SettingError
 from hipt_e2e.evaluation.splits import Fold
-from hipt_e2e.models import cnn256, load_checkpoint, model_preset, vit4k, vit256
+from hipt_e2e.models import cnn256, load_checkpoint, model_preset, token_grids, vit4k, vit256
 from hipt_e2e.models.bundle import CARD, load_bundle, write_card
 from hipt_e2e.models.encoders import BACKBONE_EXPORT
 from hipt_e2e.training.checkpointing import CHECKPOINT, TRAIN_LOG, NonFiniteLossError, export_safetensors, load_checkpoint_state

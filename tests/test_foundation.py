@@ -16,9 +16,8 @@ from safetensors.torch import load_file, save_file
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from hipt_e2e.embedding import token_grids
 from hipt_e2e.io import sha256_file as sha256
-from hipt_e2e.models import CheckpointError
+from hipt_e2e.models import CheckpointError, token_grids
 from hipt_e2e.models.encoders import TileModel, TileModelWithWeights, build_tile_encoder, load_encoder_weights
 from hipt_e2e.models.foundation import ENCODERS, EncoderEntry, PretrainedTileEncoder, _resolved_layers
 from hipt_e2e.normalise import NORMALISATIONS

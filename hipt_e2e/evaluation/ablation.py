@@ -1,11 +1,5 @@
-"""Ablation reports: variants run on the same folds and seeds, compared in one table and one plot.
-
-Each ablation recipe collects the `metrics.json` of its variants (from `cross_validate` or the e2e
-engine) and writes `docs/ablations/<name>.md` (table of mean +- sd over folds of balanced accuracy,
-macro AUC and per-class recall, the paired comparison of the best variant against every other with its
-corrected CI, the plot, the exact command, runtime and machine, the answer) and the raw metrics next to
-it as `<name>.json`.
-"""
+"""Ablation reports: variants run on the same folds and seeds, compared in one table and one plot
+(`docs/ablations/<name>.md`, with the paired comparison, the command, runtime, machine and the answer)."""
 from __future__ import annotations
 
 import json
@@ -16,16 +10,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 from accelerate import PartialState
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from hipt_e2e.evaluation.compare import PAIRED_HEADER, best_against_rest  # noqa: E402
-from hipt_e2e.evaluation.metrics import selection_key  # noqa: E402
-from hipt_e2e.io import atomic_open, atomic_write_json, atomic_write_text  # noqa: E402
+from hipt_e2e.evaluation.compare import PAIRED_HEADER, best_against_rest
+from hipt_e2e.evaluation.metrics import selection_key
+from hipt_e2e.evaluation.report import format_stat, save_figure  # (it selects matplotlib's Agg backend)
+from hipt_e2e.io import atomic_write_json, atomic_write_text
 
 
 def machine() -> str:
@@ -33,8 +25,7 @@ def machine() -> str:
 
 
 def command_line(processes: int = 1, cpu: bool = False) -> str:
-    """The command that ran this script; with several processes, behind the accelerate launch that starts
-    them (on CPUs `--multi_gpu` with ACCELERATE_USE_CPU, the launch that gives torchrun's CPU processes)."""
+    """The command that ran this script; with several processes, behind the accelerate launch that starts them."""
     script = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     if processes == 1:
         return script
@@ -42,7 +33,7 @@ def command_line(processes: int = 1, cpu: bool = False) -> str:
 
 
 def _cell(stat: dict) -> str:
-    return "n/a" if stat["n"] == 0 else f"{stat['mean']:.3f} +- {stat['sd']:.3f}"
+    return "n/a" if stat["n"] == 0 else format_stat(stat)
 
 
 def results_table(variants: dict[str, dict], classes: Sequence[str]) -> list[str]:
@@ -71,9 +62,7 @@ def bar_plot(path: Path, variants: dict[str, dict], metric: str = "balanced_accu
     axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
     axis.set_ylabel(f"{metric.replace('_', ' ')} (mean +- sd over folds)")
     axis.set_ylim(0, 1)
-    with atomic_open(path, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    save_figure(figure, path, dpi=110)
     return path
 
 
@@ -89,9 +78,8 @@ def fold_histories(run_dir: str | Path) -> list[list[dict]]:
 
 
 def convergence_table(run_dirs: Mapping[str, str | Path]) -> list[str]:
-    """Markdown rows: how long each variant's folds trained and where their selected epochs lie; a variant
-    whose folds select their last epochs was still improving when it stopped. The validation score of the
-    selected epochs is what choices between variants (a recipe, a setting) are made on, never the test folds."""
+    """Markdown rows: how long each variant's folds trained and where their selected epochs lie (a variant whose
+    folds select their last epochs was still improving) with their validation score, which choices are made on."""
     lines = ["| variant | folds | epochs trained (min-max) | selected epoch (median) | folds selecting one of their last 3 epochs "
              "| validation balanced accuracy of the selected epochs (mean) |",
              "|---|---|---|---|---|---|"]
@@ -110,8 +98,7 @@ def convergence_table(run_dirs: Mapping[str, str | Path]) -> list[str]:
 
 
 def variant_curves(path: Path, run_dirs: Mapping[str, str | Path]) -> Path:
-    """Training loss and validation balanced accuracy per epoch, each variant's mean over its folds (over
-    the folds still training at that epoch)."""
+    """Training loss and validation balanced accuracy per epoch, each variant's mean over its folds still training."""
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, run_dir in run_dirs.items():
         histories = [h for h in fold_histories(run_dir) if h]
@@ -124,9 +111,7 @@ def variant_curves(path: Path, run_dirs: Mapping[str, str | Path]) -> Path:
         axis.set_xlabel("epoch")
         axis.set_title(title)
     axes[1].legend(fontsize=7, loc="lower right")
-    with atomic_open(path, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    save_figure(figure, path, dpi=110)
     return path
 
 
@@ -134,9 +119,8 @@ def write_ablation(docs_dir: str | Path, name: str, title: str, question: str, v
                    classes: Sequence[str], *, answer: str, runtime_s: float, setup: str,
                    plot: Path | None = None, extra_lines: Sequence[str] = (),
                    run_dirs: Mapping[str, str | Path] | None = None, lab_scale: str = "") -> Path:
-    """docs/ablations/<name>.md + <name>.json (+ <name>.png unless a plot is given); with the variants' run
-    folders, their learning curves (<name>_curves.png) and a convergence table as well; `lab_scale`: what
-    would change on slides of hundreds of regions and on GPUs."""
+    """docs/ablations/<name>.md + <name>.json (+ <name>.png unless a plot is given); with run folders, learning
+    curves and a convergence table too; `lab_scale`: what would change at a lab's scale (slides, GPUs)."""
     docs_dir, state = Path(docs_dir), PartialState()
     docs_dir.mkdir(parents=True, exist_ok=True)
     plot = plot or bar_plot(docs_dir / f"{name}.png", variants)
@@ -160,14 +144,13 @@ def write_ablation(docs_dir: str | Path, name: str, title: str, question: str, v
 
 
 def with_mean_recall(variants: Mapping[str, Mapping], classes: Sequence[str], metric: str) -> dict[str, dict]:
-    """The variants' metrics with `metric` added to every fold: the mean recall of `classes` there (e.g. the
-    minority classes), so that it can be paired like balanced accuracy."""
+    """The variants' metrics with `metric` added to every fold: the mean recall of `classes` (e.g. the minority
+    classes), to be paired like balanced accuracy."""
     return {name: {**metrics, "folds": [{**fold, metric: float(np.mean([fold["recall"][c] for c in classes]))}
                                         for fold in metrics["folds"]]}
             for name, metrics in variants.items()}
 
 
 def paired_answer(variants: dict[str, dict], metric: str = "balanced_accuracy") -> str:
-    """The generated sentences of the paired comparison (corrected CI over the shared folds): the variant
-    with the best mean against every other."""
+    """The sentences of the paired comparison of the best variant against every other (corrected CIs)."""
     return " ".join(pair.sentence() for pair in best_against_rest(variants, metric))

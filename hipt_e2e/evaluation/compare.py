@@ -1,19 +1,13 @@
 """Paired comparison of variants cross-validated on identical splits: is A better than B, and by how much?
 
-Per test fold (repeat r, fold k) the difference d = metric(A) - metric(B) on the same test slides. The
-mean of the R*K differences gets a confidence interval from the corrected resampled t-test for repeated
-cross-validation (Nadeau & Bengio 2003; Bouckaert & Frank 2004): the folds' training sets overlap, so the
-differences are correlated and the naive variance s^2 / (R*K) is too small; the corrected one is
-(1 / (R*K) + n_test / n_train) * s^2, with R*K - 1 degrees of freedom. n_train counts every slide a fold's
-model was fitted or selected on (its train and validation parts). Beside it, a Wilcoxon signed-rank
-p-value (no normality assumption, but no correction for the overlap either). Each variant also gets its
-pooled out-of-fold metric (test folds pooled within a repeat, averaged over repeats) with a percentile
-bootstrap CI over slides. "Better" means the corrected CI excludes 0; the sentences say so or not.
+Per test fold the difference d = metric(A) - metric(B) on the same slides; the mean of the R*K differences
+gets a CI from the corrected resampled t-test (Nadeau & Bengio 2003): the folds' training sets overlap, so
+the variance is (1 / (R*K) + n_test / n_train) * s^2, not s^2 / (R*K). Beside it a Wilcoxon p-value (no
+correction) and each variant's pooled out-of-fold metric with a bootstrap CI over slides.
 
     python -m hipt_e2e.evaluation.compare RUN_A RUN_B [...] [--metric balanced_accuracy auc_macro] [--ensemble-repeats]
 
-reads each finished run's predictions.csv and splits.csv (any slide-level recipe, e2e, the colour
-baseline); runs whose splits differ are refused, naming the first difference.
+reads each finished run's predictions.csv and splits.csv; runs whose splits differ are refused.
 """
 from __future__ import annotations
 
@@ -22,9 +16,11 @@ import csv
 import math
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +52,6 @@ def _signed(value: float) -> str:
 @dataclass(frozen=True)
 class PairedDifference:
     """metric(a) - metric(b) on each of the R*K test folds both variants were scored on."""
-
     a: str
     b: str
     metric: str
@@ -117,15 +112,11 @@ PAIRED_HEADER = ["| A - B | metric | mean difference | 95 % CI (corrected) | 95 
                  "|---|---|---|---|---|---|---|"]
 
 
-def _fold_key(entry: Mapping) -> tuple[int, int]:
-    return int(entry.get("repeat", 0)), int(entry["fold"])
-
-
 def paired_difference(a: str, a_folds: Sequence[Mapping], b: str, b_folds: Sequence[Mapping],
                       metric: str = "balanced_accuracy") -> PairedDifference:
-    """Pair two variants' per-fold metrics (dicts with repeat, fold, n_train, n and the metric, as
-    metrics.json's "folds" holds them). Folds where either metric is undefined (NaN AUC) are left out."""
-    by_key = [{_fold_key(entry): entry for entry in folds} for folds in (a_folds, b_folds)]
+    """Pair two variants' per-fold metrics (metrics.json's "folds"); folds where either is NaN are left out."""
+    by_key = [{(int(entry.get("repeat", 0)), int(entry["fold"])): entry for entry in folds}
+              for folds in (a_folds, b_folds)]
     if set(by_key[0]) != set(by_key[1]):
         raise SplitMismatch(f"{a} and {b} were scored on different folds: {sorted(set(by_key[0]) ^ set(by_key[1]))}")
     differences, ratios = [], []
@@ -145,11 +136,7 @@ def paired_difference(a: str, a_folds: Sequence[Mapping], b: str, b_folds: Seque
 def comparisons(variants: Mapping[str, Sequence[Mapping]], metric: str = "balanced_accuracy",
                 reference: str | None = None) -> list[PairedDifference]:
     """Every pair of variants (first named first), or each variant against `reference`."""
-    names = list(variants)
-    if reference is not None:
-        pairs = [(reference, name) for name in names if name != reference]
-    else:
-        pairs = [(names[i], names[j]) for i in range(len(names)) for j in range(i + 1, len(names))]
+    pairs = list(combinations(variants, 2)) if reference is None else [(reference, n) for n in variants if n != reference]
     return [paired_difference(x, variants[x], y, variants[y], metric) for x, y in pairs]
 
 
@@ -159,11 +146,9 @@ def best_against_rest(variants: Mapping[str, Mapping], metric: str = "balanced_a
     return comparisons({name: m["folds"] for name, m in variants.items()}, metric, reference=best)
 
 
-# ------------------------------------------------------------------------------------------ runs
 @dataclass(frozen=True)
 class Run:
     """A finished cross-validated run: its test predictions and its splits."""
-
     name: str
     classes: tuple[str, ...]
     repeat: np.ndarray  # per prediction row
@@ -175,10 +160,7 @@ class Run:
 
     def fold_metrics(self) -> list[dict]:
         """Per test fold: repeat, fold, n_train (train + validation slides) and classification_metrics."""
-        n_train: dict[tuple[int, int], int] = {}
-        for repeat, fold, _, part in self.splits:
-            if part in ("train", "val"):
-                n_train[(repeat, fold)] = n_train.get((repeat, fold), 0) + 1
+        n_train = Counter((repeat, fold) for repeat, fold, _, part in self.splits if part in ("train", "val"))
         out = []
         for repeat, fold in sorted(set(zip(self.repeat.tolist(), self.fold.tolist()))):
             rows = (self.repeat == repeat) & (self.fold == fold)
@@ -187,10 +169,8 @@ class Run:
         return out
 
     def repeat_ensemble(self) -> Run:
-        """One prediction per slide, its test probabilities averaged over the repeats: an ensemble of R
-        models none of which saw the slide in training or selection. Folds and splits are repeat 0's (the
-        paired fold test then compares ensembles on repeat 0's test folds; their other members were
-        fitted on other splits, so the correction for overlapping training sets is only approximate)."""
+        """One prediction per slide, its test probabilities averaged over the repeats (R models none of which
+        saw it). Folds and splits are repeat 0's, so the overlap correction of the paired test is approximate."""
         order = self.rows_by_repeat()
         first = order[0]
         return Run(self.name, self.classes, np.zeros(len(first), dtype=int), self.fold[first], self.slide_id[first],
@@ -198,8 +178,7 @@ class Run:
                    frozenset(entry for entry in self.splits if entry[0] == self.repeat.min()))
 
     def rows_by_repeat(self) -> list[np.ndarray]:
-        """Per repeat (in order), the indices of its prediction rows sorted by slide id: every slide has one
-        test prediction per repeat, so position i is the same slide in each."""
+        """Per repeat, the indices of its prediction rows sorted by slide id (position i: the same slide in each)."""
         return [np.flatnonzero(self.repeat == r)[np.argsort(self.slide_id[self.repeat == r])]
                 for r in np.unique(self.repeat)]
 
@@ -253,8 +232,8 @@ def check_same_splits(runs: Sequence[Run]) -> None:
 
 
 def run_labels(paths: Sequence[str | Path]) -> list[str]:
-    """Each run folder's label: the fewest trailing parts of its path that no other folder's path ends
-    with (runs/seed0/run, runs/seed1/run -> seed0/run, seed1/run). The same folder given twice is refused."""
+    """Each run folder's label: the fewest trailing parts of its path that tell it apart (runs/seed0/run,
+    runs/seed1/run -> seed0/run, seed1/run). The same folder given twice is refused."""
     resolved = [Path(path).resolve() for path in paths]
     for index, path in enumerate(resolved):
         if path in resolved[:index]:
@@ -264,11 +243,9 @@ def run_labels(paths: Sequence[str | Path]) -> list[str]:
 
 
 def _shortest_unique_suffix(path: Path, others: Sequence[Path]) -> str:
-    for depth in range(1, len(path.parts) + 1):
-        suffix = path.parts[-depth:]
-        if all(other.parts[-depth:] != suffix for other in others):
-            return Path(*suffix).as_posix()
-    return path.as_posix()  # unreachable for distinct resolved paths, which differ somewhere
+    """Distinct resolved paths differ somewhere, so some depth tells them apart."""
+    depth = next(d for d in range(1, len(path.parts) + 1) if all(other.parts[-d:] != path.parts[-d:] for other in others))
+    return Path(*path.parts[-depth:]).as_posix()
 
 
 def compare_runs(runs: Sequence[Run], metrics: Sequence[str] = ("balanced_accuracy", "auc_macro"),

@@ -1,12 +1,8 @@
-"""Frozen-feature checks of a tile encoder on labelled images: k-NN and linear-probe accuracy under
-stratified k-fold cross-validation, against the colour-histogram baseline that a model must beat to
-show it learned more than stain colour.
+"""Frozen-feature checks of a tile encoder on labelled images: k-NN and linear-probe accuracy (stratified
+k-fold) of a run's teacher backbone and of the same encoder at random initialisation, against 48-bin colour
+histograms, the baseline a model must beat to show it learned more than stain colour. Writes RUN/knn.json.
 
     python -m hipt_e2e.evaluation.knn --run runs/lymphoma_dino --images ../shared/data/lymphoma-iicbu2008
-
-evaluates the run's exported teacher backbone, the same encoder at random initialisation, and 48-bin
-RGB colour histograms (the baseline: their logistic regression), and writes knn.json into the run folder. An image's
-feature is the mean of its tiles' embeddings (tiles cut in raster order from the top-left).
 """
 from __future__ import annotations
 
@@ -29,9 +25,9 @@ from torch import nn
 
 from hipt_e2e.config import HelpFormatter, load_yaml, setup_logging
 from hipt_e2e.data.sources import IMAGE_SUFFIXES
-from hipt_e2e.embedding import token_grids
 from hipt_e2e.errors import run_main
 from hipt_e2e.io import atomic_write_json
+from hipt_e2e.models import token_grids
 from hipt_e2e.models.encoders import BACKBONE_EXPORT, TileModel, WeightsFile, build_tile_encoder, load_encoder_weights
 from hipt_e2e.progress import progress
 
@@ -51,12 +47,6 @@ def labelled_image_paths(root: str | Path) -> tuple[list[Path], list[str]]:
 def load_rgb(path: Path) -> torch.Tensor:
     with Image.open(path) as image:
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-
-
-def read_labelled_images(root: str | Path) -> tuple[list[torch.Tensor], np.ndarray, list[str]]:
-    """Images in one folder per class -> (uint8 [3, H, W] each, label indices, class names)."""
-    paths, classes = labelled_image_paths(root)
-    return [load_rgb(p) for p in paths], np.array([classes.index(p.parent.name) for p in paths]), classes
 
 
 def cross_validated_accuracy(features: np.ndarray, labels: np.ndarray, classifier: Callable[[], ClassifierMixin],
@@ -88,7 +78,7 @@ def colour_histograms(images: Sequence[torch.Tensor]) -> np.ndarray:
 @torch.no_grad()
 def image_features(encoder: nn.Module, images: Sequence[torch.Tensor], tile_px: int, normalisation: str,
                    tiles_per_call: int = 256) -> np.ndarray:
-    """uint8 [3, H, W] images -> [N, D]: each image's mean tile embedding (whole tiles only)."""
+    """uint8 [3, H, W] images -> [N, D]: each image's mean tile embedding (whole tiles from the top-left)."""
     encoder.eval()
     features = []
     for image in progress(images, desc="image features", unit="image"):
@@ -101,13 +91,13 @@ def image_features(encoder: nn.Module, images: Sequence[torch.Tensor], tile_px: 
 
 def evaluate_run(run: str | Path, images_root: str | Path, tile_px: int, k: int = 20, folds: int = 5,
                  seed: int = 0, weights: str | Path | None = None) -> dict:
-    """k-NN and linear-probe accuracy of a pretraining run's teacher backbone (``weights``, default its
-    backbone.safetensors; its checkpoint.pt works too) and of the same encoder at random initialisation,
-    and the colour-histogram baseline; written to RUN/knn.json."""
+    """The checks of a pretraining run's teacher backbone (``weights``, default its backbone.safetensors),
+    written to RUN/knn.json."""
     run = Path(run)
     weights = Path(weights) if weights is not None else run / BACKBONE_EXPORT
     cfg = load_yaml((run / "config.yaml").read_text())
-    images, labels, classes = read_labelled_images(images_root)
+    paths, classes = labelled_image_paths(images_root)
+    images, labels = [load_rgb(p) for p in paths], np.array([classes.index(p.parent.name) for p in paths])
     log.info("%d images in %d classes %s", len(images), len(classes), classes)
     results = {"weights": str(weights), "images": len(images), "classes": classes, "folds": folds, "k": k,
                "tile_px": tile_px}

@@ -37,9 +37,9 @@ def write_predictions(path: Path, rows: Sequence[dict], classes: Sequence[str]) 
     atomic_write_text(path, buffer.getvalue())
 
 
-def _save_figure(figure: plt.Figure, path: Path) -> None:
+def save_figure(figure: plt.Figure, path: Path, dpi: int = 120) -> None:
     with atomic_open(path, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=120, bbox_inches="tight")
+        figure.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -48,7 +48,7 @@ def plot_confusion(path: Path, y_true: np.ndarray, y_pred: np.ndarray, classes: 
     ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=list(range(len(classes))),
                                             display_labels=list(classes), ax=axis, colorbar=False)
     axis.set_title("confusion matrix (test folds pooled)")
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_roc(path: Path, y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> None:
@@ -58,7 +58,7 @@ def plot_roc(path: Path, y_true: np.ndarray, probs: np.ndarray, classes: Sequenc
             RocCurveDisplay.from_predictions(y_true == index, probs[:, index], name=f"{name} vs rest", ax=axis)
     axis.plot([0, 1], [0, 1], ls=":", c="grey")
     axis.set_title("ROC, one vs rest (test folds pooled)")
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_learning_curves(path: Path, histories: dict[str, list[dict]]) -> None:
@@ -79,10 +79,10 @@ def plot_learning_curves(path: Path, histories: dict[str, list[dict]]) -> None:
         axis.set_xlabel("epoch")
         axis.set_title(title)
     axes[2].legend(fontsize=7, loc="lower right")
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
-def _fmt(stat: dict) -> str:
+def format_stat(stat: dict) -> str:
     return f"{stat['mean']:.3f} +- {stat['sd']:.3f}"
 
 
@@ -90,23 +90,23 @@ def write_report(out_dir: str | Path, rows: Sequence[dict], per_fold: Sequence[d
                  extra: dict[str, Any] | None = None, histories: dict[str, list[dict]] | None = None) -> dict:
     """Write every output of a run and return the metrics dict (also in metrics.json). histories: each
     fold's per-epoch history (history.json), plotted as learning_curves.png when given."""
-    out_dir = Path(out_dir)
+    out_dir, extra = Path(out_dir), extra or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     y_true = np.array([classes.index(r["true_label"]) for r in rows])
     probs = np.array([r["probs"] for r in rows])
     metrics = {"classes": list(classes), "folds": list(per_fold), "summary": summarise_folds(per_fold, classes),
-               "pooled": classification_metrics(y_true, probs, classes), **(extra or {})}
+               "pooled": classification_metrics(y_true, probs, classes), **extra}
     write_predictions(out_dir / "predictions.csv", rows, classes)
     atomic_write_json(out_dir / "metrics.json", metrics)
     plot_confusion(out_dir / "confusion_matrix.png", y_true, probs.argmax(axis=1), classes)
     plot_roc(out_dir / "roc.png", y_true, probs, classes)
     summary = metrics["summary"]
-    lines = [f"# {extra.get('title', 'Slide-level results') if extra else 'Slide-level results'}", "",
+    lines = [f"# {extra.get('title', 'Slide-level results')}", "",
              f"{len(rows)} slides, {len(per_fold)} fold(s); mean +- sd over folds.", "",
              "| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {_fmt(summary[key])} |" for key in SUMMARY_KEYS]
+    lines += [f"| {key} | {format_stat(summary[key])} |" for key in SUMMARY_KEYS]
     lines += ["", "| class | recall | precision |", "|---|---|---|"]
-    lines += [f"| {c} | {_fmt(summary['recall'][c])} | {_fmt(summary['precision'][c])} |" for c in classes]
+    lines += [f"| {c} | {format_stat(summary['recall'][c])} | {format_stat(summary['precision'][c])} |" for c in classes]
     lines += ["", "Confusion matrix (rows true, columns predicted, test folds pooled):", "",
               "| | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
     lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |"
@@ -117,8 +117,6 @@ def write_report(out_dir: str | Path, rows: Sequence[dict], per_fold: Sequence[d
         epochs = [len(h) for h in histories.values()]
         lines += [f"Learning curves ({min(epochs)}-{max(epochs)} epochs per fold; dots: the selected epoch):", "",
                   "![learning curves](learning_curves.png)", ""]
-    for key, value in (extra or {}).items():
-        if key != "title":
-            lines.append(f"- {key}: {value}")
+    lines += [f"- {key}: {value}" for key, value in extra.items() if key != "title"]
     atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
     return metrics

@@ -1,10 +1,8 @@
 """Patient-grouped, stratified k-fold splits, repeated: the one splitting code path of every slide-level recipe.
 
-Each slide gets one test fold per repeat. For test fold f, fold (f + 1) mod k is the validation part
-(model selection, early stopping) and the rest is training, so a patient is never in two parts and every
-slide is in exactly one test fold of each repeat. Repeat r reshuffles the assignment with a seed derived
-from (seed, r); repeat 0 uses `seed` itself, so a one-repeat run keeps the folds it always had. When the
-labels carry their own `split` column (train/val/test), that fixed split is used instead, as a single fold.
+For test fold f, fold (f + 1) mod k is the validation part and the rest training, so a patient is never in
+two parts. Repeat r reshuffles with a seed derived from (seed, r); repeat 0 uses `seed` itself. Labels with
+their own `split` column (train/val/test) give that fixed split instead, as a single fold.
 """
 from __future__ import annotations
 
@@ -39,10 +37,8 @@ def check_labels(slides: Sequence[SlideInfo], classes: Sequence[str]) -> None:
 def shuffled_patients(slides: Sequence[SlideInfo], seed: int) -> np.ndarray:
     """Each slide's patient as its rank in a seeded shuffle of the patients (StratifiedGroupKFold's groups).
 
-    The shuffle is done here, not by StratifiedGroupKFold(shuffle=True): before scikit-learn 1.8 (which needs
-    Python 3.11) that shuffled the per-patient class counts but not the patients, so it stratified other
-    patients' counts. These ranks, split unshuffled, give 1.8's folds (its RandomState permutation) on every
-    supported version.
+    Shuffled here, not by StratifiedGroupKFold(shuffle=True), which before scikit-learn 1.8 shuffled the class
+    counts but not the patients; these ranks, split unshuffled, give 1.8's folds on every supported version.
     """
     patients, patient_index = np.unique([s.patient_id for s in slides], return_inverse=True)
     order = np.arange(len(patients))
@@ -82,13 +78,12 @@ class Fold:
 
     @property
     def name(self) -> str:
-        """Its output folder: fold_i in the first repeat (as one-repeat runs always had), else repeat_r_fold_i."""
+        """Its output folder: fold_i in the first repeat, else repeat_r_fold_i."""
         return f"fold_{self.index}" if self.repeat == 0 else f"repeat_{self.repeat}_fold_{self.index}"
 
     @property
     def seed_offset(self) -> int:
-        """Added to the run seed for this fold's training draws: the fold index in the first repeat, distinct
-        for every (repeat, fold) pair."""
+        """Added to the run seed for this fold's training draws: distinct for every (repeat, fold)."""
         return self.index + REPEAT_SEED_STRIDE * self.repeat
 
 

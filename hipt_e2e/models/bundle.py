@@ -7,12 +7,8 @@ An architecture is the resolved geometry of each level (a preset with a recipe's
     region: {in_dim, embed_dim, depth, num_heads, pos_grid}
     slide:  {name: vit_wsi, dim, depth, num_heads, dropout} | {name: abmil | fc, dim, hidden, dropout}
 
-Training builds its models from these dicts (one code path), and every recipe that writes a model writes
-a card (`model_card.json`) beside it, as timm's pretrained configs and Hugging Face's config.json: the
-architecture, the classes in output order, the pixel normalisation, tile and region size and target
-resolution, the head (slide model, or FC + vote), the weights each stage started from, that fold's test
-metrics and the package version. `load_bundle(card or folder)` rebuilds the exact model from it; a staged
-slide model's card names the tile and region encoder exports its bags were embedded with.
+Every model a recipe writes gets a card (`model_card.json`) beside it, as timm's pretrained configs: the
+architecture, classes, normalisation, geometry, head, base weights and metrics; `load_bundle` rebuilds it.
 """
 from __future__ import annotations
 
@@ -34,7 +30,7 @@ from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
 from .cnn import cnn256
 from .foundation import ENCODERS, EncoderEntry, PretrainedTileEncoder, encoder_entry, is_pretrained, load_stage_weights
 from .hipt import HIPT
-from .mil import RegionFC, abmil
+from .mil import AttentionMIL, RegionFC
 from .presets import model_preset
 from .slide import vit_wsi
 from .vit import vit4k, vit256
@@ -48,22 +44,19 @@ TILE_ENCODERS = ("vit", "cnn")
 SLIDE_MODELS = ("vit_wsi", "abmil", "fc")
 
 
-# ------------------------------------------------------------------------------------------ architectures
 def _geometry(preset: str, level: str, changes: Settings) -> dict[str, Any]:
     """A level's geometry: the preset's, with a model section's non-null changes (model.tile, model.region)."""
     return {**model_preset(preset)[level], **{key: value for key, value in changes.to_mapping().items() if value is not None}}
 
 
 def region_architecture(model: RegionModel) -> dict[str, Any]:
-    """The region encoder (ViT4K) of a model section: the preset's geometry with model.region's changes."""
     return _geometry(model.preset, "region", model.region)
 
 
 def tile_architecture(model: TileModel, trainable: str | int = "all", lora_rank: int = 0,
                       lora_alpha: float | None = None) -> dict[str, Any]:
-    """The tile encoder of a model section (preset, encoder, cnn, tile changes; for a pretrained encoder its
-    registry entry, recorded whole so a card rebuilds it even if the registry changes, and how it trains:
-    end-to-end training's tile_trainable and lora)."""
+    """The tile encoder of a model section (a pretrained encoder's registry entry recorded whole, so a card
+    rebuilds it even if the registry changes, with e2e training's tile_trainable and lora)."""
     geometry = _geometry(model.preset, "tile", model.tile)
     if model.encoder == "vit":
         return {"encoder": "vit", **geometry}
@@ -77,7 +70,7 @@ def tile_architecture(model: TileModel, trainable: str | int = "all", lora_rank:
 
 
 def tile_encoder_from(arch: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
-    """A tile encoder of an architecture, random (a pretrained one's base weights are loaded after)."""
+    """A random tile encoder of an architecture (a pretrained one's base weights are loaded after)."""
     if "entry" in arch:
         return PretrainedTileEncoder(arch["encoder"], EncoderEntry(**arch["entry"]), arch["tile_input"],
                                      arch["trainable"], arch["lora_rank"], arch["lora_alpha"], drop_path_rate)
@@ -98,8 +91,8 @@ def tile_normalisation(arch: Mapping[str, Any], configured: str) -> str:
 
 
 def trained_keys(model: HIPT, frozen_tile: bool) -> list[str]:
-    """The state-dict keys of `model` that training can change: all but a pretrained tile encoder's frozen
-    base (a run saves these; its card names the base weights, which supply the rest)."""
+    """The state-dict keys training can change (a run saves these): all but a pretrained tile encoder's frozen
+    base, which its card names."""
     tile = model.tile_encoder
     keys = list(model.state_dict())
     if not isinstance(tile, PretrainedTileEncoder) or (tile.trainable == "all" and not frozen_tile):
@@ -110,28 +103,22 @@ def trained_keys(model: HIPT, frozen_tile: bool) -> list[str]:
     return [key for key in keys if not key.startswith("tile_encoder.") or key.removeprefix("tile_encoder.") in trained]
 
 
-def region_encoder_from(arch: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
-    return vit4k(**arch, drop_path_rate=drop_path_rate)
-
-
 def slide_model_from(arch: Mapping[str, Any], n_classes: int) -> nn.Module:
     settings = {key: value for key, value in arch.items() if key != "name"}
-    builders = {"vit_wsi": vit_wsi, "abmil": abmil, "fc": RegionFC}
+    builders = {"vit_wsi": vit_wsi, "abmil": AttentionMIL, "fc": RegionFC}
     if arch["name"] not in builders:
         raise SettingError(f"unknown slide model {arch['name']!r}; choose one of {SLIDE_MODELS}")
     return builders[arch["name"]](n_classes, **settings)
 
 
 def hipt_from(arch: Mapping[str, Any], n_classes: int, **settings: Any) -> HIPT:
-    """The nested HIPT of an architecture with tile, region and slide levels (random weights); settings go
-    to HIPT (normalisation, tile_px, chunking, freezing). An fc slide level is not part of the HIPT
-    (the bundle keeps it beside it), so the HIPT gets an identity there."""
+    """The random HIPT of an architecture; settings go to HIPT. An fc slide level is kept beside it (the
+    HIPT gets an identity there)."""
     slide = arch["slide"]
-    return HIPT(tile_encoder_from(arch["tile"], settings.pop("drop_path_rate", 0.0)), region_encoder_from(arch["region"]),
+    return HIPT(tile_encoder_from(arch["tile"], settings.pop("drop_path_rate", 0.0)), vit4k(**arch["region"]),
                 nn.Identity() if slide["name"] == "fc" else slide_model_from(slide, n_classes), **settings)
 
 
-# ------------------------------------------------------------------------------------------ cards
 def write_card(weights: str | Path, card: Mapping[str, Any]) -> Path:
     """model_card.json beside `weights` (atomic), with the format, the package version and the weights file."""
     weights = Path(weights)
@@ -164,7 +151,6 @@ def card_beside(weights: str | Path) -> Path | None:
 @dataclass
 class Bundle:
     """A trained model ready for prediction: HIPT encoders (+ slide model), or + a region FC head."""
-
     model: HIPT
     fc: RegionFC | None
     classes: list[str]
@@ -176,10 +162,8 @@ class Bundle:
 
 
 def load_bundle(path: str | Path, trusted: bool = False) -> Bundle:
-    """Rebuild the model a card describes and load its weights (every tensor must fit).
-
-    An end-to-end card ("kind": "hipt") holds the whole model in one file; a staged one ("slide_model")
-    holds the slide model (or FC) and names, under "stages", the tile and region encoder exports."""
+    """Rebuild the model a card describes and load its weights strictly: an end-to-end card ("hipt") holds it
+    in one file, a staged one ("slide_model") the slide model (or FC) and its encoders under "stages"."""
     card, card_path = read_card(path)
     weights = card_path.parent / card["weights"]
     classes = list(card["classes"])

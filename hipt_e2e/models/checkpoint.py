@@ -1,9 +1,7 @@
 """Loading HIPT weights: released DINO checkpoints, plain state dicts and safetensors exports.
 
-Released checkpoints are whole DINO training states pickled with Python objects (e.g. an
-argparse.Namespace), so they only open with full unpickling, which can run arbitrary code. That
-is never done unless the caller says the file is trusted; `hipt-convert` turns such a file into
-safetensors once so that nothing later needs to unpickle it.
+Released checkpoints pickle Python objects (an argparse.Namespace), and unpickling can run arbitrary code:
+it is only done for files the caller trusts; `hipt-convert` turns one into safetensors once.
 """
 from __future__ import annotations
 
@@ -39,10 +37,8 @@ class LoadResult(NamedTuple):
 
 
 def read_state_dict(source: Source, *, trusted: bool = False) -> dict[str, torch.Tensor]:
-    """A checkpoint file or dict -> the backbone's tensors under the released key names.
-
-    Takes the DINO teacher when present, strips `module.` / `backbone.` and drops the DINO head.
-    """
+    """A checkpoint file or dict -> the backbone's tensors under the released key names (the DINO teacher
+    when present, `module.` / `backbone.` stripped, the DINO head dropped)."""
     raw = source if isinstance(source, Mapping) else _read_file(Path(source), trusted)
     if "teacher" in raw:
         raw = raw["teacher"]
@@ -76,12 +72,11 @@ def _read_file(path: Path, trusted: bool) -> Mapping:
 
 def load_checkpoint(module: nn.Module, source: Source, *, trusted: bool = False, prefix: str = "",
                     strict: bool = False) -> LoadResult:
-    """Load weights into `module` and report what did not match.
+    """Load a file (.pth/.pt, weights only unless `trusted`; .safetensors) or state dict into `module`.
 
-    source: a path (.pth/.pt via torch.load with weights_only unless `trusted`, or .safetensors)
-    or a state dict. prefix: take only keys under it, stripped (e.g. "local_vit." for the region
-    encoder inside an HIPT_LGP_FC fold checkpoint). Raises CheckpointError when no tensor matches
-    the module or a shape differs; missing/unexpected keys are logged and returned (raised when strict).
+    prefix: only keys under it, stripped (e.g. "local_vit." for the region encoder of an HIPT_LGP_FC fold).
+    CheckpointError when no tensor matches or a shape differs; missing/unexpected keys are logged and
+    returned (raised when strict).
     """
     state = read_state_dict(source, trusted=trusted)
     if prefix:

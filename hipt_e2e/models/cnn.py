@@ -1,8 +1,5 @@
-"""A CNN tile encoder: any timm CNN, globally pooled and projected to the ViT256 width.
-
-With the same output size as ViT256 every later stage (token grids, ViT4K, slide model) works
-unchanged whichever tile encoder is used.
-"""
+"""A CNN tile encoder: any timm CNN, globally pooled and projected to the ViT256 width, so every later
+stage works unchanged whichever tile encoder is used."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,9 +16,8 @@ from .checkpoint import load_checkpoint
 class CNNTileEncoder(nn.Module):
     """Normalised tiles [B, 3, H, W] -> [B, embed_dim] via timm CNN `cnn` + linear `proj`.
 
-    stem="small": a ResNet's 7 x 7 stride-2 convolution and max-pool become one 3 x 3 stride-1
-    convolution (as ResNets for 32 px images), so small tiles keep their resolution: at 64 px the last
-    stage sees 8 x 8 instead of 2 x 2.
+    stem="small": a ResNet's 7 x 7 stride-2 convolution and max-pool become one 3 x 3 stride-1 convolution,
+    so small tiles keep their resolution (at 64 px the last stage sees 8 x 8 instead of 2 x 2).
     """
 
     def __init__(self, name: str = "resnet50", embed_dim: int = 384, weights: str | Path | None = None,

@@ -1,7 +1,7 @@
 """`hipt-convert IN OUT.safetensors [--trusted]`: a released (or any) checkpoint -> safetensors.
 
-Unpickles a released DINO checkpoint once (only with --trusted) and writes the backbone's teacher
-weights under the released key names, so that later runs load it without unpickling anything.
+Unpickles a released DINO checkpoint once (only with --trusted) and writes its teacher backbone, so that
+later runs load it without unpickling anything.
 """
 from __future__ import annotations
 

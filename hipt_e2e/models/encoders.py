@@ -1,8 +1,5 @@
-"""The tile and region encoders' settings (a recipe's ``model`` section) and building the encoders from them.
-
-A section names a preset's geometry (hipt_e2e.models.PRESETS: hipt | tiny) and the changes a recipe makes to
-it (null keeps the preset's value); the embedding recipes add the weights to load (WeightsFile).
-"""
+"""The tile and region encoders' settings (a recipe's ``model`` section: a preset's geometry and a recipe's
+changes to it) and building the encoders from them."""
 from __future__ import annotations
 
 import logging
@@ -12,8 +9,9 @@ from typing import Literal, TypeVar
 from torch import nn
 
 from hipt_e2e.config import Settings, bound, section
-from hipt_e2e.models.bundle import region_architecture, region_encoder_from, tile_architecture, tile_encoder_from
+from hipt_e2e.models.bundle import region_architecture, tile_architecture, tile_encoder_from
 from hipt_e2e.models.foundation import load_stage_weights, require_weights
+from hipt_e2e.models.vit import vit4k
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +21,6 @@ BACKBONE_EXPORT = "backbone.safetensors"  # what a DINO run exports: its teacher
 @dataclass(frozen=True)
 class TileGeometry(Settings):
     """Changes to the preset's tile geometry (null keeps the preset's value)."""
-
     patch_size: int | None = bound(None, 1)
     embed_dim: int | None = bound(None, 1)  # also the CNN's output width
     depth: int | None = bound(None, 1)
@@ -34,7 +31,6 @@ class TileGeometry(Settings):
 @dataclass(frozen=True)
 class RegionGeometry(Settings):
     """Changes to the preset's ViT4K geometry (null keeps the preset's value; in_dim = the tile width)."""
-
     in_dim: int | None = bound(None, 1)
     embed_dim: int | None = bound(None, 1)
     depth: int | None = bound(None, 1)
@@ -45,7 +41,6 @@ class RegionGeometry(Settings):
 @dataclass(frozen=True)
 class TileModel(Settings):
     """The tile encoder: a preset's ViT256, a timm CNN or a pretrained encoder."""
-
     preset: str = "hipt"  # geometry from hipt_e2e.models.PRESETS (hipt | tiny)
     # vit (ViT256), cnn (a timm CNN projected to the same width), a pretrained encoder of
     # hipt_e2e.models.foundation.ENCODERS (uni_v1, virchow2, resnet50, ...: weights from model.weights) or
@@ -61,7 +56,6 @@ class TileModel(Settings):
 @dataclass(frozen=True)
 class RegionModel(Settings):
     """The region encoder (ViT4K)."""
-
     preset: str = "hipt"  # geometry from hipt_e2e.models.PRESETS (hipt | tiny)
     region: RegionGeometry = section(RegionGeometry)
 
@@ -69,7 +63,6 @@ class RegionModel(Settings):
 @dataclass(frozen=True)
 class WeightsFile(Settings):
     """The weights an embedding recipe loads into its encoder."""
-
     weights: str | None = None  # a safetensors export, a state dict or a released DINO checkpoint
     trusted: bool = False  # allow unpickling (released checkpoints need it; only for files you trust)
 
@@ -106,7 +99,7 @@ def with_grid_width(model: R, width: int | None) -> R:
 
 def build_region_encoder(model: RegionModel, drop_path_rate: float = 0.0) -> nn.Module:
     """The region encoder (ViT4K) [B, D, rows, cols] -> [B, D'] of a model section, randomly initialised."""
-    return region_encoder_from(region_architecture(model), drop_path_rate)
+    return vit4k(**region_architecture(model), drop_path_rate=drop_path_rate)
 
 
 def load_encoder_weights(encoder: nn.Module, model: WeightsFile) -> nn.Module:

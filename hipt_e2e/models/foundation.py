@@ -1,19 +1,10 @@
 """Pretrained tile encoders from local weights: the pathology foundation models labs already use (UNI,
 Virchow, H-optimus, Prov-GigaPath, Lunit, kaiko), CLAM's truncated ImageNet ResNet-50, or any timm model.
 
-Each registry entry is a timm architecture with its kwargs plus what its model card prescribes: the
-input size and how a tile gets there (resize, interpolation, centre crop), the normalisation, how the
-embedding is formed from the tokens, the precision the authors run it in, the resolution it was trained
-at and the file the authors release. Names follow TRIDENT's, which users know.
-
-Weights are never downloaded: `load_pretrained` takes a local file (safetensors, or a .bin/.pth state
-dict read with weights_only) or a local Hugging Face snapshot folder, loads it strictly into the timm
-model and returns its sha256, which model cards record so a run can be rebuilt on the same base.
-
-Tiles arrive normalised with the entry's statistics (hipt_e2e.normalise, the one place pixels become
-model inputs) at the shards' tile size, and are resized in the batch on the device; resizing and
-centre cropping are linear with weights summing to 1, so they commute with the per-channel affine
-normalisation and the result is the model card's "resize, then normalise".
+Each registry entry (names as TRIDENT's) is a timm architecture plus what its model card prescribes: input
+size, resize and crop, normalisation, how the embedding is formed, precision, training resolution and the
+released file. Weights are never downloaded. Tiles arrive normalised at the shards' tile size and are
+resized on the device: resizing is linear with weights summing to 1, so it commutes with normalisation.
 """
 from __future__ import annotations
 
@@ -44,7 +35,6 @@ EMBEDDINGS = ("cls", "cls+mean", "avgpool", "pooled")  # pooled: what the timm m
 @dataclass(frozen=True)
 class EncoderEntry:
     """A pretrained tile encoder as its authors release and use it."""
-
     arch: str  # timm architecture
     kwargs: Mapping[str, Any]  # timm.create_model kwargs (num_classes=0 is always added)
     width: int  # embedding width
@@ -66,6 +56,15 @@ def _swiglu_vit(**kwargs: Any) -> dict[str, Any]:
 
 _VIT = {"init_values": 1e-5, "dynamic_img_size": True}
 _VIRCHOW = _swiglu_vit(img_size=224, init_values=1e-5, mlp_ratio=5.3375, global_pool="", dynamic_img_size=True)
+
+
+def _hoptimus(version: int) -> EncoderEntry:
+    return EncoderEntry("vit_giant_patch14_reg4_dinov2", {"img_size": 224, "init_values": 1e-5, "global_pool": "token",
+                                                          "dynamic_img_size": True},
+                        1536, 224, 224, "bilinear", "hoptimus", "cls", "fp16", 0.5,
+                        f"bioptimus/H-optimus-{version} pytorch_model.bin",
+                        notes="trained on 224 px tiles at 0.5 um/px (no resize): shards with --tile-px 224 keep that")
+
 
 def _kaiko(arch: str, width: int) -> EncoderEntry:
     return EncoderEntry(arch, {"dynamic_img_size": True}, width, 224, 224, "bilinear", "hipt", "cls", "fp32", 0.5,
@@ -92,16 +91,7 @@ ENCODERS: dict[str, EncoderEntry] = {
     "virchow2": EncoderEntry(
         "vit_huge_patch14_224", {**_VIRCHOW, "reg_tokens": 4}, 2560, 224, 224, "bicubic", IMAGENET, "cls+mean",
         "fp16", 0.5, "paige-ai/Virchow2 pytorch_model.bin", notes="trained on mixed 0.25-2 um/px"),
-    "hoptimus0": EncoderEntry(
-        "vit_giant_patch14_reg4_dinov2", {"img_size": 224, "init_values": 1e-5, "global_pool": "token",
-                                          "dynamic_img_size": True},
-        1536, 224, 224, "bilinear", "hoptimus", "cls", "fp16", 0.5, "bioptimus/H-optimus-0 pytorch_model.bin",
-        notes="trained on 224 px tiles at 0.5 um/px (no resize): shards with --tile-px 224 keep that"),
-    "hoptimus1": EncoderEntry(
-        "vit_giant_patch14_reg4_dinov2", {"img_size": 224, "init_values": 1e-5, "global_pool": "token",
-                                          "dynamic_img_size": True},
-        1536, 224, 224, "bilinear", "hoptimus", "cls", "fp16", 0.5, "bioptimus/H-optimus-1 pytorch_model.bin",
-        notes="trained on 224 px tiles at 0.5 um/px (no resize): shards with --tile-px 224 keep that"),
+    **{f"hoptimus{version}": _hoptimus(version) for version in (0, 1)},
     "gigapath": EncoderEntry(
         "vit_giant_patch14_dinov2", {"img_size": 224, "patch_size": 16, "embed_dim": 1536, "depth": 40,
                                      "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334,
@@ -122,19 +112,13 @@ ENCODERS: dict[str, EncoderEntry] = {
 TIMM_PREFIX = "timm:"
 
 
-def timm_entry(arch: str, kwargs: Mapping[str, Any] | None = None, *, width: int | None = None,
-               input_px: int = 224, normalisation: str = IMAGENET, embedding: str | None = None) -> EncoderEntry:
-    """An entry for any timm model (`model.encoder=timm:ARCH`, kwargs from model.timm_kwargs): no resize
-    (the tiles go in at their own size unless input_px and tile px differ), its own pooled output."""
-    model = timm.create_model(arch, pretrained=False, num_classes=0, **dict(kwargs or {}))
-    return EncoderEntry(arch, dict(kwargs or {}), width or model.num_features, input_px, input_px, "bilinear",
-                        normalisation, embedding or "pooled", "fp32", 0.5, "your own file")
-
-
 def encoder_entry(name: str, timm_kwargs: Mapping[str, Any] | None = None) -> EncoderEntry:
-    """The registry entry of `name`, or one for `timm:ARCH`; a clear error for anything else."""
+    """The registry entry of `name`; for `timm:ARCH` one of that timm model (kwargs from model.timm_kwargs) at
+    224 px, ImageNet statistics and its own pooled output; a clear error for anything else."""
     if name.startswith(TIMM_PREFIX):
-        return timm_entry(name.removeprefix(TIMM_PREFIX), timm_kwargs)
+        arch, kwargs = name.removeprefix(TIMM_PREFIX), dict(timm_kwargs or {})
+        width = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs).num_features
+        return EncoderEntry(arch, kwargs, width, 224, 224, "bilinear", IMAGENET, "pooled", "fp32", 0.5, "your own file")
     if name not in ENCODERS:
         raise SettingError(f"unknown tile encoder {name!r}: use vit, cnn, timm:ARCH or one of {sorted(ENCODERS)}")
     if timm_kwargs:
@@ -146,12 +130,11 @@ def is_pretrained(name: str) -> bool:
     return name in ENCODERS or name.startswith(TIMM_PREFIX)
 
 
-# ------------------------------------------------------------------------------------------ weights
 def weights_file(path: str | Path) -> Path:
     """A weights file, or the weights file of a local Hugging Face snapshot folder."""
     path = Path(path)
     if path.is_dir():
-        snapshots = sorted((path / "snapshots").glob("*")) if (path / "snapshots").is_dir() else []
+        snapshots = sorted((path / "snapshots").glob("*"))  # none when there is no snapshots/ folder
         folder = snapshots[0] if len(snapshots) == 1 else path
         for name in SNAPSHOT_FILES:
             if (folder / name).is_file():
@@ -173,15 +156,12 @@ def _resolved_layers(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-# ------------------------------------------------------------------------------------------ module
 class PretrainedTileEncoder(nn.Module):
     """Normalised tiles [B, 3, t, t] at the shards' tile px -> embeddings [B, width], as the entry's card.
 
-    tile_input="resize": to the entry's input as its card does; "native": at the tile's own size (a
-    ViT built with dynamic_img_size, or a CNN). trainable: what `requires_grad_(True)` trains (how
-    HIPT unfreezes a stage): "all", the last k blocks and the final norm (an int: ViT blocks, or a
-    CNN's stages) or, with lora_rank > 0, "lora" (rank-r adapters on every attention qkv); the rest
-    stays frozen and in eval mode.
+    tile_input: "resize" to the entry's input, or "native" (the tile's own size). trainable: what
+    `requires_grad_(True)` trains: "all", the last k blocks (or CNN stages) and the final norm, or "lora"
+    (with lora_rank > 0: adapters on every qkv); the rest stays frozen and in eval mode.
     """
 
     def __init__(self, name: str, entry: EncoderEntry, tile_input: str = "resize", trainable: str | int = "all",
@@ -225,9 +205,8 @@ class PretrainedTileEncoder(nn.Module):
         return self.model.num_features * (2 if self.entry.embedding == "cls+mean" else 1)
 
     def load_pretrained(self, path: str | Path) -> dict[str, str]:
-        """Load the authors' weights strictly (the released timm layout; a hipt-e2e export of this encoder
-        too); returns {"path", "sha256"}, also kept as self.weights. Stages cut off by truncation may be in
-        the file; adapters are not, they keep their values."""
+        """Load the authors' weights (or a hipt-e2e export of this encoder) strictly; returns {"path", "sha256"},
+        also kept as self.weights. Stages cut off by truncation may be in the file; adapters keep their values."""
         file = weights_file(path)
         state = read_state_dict(file)
         if state and all(key.startswith("model.") for key in state):
@@ -247,7 +226,6 @@ class PretrainedTileEncoder(nn.Module):
         log.info("tile encoder %s: weights %s (sha256 %s)", self.name, file, self.weights["sha256"][:12])
         return self.weights
 
-    # -- training policy
     def blocks(self) -> list[nn.Module]:
         """The trainable units from pixels up: ViT blocks, or a CNN's stages."""
         if hasattr(self.model, "blocks"):
@@ -292,7 +270,6 @@ class PretrainedTileEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
-    # -- forward
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised tiles -> the model's input, as the card's transform (resize, centre crop)."""
         if self.tile_input == "native":
@@ -322,13 +299,12 @@ class PretrainedTileEncoder(nn.Module):
 
 
 def load_stage_weights(module: nn.Module, source: str | Path, *, trusted: bool = False) -> dict[str, str] | None:
-    """Strictly load weights into one stage: a pretrained tile encoder takes its authors' file (returns its
-    path and sha256), any other module a checkpoint of this toolkit or a released HIPT one."""
+    """Strictly load weights into one stage: a pretrained tile encoder its authors' file (returns its path and
+    sha256), any other module a checkpoint of this toolkit or a released HIPT one."""
     if isinstance(module, PretrainedTileEncoder):
         return module.load_pretrained(source)
     load_checkpoint(module, source, trusted=trusted, strict=True)
     return None
-
 
 
 def require_weights(encoder: nn.Module, source: str | Path | None, key: str) -> None:

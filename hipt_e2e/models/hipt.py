@@ -1,13 +1,12 @@
 """The nested HIPT model: uint8 regions of one slide -> slide logits, differentiable end to end.
 
-regions [M, 3, H, W] -> tiles in raster order (index = row * cols + col) -> normalise -> tile
-encoder in chunks -> token grids [M, D, rows, cols] -> region encoder -> [M, 192] -> slide model.
-Training memory is kept bounded by checkpointing chunks of tiles (only chunk outputs are stored;
-each chunk is recomputed in backward) and, optionally, individual ViT blocks.
+regions [M, 3, H, W] -> tiles in raster order -> normalise -> tile encoder in chunks -> token grids
+[M, D, rows, cols] -> region encoder -> [M, 192] -> slide model. Training memory stays bounded by
+checkpointing chunks of tiles and, optionally, individual ViT blocks.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -30,6 +29,42 @@ def tokens_to_grid(tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return tokens.unflatten(1, (rows, cols)).permute(0, 3, 1, 2)
 
 
+def _layout(regions: torch.Tensor, tile_px: int, tile_mask: torch.Tensor | None) -> tuple[int, int, int]:
+    n_regions, channels, height, width = regions.shape
+    if channels != 3 or height % tile_px or width % tile_px:
+        raise ValueError(f"expected regions [M, 3, H, W] with H, W multiples of {tile_px}, got {tuple(regions.shape)}")
+    rows, cols = height // tile_px, width // tile_px
+    if tile_mask is not None and tuple(tile_mask.shape) != (n_regions, rows, cols):
+        raise ValueError(f"tile_mask must be [M, rows, cols] = {(n_regions, rows, cols)}, got {tuple(tile_mask.shape)}")
+    return n_regions, rows, cols
+
+
+def token_grids(encoder: nn.Module, regions: torch.Tensor, tile_px: int, normalisation: str, tiles_per_call: int,
+                tile_mask: torch.Tensor | None = None, checkpoint_chunks: bool = False) -> torch.Tensor:
+    """uint8 regions [M, 3, H, W] -> token grids [M, D, rows, cols], grid[:, :, r, c] = tile r*cols + c, the tiles
+    of all regions encoded `tiles_per_call` at a time. tile_mask [M, rows, cols] (True = skip): zero embeddings.
+    Checkpointed chunks keep only their index and output; pixels are gathered again in backward.
+    """
+    n_regions, rows, cols = _layout(regions, tile_px, tile_mask)
+    tiles = regions.unflatten(3, (cols, tile_px)).unflatten(2, (rows, tile_px)).permute(0, 2, 4, 1, 3, 5)  # a view
+    n_tiles = n_regions * rows * cols
+    keep = torch.arange(n_tiles, device=regions.device)
+    if tile_mask is not None:
+        keep = keep[~tile_mask.flatten()]
+        if len(keep) == 0:
+            raise ValueError("tile_mask skips every tile; drop such regions instead")
+
+    def encode(index: torch.Tensor) -> torch.Tensor:
+        return encoder(normalise(tiles[index // (rows * cols), index // cols % rows, index % cols], normalisation))
+
+    recompute = checkpoint_chunks and torch.is_grad_enabled()
+    embeddings = torch.cat([checkpoint(encode, chunk, use_reentrant=False) if recompute else encode(chunk)
+                            for chunk in keep.split(tiles_per_call)])
+    if tile_mask is not None:
+        embeddings = embeddings.new_zeros(n_tiles, embeddings.shape[1]).index_copy(0, keep, embeddings)
+    return tokens_to_grid(embeddings.view(n_regions, rows * cols, -1), rows, cols)
+
+
 class HIPTAttention(NamedTuple):
     tile: torch.Tensor  # [M, heads, rows, cols]: each region's CLS attention over its tiles (ViT4K, last block)
     region: torch.Tensor  # [M]: the slide model's attention-pooling weights over the regions
@@ -38,36 +73,19 @@ class HIPTAttention(NamedTuple):
 class HIPT(nn.Module):
     """Tile encoder -> region encoder -> slide model on the uint8 regions of ONE slide.
 
-    freeze_*: a frozen stage gets no gradients, stays in eval mode (so dropout and BatchNorm
-    statistics do not change) and, when every stage before it is frozen too, builds no graph.
-    chunk_size: tiles per tile-encoder call. checkpoint_chunks / checkpoint_blocks: gradient
-    checkpointing over chunks of tiles / over every ViT block of the tile and region encoders.
+    freeze_*: a frozen stage gets no gradients, stays in eval mode and, when every stage before it is frozen
+    too, builds no graph. checkpoint_chunks / checkpoint_blocks: over chunks of tiles / every ViT block.
     """
 
-    def __init__(
-        self,
-        tile_encoder: nn.Module,
-        region_encoder: RegionViT,
-        slide_model: SlideTransformer,
-        *,
-        tile_px: int = 256,
-        normalisation: str = "hipt",
-        chunk_size: int = 256,
-        freeze_tile: bool = False,
-        freeze_region: bool = False,
-        freeze_slide: bool = False,
-        checkpoint_chunks: bool = False,
-        checkpoint_blocks: bool = False,
-    ) -> None:
+    def __init__(self, tile_encoder: nn.Module, region_encoder: RegionViT, slide_model: SlideTransformer, *,
+                 tile_px: int = 256, normalisation: str = "hipt", chunk_size: int = 256, freeze_tile: bool = False,
+                 freeze_region: bool = False, freeze_slide: bool = False, checkpoint_chunks: bool = False,
+                 checkpoint_blocks: bool = False) -> None:
         super().__init__()
         if normalisation not in NORMALISATIONS:
             raise SettingError(f"unknown normalisation {normalisation!r}; choose one of {sorted(NORMALISATIONS)}")
-        self.tile_encoder = tile_encoder
-        self.region_encoder = region_encoder
-        self.slide_model = slide_model
-        self.tile_px = tile_px
-        self.normalisation = normalisation
-        self.chunk_size = chunk_size
+        self.tile_encoder, self.region_encoder, self.slide_model = tile_encoder, region_encoder, slide_model
+        self.tile_px, self.normalisation, self.chunk_size = tile_px, normalisation, chunk_size
         self.frozen = dict.fromkeys(STAGES, False)
         self.set_frozen(tile=freeze_tile, region=freeze_region, slide=freeze_slide)
         self.set_grad_checkpointing(chunks=checkpoint_chunks, blocks=checkpoint_blocks)
@@ -76,8 +94,7 @@ class HIPT(nn.Module):
     def from_preset(cls, preset: str = "hipt", n_classes: int = 2, *, cnn: str | None = None, **settings) -> HIPT:
         """Build from a named geometry (see presets.py); `cnn` names a timm CNN to use as tile encoder."""
         geometry = model_preset(preset)
-        tile_dim = geometry["tile"]["embed_dim"]
-        tile_encoder = cnn256(cnn, embed_dim=tile_dim) if cnn else vit256(**geometry["tile"])
+        tile_encoder = cnn256(cnn, embed_dim=geometry["tile"]["embed_dim"]) if cnn else vit256(**geometry["tile"])
         return cls(tile_encoder, vit4k(**geometry["region"]), vit_wsi(n_classes, **geometry["slide"]),
                    tile_px=geometry["tile_px"], **settings)
 
@@ -108,63 +125,11 @@ class HIPT(nn.Module):
         """No graph through a stage when it and every stage before it are frozen (nothing to train)."""
         return torch.set_grad_enabled(torch.is_grad_enabled() and not all(self.frozen[s] for s in stages))
 
-    def _encode_chunk(self, gather: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-        return self.tile_encoder(normalise(gather(index), self.normalisation))
-
-    def _encode_in_chunks(self, gather: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-        """Tile embeddings [len(index), D] of the uint8 tiles `gather(index)`, chunk by chunk.
-
-        Checkpointed chunks keep only their index and output alive; the pixels are gathered and
-        normalised again in backward, so no float copy of the regions is ever stored.
-        """
-        outputs = []
-        for chunk in index.split(self.chunk_size):
-            if self.checkpoint_chunks and torch.is_grad_enabled():
-                outputs.append(checkpoint(self._encode_chunk, gather, chunk, use_reentrant=False))
-            else:
-                outputs.append(self._encode_chunk(gather, chunk))
-        return torch.cat(outputs)
-
-    def embed_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
-        """uint8 tiles [N, 3, tile_px, tile_px] -> tile embeddings [N, D], in chunks."""
-        with self._grad("tile"):
-            return self._encode_in_chunks(tiles.__getitem__, torch.arange(len(tiles), device=tiles.device))
-
     def token_grids(self, regions: torch.Tensor, tile_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 regions [M, 3, H, W] -> token grids [M, D, rows, cols], grid[:, :, r, c] = tile r*cols + c.
-
-        tile_mask [M, rows, cols] (optional, True = skip, e.g. background): skipped tiles are not
-        encoded and get a zero embedding.
-        """
-        n_regions, rows, cols = self._layout(regions, tile_mask)
-        t = self.tile_px
-        tiles = regions.unflatten(3, (cols, t)).unflatten(2, (rows, t)).permute(0, 2, 4, 1, 3, 5)  # view
-        n_tiles = n_regions * rows * cols
-        keep = torch.arange(n_tiles, device=regions.device)
-        if tile_mask is not None:
-            keep = keep[~tile_mask.flatten()]
-            if len(keep) == 0:
-                raise ValueError("tile_mask skips every tile; drop such regions instead")
-
-        def gather(index: torch.Tensor) -> torch.Tensor:
-            return tiles[index // (rows * cols), index // cols % rows, index % cols]
-
+        """`token_grids` with this model's tile encoder, chunks and checkpointing."""
         with self._grad("tile"):
-            embeddings = self._encode_in_chunks(gather, keep)
-        if tile_mask is not None:
-            embeddings = embeddings.new_zeros(n_tiles, embeddings.shape[1]).index_copy(0, keep, embeddings)
-        return tokens_to_grid(embeddings.view(n_regions, rows * cols, -1), rows, cols)
-
-    def _layout(self, regions: torch.Tensor, tile_mask: torch.Tensor | None) -> tuple[int, int, int]:
-        n_regions, channels, height, width = regions.shape
-        if channels != 3 or height % self.tile_px or width % self.tile_px:
-            raise ValueError(f"expected regions [M, 3, H, W] with H, W multiples of {self.tile_px}, "
-                             f"got {tuple(regions.shape)}")
-        rows, cols = height // self.tile_px, width // self.tile_px
-        if tile_mask is not None and tuple(tile_mask.shape) != (n_regions, rows, cols):
-            raise ValueError(f"tile_mask must be [M, rows, cols] = {(n_regions, rows, cols)}, "
-                             f"got {tuple(tile_mask.shape)}")
-        return n_regions, rows, cols
+            return token_grids(self.tile_encoder, regions, self.tile_px, self.normalisation, self.chunk_size,
+                               tile_mask, self.checkpoint_chunks)
 
     def region_embeddings(self, regions: torch.Tensor, tile_mask: torch.Tensor | None = None,
                           return_attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -177,12 +142,8 @@ class HIPT(nn.Module):
 
     def forward(self, regions: torch.Tensor, tile_mask: torch.Tensor | None = None, return_attention: bool = False,
                 bag_sizes: Sequence[int] | None = None) -> torch.Tensor | tuple[torch.Tensor, HIPTAttention]:
-        """uint8 regions of one slide [M, 3, H, W] -> logits [1, n_classes] (and HIPTAttention).
-
-        bag_sizes: the regions of several slides, concatenated, with each slide's region count ->
-        logits [n_slides, n_classes]: the tile encoder and ViT4K see every region in one batch (small
-        slides fill it), the slide model each slide's own.
-        """
+        """uint8 regions of one slide [M, 3, H, W] -> logits [1, n_classes] (and HIPTAttention). bag_sizes: the
+        regions of several slides, concatenated, with each one's count -> logits [n_slides, n_classes]."""
         embeddings, tile_attention = self.region_embeddings(regions, tile_mask, return_attention=True)
         if bag_sizes is not None:
             if return_attention:

@@ -1,9 +1,6 @@
-"""LoRA (Hu et al. 2021) on a frozen linear layer: y = W x + b + (alpha / r) B A x, with A [r, in] and
-B [out, r]; B starts at zero, so an adapted model starts exactly as its base.
-
-A short module of our own rather than peft: peft brings transformers, tokenizers and pydantic into every
-install for these few lines, and here the adapter's state-dict names (`lora_a`, `lora_b`) stay fixed
-whatever version is installed, which is what a saved run of adapters relies on.
+"""LoRA (Hu et al. 2021) on a frozen linear layer: y = W x + b + (alpha / r) B A x; B starts at zero, so an
+adapted model starts exactly as its base. Our own few lines rather than peft (which brings transformers
+into every install): the state-dict names `lora_a`, `lora_b` stay fixed, as saved adapters need.
 """
 from __future__ import annotations
 

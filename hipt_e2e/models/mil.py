@@ -1,7 +1,4 @@
-"""Baselines on region embeddings: attention-MIL (gated attention pooling only) and the per-region FC.
-
-Both take the same inputs as the slide transformer (`vit_wsi`), so recipes swap them by config.
-"""
+"""Baselines on region embeddings, with the slide transformer's inputs: attention-MIL and the per-region FC."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +20,6 @@ Vote = Literal["majority", "mean"]  # how the FC's region probabilities make a s
 @dataclass(frozen=True)
 class SlideModel(Settings):
     """The `model` section of slide-level training: the model on a slide's region embeddings."""
-
     name: SlideModelName = "vit_wsi"
     dropout: float = bound(0.25, 0.0, 1.0)
     hidden: int | None = bound(None, 0)  # abmil and fc: width of their hidden layer; null: the embeddings' width
@@ -66,16 +62,9 @@ class RegionFC(nn.Module):
         return self.net(regions)
 
 
-def abmil(n_classes: int, **kwargs) -> AttentionMIL:
-    return AttentionMIL(n_classes, **kwargs)
-
-
 def vote(region_probs: np.ndarray, method: str = "majority") -> np.ndarray:
-    """Slide probabilities from its regions' probabilities [M, K].
-
-    majority: the share of regions predicting each class, ties broken by the mean probability
-    (a 1e-6 nudge that never outweighs one vote); mean: the mean probability.
-    """
+    """Slide probabilities from its regions' [M, K]. majority: the share of regions predicting each class, ties
+    broken by the mean probability (a 1e-6 nudge that never outweighs one vote); mean: the mean probability."""
     region_probs = np.asarray(region_probs, dtype=np.float64)
     mean = region_probs.mean(axis=0)
     if method == "mean":

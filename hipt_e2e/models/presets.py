@@ -1,9 +1,5 @@
-"""Named model geometries, so recipes can build the three levels from a YAML `preset:` entry.
-
-"hipt" is the published geometry (the default everywhere); "tiny" is the same code with small
-numbers for tests and the demo: 32 px tiles of 4 x 4 patches, 4 x 4 tiles per region, and position
-tables smaller than the inference grid so that the interpolation path is exercised as in HIPT.
-"""
+"""Named model geometries: "hipt" is the published one (the default); "tiny" the same code with small numbers
+for tests and the demo, its position tables smaller than the grid so that interpolation is exercised."""
 from __future__ import annotations
 
 import copy

@@ -1,9 +1,6 @@
-"""The slide model of HIPT (the global part of HIPT_LGP_FC) on region embeddings [M, dim].
-
-M region embeddings of one slide -> global_phi -> 2 post-norm transformer layers (the regions are
-the sequence) -> gated-attention pooling over the regions -> global_rho -> classifier. Module and
-parameter names follow the released fold checkpoints (`global_phi.0`, `global_transformer.layers.i`,
-`global_attn_pool.attention_{a,b,c}`, `global_rho.0`, `classifier`).
+"""The slide model of HIPT (the global part of HIPT_LGP_FC) on region embeddings [M, dim]: global_phi ->
+2 post-norm transformer layers over the regions -> gated-attention pooling -> global_rho -> classifier.
+Names follow the released fold checkpoints.
 """
 from __future__ import annotations
 

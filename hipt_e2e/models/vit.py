@@ -1,10 +1,8 @@
 """The two ViT levels of HIPT: the tile encoder (ViT256) and the region encoder (ViT4K).
 
-Both are a CLS token, a square position table, pre-norm timm `Block`s (fused scaled-dot-product
-attention) and a final LayerNorm; they differ only in how the input becomes tokens (a patch
-convolution over pixels vs. a per-token projection `phi` of a [C, rows, cols] grid of tile
-embeddings). State-dict names follow the released checkpoints (`cls_token`, `pos_embed`,
-`patch_embed.proj` / `phi.0`, `blocks.{i}.*`, `norm`).
+Both are a CLS token, a square position table, pre-norm timm `Block`s and a final LayerNorm; they differ
+only in how the input becomes tokens (patches of pixels vs. a projection `phi` of a grid of tile
+embeddings). State-dict names follow the released checkpoints.
 """
 from __future__ import annotations
 
@@ -24,11 +22,9 @@ HIPT_POS_GRID = 14
 
 
 def select_attention(model: nn.Module, device: torch.device, mixed_precision: str | None) -> nn.Module:
-    """Choose, for where and how `model` runs, how its timm attention blocks compute attention. On CPUs under
-    bf16/fp16 autocast: timm's explicit path (matmul, softmax, matmul in the autocast dtype), since it makes a
-    tile-encoder training step 1.28-1.39x faster than torch's math kernel and 1.3-1.65x faster than its fused
-    one, forward passes ~1.2x, for ~20 % more error against fp32 than the kernels (docs/benchmarks.md).
-    Elsewhere (fp32 on CPUs, GPUs): torch's fused kernels, as timm's global setting allows."""
+    """How `model`'s timm attention blocks compute attention where it runs: on CPUs under bf16/fp16 autocast
+    timm's explicit path (1.3-1.65x faster training steps than torch's kernels there, docs/benchmarks.md),
+    elsewhere torch's fused kernels, as timm's global setting allows."""
     explicit = device.type == "cpu" and mixed_precision in ("bf16", "fp16")
     for module in model.modules():
         if hasattr(module, "fused_attn"):
@@ -37,23 +33,16 @@ def select_attention(model: nn.Module, device: torch.device, mixed_precision: st
 
 
 def resize_pos_table(pos_embed: torch.Tensor, rows: int, cols: int, pos_grid: int) -> torch.Tensor:
-    """Position table [1, 1 + pos_grid**2, C] -> [1, 1 + rows*cols, C] by HIPT's rule.
-
-    The original method resizes with bicubic interpolation driven by a *scale factor*
-    (g + 0.1) / pos_grid, not a target size; the two differ by up to ~1e-2, so the released weights
-    only reproduce their outputs with this exact call. A grid equal to the table is used unchanged.
-    """
+    """Position table [1, 1 + pos_grid**2, C] -> [1, 1 + rows*cols, C] by HIPT's rule: bicubic with a *scale
+    factor* (g + 0.1) / pos_grid, not a target size (they differ by up to ~1e-2, and the released weights
+    reproduce their outputs only with this call)."""
     if (rows, cols) == (pos_grid, pos_grid):
         return pos_embed
     cls_pos, grid_pos = pos_embed[:, :1], pos_embed[:, 1:]
     dim = grid_pos.shape[-1]
     grid_pos = grid_pos.reshape(1, pos_grid, pos_grid, dim).permute(0, 3, 1, 2)
-    grid_pos = F.interpolate(
-        grid_pos,
-        scale_factor=((rows + 0.1) / pos_grid, (cols + 0.1) / pos_grid),
-        mode="bicubic",
-        align_corners=False,
-    )
+    grid_pos = F.interpolate(grid_pos, scale_factor=((rows + 0.1) / pos_grid, (cols + 0.1) / pos_grid), mode="bicubic",
+                             align_corners=False)
     grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
     return torch.cat((cls_pos, grid_pos), dim=1)
 
@@ -61,15 +50,8 @@ def resize_pos_table(pos_embed: torch.Tensor, rows: int, cols: int, pos_grid: in
 class GridViT(nn.Module):
     """ViT trunk over a token grid; subclasses define `tokenize(x) -> (tokens [B,N,C], rows, cols)`."""
 
-    def __init__(
-        self,
-        embed_dim: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        pos_grid: int = HIPT_POS_GRID,
-        drop_path_rate: float = 0.0,
-    ) -> None:
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
+                 pos_grid: int = HIPT_POS_GRID, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         self.embed_dim = self.num_features = embed_dim
         self.pos_grid = pos_grid
@@ -77,36 +59,23 @@ class GridViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pos_grid * pos_grid, embed_dim))
         drop_rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth rises linearly
-        self.blocks = nn.ModuleList(
-            Block(
-                embed_dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=True,
-                drop_path=rate,
-                norm_layer=partial(nn.LayerNorm, eps=1e-6),
-            )
-            for rate in drop_rates
-        )
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rate,
+                                          norm_layer=partial(nn.LayerNorm, eps=1e-6)) for rate in drop_rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
     def init_weights(self) -> None:
-        """DINO's initialisation: truncated normal (std .02) tables and linears, unit LayerNorms."""
+        """DINO's initialisation: truncated normal (std .02) tables and linears (LayerNorms start at 1 and 0)."""
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
 
     def tokenize(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         raise NotImplementedError
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in backward instead of storing its activations."""
         self.grad_checkpointing = enable
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -149,9 +118,8 @@ class GridViT(nn.Module):
 def cls_block(block: Block, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a pre-norm timm `Block` for the CLS query only: (CLS token [B, 1, C], attention [B, heads, N]).
 
-    The pooled output depends on no other query of the last block, so its other N rows of the
-    attention projection and MLP are skipped (~7 % of ViT256's work). The softmax is explicit
-    because the fused kernel does not expose the weights that heatmaps need.
+    The pooled output depends on no other query of the last block, so the other rows are skipped (~7 % of
+    ViT256's work); the softmax is explicit because the fused kernel does not expose the weights.
     """
     attn = block.attn
     batch, n_tokens, dim = tokens.shape

@@ -1,8 +1,5 @@
-"""DINO multi-crop augmentations on whole batches, with every random parameter drawn per sample.
-
-Random parameters are drawn on the CPU from an optional ``torch.Generator`` (a CPU generator), so a
-seed gives the same crops on any device; the pixel work runs on the device the input lives on.
-"""
+"""DINO multi-crop augmentations on whole batches, every random parameter drawn per sample on the CPU (from an
+optional CPU ``torch.Generator``, so a seed gives the same crops on any device), the pixel work on the input's."""
 from __future__ import annotations
 
 import math
@@ -41,11 +38,9 @@ def _randint_below(high: torch.Tensor, generator: torch.Generator | None) -> tor
     return (torch.rand(high.shape, generator=generator, dtype=torch.float64) * high).floor().long()
 
 
-def _apply_where(
-    images: torch.Tensor, mask: torch.Tensor, op: Callable[..., torch.Tensor], *per_sample: torch.Tensor
-) -> torch.Tensor:
-    """``images`` with ``op(images, *per_sample)`` applied to the samples selected by the CPU ``mask``
-    only, so unselected samples cost nothing."""
+def _apply_where(images: torch.Tensor, mask: torch.Tensor, op: Callable[..., torch.Tensor],
+                 *per_sample: torch.Tensor) -> torch.Tensor:
+    """``op(images, *per_sample)`` on the samples the CPU ``mask`` selects only (the others cost nothing)."""
     if not mask.any():
         return images
     rows = mask.nonzero().flatten().to(images.device)
@@ -55,19 +50,16 @@ def _apply_where(
 @dataclass(frozen=True)
 class CropBoxes:
     """Integer pixel boxes, one per sample: rows top..top+height, columns left..left+width."""
-
     top: torch.Tensor
     left: torch.Tensor
     height: torch.Tensor
     width: torch.Tensor
 
 
-def sample_resized_crop_boxes(
-    n: int, height: int, width: int, scale: tuple[float, float], generator: torch.Generator | None = None
-) -> CropBoxes:
-    """RandomResizedCrop's box sampling, vectorised over samples: up to 10 tries of a random area
-    fraction in ``scale`` and a log-uniform aspect ratio in [3/4, 4/3]; the first box that fits wins,
-    and a sample whose tries all fail gets the whole image."""
+def sample_resized_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float],
+                              generator: torch.Generator | None = None) -> CropBoxes:
+    """RandomResizedCrop's box sampling, vectorised: the first of 10 tries (area fraction in ``scale``,
+    log-uniform aspect ratio in [3/4, 4/3]) that fits, else the whole image."""
     shape = (n, CROP_ATTEMPTS)
     area = height * width * _uniform(scale[0], scale[1], shape, generator)
     ratio = torch.exp(_uniform(math.log(RATIO_RANGE[0]), math.log(RATIO_RANGE[1]), shape, generator))
@@ -84,12 +76,9 @@ def sample_resized_crop_boxes(
 
 
 def resized_crop(images: torch.Tensor, boxes: CropBoxes, size: int, flip: torch.Tensor) -> torch.Tensor:
-    """Crop each sample's box, mirror it where ``flip`` is set, and resize it to size x size with
-    bicubic interpolation, all in one ``grid_sample`` over the batch.
-
-    Sampling positions equal those of crop-then-``interpolate(align_corners=False)``; bicubic taps
-    just past a box edge read the real neighbouring pixels (the image border is replicated) and no
-    antialiasing is applied (crops of 256-px tiles shrink by at most 256/224 at the default sizes).
+    """Crop each sample's box, mirror it where ``flip`` is set, resize it to size x size (bicubic), in one
+    ``grid_sample`` over the batch: the positions of crop-then-``interpolate(align_corners=False)``, taps past
+    a box edge reading the real neighbouring pixels, no antialiasing (tiles shrink by at most 256/224).
     """
     batch, _, height, width = images.shape
     # Affine map from output coordinates to input coordinates, both normalised to [-1, 1].
@@ -105,19 +94,11 @@ def resized_crop(images: torch.Tensor, boxes: CropBoxes, size: int, flip: torch.
 
 
 def colour_jitter(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """ColorJitter(0.4, 0.4, 0.2, 0.1) with probability 0.8: per sample, random factors applied in a
-    random order. Samples are grouped by the op they take at each step, so each op runs once per step."""
-    n = images.shape[0]
-    brightness, contrast, saturation, hue = JITTER
-    factors = torch.stack(
-        [
-            _uniform(1 - brightness, 1 + brightness, (n,), generator),
-            _uniform(1 - contrast, 1 + contrast, (n,), generator),
-            _uniform(1 - saturation, 1 + saturation, (n,), generator),
-            _uniform(-hue, hue, (n,), generator),
-        ],
-        dim=1,
-    )
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) with probability 0.8, per sample in a random order (each op runs once
+    per step on the samples that take it)."""
+    n, hue = images.shape[0], JITTER[3]
+    factors = torch.stack([_uniform(1 - j, 1 + j, (n,), generator) for j in JITTER[:3]]
+                          + [_uniform(-hue, hue, (n,), generator)], dim=1)
     order = torch.rand(n, len(JITTER_OPS), generator=generator).argsort(dim=1)  # a permutation per sample
     jittered = _chance(JITTER_P, n, generator)
     for step in range(len(JITTER_OPS)):
@@ -132,11 +113,9 @@ def random_grayscale(images: torch.Tensor, generator: torch.Generator | None = N
 
 
 def blur_sigma_range(size: int, reference: int) -> tuple[float, float]:
-    """DINO's blur sigma range for a crop of ``size`` px, scaled from the ``reference`` crop side it was
-    set for: the blur keeps its size relative to the crop. Without this a 56 px crop would be blurred as
-    if it were a 224 px one four times over, wiping out nuclei a few pixels wide."""
-    factor = size / reference
-    return BLUR_SIGMA[0] * factor, BLUR_SIGMA[1] * factor
+    """DINO's blur sigma range scaled from the ``reference`` crop side it was set for to ``size``: else a 56 px
+    crop would be blurred as a 224 px one, four times over, wiping out nuclei a few pixels wide."""
+    return BLUR_SIGMA[0] * (size / reference), BLUR_SIGMA[1] * (size / reference)
 
 
 def random_blur(images: torch.Tensor, p: float, sigma_range: tuple[float, float] = BLUR_SIGMA,
@@ -156,8 +135,7 @@ def random_solarise(images: torch.Tensor, p: float, generator: torch.Generator |
 
 @dataclass(frozen=True)
 class TileView:
-    """One crop of the tile-level recipe: output side, area fraction range, per-view probabilities and
-    the blur sigma range in output pixels."""
+    """One crop of the tile-level recipe (blur sigma in output pixels)."""
 
     size: int
     scale: tuple[float, float]
@@ -167,23 +145,14 @@ class TileView:
 
 
 class TileMultiCrop:
-    """DINO's tile-level multi-crop: uint8 tiles [B, 3, H, W] -> 2 global + n_local normalised float32
-    crops, each [B, 3, size, size], on the tiles' device.
+    """DINO's tile-level multi-crop: uint8 tiles [B, 3, H, W] -> 2 global + n_local normalised crops.
 
-    Global crop 1: blur always; global crop 2: blur p 0.1 and solarisation p 0.2; local crops: blur
-    p 0.5, with sigma 0.1-2.0 px at 224 / 96 px crops, proportionally less at smaller ones. Every crop:
-    random resized crop (bicubic), horizontal flip, colour jitter, grayscale.
+    Global crop 1: blur always; global crop 2: blur p 0.1, solarisation p 0.2; local crops: blur p 0.5. Every
+    crop: random resized crop, horizontal flip, colour jitter, grayscale.
     """
 
-    def __init__(
-        self,
-        normalisation: str,
-        global_size: int = 224,
-        local_size: int = 96,
-        n_local: int = 8,
-        global_scale: tuple[float, float] = (0.4, 1.0),
-        local_scale: tuple[float, float] = (0.05, 0.4),
-    ) -> None:
+    def __init__(self, normalisation: str, global_size: int = 224, local_size: int = 96, n_local: int = 8,
+                 global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4)) -> None:
         if normalisation not in NORMALISATIONS:
             raise SettingError(f"unknown normalisation {normalisation!r}; choose one of {sorted(NORMALISATIONS)}")
         self.normalisation = normalisation
@@ -210,9 +179,8 @@ class TileMultiCrop:
 
 
 class RegionMultiCrop:
-    """DINO's region-level multi-crop on token grids [B, C, rows, cols]: 2 global and n_local square
-    crops at random positions, each mirrored along the column axis with probability 0.5; dtype and
-    device are kept."""
+    """DINO's region-level multi-crop on token grids [B, C, rows, cols]: 2 global and n_local square crops at
+    random positions, each mirrored along the columns with probability 0.5."""
 
     def __init__(self, global_size: int = 14, local_size: int = 6, n_local: int = 8) -> None:
         self.sizes = [global_size] * 2 + [local_size] * n_local

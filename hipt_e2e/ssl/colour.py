@@ -1,9 +1,5 @@
-"""Batched photometric operations with one parameter per sample.
-
-Images are float [B, 3, H, W] in [0, 1]; each factor is a tensor [B] on any device. The maths follows
-torchvision's tensor kernels (``torchvision.transforms.v2.functional``), which only take one factor
-per call; doing the whole batch at once keeps a GPU busy instead of launching kernels per tile.
-"""
+"""Batched photometric operations with one parameter per sample: images float [B, 3, H, W] in [0, 1], factors
+[B]. The maths follows torchvision's kernels, which take one factor per call (kernel launches per tile)."""
 from __future__ import annotations
 
 import torch
@@ -13,12 +9,8 @@ LUMA_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision and PIL use
 SOLARISE_THRESHOLD = 0.5  # pixels in the upper half of the range are inverted (128 of 255 in PIL)
 
 
-def _per_sample(factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return factor.to(device=like.device, dtype=like.dtype).view(-1, 1, 1, 1)
-
-
 def _blend(image: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    factor = _per_sample(factor, image)
+    factor = factor.to(device=image.device, dtype=image.dtype).view(-1, 1, 1, 1)
     return (factor * image + (1.0 - factor) * other).clamp(0.0, 1.0)
 
 
@@ -48,17 +40,13 @@ def _rgb_to_hsv(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     # Grey pixels (chroma 0) get hue 0 and black ones saturation 0; the divisor of 1 avoids 0/0.
     saturation = chroma / torch.where(value > 0, value, torch.ones_like(value))
     safe_chroma = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    hue = torch.where(
-        value == red,
-        (green - blue) / safe_chroma,
-        torch.where(value == green, 2.0 + (blue - red) / safe_chroma, 4.0 + (red - green) / safe_chroma),
-    )
+    hue = torch.where(value == red, (green - blue) / safe_chroma,
+                      torch.where(value == green, 2.0 + (blue - red) / safe_chroma, 4.0 + (red - green) / safe_chroma))
     return torch.remainder(hue / 6.0, 1.0), saturation, value
 
 
 def _hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    # Closed form: channel n in (5, 3, 1) for (R, G, B) is v - v*s*clamp(min(k, 4 - k), 0, 1)
-    # with k = (n + 6h) mod 6.
+    # Closed form: channel n in (5, 3, 1) for (R, G, B) is v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6.
     offsets = torch.tensor([5.0, 3.0, 1.0], device=hue.device, dtype=hue.dtype).view(1, 3, 1, 1)
     k = torch.remainder(offsets + 6.0 * hue.unsqueeze(1), 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)

@@ -11,12 +11,9 @@ from hipt_e2e.errors import SettingError
 
 
 class WeightNormLinear(nn.Module):
-    """Bias-free linear layer with weight = weight_g * weight_v / ||weight_v|| (one norm per output row).
-
-    Same maths and parameter names (weight_g [out, 1], weight_v [out, in]) as the deprecated
-    ``torch.nn.utils.weight_norm``, which the released DINO checkpoints were saved with; the
-    parametrizations API that replaces it stores them under other names, so the layer is spelled out.
-    """
+    """Bias-free linear layer with weight = weight_g * weight_v / ||weight_v||, the deprecated
+    ``torch.nn.utils.weight_norm``'s maths and names, which the released DINO checkpoints use (its
+    parametrizations replacement stores other names)."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -33,15 +30,8 @@ class WeightNormLinear(nn.Module):
 class DINOHead(nn.Module):
     """MLP (GELU, no batch norm) -> L2-normalised bottleneck -> weight-normalised prototype layer."""
 
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int = 65536,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        nlayers: int = 3,
-        norm_last_layer: bool = True,
-    ) -> None:
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 nlayers: int = 3, norm_last_layer: bool = True) -> None:
         super().__init__()
         if nlayers < 1:
             raise SettingError(f"nlayers must be >= 1, got {nlayers}")
@@ -60,5 +50,4 @@ class DINOHead(nn.Module):
         self.last_layer.weight_g.requires_grad_(not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(self.mlp(x), dim=-1, p=2)
-        return self.last_layer(x)
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))

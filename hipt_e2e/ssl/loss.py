@@ -13,37 +13,24 @@ N_GLOBAL_CROPS = 2  # the teacher only sees the two global crops
 
 
 class DINOLoss(nn.Module):
-    """Cross-entropy between the teacher's and the student's distributions over every pair of
-    (teacher global crop i, student crop v) with v != i, averaged over the 2*ncrops-2 pairs.
+    """Cross-entropy between teacher and student over every pair (teacher global crop i, student crop v != i).
 
-    Outputs are stacked crop-major: student [ncrops*B, K], teacher [2*B, K], crop c in rows c*B..(c+1)*B.
-    The loss is computed in the precision of the center buffer (float32 unless the module is cast),
-    so a float16/bfloat16 model output does not degrade the log-softmax.
+    Outputs are stacked crop-major: student [ncrops*B, K], teacher [2*B, K]. The loss is computed in the
+    center buffer's precision, so a float16/bfloat16 model output does not degrade the log-softmax.
     """
 
     center: torch.Tensor
 
-    def __init__(
-        self,
-        out_dim: int,
-        ncrops: int,
-        warmup_teacher_temp: float,
-        teacher_temp: float,
-        warmup_teacher_temp_epochs: int,
-        nepochs: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-    ) -> None:
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
+                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
+                 center_momentum: float = 0.9) -> None:
         super().__init__()
         if ncrops <= N_GLOBAL_CROPS:
             raise SettingError(f"ncrops must exceed the {N_GLOBAL_CROPS} global crops, got {ncrops}")
-        self.ncrops = ncrops
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
+        self.ncrops, self.student_temp, self.center_momentum = ncrops, student_temp, center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temps = teacher_temperature_schedule(
-            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs
-        )
+        self.teacher_temps = teacher_temperature_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
+                                                          nepochs)
 
     def teacher_temperature(self, epoch: int) -> float:
         # Past the scheduled epochs (e.g. a run extended on resume) the final temperature holds.
@@ -67,8 +54,7 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
-        """EMA of the teacher's mean output over the global batch (all processes), which keeps the
-        teacher from collapsing onto one dimension."""
+        """EMA of the teacher's mean output over the global batch: keeps it from collapsing onto one dimension."""
         batch_sum = teacher_output.to(self.center.dtype).sum(dim=0, keepdim=True)
         count = teacher_output.shape[0]
         if dist.is_available() and dist.is_initialized():

@@ -13,28 +13,21 @@ DECAY_KEY = "apply_weight_decay"  # marks the parameter groups that follow the w
 
 @torch.no_grad()
 def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, over parameters only.
-
-    Buffers are left alone: the teacher keeps its own running statistics (if any). Parameters are
-    matched by name so a wrapped student (e.g. ``module.`` from DDP) fails loudly instead of silently
-    pairing the wrong tensors.
-    """
-    student_params = dict(student.named_parameters())
-    teacher_params = dict(teacher.named_parameters())
+    """teacher <- momentum * teacher + (1 - momentum) * student, over parameters only (the teacher keeps its
+    own buffers). Matched by name, so a wrapped student (DDP's ``module.``) fails loudly instead of silently
+    pairing the wrong tensors."""
+    student_params, teacher_params = dict(student.named_parameters()), dict(teacher.named_parameters())
     if student_params.keys() != teacher_params.keys():
         missing = sorted(student_params.keys() ^ teacher_params.keys())[:5]
         raise ValueError(f"student and teacher parameters differ, e.g. {missing}; unwrap the student first")
     names = list(teacher_params)
-    torch._foreach_lerp_(
-        [teacher_params[n] for n in names], [student_params[n].detach() for n in names], 1.0 - momentum
-    )
+    torch._foreach_lerp_([teacher_params[n] for n in names], [student_params[n].detach() for n in names], 1.0 - momentum)
 
 
 @torch.no_grad()
 def clip_gradients_per_parameter(model: nn.Module, clip: float) -> torch.Tensor:
-    """Scale each parameter's gradient to an L2 norm of at most ``clip`` (DINO clips per tensor, not
-    globally). Returns the norms before clipping, one per parameter with a gradient, as a tensor so
-    no host-device synchronisation is forced."""
+    """Scale each parameter's gradient to an L2 norm of at most ``clip`` (DINO clips per tensor); returns the
+    norms before clipping as a tensor, so no host-device synchronisation is forced."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return torch.empty(0)
@@ -45,8 +38,7 @@ def clip_gradients_per_parameter(model: nn.Module, clip: float) -> torch.Tensor:
 
 
 def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
-    """Drop the prototype layer's gradients during the first ``freeze_last_layer`` epochs: DINO
-    found that letting it move while the backbone is still random destabilises training."""
+    """Drop the prototype layer's gradients in the first ``freeze_last_layer`` epochs (DINO: it destabilises)."""
     if epoch >= freeze_last_layer:
         return
     for name, param in model.named_parameters():
@@ -55,9 +47,8 @@ def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer:
 
 
 def weight_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: weights with ndim > 1 are decayed, biases and norm scales are not.
-    Frozen parameters (e.g. the head's fixed weight_g) are left out. Each group keeps its parameters'
-    names under ``names`` (saved with the optimizer state), so a checkpoint says whose moments are whose."""
+    """Optimizer parameter groups of the trainable parameters: weights with ndim > 1 decayed, biases and norms
+    not; ``names`` (saved with the optimizer state) say whose moments are whose."""
     decayed, not_decayed = {"params": [], "names": []}, {"params": [], "names": []}
     for name, param in model.named_parameters():
         if param.requires_grad:

@@ -13,20 +13,10 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / REFERENCE_BATCH
 
 
-def cosine_schedule(
-    base: float,
-    final: float,
-    epochs: int,
-    iters_per_epoch: int,
-    warmup_epochs: int = 0,
-    start_warmup: float = 0.0,
-) -> np.ndarray:
-    """One value per iteration: a linear ramp start_warmup -> base over the warm-up iterations
-    (both ends included), then a half cosine from base down (or up) to final.
-
-    The cosine is sampled at i/n for i < n (as in DINO's reference schedule), so its last value is one
-    step short of ``final``.
-    """
+def cosine_schedule(base: float, final: float, epochs: int, iters_per_epoch: int, warmup_epochs: int = 0,
+                    start_warmup: float = 0.0) -> np.ndarray:
+    """One value per iteration: a linear ramp start_warmup -> base over the warm-up, then a half cosine from
+    base to final, sampled at i/n for i < n as DINO's (its last value one step short of ``final``)."""
     total = epochs * iters_per_epoch
     warmup_iters = warmup_epochs * iters_per_epoch
     if not 0 <= warmup_iters <= total:
