@@ -118,11 +118,8 @@ class SlidePrediction(SlideScore):
 
 
 class Predictor:
-    """Trained models applied slide by slide through the slide scorer (hipt_e2e.inference.scoring): each
-    member is a HIPT with its slide model, or HIPT encoders + a region FC; with several members (fold models)
-    the slide probabilities, region scores and tile attention are their means. Every chunk of regions is read
-    once and embedded by every member. geometry: where the members were trained (from their cards); None: the
-    caller's."""
+    """Trained models (members: fold models, averaged) applied slide by slide through the slide scorer;
+    geometry: where the members were trained (from their cards); None: the caller's."""
 
     def __init__(self, members: Sequence[Member], classes: Sequence[str],
                  vote_method: str = "majority", chunk_regions: int = 8, geometry: RegionGeometry | None = None,
@@ -361,11 +358,8 @@ def _write_predictions(path: Path, rows: Sequence[list], classes: Sequence[str])
 
 
 def predict_inputs(settings: PredictSettings, inputs: Sequence[str | Path], predictor: Predictor | None = None) -> int:
-    """Predict every input slide; returns the number that failed (each listed in predictions.csv).
-
-    Under `accelerate launch --num_processes N` the slides are split over the processes (each on its
-    device, with the configured mixed precision) and the main process writes one predictions.csv in input
-    order."""
+    """Predict every input slide, split over the processes; the main process writes one predictions.csv in
+    input order. Returns the number that failed (each listed there)."""
     # found first, so that an input holding no slides (or a shard set) is refused before anything is written
     found = [] if settings.input_kind == "shards" else find_slides(inputs, settings.input_kind)
     accelerator = make_accelerator(settings.mixed_precision)

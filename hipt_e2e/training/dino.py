@@ -183,9 +183,8 @@ def _student_and_teacher(backbone: Callable[[float], nn.Module], dino: DINOObjec
 
 def make_crops(multicrop: Callable[..., list[torch.Tensor]], inputs: torch.Tensor, seed: int, step: int,
                place: int, chunk: int | None) -> list[torch.Tensor]:
-    """The crops of one micro-batch. Chunk c of micro-batch ``place`` (its index in the global batch)
-    draws from a generator seeded by (seed, step, global chunk index): with a fixed chunk size the crops
-    of a sample do not depend on how the global batch is split over processes and micro-batches."""
+    """The crops of one micro-batch, each chunk from a generator seeded by (seed, step, global chunk index), so
+    a sample's crops do not depend on how the global batch is split over processes and micro-batches."""
     chunk = chunk or len(inputs)
     parts = inputs.split(chunk)
     views = [multicrop(part, torch.Generator().manual_seed(derived_seed(seed, step, place * len(parts) + c, AUGMENT)))
@@ -367,9 +366,7 @@ class DINOTrainer:
 def train_dino(settings: DINOSettings, backbone: Callable[[float], nn.Module], stream: IterableDataset,
                multicrop: Callable[..., list[torch.Tensor]], samples_per_epoch: int,
                card: Mapping[str, Any] | None = None) -> Path:
-    """Train (or continue) DINO as configured and return the output folder, which receives config.yaml,
-    train_log.jsonl (one line per step), checkpoint.pt (every train.checkpoint_every steps and at the end,
-    in the released DINO layout: student/teacher with backbone./head. keys, optimizer, dino_loss, epoch)
-    and, once training is complete, backbone.safetensors (the teacher's backbone under its own key names)
-    with `card` (kind, architecture, normalisation: hipt_e2e.models.bundle) as its model_card.json."""
+    """Train (or continue) DINO; the output folder receives config.yaml, train_log.jsonl, checkpoint.pt (the
+    released DINO layout: student/teacher with backbone./head. keys) and, when complete, backbone.safetensors
+    (the teacher's backbone) with `card` as its model_card.json. Returns the folder."""
     return DINOTrainer(settings, backbone, stream, multicrop, samples_per_epoch, card).train()

@@ -123,9 +123,8 @@ class Lora(Settings):
 
 @dataclass(frozen=True)
 class E2EModel(RegionModel, TileModel):
-    """The `model` section: the tile encoder (preset, encoder, cnn, tile: changes to the preset's tile
-    geometry, ...), the region encoder (region: changes to the preset's ViT4K geometry, in_dim, ...), the
-    slide model, their initial weights and what trains."""
+    """The `model` section: the tile and region encoders (TileModel, RegionModel), the slide model, their
+    initial weights and what trains."""
 
     preset: str = "tiny"
     normalisation: str = "hipt"  # as the tile encoder was pretrained (the DINO recipe here uses imagenet)
@@ -206,7 +205,6 @@ class TrainingStopped(Exception):
     """train.stop_after was reached; the checkpoint is saved and resume=true continues the run."""
 
 
-# ------------------------------------------------------------------------------------------ data
 def _loader(regions: ShardRegions, keys: Sequence[tuple[str, tuple[int, ...]]], workers: int,
             device: torch.device) -> DataLoader:
     """Items in the order of `keys`; workers decode ahead while the model computes."""
@@ -222,7 +220,6 @@ def tile_mask(tissue: torch.Tensor, min_tissue: float) -> torch.Tensor | None:
     return mask if mask.any() and not mask.all() else None
 
 
-# ------------------------------------------------------------------------------------------ model
 def architecture(model: E2EModel) -> dict[str, Any]:
     """The resolved architecture of a model section (hipt_e2e.models.bundle), as the model cards record it."""
     tile = tile_architecture(model, model.tile_trainable, model.lora.rank, model.lora.alpha)
@@ -309,13 +306,9 @@ def slide_probabilities(model: HIPT, chunks: Iterable[dict], device: torch.devic
             for slide_id, parts in groupby(chunks, key=lambda item: item["slide_id"])}
 
 
-# ------------------------------------------------------------------------------------------ one fold
 class FoldTrainer:
     """Train one fold on fold.train, select on fold.val, predict fold.test; resumable at any checkpoint.
-
-    The model under training may be wrapped (DDP / FSDP); validation and test run on a plain copy that
-    receives the full weights, split by slide over the processes.
-    """
+    Validation and test run on a plain copy of the (DDP / FSDP wrapped) model, split by slide."""
 
     def __init__(self, accelerator: Accelerator, settings: E2ESettings, regions: ShardRegions,
                  classes: Sequence[str], fold: Fold, fold_dir: Path, run_steps: int) -> None:
@@ -356,7 +349,6 @@ class FoldTrainer:
         if state is not None:
             self._restore(state)
 
-    # ------------------------------------------------------------------ state
     def _restore(self, state: dict[str, Any]) -> None:
         missing = set(self.trained) - set(state["model"])
         if missing:
@@ -390,7 +382,6 @@ class FoldTrainer:
             })
         self.accelerator.wait_for_everyone()
 
-    # ------------------------------------------------------------------ evaluation
     def _sync_eval_model(self) -> None:
         """The current full weights into the plain evaluation copy (a collective under FSDP)."""
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
@@ -407,7 +398,6 @@ class FoldTrainer:
         merged = {slide: p for part in gather_object([probs]) for slide, p in part.items()}
         return np.stack([merged[slide] for slide in slide_ids]) if slide_ids else np.zeros((0, self.n_classes))
 
-    # ------------------------------------------------------------------ training
     def _set_lr(self) -> None:
         warmup = self.settings.optim.warmup_steps
         factor = min(1.0, (self.steps + 1) / warmup) if warmup else 1.0
@@ -426,10 +416,9 @@ class FoldTrainer:
         return pixels, (mask if mask is not None else torch.zeros(tissue.shape, dtype=torch.bool))
 
     def _loss_of(self, n: int, items: list[dict], scale: float) -> torch.Tensor:
-        """Micro-batch n of this process's part of the global batch: its slides' regions through the tile
-        encoder and ViT4K together, the slide model per slide; the sum of their losses times `scale`
-        (micro-batches / slides in the step, so that accumulation_step's mean over micro-batches is the
-        mean over slides)."""
+        """Micro-batch n of this process's part of the global batch: its slides' regions through the encoders
+        together, the slide model per slide; their summed loss times `scale` (micro-batches / slides in the
+        step, so accumulation_step's mean over micro-batches is the mean over slides)."""
         per_call = self.settings.train.slides_per_call
         places = [(n * per_call + j) * self.world + self.rank for j in range(len(items))]  # index in the global batch
         torch.manual_seed(derived_seed(self.settings.seed, self.fold.seed_offset, self.epoch, self.step, places[0]))
@@ -548,7 +537,6 @@ class FoldTrainer:
         return self.test_probs
 
 
-# ------------------------------------------------------------------------------------------ the run
 def e2e_accelerator(settings: E2ESettings) -> Accelerator:
     """The Accelerator of an end-to-end run as configured (precision, FSDP, trackers)."""
     train = settings.train
@@ -556,10 +544,8 @@ def e2e_accelerator(settings: E2ESettings) -> Accelerator:
 
 
 def train_e2e(settings: E2ESettings, accelerator: Accelerator | None = None) -> dict[str, Any] | None:
-    """Cross-validated end-to-end fine-tuning as configured (E2ESettings). Writes what slide-level
-    training writes (splits.csv, predictions.csv, metrics.json, plots, report.md,
-    fold_i/best_model.safetensors and history.json) plus fold_i/checkpoint.pt and train_log.jsonl.
-    Returns the metrics (with "report": the report's path), or None when stopped by train.stop_after.
+    """Cross-validated end-to-end fine-tuning: writes what slide-level training writes plus fold_i/checkpoint.pt
+    and train_log.jsonl; returns the metrics (with "report"), or None when stopped by train.stop_after.
     accelerator: the run's (e2e_accelerator), built here when not given."""
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.train.threads or threads)

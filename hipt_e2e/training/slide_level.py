@@ -95,10 +95,8 @@ def build_slide_model(model: SlideModel, n_classes: int, dim: int) -> nn.Module:
 
 
 def embedding_stages(bags: str | Path | Mapping) -> dict[str, Any] | None:
-    """The tile and region encoders (architecture and weights), the pixel normalisation and the geometry
-    that region embeddings were made with, as their lineage records them; None for bags made otherwise
-    (tile embeddings: no region stage to rebuild) or by an encoder without weights (random) or whose
-    authors' file is not known by its hash."""
+    """The encoders (architecture, weights), normalisation and geometry that region embeddings were made with,
+    from their lineage; None when they cannot be rebuilt (other bags, random encoders, unhashed authors' files)."""
     lineage = read_lineage(bags)
     tile, region = lineage.tile_encoder, lineage.region_encoder
     if lineage.kind != REGION_EMBEDDINGS or tile is None or region is None or not (tile.weights and region.weights):
@@ -217,9 +215,8 @@ def train_epoch(accelerator: Accelerator, model: nn.Module, optimizer: torch.opt
 
 
 class ModelSelection:
-    """Model selection on validation balanced accuracy (ties: the lower validation loss) with early
-    stopping after `patience` epochs without a better one; without a validation part the last epoch
-    is kept. Its state (history included) can be checkpointed, so a resumed run selects identically."""
+    """Selection on validation balanced accuracy (ties: lower loss), early stopping after `patience` epochs
+    without a better one (no validation part: the last epoch); checkpointable, so a resumed run selects alike."""
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
