@@ -7,7 +7,6 @@ through the environment, which `configure` writes.
 """
 from __future__ import annotations
 
-import copy
 import http.client
 import io
 import json
@@ -45,6 +44,7 @@ EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # protocol -> pip
 TRANSIENT = (ConnectionError, TimeoutError, socket.timeout, http.client.IncompleteRead,
              http.client.BadStatusLine, urllib.error.URLError)
 
+
 @dataclass(frozen=True)
 class StorageSettings(Settings):
     """The data.* settings of every recipe that reads shard sets (recipe settings apply them: `configure`)."""
@@ -53,8 +53,6 @@ class StorageSettings(Settings):
     # fsspec options for s3:// gs:// ... (endpoint_url, profile, anon, client_kwargs); {}: $HIPT_STORAGE_OPTIONS
     storage_options: dict = field(default_factory=dict)
 
-
-STORAGE_SETTINGS: dict[str, Any] = StorageSettings().to_mapping()  # the same, for recipes with untyped settings
 
 T = TypeVar("T")
 
@@ -75,11 +73,6 @@ class TransientReadError(OSError):
 
 
 # ------------------------------------------------------------------------------------------ settings
-def with_storage_settings(defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """A recipe's defaults with STORAGE_SETTINGS in its data section."""
-    return {**defaults, "data": {**defaults.get("data", {}), **copy.deepcopy(STORAGE_SETTINGS)}}
-
-
 def configure(retry_budget_s: float | None = None, storage_options: Mapping[str, Any] | None = None) -> None:
     """The retry budget and fsspec options of this process and every process it starts (through the
     environment); None and {} keep what the environment says."""

@@ -121,7 +121,7 @@ class TileStream(_ShardStream):
         for sample in self.raw_samples():
             pixels, record = decode_sample(sample)
             cols, region = record["grid"][1], {k: v for k, v in record.items() if k != "tissue"}
-            for index, (tile, fraction) in enumerate(zip(cut_tiles(pixels, record["tile_px"]), record["tissue"])):
+            for index, (tile, fraction) in enumerate(zip(cut_tiles(pixels, record["tile_px"]), record["tissue"], strict=True)):
                 if fraction >= self.min_tissue:
                     yield {"pixels": tile.contiguous(), "record": {**region, "tile_index": index, "row": index // cols,
                                                                    "col": index % cols, "tissue_fraction": fraction}}
