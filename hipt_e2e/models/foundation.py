@@ -226,13 +226,6 @@ class PretrainedTileEncoder(nn.Module):
         log.info("tile encoder %s: weights %s (sha256 %s)", self.name, file, self.weights["sha256"][:12])
         return self.weights
 
-    def blocks(self) -> list[nn.Module]:
-        """The trainable units from pixels up: ViT blocks, or a CNN's stages."""
-        if hasattr(self.model, "blocks"):
-            return list(self.model.blocks)
-        return [module for name, module in self.model.named_children() if name.startswith("layer")
-                and not isinstance(module, nn.Identity)]
-
     def trained_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) of what the policy trains."""
         if self.trainable == "all":
@@ -245,7 +238,12 @@ class PretrainedTileEncoder(nn.Module):
             yield from ((n, p) for n, p in self.named_parameters() if id(p) in tail)
 
     def _tail(self) -> list[nn.Module]:
-        blocks = self.blocks()
+        """The last `trainable` of the units from pixels up: ViT blocks, or a CNN's stages."""
+        if hasattr(self.model, "blocks"):
+            blocks = list(self.model.blocks)
+        else:  # a CNN's stages, less those truncation dropped
+            blocks = [stage for name, stage in self.model.named_children()
+                      if name.startswith("layer") and not isinstance(stage, nn.Identity)]
         if not 0 <= int(self.trainable) <= len(blocks):
             raise SettingError(f"model.tile_trainable={self.trainable}: {self.name} has {len(blocks)} blocks")
         return blocks[len(blocks) - int(self.trainable):]

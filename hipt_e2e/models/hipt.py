@@ -29,23 +29,18 @@ def tokens_to_grid(tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return tokens.unflatten(1, (rows, cols)).permute(0, 3, 1, 2)
 
 
-def _layout(regions: torch.Tensor, tile_px: int, tile_mask: torch.Tensor | None) -> tuple[int, int, int]:
-    n_regions, channels, height, width = regions.shape
-    if channels != 3 or height % tile_px or width % tile_px:
-        raise ValueError(f"expected regions [M, 3, H, W] with H, W multiples of {tile_px}, got {tuple(regions.shape)}")
-    rows, cols = height // tile_px, width // tile_px
-    if tile_mask is not None and tuple(tile_mask.shape) != (n_regions, rows, cols):
-        raise ValueError(f"tile_mask must be [M, rows, cols] = {(n_regions, rows, cols)}, got {tuple(tile_mask.shape)}")
-    return n_regions, rows, cols
-
-
 def token_grids(encoder: nn.Module, regions: torch.Tensor, tile_px: int, normalisation: str, tiles_per_call: int,
                 tile_mask: torch.Tensor | None = None, checkpoint_chunks: bool = False) -> torch.Tensor:
     """uint8 regions [M, 3, H, W] -> token grids [M, D, rows, cols], grid[:, :, r, c] = tile r*cols + c, the tiles
     of all regions encoded `tiles_per_call` at a time. tile_mask [M, rows, cols] (True = skip): zero embeddings.
     Checkpointed chunks keep only their index and output; pixels are gathered again in backward.
     """
-    n_regions, rows, cols = _layout(regions, tile_px, tile_mask)
+    n_regions, channels, height, width = regions.shape
+    if channels != 3 or height % tile_px or width % tile_px:
+        raise ValueError(f"expected regions [M, 3, H, W] with H, W multiples of {tile_px}, got {tuple(regions.shape)}")
+    rows, cols = height // tile_px, width // tile_px
+    if tile_mask is not None and tuple(tile_mask.shape) != (n_regions, rows, cols):
+        raise ValueError(f"tile_mask must be [M, rows, cols] = {(n_regions, rows, cols)}, got {tuple(tile_mask.shape)}")
     tiles = regions.unflatten(3, (cols, tile_px)).unflatten(2, (rows, tile_px)).permute(0, 2, 4, 1, 3, 5)  # a view
     n_tiles = n_regions * rows * cols
     keep = torch.arange(n_tiles, device=regions.device)

@@ -20,5 +20,6 @@ class MultiCropWrapper(nn.Module):
     def forward(self, crops: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         if isinstance(crops, torch.Tensor):
             crops = [crops]
-        features = [self.backbone(torch.cat(list(same_size))) for _, same_size in groupby(crops, key=lambda c: c.shape[-2:])]
+        same_sizes = groupby(crops, key=lambda crop: crop.shape[-2:])
+        features = [self.backbone(torch.cat(list(same_size))) for _, same_size in same_sizes]
         return self.head(torch.cat(features))
