@@ -129,8 +129,7 @@ def slide_units(manifest: Mapping[str, Any]) -> list[list[int]]:
 
 
 class UnitItems(IterableDataset):
-    """What one reader (of ranks x DataLoader workers) has to embed: input units i, i + n, ... that are
-    not done yet, in order. Items: {"unit", ...} from `items_of(unit)`, then {"unit", "end": True}."""
+    """Reader i of n's undone input units i, i + n, ...: their `items_of(unit)`, then {"unit", "end": True}."""
 
     def __init__(self, source: str | Path | Mapping, done: set[int]) -> None:
         super().__init__()
@@ -181,8 +180,7 @@ class UnitRegionBatches(UnitItems):
 
 
 class UnitSlideBags(UnitItems):
-    """The slides of each unit, one bag of all its regions each (SlideBagStream's slide items), with the
-    slide's place in the manifest ("ordinal")."""
+    """The slides of each unit, a bag of all its regions each, with its place in the manifest ("ordinal")."""
 
     def __init__(self, source: str | Path | Mapping, done: set[int]) -> None:
         super().__init__(source, done)

@@ -1,13 +1,10 @@
 """Paired comparison of variants cross-validated on identical splits: is A better than B, and by how much?
 
-Per test fold the difference d = metric(A) - metric(B) on the same slides; the mean of the R*K differences
-gets a CI from the corrected resampled t-test (Nadeau & Bengio 2003): the folds' training sets overlap, so
-the variance is (1 / (R*K) + n_test / n_train) * s^2, not s^2 / (R*K). Beside it a Wilcoxon p-value (no
-correction) and each variant's pooled out-of-fold metric with a bootstrap CI over slides.
+The mean per-fold difference metric(A) - metric(B) gets a CI from the corrected resampled t-test (Nadeau &
+Bengio 2003: the folds' training sets overlap, so the variance is (1 / (R*K) + n_test / n_train) * s^2);
+beside it a Wilcoxon p-value and each variant's pooled metric with a bootstrap CI over slides.
 
     python -m hipt_e2e.evaluation.compare RUN_A RUN_B [...] [--metric balanced_accuracy auc_macro] [--ensemble-repeats]
-
-reads each finished run's predictions.csv and splits.csv; runs whose splits differ are refused.
 """
 from __future__ import annotations
 

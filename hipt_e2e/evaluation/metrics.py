@@ -48,8 +48,7 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Se
 
 
 def selection_key(entry: dict) -> tuple[float, float]:
-    """How model selection ranks an epoch's history entry: validation balanced accuracy, then the lower
-    validation loss (training's ModelSelection and the reports' learning curves share it)."""
+    """How model selection ranks an epoch's history entry: validation balanced accuracy, then the lower loss."""
     return entry["val_balanced_accuracy"], -entry["val_loss"]
 
 

@@ -24,8 +24,7 @@ from hipt_e2e.io import atomic_open, atomic_write_json, atomic_write_text  # noq
 
 
 def write_predictions(path: Path, rows: Sequence[dict], classes: Sequence[str]) -> None:
-    """One row per slide and repeat: slide_id, patient_id, repeat, fold, true_label, prob_<class>...,
-    predicted_label."""
+    """One row per slide and repeat: slide_id, patient_id, repeat, fold, true_label, prob_<class>..., predicted."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["slide_id", "patient_id", "repeat", "fold", "true_label", *[f"prob_{c}" for c in classes],
@@ -62,8 +61,7 @@ def plot_roc(path: Path, y_true: np.ndarray, probs: np.ndarray, classes: Sequenc
 
 
 def plot_learning_curves(path: Path, histories: dict[str, list[dict]]) -> None:
-    """Per fold: training loss, validation loss and validation balanced accuracy against the epoch, the
-    selected epoch (best validation balanced accuracy, then loss) marked."""
+    """Per fold: training and validation loss and validation balanced accuracy by epoch, the selected one marked."""
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     keys = (("train_loss", "training loss (mean over the epoch's steps)"), ("val_loss", "validation loss"),
             ("val_balanced_accuracy", "validation balanced accuracy"))
@@ -88,8 +86,7 @@ def format_stat(stat: dict) -> str:
 
 def write_report(out_dir: str | Path, rows: Sequence[dict], per_fold: Sequence[dict], classes: Sequence[str],
                  extra: dict[str, Any] | None = None, histories: dict[str, list[dict]] | None = None) -> dict:
-    """Write every output of a run and return the metrics dict (also in metrics.json). histories: each
-    fold's per-epoch history (history.json), plotted as learning_curves.png when given."""
+    """Write every output of a run, returning the metrics (metrics.json); histories: plotted when given."""
     out_dir, extra = Path(out_dir), extra or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     y_true = np.array([classes.index(r["true_label"]) for r in rows])

@@ -55,8 +55,7 @@ def region_architecture(model: RegionModel) -> dict[str, Any]:
 
 def tile_architecture(model: TileModel, trainable: str | int = "all", lora_rank: int = 0,
                       lora_alpha: float | None = None) -> dict[str, Any]:
-    """The tile encoder of a model section (a pretrained encoder's registry entry recorded whole, so a card
-    rebuilds it even if the registry changes, with e2e training's tile_trainable and lora)."""
+    """The tile encoder of a model section (a pretrained one's registry entry whole, so cards outlive the registry)."""
     geometry = _geometry(model.preset, "tile", model.tile)
     if model.encoder == "vit":
         return {"encoder": "vit", **geometry}
@@ -112,8 +111,7 @@ def slide_model_from(arch: Mapping[str, Any], n_classes: int) -> nn.Module:
 
 
 def hipt_from(arch: Mapping[str, Any], n_classes: int, **settings: Any) -> HIPT:
-    """The random HIPT of an architecture; settings go to HIPT. An fc slide level is kept beside it (the
-    HIPT gets an identity there)."""
+    """The random HIPT of an architecture (settings go to HIPT); an fc slide level becomes an identity."""
     slide = arch["slide"]
     return HIPT(tile_encoder_from(arch["tile"], settings.pop("drop_path_rate", 0.0)), vit4k(**arch["region"]),
                 nn.Identity() if slide["name"] == "fc" else slide_model_from(slide, n_classes), **settings)

@@ -62,12 +62,11 @@ def _read_file(path: Path, trusted: bool) -> Mapping:
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         what = f"e.g. {found.group(1)}" if found else "refused by torch.load(weights_only=True)"
-        raise CheckpointError(
-            f"{path} holds pickled Python objects besides tensors ({what}), as released HIPT/DINO "
-            "training checkpoints do (they store an argparse.Namespace). Unpickling can execute arbitrary "
-            "code, so it is refused by default: if you trust the file pass trusted=True, or convert it "
-            f"once with `hipt-convert {path} OUT.safetensors --trusted` and load the safetensors file."
-        ) from err
+        raise CheckpointError(f"{path} holds pickled Python objects besides tensors ({what}), as released HIPT/DINO "
+                              "training checkpoints do (they store an argparse.Namespace). Unpickling can execute "
+                              "arbitrary code, so it is refused by default: if you trust the file pass trusted=True, "
+                              f"or convert it once with `hipt-convert {path} OUT.safetensors --trusted` and load the "
+                              "safetensors file.") from err
 
 
 def load_checkpoint(module: nn.Module, source: Source, *, trusted: bool = False, prefix: str = "",
@@ -84,17 +83,13 @@ def load_checkpoint(module: nn.Module, source: Source, *, trusted: bool = False,
     own = module.state_dict()
     model = type(module).__name__
     if not own.keys() & state.keys():
-        raise CheckpointError(
-            f"no tensor of {_name(source)} belongs to {model}: the file has keys like {_sample(state)}, "
-            f"the model {_sample(own)}; is it the checkpoint of another model?"
-        )
+        raise CheckpointError(f"no tensor of {_name(source)} belongs to {model}: the file has keys like "
+                              f"{_sample(state)}, the model {_sample(own)}; is it the checkpoint of another model?")
     mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state.items() if k in own and v.shape != own[k].shape]
     if mismatched:
-        raise CheckpointError(
-            f"{_name(source)} does not fit {model} ({len(mismatched)} shape mismatches, is it another "
-            f"model's checkpoint?): " + "; ".join(mismatched[:5])
-        )
+        raise CheckpointError(f"{_name(source)} does not fit {model} ({len(mismatched)} shape mismatches, is it "
+                              f"another model's checkpoint?): " + "; ".join(mismatched[:5]))
     result = module.load_state_dict(state, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:

@@ -90,8 +90,7 @@ def build_tile_encoder(model: TileModel, drop_path_rate: float = 0.0) -> nn.Modu
 
 
 def with_grid_width(model: R, width: int | None) -> R:
-    """model.region.in_dim, when unset, from the width of the token grids it will embed (their lineage's: a
-    pretrained encoder's width, 1024 for UNI, 2560 for Virchow2); the preset's when that is unknown."""
+    """model.region.in_dim, when unset, from the width of the token grids it will embed (when known)."""
     if model.region.in_dim is None and width is not None:
         return model.with_changes(**{"region.in_dim": width})
     return model
@@ -103,8 +102,7 @@ def build_region_encoder(model: RegionModel, drop_path_rate: float = 0.0) -> nn.
 
 
 def load_encoder_weights(encoder: nn.Module, model: WeightsFile) -> nn.Module:
-    """Load model.weights into the encoder (every tensor must fit); without weights it stays random, except a
-    pretrained tile encoder, which is refused without its weights."""
+    """Load model.weights strictly into the encoder; without, it stays random (a pretrained one is refused)."""
     require_weights(encoder, model.weights, "model.weights")
     if model.weights is None:
         log.warning("model.weights is not set: using a randomly initialised %s (a baseline, not a result)",

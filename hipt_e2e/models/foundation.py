@@ -77,20 +77,18 @@ ENCODERS: dict[str, EncoderEntry] = {
         "torchvision ImageNet IMAGENET1K_V1 (resnet50-0676ba61.pth) or timm/resnet50.tv_in1k model.safetensors",
         truncate_after="layer3", notes="CLAM's baseline: stages to layer3, mean-pooled; CLAM resizes to 224 "
                                        "(fully convolutional: model.tile_input=native runs 256 px tiles as they are)"),
-    "uni_v1": EncoderEntry(
-        "vit_large_patch16_224", {"img_size": 224, "patch_size": 16, **_VIT}, 1024, 224, 224, "bilinear",
-        IMAGENET, "cls", "fp16", 0.5, "MahmoodLab/UNI pytorch_model.bin"),
+    "uni_v1": EncoderEntry("vit_large_patch16_224", {"img_size": 224, "patch_size": 16, **_VIT}, 1024, 224, 224,
+                           "bilinear", IMAGENET, "cls", "fp16", 0.5, "MahmoodLab/UNI pytorch_model.bin"),
     "uni_v2": EncoderEntry(
         "vit_giant_patch14_224",
         _swiglu_vit(img_size=224, patch_size=14, depth=24, num_heads=24, embed_dim=1536, mlp_ratio=2.66667 * 2,
                     no_embed_class=True, reg_tokens=8, **_VIT),
         1536, 224, 224, "bilinear", IMAGENET, "cls", "bf16", 0.5, "MahmoodLab/UNI2-h pytorch_model.bin"),
-    "virchow": EncoderEntry(
-        "vit_huge_patch14_224", _VIRCHOW, 2560, 224, 224, "bicubic", IMAGENET, "cls+mean", "fp16", 0.5,
-        "paige-ai/Virchow pytorch_model.bin"),
-    "virchow2": EncoderEntry(
-        "vit_huge_patch14_224", {**_VIRCHOW, "reg_tokens": 4}, 2560, 224, 224, "bicubic", IMAGENET, "cls+mean",
-        "fp16", 0.5, "paige-ai/Virchow2 pytorch_model.bin", notes="trained on mixed 0.25-2 um/px"),
+    "virchow": EncoderEntry("vit_huge_patch14_224", _VIRCHOW, 2560, 224, 224, "bicubic", IMAGENET, "cls+mean", "fp16",
+                            0.5, "paige-ai/Virchow pytorch_model.bin"),
+    "virchow2": EncoderEntry("vit_huge_patch14_224", {**_VIRCHOW, "reg_tokens": 4}, 2560, 224, 224, "bicubic", IMAGENET,
+                             "cls+mean", "fp16", 0.5, "paige-ai/Virchow2 pytorch_model.bin",
+                             notes="trained on mixed 0.25-2 um/px"),
     **{f"hoptimus{version}": _hoptimus(version) for version in (0, 1)},
     "gigapath": EncoderEntry(
         "vit_giant_patch14_dinov2", {"img_size": 224, "patch_size": 16, "embed_dim": 1536, "depth": 40,

@@ -128,8 +128,7 @@ class HIPT(nn.Module):
 
     def region_embeddings(self, regions: torch.Tensor, tile_mask: torch.Tensor | None = None,
                           return_attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """uint8 regions [M, 3, H, W] -> region embeddings [M, 192] (callers bound M to bound memory), and with
-        return_attention the ViT4K's CLS attention over each region's tiles [M, heads, rows, cols]."""
+        """uint8 regions [M, 3, H, W] -> region embeddings [M, 192] (and the ViT4K's CLS attention over tiles)."""
         grids = self.token_grids(regions, tile_mask)
         with self._grad("tile", "region"):
             embeddings, attention = self.region_encoder.forward_with_attention(grids)

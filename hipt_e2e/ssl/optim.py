@@ -47,8 +47,7 @@ def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer:
 
 
 def weight_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """Optimizer parameter groups of the trainable parameters: weights with ndim > 1 decayed, biases and norms
-    not; ``names`` (saved with the optimizer state) say whose moments are whose."""
+    """Parameter groups of the trainable parameters, weights decayed, biases and norms not, with their ``names``."""
     decayed, not_decayed = {"params": [], "names": []}, {"params": [], "names": []}
     for name, param in model.named_parameters():
         if param.requires_grad:
