@@ -79,10 +79,6 @@ class RegionModelWithWeights(WeightsFile, RegionModel):
 
 R = TypeVar("R", bound=RegionModel)
 
-# The same as mappings, for the modules whose settings are still untyped dicts (training/e2e.py).
-TILE_MODEL_DEFAULTS = TileModel().to_mapping()
-REGION_MODEL_DEFAULTS = RegionModel().to_mapping()
-
 
 def build_tile_encoder(model: TileModel, drop_path_rate: float = 0.0) -> nn.Module:
     """The tile encoder [B, 3, H, W] -> [B, D] of a model section, randomly initialised."""
