@@ -25,12 +25,14 @@ from torch.utils.data import DataLoader, IterableDataset
 from hipt_e2e.config import Settings, bound, save_config, section
 from hipt_e2e.data.embeddings import KIND as BAG_KIND
 from hipt_e2e.data.embeddings import SlideBag, bag_sample
+from hipt_e2e.data.features import trident_attributes, write_trident_file
 from hipt_e2e.data.lineage import REGION_EMBEDDINGS, TILE_EMBEDDINGS, TOKEN_GRIDS, Encoder, Lineage, source_of
 from hipt_e2e.data.manifest import GRIDS_KIND, MANIFEST, load_manifest, shard_urls
 from hipt_e2e.data.samples import collate, decode_mode, decode_sample, device_pixels, encode_grid
 from hipt_e2e.data.storage import StorageSettings, tar_samples
 from hipt_e2e.data.streams import SlideBagStream, reader_info
 from hipt_e2e.data.writer import ShardSetWriter, UnitShards
+from hipt_e2e.errors import InputError
 from hipt_e2e.lineage import check_card, read_lineage
 from hipt_e2e.models import select_attention, token_grids
 from hipt_e2e.models.encoders import RegionModelWithWeights, TileModelWithWeights
@@ -116,6 +118,33 @@ def tile_bag(grids: torch.Tensor, coords: torch.Tensor, sizes: torch.Tensor, tis
     if not keep.any():
         keep[:] = True
     return features[keep], tile_coords[keep]
+
+
+def export_trident(source: str | Path, out: str | Path) -> list[Path]:
+    """Every slide of a token-grid shard set -> OUT/SLIDE.h5 in TRIDENT's layout (every tile of every region,
+    its tissue fraction beside, so `hipt-shards build features` gives the same grids back), for TRIDENT's slide
+    encoders and Patho-Bench; returns the files written."""
+    manifest = load_manifest(source)
+    lineage = read_lineage(manifest)
+    tile_px, mpp = lineage.geometry.tile_px, lineage.geometry.mpp
+    if lineage.kind != TOKEN_GRIDS or not (tile_px and mpp):
+        raise InputError(source, f"holds {lineage.kind} of {lineage.geometry.describe()}; TRIDENT's layout needs "
+                                 "token grids (embed_tiles) of a known tile size and resolution")
+    encoder = lineage.tile_encoder.architecture.get("encoder", "unknown") if lineage.tile_encoder else "unknown"
+    files = []
+    for bag in SlideBagStream(manifest):
+        grids, sizes = bag["pixels"].float(), bag["sizes"]
+        steps = set((sizes // grids.shape[-1]).tolist())
+        if len(steps) != 1 or (sizes < 0).any():
+            raise InputError(source, f"slide {bag['slide_id']}: regions of level-0 sizes {sorted(set(sizes.tolist()))};"
+                                     " TRIDENT's layout has one known tile size per slide")
+        step = steps.pop()
+        # the tissue fractions ride along as one more channel, so that they are dropped and kept with their tiles
+        tiles, coords = tile_bag(torch.cat([grids, bag["tissue"][:, None]], dim=1), bag["coords"], sizes, bag["tissue"])
+        files.append(Path(out) / f"{bag['slide_id']}.h5")
+        write_trident_file(files[-1], tiles[:, :-1].numpy(), coords.numpy(), tiles[:, -1].numpy(),
+                           trident_attributes(bag["slide_id"], step, tile_px, mpp, tile_px * mpp / step), encoder)
+    return files
 
 
 def slide_units(manifest: Mapping[str, Any]) -> list[list[int]]:

@@ -10,9 +10,11 @@ from typing import Any
 
 from hipt_e2e.config import HelpFormatter, add_config_arguments, parse_override, resolve_settings, save_config, setup_logging
 from hipt_e2e.data.storage import configure
+from hipt_e2e.embedding import export_trident
 from hipt_e2e.errors import run_main
 from shards.build import BuildSettings, build, part_dir
-from shards.inputs import KINDS
+from shards.features import FeatureBuildSettings, build_features
+from shards.inputs import FEATURES, KINDS
 from shards.inspect_bench import bench, count_tables, mosaic
 from shards.merge import merge
 from shards.verify import verify
@@ -42,6 +44,16 @@ BUILD_FLAGS = {
     "--shuffle-seed": ("shuffle_seed", lambda s: None if s.lower() in ("none", "null") else int(s),
                        "seed of the build order of the slides; none: sorted by slide id"),
 }
+# `build features` only; --labels, --classes, --part, --on-error, --shard-bytes, --shuffle-seed, --tile-px, --mpp
+# and --slide-mpp too (the last three where the files record none)
+FEATURE_FLAGS = {
+    "--format": ("format", str, "features: the files' layout, trident, clam or stamp (default: trident)"),
+    "--grid": ("grid", int, "features: tiles per region side (default: 16, HIPT's 4096 px regions of 256 px tiles)"),
+    "--snap": ("snap", float, "features: move a tile this far off its slide's tile grid (a fraction of a tile) onto "
+                              "it (default: 0, off-grid tiles are refused)"),
+    "--encoder": ("encoder", str, "features: the encoder's name where the files record none (default: none)"),
+    "--dtype": ("dtype", str, "features: float16 or float32 grids (default: float16)"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     command = partial(commands.add_parser, formatter_class=HelpFormatter)
 
     build_cmd = command("build", help="inputs -> shards + manifest.json", description="inputs -> shards + manifest.json")
-    build_cmd.add_argument("kind", choices=KINDS, help="what the input folder holds: .pt tensors, images or slides")
+    build_cmd.add_argument("kind", choices=(*KINDS, FEATURES),
+                           help="what the input folder holds: .pt tensors, images, slides or tile features (.h5)")
     build_cmd.add_argument("input", type=Path, help="folder of inputs (searched recursively)")
     build_cmd.add_argument("--out", type=Path, required=True, help="output folder of the shard set")
     build_cmd.add_argument("--labels-from-folders", action="store_true", default=argparse.SUPPRESS,
@@ -59,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     build_cmd.add_argument("--allow-upsample", action="store_true", default=argparse.SUPPRESS,
                            help="allow --mpp finer than a slide's own resolution by more than 1.25x (default: off)")
     defaults = BuildSettings().to_mapping()
-    for flag, (key, kind, text) in BUILD_FLAGS.items():
+    for flag, (key, kind, text) in {**BUILD_FLAGS, **FEATURE_FLAGS}.items():
         shown = "" if "default:" in text else f" (default: {defaults[key]})"
         build_cmd.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text + shown)
     add_config_arguments(build_cmd, example="encoding=png")
@@ -74,7 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("dir", help="shard set: folder or URL")
     bench_cmd.add_argument("--seconds", type=float, default=10.0, help="how long to read")
     bench_cmd.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    for command in ("verify", "inspect", "bench"):  # the commands that read a shard set, perhaps by URL
+    export_cmd = command("export", help="token grids -> one TRIDENT .h5 per slide")
+    export_cmd.add_argument("dir", help="token-grid shard set (embed_tiles or build features): folder or URL")
+    export_cmd.add_argument("--out", type=Path, required=True, help="folder of the .h5 files (SLIDE_ID.h5)")
+    for command in ("verify", "inspect", "bench", "export"):  # the commands that read a shard set, perhaps by URL
         commands.choices[command].add_argument(
             "--storage-option", action="append", default=[], type=_storage_option, metavar="KEY=VALUE",
             help="an fsspec option for s3:// gs:// ... URLs, the value read as YAML; repeatable: e.g. "
@@ -89,15 +105,17 @@ def _storage_option(text: str) -> tuple[str, Any]:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    flags = {key: getattr(args, key) for key, _, _ in BUILD_FLAGS.values() if hasattr(args, key)}
+    flags = {key: getattr(args, key) for key, _, _ in (*BUILD_FLAGS.values(), *FEATURE_FLAGS.values())
+             if hasattr(args, key)}
     if hasattr(args, "labels_from_folders"):
         flags["labels_from_folders"] = True
-    given = resolve_settings(BuildSettings, args.config, changes={
+    kind = FeatureBuildSettings if args.kind == FEATURES else BuildSettings  # a flag of the other kind: refused
+    given = resolve_settings(kind, args.config, changes={
         "kind": args.kind, "input": str(args.input), "out": str(args.out), **flags})
-    settings = resolve_settings(BuildSettings, None, args.overrides, base=given)
+    settings = resolve_settings(kind, None, args.overrides, base=given)
     settings = settings.with_changes(shard_bytes=int(settings.shard_bytes))
     out_dir = part_dir(Path(settings.out), settings.part)
-    manifest = build(settings)
+    manifest = build_features(settings) if args.kind == FEATURES else build(settings)
     save_config(settings, out_dir, "build-config.yaml")  # after build: a refused run must not overwrite the record
     print(f"{manifest['inputs']} inputs = {manifest['written']} written + {manifest['n_skipped']} skipped; "
           f"{manifest['samples']} samples in {len(manifest['shards'])} shards -> {out_dir}")
@@ -130,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         print(count_tables(args.dir))
         if args.mosaic:
             print(f"mosaic: {mosaic(args.dir, args.mosaic, args.mosaic_count)}")
+    elif args.command == "export":
+        print(f"{len(export_trident(args.dir, args.out))} slides in TRIDENT's layout -> {args.out}")
     elif args.command == "bench":
         result = bench(args.dir, args.seconds, args.workers)
         print(f"{result['tiles']} tiles in {result['seconds']:.1f} s; {result['mb_per_s']:.1f} MB/s "

@@ -20,6 +20,7 @@ from hipt_e2e.errors import SettingError, UserError
 
 InputKind = Literal["pt", "images", "slides"]  # what a build's input folder holds
 KINDS: tuple[str, ...] = typing.get_args(InputKind)
+FEATURES = "features"  # a folder of tile-feature files, one .h5 per slide (shards/features.py)
 
 
 @dataclass
@@ -84,8 +85,8 @@ def discover(kind: str, root: str | Path, *, labels_csv: str | Path | None = Non
              labels_from_folders: bool = False, tiles_per_item: int = 1024,
              shuffle_seed: int | None = 0) -> list[Item]:
     """All items of a build, numbered in their build order; label problems raise one LabelsError listing all."""
-    if kind not in KINDS:
-        raise SettingError(f"unknown kind {kind!r}; choose one of {KINDS}")
+    if kind not in (*KINDS, FEATURES):
+        raise SettingError(f"unknown kind {kind!r}; choose one of {(*KINDS, FEATURES)}")
     root = Path(root)
     if not root.is_dir():
         raise InputError(root, "input folder not found")
@@ -96,6 +97,11 @@ def discover(kind: str, root: str | Path, *, labels_csv: str | Path | None = Non
             groups = [paths[i: i + tiles_per_item] for i in range(0, len(paths), tiles_per_item)]
             return [Item(n, None, group[0], files=tuple(group)) for n, group in enumerate(groups)]
         slides = [SlideFile(path.name, path, path.parent) for path in paths]
+        check_unique_ids(slides)
+    elif kind == FEATURES:
+        slides = [SlideFile(path.stem, path, path.parent) for path in sorted(root.rglob("*.h5"))]
+        if not slides:
+            raise InputError(root, "holds no .h5 feature files")
         check_unique_ids(slides)
     else:
         slides = find_slides([root], kind)
