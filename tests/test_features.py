@@ -1,6 +1,6 @@
 """Tile features of TRIDENT, CLAM and STAMP in (files written as each tool's writer writes them) and ours out
 in TRIDENT's layout: tiles placed by their coordinates, refusals naming the slide, an exact round trip, and
-embed_regions + train_wsi on imported features."""
+pretrain_vit4k, embed_regions and train_wsi on imported features."""
 from __future__ import annotations
 
 import csv
@@ -19,7 +19,7 @@ from hipt_e2e.errors import InputError, UnknownSettingError
 from hipt_e2e.io import sha256_file
 from hipt_e2e.lineage import encoder_record, read_lineage
 from hipt_e2e.models.bundle import tile_architecture
-from hipt_e2e.models.encoders import TileModel, build_tile_encoder
+from hipt_e2e.models.encoders import BACKBONE_EXPORT, TileModel, build_tile_encoder
 from shards.build import BuildSettings, build
 from shards.cli import main as shards_main
 from shards.features import FeatureBuildSettings, build_features
@@ -241,7 +241,10 @@ def test_embed_regions_and_train_wsi_run_on_imported_features(tmp_path):
     build_features(FeatureBuildSettings.from_mapping({"input": str(tmp_path / "in"), "out": str(tmp_path / "grids"),
                                                       "format": "stamp", "grid": GRID,
                                                       "labels": str(tmp_path / "labels.csv")}))
-    run_recipe("embed_regions", f"data.shards={tmp_path / 'grids'}", f"out={tmp_path / 'regions'}")
+    run_recipe("pretrain_vit4k", f"data.shards={tmp_path / 'grids'}", f"out={tmp_path / 'vit4k'}",
+               "train.steps_per_epoch=1", "train.epochs=1")
+    run_recipe("embed_regions", f"data.shards={tmp_path / 'grids'}", f"out={tmp_path / 'regions'}",
+               f"model.weights={tmp_path / 'vit4k' / BACKBONE_EXPORT}")
     run_recipe("embed_regions", f"data.shards={tmp_path / 'grids'}", f"out={tmp_path / 'tiles'}", "embed.level=tile")
     bags, _ = read_slide_bags(tmp_path / "tiles")  # every grid place of every region, as from embed_tiles' grids
     assert sum(len(bag.features) for bag in bags) == load_manifest(tmp_path / "grids")["samples"] * GRID ** 2
