@@ -316,3 +316,26 @@ def test_lora_run_resumes_from_checkpoints_without_the_base(shards: Path, tmp_pa
     state = load_checkpoint_state(tmp_path / "parts" / "fold_1" / CHECKPOINT)
     tile_keys = [key for key in state["model"] if key.startswith("tile_encoder.")]
     assert len(tile_keys) == 24 and all(key.endswith(("lora_a", "lora_b")) for key in tile_keys)
+
+
+def test_kaiko_l14_loads_either_position_table_as_timm_does(tmp_path: Path) -> None:
+    """kaiko's hubconf builds ViT-L/14 at timm's default 518 px (a 37 x 37 position table), as TRIDENT does; the
+    timm copy `..._reg4_224` holds a 16 x 16 table. Both files load: the copy's table resampled exactly as timm's
+    own loader resamples it, every other tensor as released."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    entry = reduced("kaiko-vitl14", 1)
+    assert "img_size" not in ENCODERS["kaiko-vitl14"].kwargs
+    own_file, own = random_release("kaiko-vitl14", entry, tmp_path / "kaiko")
+    encoder = PretrainedTileEncoder("kaiko-vitl14", entry)
+    encoder.load_pretrained(own_file)
+    assert own.pos_embed.shape[1] == 37 * 37 and torch.equal(encoder.model.pos_embed, own.pos_embed)
+    copy_file, copy = random_release("kaiko-vitl14", dataclasses.replace(entry, kwargs={**entry.kwargs, "img_size": 224}),
+                                     tmp_path / "copy")
+    encoder = PretrainedTileEncoder("kaiko-vitl14", entry)
+    encoder.load_pretrained(copy_file)
+    assert copy.pos_embed.shape[1] == 16 * 16
+    timm_loaded = checkpoint_filter_fn(copy.state_dict(), encoder.model)
+    assert all(torch.equal(value, timm_loaded[key]) for key, value in encoder.model.state_dict().items())
+    assert all(torch.equal(value, copy.state_dict()[key]) for key, value in encoder.model.state_dict().items()
+               if key != "pos_embed")

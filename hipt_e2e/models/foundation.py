@@ -9,6 +9,7 @@ resized on the device: resizing is linear with weights summing to 1, so it commu
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from hipt_e2e.errors import SettingError
@@ -43,7 +45,7 @@ class EncoderEntry:
     interpolation: str  # of the resize: bilinear | bicubic
     normalisation: str  # a name in hipt_e2e.normalise.NORMALISATIONS
     embedding: str  # cls | cls+mean (CLS and the mean of the patch tokens, registers excluded) | avgpool
-    precision: str  # what the authors run it in: fp32 | fp16 | bf16
+    precision: str  # TRIDENT's autocast choice for it (fp32 | fp16 | bf16); runs use their mixed_precision setting
     mpp: float  # microns per pixel it was trained at
     release: str  # where the authors publish the weights (a local copy of that file is what is loaded)
     truncate_after: str | None = None  # CNNs: keep the stages up to this one (CLAM's ResNet-50: layer3)
@@ -102,10 +104,10 @@ ENCODERS: dict[str, EncoderEntry] = {
         notes="Lunit's training statistics (TRIDENT's hub config applies ImageNet's)"),
     **{f"kaiko-vit{size[0]}{patch}": _kaiko(f"vit_{size}_patch{patch}_224", width)
        for size, width in (("small", 384), ("base", 768)) for patch in (16, 8)},
-    "kaiko-vitl14": EncoderEntry(
-        "vit_large_patch14_reg4_dinov2", {"img_size": 224, "dynamic_img_size": True}, 1024, 224, 224, "bilinear",
-        "hipt", "cls", "fp32", 0.5, "1aurent/vit_large_patch14_reg4_224.kaiko_ai_towards_large_pathology_fms "
-        "model.safetensors (kaiko's own L14 file holds DINOv2 keys, not timm's)"),
+    "kaiko-vitl14": EncoderEntry(  # built as kaiko's hubconf builds it: timm's default 518 px, a 37 x 37 table
+        "vit_large_patch14_reg4_dinov2", {"dynamic_img_size": True}, 1024, 224, 224, "bilinear", "hipt", "cls", "fp32",
+        0.5, "kaiko-ai/towards_large_pathology_fms vitl14.pth, or 1aurent/vit_large_patch14_reg4_224."
+        "kaiko_ai_towards_large_pathology_fms model.safetensors (its 16 x 16 table resampled as timm loads it)"),
 }
 TIMM_PREFIX = "timm:"
 
@@ -210,6 +212,7 @@ class PretrainedTileEncoder(nn.Module):
         if state and all(key.startswith("model.") for key in state):
             state = {key.removeprefix("model."): value for key, value in state.items()}
         state = {key: value for key, value in state.items() if key.split(".")[0] not in self.dropped}
+        state = self._resampled_positions(state)
         for name, module in self.model.named_modules():
             if isinstance(module, LoRALinear):
                 for part in ("weight", "bias"):
@@ -223,6 +226,23 @@ class PretrainedTileEncoder(nn.Module):
         self.weights = {"path": str(file.resolve()), "sha256": sha256_file(file)}
         log.info("tile encoder %s: weights %s (sha256 %s)", self.name, file, self.weights["sha256"][:12])
         return self.weights
+
+    def _resampled_positions(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A ViT file whose square position table has another size (e.g. kaiko's L14 at 37 x 37 or a 16 x 16
+        copy), resampled to the model's as timm loads one (bicubic, antialiased, prefix tokens kept)."""
+        table, own = state.get("pos_embed"), getattr(self.model, "pos_embed", None)
+        if table is None or own is None or table.shape == own.shape:
+            return state
+        prefix = 0 if getattr(self.model, "no_embed_class", False) else self.model.num_prefix_tokens
+        side = math.isqrt(table.shape[1] - prefix)
+        if side * side != table.shape[1] - prefix or table.shape[2] != own.shape[2]:
+            return state  # not a square table of this width: the strict load names the mismatch
+        resampled = resample_abs_pos_embed(table, new_size=list(self.model.patch_embed.grid_size),
+                                           old_size=[side, side], num_prefix_tokens=prefix, interpolation="bicubic",
+                                           antialias=True)
+        log.info("tile encoder %s: position table %d x %d resampled to %s", self.name, side, side,
+                 tuple(self.model.patch_embed.grid_size))
+        return {**state, "pos_embed": resampled}
 
     def trained_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) of what the policy trains."""
