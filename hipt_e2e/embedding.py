@@ -66,7 +66,8 @@ class TileEmbedding(Settings):
     regions_per_batch: int = bound(4, 1)
     tiles_per_call: int = bound(512, 1)
     dtype: Literal["float16", "float32"] = "float16"  # of the stored grids
-    mixed_precision: Precision = None  # no | bf16 | fp16; null: as `accelerate launch` says
+    # no | bf16 | fp16; null: as `accelerate launch` says, else a pretrained entry's own on a GPU (fp32 on a CPU)
+    mixed_precision: Precision = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from hipt_e2e.errors import run_main
 from hipt_e2e.lineage import encoder_record
 from hipt_e2e.models.bundle import tile_architecture, tile_normalisation
 from hipt_e2e.models.encoders import build_tile_encoder, load_encoder_weights
+from hipt_e2e.models.foundation import run_precision
 from hipt_e2e.training.recipe import recipe_settings
 
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     embed_tiles(encoder, settings.data.shards, settings.out, settings=settings.to_mapping(), tile_encoder=record,
                 normalisation=normalisation, regions_per_batch=embed.regions_per_batch,
                 tiles_per_call=embed.tiles_per_call, workers=settings.data.workers, dtype=embed.dtype,
-                mixed_precision=embed.mixed_precision, decode=settings.data.decode)
+                mixed_precision=run_precision(encoder, embed.mixed_precision), decode=settings.data.decode)
 
 
 if __name__ == "__main__":

@@ -339,3 +339,17 @@ def test_kaiko_l14_loads_either_position_table_as_timm_does(tmp_path: Path) -> N
     assert all(torch.equal(value, timm_loaded[key]) for key, value in encoder.model.state_dict().items())
     assert all(torch.equal(value, copy.state_dict()[key]) for key, value in encoder.model.state_dict().items()
                if key != "pos_embed")
+
+
+def test_an_unset_precision_runs_the_entry_precision_on_a_gpu_and_float32_on_the_cpu(monkeypatch) -> None:
+    from hipt_e2e.models.foundation import run_precision
+
+    uni = PretrainedTileEncoder("uni_v1", reduced("uni_v1", 1))  # TRIDENT's fp16
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert run_precision(uni, None) == ("fp16" if torch.cuda.is_available() else "no")
+    assert run_precision(uni, "bf16") == "bf16" and run_precision(torch.nn.Linear(1, 1), None) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run_precision(uni, None) == "fp16"
+    assert run_precision(PretrainedTileEncoder("lunit-vits8", reduced("lunit-vits8", 1)), None) == "no"  # fp32
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision bf16
+    assert run_precision(uni, None) is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,6 +313,14 @@ class PretrainedTileEncoder(nn.Module):
         if embedding == "cls":
             return cls
         return torch.cat([cls, features[:, self.model.num_prefix_tokens:].mean(dim=1)], dim=-1)
+
+
+def run_precision(encoder: nn.Module, setting: str | None) -> str | None:
+    """The precision a run embeds in: its setting (or `accelerate launch --mixed_precision`'s), else a pretrained
+    entry's own on a GPU (fp32 -> no) and float32 on the CPU, where half precision is emulated and slow."""
+    if setting is not None or os.environ.get("ACCELERATE_MIXED_PRECISION") or not isinstance(encoder, PretrainedTileEncoder):
+        return setting
+    return {"fp32": "no"}.get(encoder.entry.precision, encoder.entry.precision) if torch.cuda.is_available() else "no"
 
 
 def load_stage_weights(module: nn.Module, source: str | Path, *, trusted: bool = False) -> dict[str, str] | None:
