@@ -13,6 +13,7 @@ import torch
 
 from hipt_e2e.data.manifest import load_manifest, shard_urls
 from hipt_e2e.data.samples import npy_array, npy_bytes, sample_key
+from hipt_e2e.data.slides import Level, SlideInfo, units
 from hipt_e2e.data.storage import tar_samples
 from hipt_e2e.data.writer import ShardSetWriter, SizedShards
 from hipt_e2e.errors import UserError
@@ -29,6 +30,21 @@ class SlideBag:
     coords: torch.Tensor  # [M, 2]
     split: str | None = None
     regions: int | None = None  # the input regions it holds when its rows are tiles (embed_regions level=tile)
+
+    @property
+    def info(self) -> SlideInfo:
+        return SlideInfo(self.slide_id, self.label, self.patient_id, self.split)
+
+
+def unit_bags(bags: Sequence[SlideBag], level: Level, where: object) -> list[SlideBag]:
+    """The bags of `level`'s units (data.slides.units): the slides' own, or one per patient holding the regions
+    of its slides concatenated in slide order."""
+    if level == "slide":
+        return list(bags)
+    by_id = {bag.slide_id: bag for bag in bags}
+    return [SlideBag(unit.slide_id, unit.patient_id, unit.label, torch.cat([by_id[s].features for s in slides]),
+                     torch.cat([by_id[s].coords for s in slides]), unit.split)
+            for unit, slides in units([bag.info for bag in bags], level, where).items()]
 
 
 def bag_sample(bag: SlideBag, ordinal: int, classes: Sequence[str], dtype: np.dtype) -> dict:

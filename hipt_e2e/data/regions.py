@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from hipt_e2e.data.index import ShardIndex, open_index
 from hipt_e2e.data.manifest import GRIDS_KIND, load_manifest, shard_urls
-from hipt_e2e.data.slides import SlideInfo
+from hipt_e2e.data.slides import Level, SlideInfo, units
 from hipt_e2e.data.storage import local_path, read_bytes
 from hipt_e2e.data.streams import SlideBagStream
 from hipt_e2e.errors import UserError
@@ -65,10 +65,11 @@ class RegionCache:
 
 
 class ShardRegions(Dataset):
-    """Regions of a region-shard set (a folder or URL) by (slide id, region positions); see the module."""
+    """Regions of a region-shard set (a folder or URL) by (unit id, region positions); see the module. A unit
+    is a slide, or at level=patient a patient: its slides' regions one after the other (data.slides.units)."""
 
     def __init__(self, source: str | Path, *, regions_per_slide: int | None, seed: int, decode: str = "cpu",
-                 cache_dir: str | Path | None = None, cache_bytes: int = 0) -> None:
+                 cache_dir: str | Path | None = None, cache_bytes: int = 0, level: Level = "slide") -> None:
         self.manifest = load_manifest(source)
         if self.manifest.get("kind") == GRIDS_KIND:
             raise UserError(f"{source} holds token grids; end-to-end training reads region shards (pixels)")
@@ -78,11 +79,18 @@ class ShardRegions(Dataset):
         self.index = open_index(self.manifest)
         remote = local_path(self.manifest["root"]) is None
         self.cache = RegionCache(cache_dir, cache_bytes) if cache_dir and cache_bytes and remote else None
-        self.slides = self._rows_per_slide(self.index)
-        wrong = {s: (len(self.slides.get(s, [])), e["regions"]) for s, e in self.manifest["slides"].items()
-                 if len(self.slides.get(s, [])) != e["regions"]}
+        rows = self._rows_per_slide(self.index)
+        wrong = {s: (len(rows.get(s, [])), e["regions"]) for s, e in self.manifest["slides"].items()
+                 if len(rows.get(s, [])) != e["regions"]}
         if wrong:
             raise UserError(f"{source}: regions in the index differ from the manifest (found, listed): {wrong}")
+        slides = [SlideInfo(slide, entry["label"], entry["patient_id"], entry["split"])
+                  for slide, entry in self.manifest["slides"].items()]
+        self.units = units(slides, level, source)
+        none = np.zeros(0, dtype=np.intp)  # a listed slide without regions
+        # unit id -> its index rows, slide after slide; in id order, as the index lists slides
+        self.slides = {unit.slide_id: np.concatenate([rows.get(s, none) for s in members])
+                       for unit, members in sorted(self.units.items(), key=lambda u: u[0].slide_id)}
 
     @staticmethod
     def _rows_per_slide(index: ShardIndex) -> dict[str, np.ndarray]:
@@ -95,8 +103,7 @@ class ShardRegions(Dataset):
                 for start, rows in zip(starts, np.split(order, starts[1:]))}
 
     def infos(self) -> list[SlideInfo]:
-        return [SlideInfo(slide, entry["label"], entry["patient_id"], entry["split"])
-                for slide, entry in self.manifest["slides"].items()]
+        return list(self.units)
 
     def sample(self, slide_id: str, epoch: int) -> tuple[str, tuple[int, ...]]:
         """A training item's key: the slide's regions drawn for this epoch."""
@@ -124,6 +131,8 @@ class ShardRegions(Dataset):
         return sample
 
     def __getitem__(self, key: tuple[str, Sequence[int]]) -> dict:
-        slide_id, positions = key
-        rows = self.slides[slide_id]
-        return self.decoder.decode_bag([self.read(int(rows[position])) for position in positions])
+        unit_id, positions = key
+        rows = self.slides[unit_id]
+        # the unit's id, not its first region's slide: a patient's chunks stay one unit (e2e.slide_probabilities)
+        bag = self.decoder.decode_bag([self.read(int(rows[position])) for position in positions])
+        return {**bag, "slide_id": unit_id}

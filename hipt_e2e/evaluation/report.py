@@ -99,7 +99,7 @@ def write_report(out_dir: str | Path, rows: Sequence[dict], per_fold: Sequence[d
     plot_roc(out_dir / "roc.png", y_true, probs, classes)
     summary = metrics["summary"]
     lines = [f"# {extra.get('title', 'Slide-level results')}", "",
-             f"{len(rows)} slides, {len(per_fold)} fold(s); mean +- sd over folds.", "",
+             f"{len(rows)} {extra.get('level', 'slide')}s, {len(per_fold)} fold(s); mean +- sd over folds.", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {key} | {format_stat(summary[key])} |" for key in SUMMARY_KEYS]
     lines += ["", "| class | recall | precision |", "|---|---|---|"]

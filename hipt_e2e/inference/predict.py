@@ -1,10 +1,11 @@
 """Predict slides and show the evidence: `hipt-predict` / `accelerate launch recipes/predict.py`.
 
 Slide files, image files or region shards -> predictions.csv (a row per slide: probabilities, or why it
-failed), a region-attention heatmap per slide and tile-attention heatmaps of its top regions. Regions are
-read (the tiling of shard building) and embedded `chunk_regions` at a time, so memory is bounded whatever
-the slide size. The model: a trained run's fold models rebuilt from their cards (`--model RUN_DIR`;
-model.fold=all averages them), or the explicit model.* keys.
+failed; level=patient: a row per patient, one bag of all its slides' regions), a region-attention heatmap per
+slide and tile-attention heatmaps of its top regions. Regions are read (the tiling of shard building) and
+embedded `chunk_regions` at a time, so memory is bounded whatever the slide size. The model: a trained run's
+fold models rebuilt from their cards (`--model RUN_DIR`; model.fold=all averages them), or the explicit
+model.* keys.
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ from hipt_e2e.data.augment import Tta, tta_poses
 from hipt_e2e.data.discovery import SlideFile, find_slides
 from hipt_e2e.data.lineage import Geometry, check_geometry
 from hipt_e2e.data.manifest import load_manifest
+from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.data.samples import device_pixels
+from hipt_e2e.data.slides import Level, SlideInfo, units
 from hipt_e2e.data.sources import (
     ImageReader,
     OpenSlideReader,
@@ -44,7 +47,7 @@ from hipt_e2e.data.sources import (
 from hipt_e2e.data.storage import StorageSettings, configure
 from hipt_e2e.data.streams import SlideBagStream
 from hipt_e2e.data.tiling import RegionGeometry
-from hipt_e2e.errors import SettingError, run_main
+from hipt_e2e.errors import InputError, SettingError, run_main
 from hipt_e2e.inference.geojson import slide_features
 from hipt_e2e.inference.heatmaps import plot_region_heatmap, plot_tile_heatmap, region_score_map, top_regions
 from hipt_e2e.inference.scoring import Member, SlideScore, score_slide
@@ -100,6 +103,10 @@ class PredictSettings(Settings):
 
     model: PredictModel = section(PredictModel)
     input_kind: Literal["slides", "images", "shards"] = "slides"
+    level: Level = "slide"  # patient: a row per patient from one bag of its slides' regions (heatmaps per slide)
+    # level=patient with slide or image files: CSV slide_id,patient_id (a labels CSV will do); an unlisted
+    # slide is its own patient (as shard building makes it); shards record their slides' patients
+    patients: str | None = None
     geometry: PredictGeometry = section(PredictGeometry)
     chunk_regions: int = bound(8, 1)  # regions read, embedded and held at a time (the next chunk is read meanwhile)
     mixed_precision: Precision = None  # no | bf16 | fp16; null: as `accelerate launch` says
@@ -147,17 +154,28 @@ class Predictor:
         """regions: (x, y, rgb [H, W, 3]) of one slide, consumed `chunk_regions` at a time. With test-time
         augmentation every member scores the slide once per pose (every region in that pose, its tile grid
         turning with it); probabilities, region scores and (turned back) tile attention are averaged."""
+        return self.predict_bag([(regions, size)])[0]
+
+    def predict_bag(self, slides: Sequence[tuple[Iterable[tuple[int, int, np.ndarray]], int]]) -> list[SlidePrediction]:
+        """One bag of the regions of `slides` ((regions, size) each, as `predict` takes them; a patient's),
+        scored once; per slide its part of the bag (coords, region scores, tile attention) with the bag's
+        probabilities."""
         coords: list[tuple[int, int]] = []
+        ends: list[int] = []
 
         def chunks() -> Iterator[tuple[torch.Tensor, None]]:
-            regions_left = iter(regions)
-            while chunk := list(islice(regions_left, self.chunk_regions)):
-                coords.extend((x, y) for x, y, _ in chunk)
-                pixels = torch.stack([torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1) for *_, rgb in chunk])
-                yield device_pixels(pixels, self.device), None
+            for regions, _ in slides:
+                regions_left = iter(regions)
+                while chunk := list(islice(regions_left, self.chunk_regions)):
+                    coords.extend((x, y) for x, y, _ in chunk)
+                    pixels = torch.stack([torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1) for *_, rgb in chunk])
+                    yield device_pixels(pixels, self.device), None
+                ends.append(len(coords))
 
         scored = self.score(chunks(), return_attention=True)
-        return SlidePrediction(scored.probs, scored.scores, scored.tile_attention, np.array(coords), size)
+        return [SlidePrediction(scored.probs, scored.scores[start:end], scored.tile_attention[start:end],
+                                np.array(coords[start:end]), size)
+                for start, end, (_, size) in zip([0, *ends], ends, slides)]
 
 
 def card_paths(source: str | Path, fold: str | int = "all") -> list[Path]:
@@ -254,24 +272,57 @@ def _reader_inputs(slides: Sequence[SlideFile], settings: PredictSettings, geome
             yield (slide, f"{type(exc).__name__}: {exc}")
 
 
-def _shard_inputs(root: str, settings: PredictSettings) -> Iterator[SlideInput]:
-    """Slides of a region-shard set, all of them in every process (predict_inputs splits them); the
-    thumbnail is a mosaic of the regions at their coordinates. root: a folder or URL."""
-    for bag in SlideBagStream(root, rank=0, world_size=1):
-        coords = bag["coords"].numpy()
-        rgb = bag["pixels"].permute(0, 2, 3, 1).numpy()
-        size = int(rgb.shape[1])
-        width, height = coords[:, 0].max() + size, coords[:, 1].max() + size
-        scale = min(1.0, settings.thumbnail_px / max(width, height))
-        canvas = np.full((int(height * scale) + 1, int(width * scale) + 1, 3), 255, dtype=np.uint8)
-        step = max(1, int(round(1 / scale)))
-        for (x, y), region in zip(coords, rgb):
-            small = region[::step, ::step]
-            x0, y0 = int(x * scale), int(y * scale)
-            canvas[y0: y0 + small.shape[0], x0: x0 + small.shape[1]] = small[: canvas.shape[0] - y0, : canvas.shape[1] - x0]
-        by_xy = {(int(x), int(y)): region for (x, y), region in zip(coords, rgb)}
-        yield SlideInput(bag["slide_id"], root, ((int(x), int(y), r) for (x, y), r in zip(coords, rgb)), size,
-                         canvas, scale, lambda x, y, by_xy=by_xy: by_xy[(int(x), int(y))])
+Unit = tuple[str | None, Iterable]  # (its patient at level=patient, else None; its slides' inputs)
+
+
+def _file_units(found: Sequence[SlideFile], settings: PredictSettings) -> list[tuple[str | None, list[SlideFile]]]:
+    """The units of slide or image files: each slide alone, or each patient's slides (settings.patients)."""
+    if settings.level == "slide":
+        return [(None, [slide]) for slide in found]
+    if not settings.patients:
+        raise SettingError("level=patient with slide or image files needs patients=CSV (columns slide_id, patient_id)")
+    patients, by_id = read_patients(settings.patients), {slide.slide_id: slide for slide in found}
+    infos = [SlideInfo(slide.slide_id, "", patients.get(slide.slide_id, slide.slide_id)) for slide in found]
+    return [(unit.patient_id, [by_id[s] for s in slides]) for unit, slides in units(infos, "patient", settings.patients).items()]
+
+
+def read_patients(path: str | Path) -> dict[str, str]:
+    """slide id -> patient id, from a CSV with the columns slide_id and patient_id (a labels CSV)."""
+    with open(path, newline="") as handle:
+        rows = csv.DictReader(handle)
+        if not {"slide_id", "patient_id"} <= set(rows.fieldnames or ()):
+            raise InputError(path, "needs the columns slide_id and patient_id (a labels CSV with patient_id will do)")
+        return {row["slide_id"].strip(): row["patient_id"].strip() for row in rows if (row["patient_id"] or "").strip()}
+
+
+def _shard_units(root: str, settings: PredictSettings) -> Iterator[Unit]:
+    """The units of a region-shard set (a folder or URL), all of them in every process (predict_inputs splits
+    them): each slide as the stream reads it, or each patient's slides read by id when its process uses them."""
+    if settings.level == "slide":
+        yield from ((None, [_shard_input(bag, root, settings)]) for bag in SlideBagStream(root, rank=0, world_size=1))
+        return
+    regions = ShardRegions(root, regions_per_slide=None, seed=0)
+    for unit, slides in units(regions.infos(), "patient", root).items():
+        yield unit.patient_id, (_shard_input(regions[s, range(len(regions.slides[s]))], root, settings) for s in slides)
+
+
+def _shard_input(bag: dict, root: str, settings: PredictSettings) -> SlideInput:
+    """A slide of region shards (a SlideBagStream bag); the thumbnail is a mosaic of its regions at their
+    coordinates."""
+    coords = bag["coords"].numpy()
+    rgb = bag["pixels"].permute(0, 2, 3, 1).numpy()
+    size = int(rgb.shape[1])
+    width, height = coords[:, 0].max() + size, coords[:, 1].max() + size
+    scale = min(1.0, settings.thumbnail_px / max(width, height))
+    canvas = np.full((int(height * scale) + 1, int(width * scale) + 1, 3), 255, dtype=np.uint8)
+    step = max(1, int(round(1 / scale)))
+    for (x, y), region in zip(coords, rgb):
+        small = region[::step, ::step]
+        x0, y0 = int(x * scale), int(y * scale)
+        canvas[y0: y0 + small.shape[0], x0: x0 + small.shape[1]] = small[: canvas.shape[0] - y0, : canvas.shape[1] - x0]
+    by_xy = {(int(x), int(y)): region for (x, y), region in zip(coords, rgb)}
+    return SlideInput(bag["slide_id"], root, ((int(x), int(y), r) for (x, y), r in zip(coords, rgb)), size,
+                      canvas, scale, lambda x, y, by_xy=by_xy: by_xy[(int(x), int(y))])
 
 
 def _heatmaps(out: Path, slide: SlideInput, result: SlidePrediction, classes: Sequence[str], top: int) -> None:
@@ -320,48 +371,64 @@ def prefetch(items: Iterable, ahead: int) -> Iterator:
                 queue.get(timeout=0.1)  # frees a producer waiting to put
 
 
-def _prediction_row(slide: SlideInput | tuple, predictor: Predictor, out: Path, top_regions: int,
-                    show: bool) -> list:
-    """One predictions.csv row: the slide scored (its heatmaps written), or why it failed; `slide` is an
-    (unread input, error) pair when it could not be opened."""
-    classes = predictor.classes
-    if isinstance(slide, tuple):
-        unread, error = slide
-        slide_id, path, n_regions, probs = unread.slide_id, unread.path, 0, None
-    else:
-        path, slide_id, error = slide.path, slide.slide_id, ""
-        ahead = prefetch(slide.regions, predictor.chunk_regions)
-        try:
-            result = predictor.predict(progress(ahead, desc=slide_id, unit="region", leave=False, disable=not show),
-                                       slide.size)
-            _heatmaps(out / "heatmaps", slide, result, classes, top_regions)
-            n_regions, probs = len(result.coords), result.probs
-        except Exception as exc:
-            n_regions, probs, error = 0, None, f"{type(exc).__name__}: {exc}"
-        finally:
-            ahead.close()
+def _slide_regions(slide: SlideInput, ahead: int, show: bool) -> Iterator[tuple[int, int, np.ndarray]]:
+    """A slide's regions, read by a background thread (prefetch); closing this stops the thread."""
+    regions = prefetch(slide.regions, ahead)
+    try:
+        yield from progress(regions, desc=slide.slide_id, unit="region", leave=False, disable=not show)
+    finally:
+        regions.close()
+
+
+def _prediction_row(unit: Unit, predictor: Predictor, out: Path, top_regions: int, show: bool) -> list:
+    """One predictions.csv row: the unit's slides (one, or a patient's) scored as one bag (their heatmaps
+    written), or why it failed; a slide that could not be opened comes as an (unread input, error) pair.
+    A patient's row starts with its id."""
+    classes, (patient, entries) = predictor.classes, unit
+    entries = list(entries)
+    slides = [entry[0] if isinstance(entry, tuple) else entry for entry in entries]
+    opened = [entry for entry in entries if not isinstance(entry, tuple)]
+    error = "; ".join(f"{entry[0].slide_id}: {entry[1]}" if len(entries) > 1 else entry[1]
+                      for entry in entries if isinstance(entry, tuple))
+    n_regions, probs = 0, None
+    streams = [_slide_regions(slide, predictor.chunk_regions, show) for slide in opened]
+    try:
+        if not error:
+            results = predictor.predict_bag([(stream, slide.size) for stream, slide in zip(streams, opened)])
+            for slide, result in zip(opened, results):
+                _heatmaps(out / "heatmaps", slide, result, classes, top_regions)
+            n_regions, probs = sum(len(result.coords) for result in results), results[0].probs
+    except Exception as exc:
+        n_regions, probs, error = 0, None, f"{type(exc).__name__}: {exc}"
+    finally:
+        for stream in streams:  # before its slide closes: a reader thread must let go of it first
+            stream.close()
+        for slide in opened:
             if slide.close:
                 slide.close()
+    path = ";".join(dict.fromkeys(str(slide.path) for slide in slides))  # shards: their one root
     if error:
         log.warning("failed %s: %s", path, error)
-    return [slide_id, str(path), "failed" if error else "ok", error, n_regions,
+    return [*([patient] if patient is not None else []), ";".join(slide.slide_id for slide in slides), path,
+            "failed" if error else "ok", error, n_regions,
             *([f"{p:.6f}" for p in probs] if probs is not None else [""] * len(classes)),
             classes[int(np.argmax(probs))] if probs is not None else ""]
 
 
-def _write_predictions(path: Path, rows: Sequence[list], classes: Sequence[str]) -> None:
+def _write_predictions(path: Path, rows: Sequence[list], classes: Sequence[str], level: Level) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["slide_id", "path", "status", "error", "n_regions", *[f"prob_{c}" for c in classes], "predicted"])
+    writer.writerow([*(["patient_id"] if level == "patient" else []), "slide_id", "path", "status", "error",
+                     "n_regions", *[f"prob_{c}" for c in classes], "predicted"])
     writer.writerows(rows)
     atomic_write_text(path, buffer.getvalue())
 
 
 def predict_inputs(settings: PredictSettings, inputs: Sequence[str | Path], predictor: Predictor | None = None) -> int:
-    """Predict every input slide, split over the processes; the main process writes one predictions.csv in
-    input order. Returns the number that failed (each listed there)."""
+    """Predict every input slide (level=patient: patient), split over the processes; the main process writes
+    one predictions.csv in input order. Returns the number that failed (each listed there)."""
     # found first, so that an input holding no slides (or a shard set) is refused before anything is written
-    found = [] if settings.input_kind == "shards" else find_slides(inputs, settings.input_kind)
+    files = [] if settings.input_kind == "shards" else _file_units(find_slides(inputs, settings.input_kind), settings)
     accelerator = make_accelerator(settings.mixed_precision)
     predictor = (predictor or build_predictor(settings)).to(accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -378,22 +445,23 @@ def predict_inputs(settings: PredictSettings, inputs: Sequence[str | Path], pred
         save_config(settings, out)
     accelerator.wait_for_everyone()
     if settings.input_kind == "shards":
-        every: Iterable = (s for root in inputs for s in _shard_inputs(str(root), settings))
-        slides: Iterable = (s for n, s in enumerate(every) if n % world == rank)
-        total = sum(len(load_manifest(root)["slides"]) for root in inputs)
+        every: Iterable = (unit for root in inputs for unit in _shard_units(str(root), settings))
+        mine: Iterable = (unit for n, unit in enumerate(every) if n % world == rank)
+        total = sum(len({entry["patient_id"] if settings.level == "patient" else slide
+                         for slide, entry in load_manifest(root)["slides"].items()}) for root in inputs)
     else:
-        slides, total = _reader_inputs(found[rank::world], settings, geometry), len(found)
+        mine = ((patient, _reader_inputs(slides, settings, geometry)) for patient, slides in files[rank::world])
+        total = len(files)
     show = accelerator.is_local_main_process
-    mine = len(range(rank, total, world))
-    rows = [_prediction_row(slide, predictor, out, settings.top_regions, show)
-            for slide in progress(slides, total=mine, desc="predict", unit="slide", disable=not show)]
+    rows = [_prediction_row(unit, predictor, out, settings.top_regions, show) for unit in progress(
+        mine, total=len(range(rank, total, world)), desc="predict", unit=settings.level, disable=not show)]
     # process r predicted inputs r, r + N, ...: interleave the parts back into input order
     parts = gather_object([rows])
     rows = [part[n] for n in range(max(map(len, parts))) for part in parts if n < len(part)]
-    failed = sum(row[2] == "failed" for row in rows)
+    failed = sum(row[3 if settings.level == "patient" else 2] == "failed" for row in rows)  # the status column
     if accelerator.is_main_process:
-        _write_predictions(out / "predictions.csv", rows, predictor.classes)
-        log.info("%d slides: %d predicted, %d failed -> %s", len(rows), len(rows) - failed, failed,
+        _write_predictions(out / "predictions.csv", rows, predictor.classes, settings.level)
+        log.info("%d %ss: %d predicted, %d failed -> %s", len(rows), settings.level, len(rows) - failed, failed,
                  out / "predictions.csv")
     accelerator.end_training()  # tear the process group down before exit (a live one can abort a process)
     return failed
@@ -414,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not settings.out:
         parser.error("set out=DIR (in the --config file or as key=value)")
     failed = predict_inputs(settings, [a for a in args.inputs if "=" not in a])
-    return min(failed, 125)  # the exit code says how many slides failed (capped for the shell)
+    return min(failed, 125)  # the exit code says how many slides (patients) failed, capped for the shell
 
 
 cli = partial(run_main, main)  # the hipt-predict console script: user errors as one line

@@ -96,7 +96,8 @@ class E2EData(StorageSettings):
     """The `data` section: the region shards and how they are read."""
 
     shards: str | None = None  # region shards (hipt-shards build): a folder or URL (file://, http(s)://, s3://, gs://)
-    regions_per_slide: int | None = bound(8, 1)  # k regions sampled per slide per training step (all when fewer; null: all)
+    # k regions sampled per slide per training step (all when fewer; null: all); level=patient: per patient bag
+    regions_per_slide: int | None = bound(8, 1)
     min_tile_tissue: float = bound(0.0, 0.0, 1.0)  # skip tiles with a smaller tissue fraction (zero embedding); 0: none
     workers: int = bound(0, 0)  # DataLoader workers per process (decoding overlaps compute)
     decode: Literal["cpu", "gpu"] = "cpu"  # cpu: readers decode JPEG regions | gpu: decoded on the CUDA device in one batch per step
@@ -578,7 +579,7 @@ def _train_e2e(settings: E2ESettings, accelerator: Accelerator | None) -> dict[s
     accelerator = accelerator or e2e_accelerator(settings)
     regions = ShardRegions(data.shards, regions_per_slide=data.regions_per_slide, seed=settings.seed,
                            decode=decode_mode(data.decode, accelerator.device), cache_dir=data.cache_dir,
-                           cache_bytes=int(data.cache_gb * 2**30))
+                           cache_bytes=int(data.cache_gb * 2**30), level=settings.level)
     classes = regions.manifest["classes"]
     geometry = read_lineage(regions.manifest).geometry
     # weights from a run with a card: its geometry

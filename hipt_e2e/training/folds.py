@@ -15,6 +15,7 @@ import numpy as np
 from accelerate import Accelerator
 
 from hipt_e2e.config import Settings, bound, save_config, section
+from hipt_e2e.data.slides import Level
 from hipt_e2e.errors import UserError
 from hipt_e2e.evaluation.metrics import classification_metrics
 from hipt_e2e.evaluation.report import write_report
@@ -44,6 +45,7 @@ class FoldSettings(Settings):
     cv: Repeats = section(Repeats)
     imbalance: Imbalance = "none"
     patience: int = bound(5, 0)  # epochs without a better validation balanced accuracy before a fold stops
+    level: Level = "slide"  # slide | patient: the unit bagged, labelled, split and predicted (data.slides.units)
 
 
 def fold_settings(values: Mapping[str, Any]) -> FoldSettings:
@@ -56,10 +58,11 @@ def fold_settings(values: Mapping[str, Any]) -> FoldSettings:
 def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], run: FoldSettings, accelerator: Accelerator,
               test_probs: Callable[[Fold, Path], np.ndarray], extra: dict[str, Any],
               folds: Sequence[Fold] | None = None, config: Settings | Mapping | None = None) -> dict:
-    """Patient-grouped stratified folds repeated run.cv.repeats times (or the labels' fixed split, or `folds`
-    read back from an earlier run), test_probs(fold, fold_dir) -> [len(fold.test), K] per fold (training is
-    the caller's), then in run.out: config.yaml (`config`, default `run`), splits.csv, predictions.csv,
-    metrics.json (per fold with its repeat, index and sizes), plots and report.md. Returns the metrics."""
+    """Patient-grouped stratified folds of the units `infos` (slides, or patients at run.level=patient: see
+    data.slides.units) repeated run.cv.repeats times (or the labels' fixed split, or `folds` read back from an
+    earlier run), test_probs(fold, fold_dir) -> [len(fold.test), K] per fold (training is the caller's), then in
+    run.out: config.yaml (`config`, default `run`), splits.csv, predictions.csv, metrics.json (per fold with its
+    repeat, index and sizes), plots and report.md. Returns the metrics."""
     classes = list(classes)
     out = Path(run.out)
     missing = [info.slide_id for info in infos if info.label is None]
@@ -86,7 +89,8 @@ def run_folds(infos: Sequence[SlideInfo], classes: Sequence[str], run: FoldSetti
     metrics = {}
     if accelerator.is_main_process:
         repeats = folds[-1].repeat + 1
-        extra = {**extra, "imbalance": run.imbalance, "seed": run.seed, "n_folds": len(folds) // repeats,
+        level = {"level": run.level} if run.level != "slide" else {}  # slide-level outputs as before the setting
+        extra = {**extra, **level, "imbalance": run.imbalance, "seed": run.seed, "n_folds": len(folds) // repeats,
                  "repeats": repeats, "processes": accelerator.num_processes}
         histories = {fold.name: json.loads((out / fold.name / "history.json").read_text())
                      for fold in folds if (out / fold.name / "history.json").is_file()}

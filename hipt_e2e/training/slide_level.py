@@ -21,9 +21,8 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from hipt_e2e.config import Settings, bound, section
-from hipt_e2e.data.embeddings import SlideBag, read_slide_bags
+from hipt_e2e.data.embeddings import SlideBag, read_slide_bags, unit_bags
 from hipt_e2e.data.lineage import REGION_EMBEDDINGS
-from hipt_e2e.data.slides import SlideInfo
 from hipt_e2e.data.storage import StorageSettings
 from hipt_e2e.evaluation.metrics import classification_metrics, selection_key
 from hipt_e2e.evaluation.splits import Fold
@@ -340,10 +339,12 @@ def slide_model_card(settings: SlideSettings, classes: list[str], dim: int, fold
 
 def cross_validate(bags: Sequence[SlideBag], classes: Sequence[str], settings: SlideSettings,
                    accelerator: Accelerator | None = None) -> dict:
-    """Run every fold on in-memory bags (run_folds), then write config.yaml (the whole `settings`, a
-    recipe's own keys included), splits.csv, predictions.csv, metrics.json, plots and report.md."""
+    """Run every fold on in-memory bags (run_folds; settings.level=patient: a bag per patient), then write
+    config.yaml (the whole `settings`, a recipe's own keys included), splits.csv, predictions.csv, metrics.json,
+    plots and report.md."""
     accelerator = accelerator or make_accelerator(settings.mixed_precision,
                                                  **tracker_settings(settings.train.log_with, settings.out))
+    bags = unit_bags(bags, settings.level, settings.data.shards or "the bags")
     by_id = {bag.slide_id: bag for bag in bags}
 
     def test_probs(fold: Fold, fold_dir: Path) -> np.ndarray:
@@ -356,13 +357,12 @@ def cross_validate(bags: Sequence[SlideBag], classes: Sequence[str], settings: S
                        slide_model_card(settings, list(classes), test[0].features.shape[1], fold, metrics))
         return probs
 
-    infos = [SlideInfo(bag.slide_id, bag.label, bag.patient_id, bag.split) for bag in bags]
     data, name = settings.data, settings.model.name
     extra = {"title": f"{name} on region embeddings", "model": name, "train_fraction": data.train_fraction,
              "dominant_class": data.dominant_class, "dominant_ratio": data.dominant_ratio}
     start_tracking(accelerator, "slide", settings.to_mapping())
     try:
-        return run_folds(infos, classes, settings, accelerator, test_probs, extra)
+        return run_folds([bag.info for bag in bags], classes, settings, accelerator, test_probs, extra)
     finally:
         stop_tracking(accelerator)
 
