@@ -108,9 +108,9 @@ def load_slide_encoder(name: str, weights: str | Path, **build_kwargs) -> tuple[
     eval mode, and {"path", "sha256"} of the file. build_kwargs override the entry's dimensions (tests)."""
     entry = slide_encoder_entry(name)
     file = weights_file(weights)
-    module = entry.build(**build_kwargs)
+    module, state = entry.build(**build_kwargs), read_state_dict(file, trusted=entry.trusted)
     try:
-        load_checkpoint(module, entry.our_keys(read_state_dict(file, trusted=entry.trusted)), strict=True)
+        load_checkpoint(module, entry.our_keys(state), strict=True)
     except CheckpointError as error:
         raise CheckpointError(f"{file} does not fit slide encoder {name}: {error}") from None
     record = {"path": str(file.resolve()), "sha256": sha256_file(file)}
