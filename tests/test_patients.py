@@ -19,6 +19,7 @@ from hipt_e2e.errors import InputError, SettingError
 from hipt_e2e.inference.predict import Predictor, main
 from hipt_e2e.models import HIPT
 from hipt_e2e.training.checkpointing import export_safetensors
+from hipt_e2e.training.rescore import RescoreSettings, rescore
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
@@ -103,10 +104,17 @@ def test_end_to_end_training_bags_and_predicts_patients(shards, tmp_path):
 
     geometry = ["model.tile.embed_dim=24", "model.tile.depth=1", "model.region.in_dim=24", "model.region.embed_dim=12",
                 "model.region.depth=1"]
-    metrics = load_recipe().main(settings(shards, tmp_path / "run", *geometry, "train.epochs=1", "level=patient"))
+    # 3 regions per evaluation call: a patient's chunks cross from one slide into the next
+    metrics = load_recipe().main(settings(shards, tmp_path / "run", *geometry, "train.epochs=1", "level=patient",
+                                          "memory.eval_regions=3"))
     rows = list(csv.DictReader(open(tmp_path / "run" / "predictions.csv")))
     assert metrics["level"] == "patient" and len(rows) == 6
     assert sorted(r["slide_id"] for r in rows) == sorted(u.slide_id for u in regions.infos())
+    # rescoring reads the patient-level splits back and scores each patient's bag by the prediction path
+    rescore(tmp_path / "run", tmp_path / "rescored", RescoreSettings(tta="none"))
+    again = {r["slide_id"]: r for r in csv.DictReader(open(tmp_path / "rescored" / "predictions.csv"))}
+    for row in rows:
+        assert float(again[row["slide_id"]]["prob_class_a"]) == pytest.approx(float(row["prob_class_a"]), abs=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -93,7 +93,8 @@ def rescore(run: str | Path, out: str | Path, settings: RescoreSettings | None =
     min_tile_tissue = (source.get("data") or {}).get("min_tile_tissue") or 0.0
     precision = settings.mixed_precision or (source.get("train") or {}).get("mixed_precision") or "no"
     accelerator = make_accelerator(precision)
-    regions = ShardRegions(shards, regions_per_slide=None, seed=0)
+    level = source.get("level", "slide")  # a patient-level run's splits name patients
+    regions = ShardRegions(shards, regions_per_slide=None, seed=0, level=level)
     classes = list(regions.manifest["classes"])
     geometry = read_lineage(regions.manifest).geometry
     tiles_per_region = geometry.grid ** 2
@@ -115,6 +116,7 @@ def rescore(run: str | Path, out: str | Path, settings: RescoreSettings | None =
         return np.stack([merged[slide] for slide in fold.test]) if fold.test else np.zeros((0, len(classes)))
 
     cfg = {"out": str(out), "seed": source.get("seed", 0), "imbalance": source.get("imbalance", "none"),
+           **({"level": level} if level != "slide" else {}),
            "rescore": {"run": str(run.resolve()), "tta": tta, "shards": str(shards), "mixed_precision": precision,
                        "chunk_regions": chunk_regions}}
     extra = {"title": f"{run.name} rescored with its fold models, tta={tta}", "rescored_from": str(run.resolve()),
