@@ -87,3 +87,18 @@ def test_typed_settings_refuse_an_unknown_key_naming_it():
         resolve_settings(Run, overrides=["optim.lrr=1"])
     with pytest.raises(UnknownSettingError, match="'optim.lrr'"):
         Run.from_mapping({"optim": {"lrr": 1}})
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_while_it_has_its_default(tmp_path) -> None:
+    from hipt_e2e.training.checkpointing import resume_state, save_checkpoint
+    from hipt_e2e.training.e2e import E2ESettings
+
+    run = E2ESettings(out=str(tmp_path), resume=True)
+    older = run.to_mapping()
+    del older["level"]  # written by a version without `level`
+    save_checkpoint(tmp_path / "checkpoint.pt", {"config": older, "step": 3})
+    assert resume_state(run, tmp_path / "checkpoint.pt")["step"] == 3
+    with pytest.raises(SettingError, match=r"differ from the saved run in \['level'\]"):
+        resume_state(run.with_changes(level="patient"), tmp_path / "checkpoint.pt")
+    with pytest.raises(SettingError, match=r"in \['optim.lr.slide'\]"):
+        resume_state(run.with_changes(**{"optim.lr.slide": 1.0}), tmp_path / "checkpoint.pt")

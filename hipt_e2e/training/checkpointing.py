@@ -76,6 +76,8 @@ def resume_state(settings: Settings, path: Path) -> dict[str, Any] | None:
         raise FileExistsError(f"{path} exists: pass resume=true to continue that run, or choose another out=")
     state = load_checkpoint_state(path)
     saved, now = flatten_config(state["config"]), flatten_config(settings.to_mapping())
+    # a setting added since the run was saved is no change while it has its default (what the run did)
+    saved = {**{k: v for k, v in flatten_config(type(settings)().to_mapping()).items() if k not in saved}, **saved}
     changed = sorted(k for k in saved.keys() | now.keys()
                      if k not in RUN_CONTROL and saved.get(k) != now.get(k))
     if changed:
