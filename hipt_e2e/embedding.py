@@ -1,10 +1,11 @@
-"""The two embedding steps of the staged path, each shard set in -> shard set out.
+"""The embedding steps of the staged path, each shard set in -> shard set out.
 
 embed_tiles: regions -> token grids [D, rows, cols], one sample per region. embed_regions: a slide's token
 grids -> its region embeddings [M, D'] (hipt_e2e.data.embeddings' format) or, without a region encoder,
-the bag of all its tile embeddings. Work goes by input units (shards a slide spans stay together), unit i
+the bag of all its tile embeddings. Both go by input units (shards a slide spans stay together), unit i
 to reader i mod n; each unit becomes one output shard (UnitShards), so output does not depend on the
-number of readers and a killed run resumes where it stopped.
+number of readers and a killed run resumes where it stopped. embed_slides: a slide's tiles -> a pretrained
+slide encoder's embedding (one vector a slide: a small set, written at once).
 """
 from __future__ import annotations
 
@@ -24,9 +25,17 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from hipt_e2e.config import Settings, bound, save_config, section
 from hipt_e2e.data.embeddings import KIND as BAG_KIND
-from hipt_e2e.data.embeddings import SlideBag, bag_sample
+from hipt_e2e.data.embeddings import SlideBag, bag_sample, write_slide_bags
 from hipt_e2e.data.features import trident_attributes, write_trident_file
-from hipt_e2e.data.lineage import REGION_EMBEDDINGS, TILE_EMBEDDINGS, TOKEN_GRIDS, Encoder, Lineage, source_of
+from hipt_e2e.data.lineage import (
+    REGION_EMBEDDINGS,
+    SLIDE_EMBEDDINGS,
+    TILE_EMBEDDINGS,
+    TOKEN_GRIDS,
+    Encoder,
+    Lineage,
+    source_of,
+)
 from hipt_e2e.data.manifest import GRIDS_KIND, MANIFEST, load_manifest, shard_urls
 from hipt_e2e.data.samples import collate, decode_mode, decode_sample, device_pixels, encode_grid
 from hipt_e2e.data.storage import StorageSettings, tar_samples
@@ -36,6 +45,7 @@ from hipt_e2e.errors import InputError
 from hipt_e2e.lineage import check_card, read_lineage
 from hipt_e2e.models import select_attention, token_grids
 from hipt_e2e.models.encoders import RegionModelWithWeights, TileModelWithWeights
+from hipt_e2e.models.slide_encoders import SlideEncoderEntry
 from hipt_e2e.progress import progress
 from hipt_e2e.runtime import Precision, make_accelerator
 
@@ -82,6 +92,20 @@ class RegionEmbedding(Settings):
 
 
 @dataclass(frozen=True)
+class SlideEncoderModel(Settings):
+    """embed_slides' `model` section."""
+    slide_encoder: str | None = None  # a name of hipt_e2e.models.slide_encoders.SLIDE_ENCODERS
+    weights: str | None = None  # its authors' file (or the Hugging Face snapshot folder holding it)
+
+
+@dataclass(frozen=True)
+class SlideEmbedding(Settings):
+    """embed_slides' `embed` section."""
+    # tiles with less tissue are left out: the places a features tool did not extract (tissue 0), and glass
+    min_tile_tissue: float = bound(1e-3, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
 class EmbeddingSettings(Settings):
     """What both embedding recipes' settings hold besides their model and embed sections."""
     out: str | None = None
@@ -101,6 +125,13 @@ class EmbedRegionsSettings(EmbeddingSettings):
     """recipes/embed_regions.py: token grids -> region embeddings (or tile bags), grouped per slide."""
     model: RegionModelWithWeights = section(RegionModelWithWeights)
     embed: RegionEmbedding = section(RegionEmbedding)
+
+
+@dataclass(frozen=True)
+class EmbedSlidesSettings(EmbeddingSettings):
+    """recipes/embed_slides.py: token grids -> one pretrained slide encoder embedding per slide."""
+    model: SlideEncoderModel = section(SlideEncoderModel)
+    embed: SlideEmbedding = section(SlideEmbedding)
 
 
 def tile_bag(grids: torch.Tensor, coords: torch.Tensor, sizes: torch.Tensor, tissue: torch.Tensor,
@@ -134,18 +165,61 @@ def export_trident(source: str | Path, out: str | Path) -> list[Path]:
     encoder = lineage.tile_encoder.architecture.get("encoder", "unknown") if lineage.tile_encoder else "unknown"
     files = []
     for bag in SlideBagStream(manifest):
-        grids, sizes = bag["pixels"].float(), bag["sizes"]
-        steps = set((sizes // grids.shape[-1]).tolist())
-        if len(steps) != 1 or (sizes < 0).any():
-            raise InputError(source, f"slide {bag['slide_id']}: regions of level-0 sizes {sorted(set(sizes.tolist()))};"
-                                     " TRIDENT's layout has one known tile size per slide")
-        step = steps.pop()
+        grids, sizes, step = bag["pixels"].float(), bag["sizes"], tile_step(bag, source, "TRIDENT's layout has")
         # the tissue fractions ride along as one more channel, so that they are dropped and kept with their tiles
         tiles, coords = tile_bag(torch.cat([grids, bag["tissue"][:, None]], dim=1), bag["coords"], sizes, bag["tissue"])
         files.append(Path(out) / f"{bag['slide_id']}.h5")
         write_trident_file(files[-1], tiles[:, :-1].numpy(), coords.numpy(), tiles[:, -1].numpy(),
                            trident_attributes(bag["slide_id"], step, tile_px, mpp, tile_px * mpp / step), encoder)
     return files
+
+
+def tile_step(bag: Mapping[str, Any], source: str | Path, needs: str) -> int:
+    """A slide's level-0 tile side (its regions' level-0 side / tiles per row): refused unless one and known."""
+    sizes = bag["sizes"]
+    steps = set((sizes // bag["pixels"].shape[-1]).tolist())
+    if len(steps) != 1 or (sizes < 0).any():
+        raise InputError(source, f"slide {bag['slide_id']}: regions of level-0 sizes {sorted(set(sizes.tolist()))};"
+                                 f" {needs} one known tile size per slide")
+    return steps.pop()
+
+
+def check_slide_encoder_input(grids: Lineage, source: str | Path, entry: SlideEncoderEntry) -> None:
+    """Refuse a set that is not token grids of the features the slide encoder reads, naming both encoders."""
+    tile = grids.tile_encoder.architecture.get("encoder") if grids.tile_encoder else None
+    if grids.kind != TOKEN_GRIDS or tile != entry.tile_encoder or grids.geometry.width != entry.in_dim:
+        raise InputError(source, f"holds {grids.kind} of tile encoder {tile or 'unknown'} ({grids.geometry.width}-d "
+                                 f"features); slide encoder {entry.name} reads token grids of {entry.tile_encoder} "
+                                 f"({entry.in_dim}-d): embed the tiles with model.encoder={entry.tile_encoder}, or "
+                                 "import that encoder's features with `hipt-shards build features`")
+
+
+@torch.no_grad()
+def embed_slides(encoder: nn.Module, entry: SlideEncoderEntry, weights: Mapping[str, str], source: str | Path,
+                 out: str | Path, *, settings: Mapping[str, Any], min_tile_tissue: float = 1e-3) -> dict:
+    """Every slide of the token-grid set ``source`` -> the slide encoder's embedding of its tiles (those with
+    min_tile_tissue, with their level-0 coordinates), written to ``out`` as slide bags of one row each (no
+    coordinates); returns the manifest. ``weights``: the {path, sha256} the encoder loaded, for the lineage."""
+    manifest = load_manifest(source)
+    grids = read_lineage(manifest)
+    check_slide_encoder_input(grids, source, entry)
+    device = make_accelerator().device
+    encoder = encoder.to(device).eval()
+    bags = []
+    for bag in progress(SlideBagStream(manifest), desc="embed slides", unit="slide"):
+        features, coords = tile_bag(bag["pixels"].float(), bag["coords"], bag["sizes"], bag["tissue"], min_tile_tissue)
+        if entry.needs_coords:
+            step = tile_step(bag, source, f"slide encoder {entry.name} needs")
+            embedding = encoder(features.to(device), coords.to(device), step)
+        else:
+            embedding = encoder(features.to(device), None, None)
+        bags.append(SlideBag(bag["slide_id"], bag["patient_id"], bag["label"], embedding.float().cpu()[None],
+                             torch.full((1, 2), -1), manifest["slides"][bag["slide_id"]]["split"], len(bag["coords"])))
+    architecture = {"slide_encoder": entry.name, "tile_encoder": entry.tile_encoder, "in_dim": entry.in_dim,
+                    "width": entry.width, "needs_coords": entry.needs_coords, "release": entry.release}
+    lineage = Lineage(SLIDE_EMBEDDINGS, replace(grids.geometry, width=entry.width), source_of(manifest),
+                      grids.tile_encoder, slide_encoder=Encoder(architecture, weights["path"], weights["sha256"]))
+    return write_slide_bags(out, bags, manifest["classes"], build_args=dict(settings), lineage=lineage.as_dict())
 
 
 def slide_units(manifest: Mapping[str, Any]) -> list[list[int]]:

@@ -4,15 +4,35 @@ load_slide_encoder from the authors' key names; embed_slides on imported feature
 train_fc on the slide embeddings."""
 from __future__ import annotations
 
+import csv
+import json
+import sys
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
+from hipt_e2e.data.embeddings import read_slide_bags
+from hipt_e2e.embedding import embed_slides
+from hipt_e2e.errors import InputError
+from hipt_e2e.io import sha256_file
 from hipt_e2e.models.checkpoint import CheckpointError
-from hipt_e2e.models.slide_encoders import SLIDE_ENCODERS, load_slide_encoder
+from hipt_e2e.models.slide_encoders import SLIDE_ENCODERS, SlideEncoderEntry, load_slide_encoder
+from hipt_e2e.training.linear_probe import C_GRID
+from shards.features import FeatureBuildSettings, build_features
+from tests.test_dino_recipes import REPO
+from tests.test_features import WIDTH, coded_features, slide_cells, write_trident
+
+sys.path.insert(0, str(REPO / "recipes"))
+import embed_slides as embed_slides_recipe  # noqa: E402
+import linear_probe as linear_probe_recipe  # noqa: E402
+import train_fc  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "slide_encoders"
 # both sides compute each output in float32 as sums over the 37 tiles and the input width, in another order:
@@ -47,8 +67,9 @@ def test_feather_uni2_is_feather_over_uni2_h_features():
     uni2, conch = SLIDE_ENCODERS["feather_uni_v2"], SLIDE_ENCODERS["feather"]
     assert (uni2.tile_encoder, uni2.in_dim, uni2.width) == ("uni_v2", 1536, 512)
     assert (conch.tile_encoder, conch.in_dim, conch.width) == ("conch_v15", 768, 512)
-    assert SLIDE_ENCODERS["chief"].tile_encoder == "ctranspath"
-    for entry in SLIDE_ENCODERS.values():
+    chief = SLIDE_ENCODERS["chief"]
+    assert (chief.tile_encoder, chief.in_dim, chief.width) == ("ctranspath", 768, 768)
+    for entry in (uni2, conch, chief):
         assert entry.build()(torch.randn(3, entry.in_dim)).shape == (entry.width,)
 
 
@@ -62,3 +83,65 @@ def test_a_file_missing_a_used_tensor_or_holding_a_foreign_one_is_refused(tmp_pa
     save_file({**state, "extra.weight": torch.zeros(1)}, tmp_path / "extra.safetensors")
     with pytest.raises(CheckpointError, match=r"extra.safetensors does not fit slide encoder chief.*extra"):
         load_slide_encoder("chief", tmp_path / "extra.safetensors", **SMALL["chief"])
+
+
+def random_authors_file(entry: SlideEncoderEntry, path: Path, **build_kwargs) -> nn.Module:
+    """A random module of the entry saved under the authors' key names (the renames backwards)."""
+    module = entry.build(**build_kwargs)
+    theirs = {}
+    for key, value in module.state_dict().items():
+        match = next(((a, o) for a, o in entry.renames if key.startswith(o)), ("", ""))
+        theirs[match[0] + key.removeprefix(match[1])] = value.contiguous()
+    save_file(theirs, path)
+    return module.eval()
+
+
+def test_embed_slides_then_the_linear_probe_and_train_fc(tmp_path, monkeypatch):
+    rng, rows, tiles = np.random.default_rng(7), [], {}
+    for n in range(9):
+        cells = slide_cells(rng)
+        tiles[f"s{n}"] = coded_features(cells, rng) + 2 * (n % 3)  # the class shifts every feature
+        write_trident(tmp_path / "in" / f"s{n}.h5", tiles[f"s{n}"], cells * 16, encoder="uni_v2")
+        rows.append(f"s{n},{'abc'[n % 3]},p{n}")
+    (tmp_path / "labels.csv").write_text("slide_id,label,patient_id\n" + "\n".join(rows) + "\n")
+    build_features(FeatureBuildSettings.from_mapping({"input": str(tmp_path / "in"), "out": str(tmp_path / "grids"),
+                                                      "grid": 4, "labels": str(tmp_path / "labels.csv"),
+                                                      "dtype": "float32"}))
+    feather = SLIDE_ENCODERS["feather_uni_v2"]  # over UNI2-h features: here 12-d ones, embedded in 6-d
+    tiny = {"in_dim": WIDTH, "hidden": 6, "attention": 4}
+    monkeypatch.setitem(SLIDE_ENCODERS, "feather_tiny",
+                        replace(feather, name="feather_tiny", in_dim=WIDTH, width=6, build=partial(feather.build, **tiny)))
+    module = random_authors_file(feather, tmp_path / "feather.safetensors", **tiny)
+    manifest = embed_slides_recipe.main([f"data.shards={tmp_path / 'grids'}", f"out={tmp_path / 'slides'}",
+                                         "model.slide_encoder=feather_tiny",
+                                         f"model.weights={tmp_path / 'feather.safetensors'}"])
+    slide = manifest["lineage"]["slide_encoder"]
+    assert slide["architecture"]["slide_encoder"] == "feather_tiny"
+    assert slide["sha256"] == sha256_file(tmp_path / "feather.safetensors")
+    bags, classes = read_slide_bags(tmp_path / "slides")
+    assert classes == ["a", "b", "c"] and len(bags) == 9
+    for bag in bags:  # attention pooling ignores order: the slide's own tiles, no background place, no other
+        with torch.no_grad():
+            expected = module(torch.from_numpy(tiles[bag.slide_id]))
+        assert bag.features.shape == (1, 6) and torch.allclose(bag.features[0], expected, atol=1e-5)
+    metrics = linear_probe_recipe.main([f"data.shards={tmp_path / 'slides'}", f"out={tmp_path / 'probe'}", "folds=3"])
+    for fold in range(3):
+        assert json.loads((tmp_path / "probe" / f"fold_{fold}" / "probe.json").read_text())["C"] in C_GRID
+    fc = train_fc.main([f"data.shards={tmp_path / 'slides'}", f"out={tmp_path / 'fc'}", "folds=3", "optim.epochs=2"])
+    for out, result in ((tmp_path / "probe", metrics), (tmp_path / "fc", fc)):
+        assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 9, result
+    assert metrics["summary"]["balanced_accuracy"]["mean"] > 0.5, metrics["summary"]
+
+
+def test_grids_of_another_tile_encoder_are_refused_naming_both(tmp_path):
+    rng = np.random.default_rng(8)
+    cells = slide_cells(rng)
+    write_trident(tmp_path / "in" / "s0.h5", coded_features(cells, rng), cells * 16, encoder="uni_v2")
+    build_features(FeatureBuildSettings.from_mapping({"input": str(tmp_path / "in"), "out": str(tmp_path / "grids"),
+                                                      "grid": 4}))
+    chief = SLIDE_ENCODERS["chief"]
+    with pytest.raises(InputError, match=r"grids: holds token_grids of tile encoder uni_v2 \(12-d features\); slide "
+                                         r"encoder chief reads token grids of ctranspath \(768-d\)"):
+        embed_slides(chief.build(), chief, {"path": "x", "sha256": "0"}, tmp_path / "grids", tmp_path / "out",
+                     settings={})
+    assert not (tmp_path / "out").exists()

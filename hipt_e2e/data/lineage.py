@@ -24,6 +24,7 @@ TOKEN_GRIDS = "token_grids"  # embed_tiles: one grid of tile embeddings per regi
 REGION_EMBEDDINGS = "region_embeddings"  # embed_regions: one bag of region embeddings per slide
 TILE_EMBEDDINGS = "tile_embeddings"  # embed_regions embed.level=tile: one bag of tile embeddings per slide
 SLIDE_BAGS = "slide_bags"  # bags written by write_slide_bags from features made elsewhere
+SLIDE_EMBEDDINGS = "slide_embeddings"  # embed_slides: one slide encoder embedding per slide
 PIXEL_INPUTS = ("slides", "images", "pt")  # the manifest kinds of hipt-shards build
 
 
@@ -89,10 +90,15 @@ class Lineage:
     source: Source | None = None
     tile_encoder: Encoder | None = None
     region_encoder: Encoder | None = None
+    slide_encoder: Encoder | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """The manifest's and card's "lineage" entry (with the derived tile grid, for readers)."""
-        return {**dataclasses.asdict(self), "geometry": {**dataclasses.asdict(self.geometry), "grid": self.geometry.grid}}
+        """The manifest's and card's "lineage" entry (with the derived tile grid, for readers); without a slide
+        encoder, without its key, so the other steps write their manifests as before it existed."""
+        entry = {**dataclasses.asdict(self), "geometry": {**dataclasses.asdict(self.geometry), "grid": self.geometry.grid}}
+        if self.slide_encoder is None:
+            del entry["slide_encoder"]
+        return entry
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any]) -> Lineage:
@@ -101,7 +107,8 @@ class Lineage:
             return None if value is None else kind(**{k: v for k, v in value.items() if k in names})
 
         return cls(entry["kind"], part(Geometry, entry["geometry"]), part(Source, entry.get("source")),
-                   part(Encoder, entry.get("tile_encoder")), part(Encoder, entry.get("region_encoder")))
+                   part(Encoder, entry.get("tile_encoder")), part(Encoder, entry.get("region_encoder")),
+                   part(Encoder, entry.get("slide_encoder")))
 
 
 # ------------------------------------------------------------------------------------------ writing

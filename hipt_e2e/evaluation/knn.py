@@ -64,8 +64,8 @@ def knn_classifier(k: int = 20) -> ClassifierMixin:
     return make_pipeline(Normalizer(), KNeighborsClassifier(n_neighbors=k, weights="distance"))
 
 
-def linear_probe() -> ClassifierMixin:
-    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+def linear_probe(C: float = 1.0, class_weight: str | None = None) -> ClassifierMixin:  # noqa: N803 (sklearn's name)
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight=class_weight, max_iter=5000))
 
 
 def colour_histograms(images: Sequence[torch.Tensor]) -> np.ndarray:
