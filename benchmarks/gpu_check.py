@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -73,13 +74,15 @@ def run_part(command: list[str], limit_s: int) -> dict:
     """Run one part; keep its table (markdown lines), its last line, exit code and time."""
     start = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-    try:
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit_s)
-        output, code = done.stdout, done.returncode
-        error = done.stderr[-2000:] if code else ""
-    except subprocess.TimeoutExpired as expired:
-        output = (expired.stdout or b"").decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
-        code, error = None, f"timed out after {limit_s} s"
+    # its own session, so that a part past its time box goes with all it started (accelerate launch's workers)
+    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as part:
+        try:
+            output, stderr = part.communicate(timeout=limit_s)
+            code, error = part.returncode, stderr[-2000:] if part.returncode else ""
+        except subprocess.TimeoutExpired:
+            os.killpg(part.pid, signal.SIGKILL)
+            output, code, error = part.communicate()[0], None, f"timed out after {limit_s} s"
     lines = [line for line in output.splitlines() if line.strip()]
     return {"command": " ".join(command[1:]), "exit_code": code, "seconds": round(time.perf_counter() - start, 1),
             "table": [line for line in lines if line.startswith("|")], "last_line": lines[-1] if lines else "",

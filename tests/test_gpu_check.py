@@ -26,3 +26,10 @@ def test_dry_run_writes_every_part(tmp_path):
     # a part that runs past its time box is recorded as such, and the rest still runs
     timed_out = gpu_check.run_part([sys.executable, "-c", "import time; print('| started |'); time.sleep(30)"], 2)
     assert timed_out["exit_code"] is None and timed_out["error"] == "timed out after 2 s"
+    # what the part started goes with it (a launcher's workers would otherwise hold the GPU)
+    child = tmp_path / "child.pid"
+    spawn = (f"import subprocess, sys, time, pathlib; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+             f"time.sleep(60)']); pathlib.Path({str(child)!r}).write_text(str(p.pid)); time.sleep(60)")
+    assert gpu_check.run_part([sys.executable, "-c", spawn], 3)["exit_code"] is None
+    status = Path(f"/proc/{child.read_text()}/status")  # gone, or killed and not yet reaped by init
+    assert not status.exists() or "State:\tZ" in status.read_text()
