@@ -195,15 +195,21 @@ def check_slide_encoder_input(grids: Lineage, source: str | Path, entry: SlideEn
 
 
 @torch.no_grad()
+@torch.no_grad()
 def embed_slides(encoder: nn.Module, entry: SlideEncoderEntry, weights: Mapping[str, str], source: str | Path,
                  out: str | Path, *, settings: Mapping[str, Any], min_tile_tissue: float = 1e-3) -> dict:
     """Every slide of the token-grid set ``source`` -> the slide encoder's embedding of its tiles (those with
     min_tile_tissue, with their level-0 coordinates), written to ``out`` as slide bags of one row each (no
-    coordinates); returns the manifest. ``weights``: the {path, sha256} the encoder loaded, for the lineage."""
+    coordinates); returns the manifest. ``weights``: the {path, sha256} the encoder loaded, for the lineage.
+    The main process does it all (a slide is one small forward pass); the others wait for it."""
     manifest = load_manifest(source)
     grids = read_lineage(manifest)
     check_slide_encoder_input(grids, source, entry)
-    device = make_accelerator().device
+    accelerator = make_accelerator()
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return load_manifest(out)
+    device = accelerator.device
     encoder = encoder.to(device).eval()
     bags = []
     for bag in progress(SlideBagStream(manifest), desc="embed slides", unit="slide"):
@@ -219,7 +225,9 @@ def embed_slides(encoder: nn.Module, entry: SlideEncoderEntry, weights: Mapping[
                     "width": entry.width, "needs_coords": entry.needs_coords, "release": entry.release}
     lineage = Lineage(SLIDE_EMBEDDINGS, replace(grids.geometry, width=entry.width), source_of(manifest),
                       grids.tile_encoder, slide_encoder=Encoder(architecture, weights["path"], weights["sha256"]))
-    return write_slide_bags(out, bags, manifest["classes"], build_args=dict(settings), lineage=lineage.as_dict())
+    written = write_slide_bags(out, bags, manifest["classes"], build_args=dict(settings), lineage=lineage.as_dict())
+    accelerator.wait_for_everyone()
+    return written
 
 
 def slide_units(manifest: Mapping[str, Any]) -> list[list[int]]:
