@@ -23,6 +23,7 @@ from hipt_e2e.embedding import embed_slides
 from hipt_e2e.errors import InputError
 from hipt_e2e.io import sha256_file
 from hipt_e2e.models.checkpoint import CheckpointError
+from hipt_e2e.models.longnet import SEGMENT_LENGTHS
 from hipt_e2e.models.slide_encoders import SLIDE_ENCODERS, SlideEncoderEntry, load_slide_encoder
 from hipt_e2e.training.linear_probe import C_GRID
 from shards.features import FeatureBuildSettings, build_features
@@ -147,18 +148,25 @@ def test_grids_of_another_tile_encoder_are_refused_naming_both(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_madeleine_gives_the_authors_embedding(tmp_path):
-    """MADELEINE's encode_he (4 heads at widths 32 -> 16, attention 8: make_madeleine.py) from a .pt state dict
-    under the authors' keys, the training-only token_projector among them."""
-    weights, features, expected = authors_fixture("madeleine", tmp_path)
-    with safe_open(weights, "pt") as f:
-        torch.save({key: f.get_tensor(key) for key in f.keys()}, tmp_path / "model.pt")
-    model, _ = load_slide_encoder("madeleine", tmp_path / "model.pt", in_dim=32, hidden=16, attention=8, heads=4)
+def test_gigapath_slide_encoder_gives_the_authors_embedding(tmp_path):
+    """LongNet against prov-gigapath's code on 200 tiles at width 64, with segments of 1024, 362, 128, 45 and 16
+    tokens so that four dilated branches span several segments (measured: 1.4 ulps of the output's scale after 11
+    layers), loaded from a .pth laid out as their slide_encoder.pth ({"model": state dict})."""
+    with safe_open(FIXTURES / "gigapath.safetensors", "pt") as f:
+        fixture = {key: f.get_tensor(key) for key in f.keys()}
+    assert tuple(fixture["released_segment_lengths"].tolist()) == SEGMENT_LENGTHS
+    weights = tmp_path / "slide_encoder.pth"
+    torch.save({"model": {k.removeprefix("state."): v for k, v in fixture.items() if k.startswith("state.")}}, weights)
+    model, _ = load_slide_encoder("gigapath-slide", weights, in_dim=128, dim=64, mlp_dim=256,
+                                  segment_lengths=tuple(fixture["segment_lengths"].tolist()))
+    features, coords, tile_size = fixture["input"], fixture["coords"], fixture["tile_size"].item()
     with torch.no_grad():
-        embedding = model(features, None, None)
+        embedding = model(features, coords, tile_size)
+    expected = fixture["output"]
     scale = expected.abs().max().item()
     assert embedding.shape == expected.shape and scale > 0.1
     assert (embedding - expected).abs().max().item() <= TOLERANCE * scale
-    entry = SLIDE_ENCODERS["madeleine"]
-    assert (entry.tile_encoder, entry.in_dim, entry.width, entry.needs_coords) == ("conch_v1", 512, 512, False)
-    assert entry.build()(torch.randn(3, 512)).shape == (512,)
+    with pytest.raises(InputError, match=r"tile coordinates: tiles of 512 px must lie within the first 1000 x 1000"):
+        model(features[:2], torch.tensor([[0, 0], [1000 * tile_size, 0]]), tile_size)
+    entry = SLIDE_ENCODERS["gigapath-slide"]
+    assert (entry.tile_encoder, entry.in_dim, entry.width, entry.needs_coords) == ("gigapath", 1536, 768, True)

@@ -38,10 +38,11 @@ class LoadResult(NamedTuple):
 
 def read_state_dict(source: Source, *, trusted: bool = False) -> dict[str, torch.Tensor]:
     """A checkpoint file or dict -> the backbone's tensors under the released key names (the DINO teacher
-    when present, `module.` / `backbone.` stripped, the DINO head dropped)."""
+    or the wrapped `model` when present, `module.` / `backbone.` stripped, the DINO head dropped)."""
     raw = source if isinstance(source, Mapping) else _read_file(Path(source), trusted)
-    if "teacher" in raw:
-        raw = raw["teacher"]
+    for wrapper in ("teacher", "model"):  # DINO's teacher; the `model` of MAE-style files (Prov-GigaPath's slide encoder)
+        if isinstance(raw.get(wrapper), Mapping):
+            raw = raw[wrapper]
     state = {}
     for key, value in raw.items():
         for prefix in WRAPPER_PREFIXES:
