@@ -170,3 +170,20 @@ def test_gigapath_slide_encoder_gives_the_authors_embedding(tmp_path):
         model(features[:2], torch.tensor([[0, 0], [1000 * tile_size, 0]]), tile_size)
     entry = SLIDE_ENCODERS["gigapath-slide"]
     assert (entry.tile_encoder, entry.in_dim, entry.width, entry.needs_coords) == ("gigapath", 1536, 768, True)
+
+
+def test_madeleine_gives_the_authors_embedding(tmp_path):
+    """MADELEINE's encode_he (4 heads at widths 32 -> 16, attention 8: make_madeleine.py) from a .pt state dict
+    under the authors' keys, the training-only token_projector among them."""
+    weights, features, expected = authors_fixture("madeleine", tmp_path)
+    with safe_open(weights, "pt") as f:
+        torch.save({key: f.get_tensor(key) for key in f.keys()}, tmp_path / "model.pt")
+    model, _ = load_slide_encoder("madeleine", tmp_path / "model.pt", in_dim=32, hidden=16, attention=8, heads=4)
+    with torch.no_grad():
+        embedding = model(features, None, None)
+    scale = expected.abs().max().item()
+    assert embedding.shape == expected.shape and scale > 0.1
+    assert (embedding - expected).abs().max().item() <= TOLERANCE * scale
+    entry = SLIDE_ENCODERS["madeleine"]
+    assert (entry.tile_encoder, entry.in_dim, entry.width, entry.needs_coords) == ("conch_v1", 512, 512, False)
+    assert entry.build()(torch.randn(3, 512)).shape == (512,)

@@ -76,6 +76,28 @@ class AttentionPoolingEncoder(nn.Module):
         return weights @ features if self.pool_inputs else pooled[0]
 
 
+class MultiHeadAttentionPoolingEncoder(nn.Module):
+    """MADELEINE's slide encoder: tiles [N, in_dim] -> 3 x (Linear, LayerNorm, GELU, dropout) to hidden x heads
+    channels -> per head a gated attention pooling of its hidden channels (channel c of head h at c * heads + h,
+    as the authors' rearrange splits them) -> the heads' pooled vectors, channel-major -> Linear -> [hidden]."""
+
+    def __init__(self, in_dim: int = 512, hidden: int = 512, attention: int = 512, heads: int = 4,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        widths = (in_dim, hidden, hidden, hidden * heads)
+        self.pre_attn = nn.Sequential(*(layer for a, b in zip(widths, widths[1:])
+                                        for layer in (nn.Linear(a, b), nn.LayerNorm(b), nn.GELU(), nn.Dropout(dropout))))
+        self.attn = nn.ModuleList(GatedAttentionPool(hidden, attention, 0.25) for _ in range(heads))
+        self.projector = nn.Linear(hidden * heads, hidden)
+        self.width = hidden
+
+    def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None,
+                tile_size_level0: int | None = None) -> torch.Tensor:
+        channels = self.pre_attn(features).unflatten(-1, (-1, len(self.attn)))  # [N, hidden, heads]
+        pooled = torch.stack([pool(channels[..., h])[0][0] for h, pool in enumerate(self.attn)], dim=-1)
+        return self.projector(pooled.flatten())
+
+
 def _feather(name: str, tile_encoder: str, in_dim: int, release: str) -> SlideEncoderEntry:
     """MIL-Lab's ABMIL 'base' (embed 512, attention 384, gated, one fc layer) as Hugging Face holds it: the
     ABMIL under `model.`, its pretraining classifier unused (TRIDENT embeds with forward_features)."""
@@ -99,6 +121,11 @@ SLIDE_ENCODERS: dict[str, SlideEncoderEntry] = {entry.name: entry for entry in (
         "gigapath-slide", "gigapath", 1536, 768, True, "prov-gigapath/prov-gigapath slide_encoder.pth",
         GigaPathSlideEncoder, unused=("encoder.layers.11.", "encoder.layer_norm."),
         notes="gigapath_slide_enc12l768d, global pooling; the embedding is TRIDENT's, read after layer 11 of 12"),
+    SlideEncoderEntry(
+        "madeleine", "conch_v1", 512, 512, False, "MahmoodLab/madeleine model.pt", MultiHeadAttentionPoolingEncoder,
+        renames=(("wsi_embedders.", ""),), unused=("token_projector.",),
+        notes="MADELEINE(stain_encoding=False) as create_model builds it (4 heads, hidden 512, as its launch scripts "
+              "train it); the embedding is encode_he's, as TRIDENT's"),
 )}
 
 
