@@ -150,7 +150,7 @@ def test_grids_of_another_tile_encoder_are_refused_naming_both(tmp_path):
 
 def test_gigapath_slide_encoder_gives_the_authors_embedding(tmp_path):
     """LongNet against prov-gigapath's code on 200 tiles at width 64, with segments of 1024, 362, 128, 45 and 16
-    tokens so that four dilated branches span several segments (measured: 1.4 ulps of the output's scale after 11
+    tokens so that the three shortest span several segments (measured: 1.4 ulps of the output's scale after 11
     layers), loaded from a .pth laid out as their slide_encoder.pth ({"model": state dict})."""
     with safe_open(FIXTURES / "gigapath.safetensors", "pt") as f:
         fixture = {key: f.get_tensor(key) for key in f.keys()}
