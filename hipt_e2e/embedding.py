@@ -194,7 +194,32 @@ def check_slide_encoder_input(grids: Lineage, source: str | Path, entry: SlideEn
                                  "import that encoder's features with `hipt-shards build features`")
 
 
-@torch.no_grad()
+def slide_tiles(manifest: Mapping[str, Any], source: str | Path, entry: SlideEncoderEntry,
+                min_tile_tissue: float) -> Iterator[tuple[SlideBag, int | None]]:
+    """Each slide of a token-grid set as a slide encoder reads it: the bag of its tiles with min_tile_tissue
+    (features [N, D], level-0 x, y [N, 2]) and, for an encoder that reads coordinates, the level-0 tile side."""
+    for bag in progress(SlideBagStream(manifest), desc=f"slides for {entry.name}", unit="slide"):
+        features, coords = tile_bag(bag["pixels"].float(), bag["coords"], bag["sizes"], bag["tissue"], min_tile_tissue)
+        step = tile_step(bag, source, f"slide encoder {entry.name} needs") if entry.needs_coords else None
+        yield SlideBag(bag["slide_id"], bag["patient_id"], bag["label"], features, coords,
+                       manifest["slides"][bag["slide_id"]]["split"], len(bag["coords"])), step
+
+
+def slide_encoder_bags(source: str | Path, entry: SlideEncoderEntry,
+                       min_tile_tissue: float) -> tuple[list[SlideBag], list[str]]:
+    """The bags a slide encoder is fine-tuned on (models.mil.SlideEncoderClassifier's input) and the classes: each
+    slide's tiles, their level-0 x, y and the tile side appended as three columns when the encoder reads them."""
+    manifest = load_manifest(source)
+    check_slide_encoder_input(read_lineage(manifest), source, entry)
+    bags = []
+    for tiles, step in slide_tiles(manifest, source, entry, min_tile_tissue):
+        if step is not None:
+            places = torch.cat([tiles.coords.float(), torch.full((len(tiles.coords), 1), float(step))], dim=1)
+            tiles = replace(tiles, features=torch.cat([tiles.features, places], dim=1))
+        bags.append(tiles)
+    return bags, manifest["classes"]
+
+
 @torch.no_grad()
 def embed_slides(encoder: nn.Module, entry: SlideEncoderEntry, weights: Mapping[str, str], source: str | Path,
                  out: str | Path, *, settings: Mapping[str, Any], min_tile_tissue: float = 1e-3) -> dict:
@@ -212,15 +237,9 @@ def embed_slides(encoder: nn.Module, entry: SlideEncoderEntry, weights: Mapping[
     device = accelerator.device
     encoder = encoder.to(device).eval()
     bags = []
-    for bag in progress(SlideBagStream(manifest), desc="embed slides", unit="slide"):
-        features, coords = tile_bag(bag["pixels"].float(), bag["coords"], bag["sizes"], bag["tissue"], min_tile_tissue)
-        if entry.needs_coords:
-            step = tile_step(bag, source, f"slide encoder {entry.name} needs")
-            embedding = encoder(features.to(device), coords.to(device), step)
-        else:
-            embedding = encoder(features.to(device), None, None)
-        bags.append(SlideBag(bag["slide_id"], bag["patient_id"], bag["label"], embedding.float().cpu()[None],
-                             torch.full((1, 2), -1), manifest["slides"][bag["slide_id"]]["split"], len(bag["coords"])))
+    for tiles, step in slide_tiles(manifest, source, entry, min_tile_tissue):
+        embedding = encoder(tiles.features.to(device), tiles.coords.to(device) if step is not None else None, step)
+        bags.append(replace(tiles, features=embedding.float().cpu()[None], coords=torch.full((1, 2), -1)))
     architecture = {"slide_encoder": entry.name, "tile_encoder": entry.tile_encoder, "in_dim": entry.in_dim,
                     "width": entry.width, "needs_coords": entry.needs_coords, "release": entry.release}
     lineage = Lineage(SLIDE_EMBEDDINGS, replace(grids.geometry, width=entry.width), source_of(manifest),

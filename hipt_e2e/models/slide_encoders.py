@@ -41,6 +41,7 @@ class SlideEncoderEntry:
     renames: tuple[tuple[str, str], ...] = ()  # key prefixes of the authors' file -> ours
     unused: tuple[str, ...] = ()  # key prefixes of the authors' file the slide embedding does not read (their heads)
     trusted: bool = False  # the file pickles more than tensors (unpickled only for these entries)
+    layers: str = ""  # its stack of layers (a ModuleList), which layer-wise lr decay counts; "": one stage
     notes: str = ""
 
     def our_keys(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -119,7 +120,7 @@ SLIDE_ENCODERS: dict[str, SlideEncoderEntry] = {entry.name: entry for entry in (
         notes="CHIEF(size_arg='small'); the embedding is its WSI_feature, which the anatomic site does not change"),
     SlideEncoderEntry(
         "gigapath-slide", "gigapath", 1536, 768, True, "prov-gigapath/prov-gigapath slide_encoder.pth",
-        GigaPathSlideEncoder, unused=("encoder.layers.11.", "encoder.layer_norm."),
+        GigaPathSlideEncoder, unused=("encoder.layers.11.", "encoder.layer_norm."), layers="encoder.layers",
         notes="gigapath_slide_enc12l768d, global pooling; the embedding is TRIDENT's, read after layer 11 of 12"),
     SlideEncoderEntry(
         "madeleine", "conch_v1", 512, 512, False, "MahmoodLab/madeleine model.pt", MultiHeadAttentionPoolingEncoder,

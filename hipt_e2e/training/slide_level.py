@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,15 @@ from hipt_e2e.config import Settings, bound, section
 from hipt_e2e.data.embeddings import SlideBag, read_slide_bags, unit_bags
 from hipt_e2e.data.lineage import REGION_EMBEDDINGS
 from hipt_e2e.data.storage import StorageSettings
+from hipt_e2e.embedding import slide_encoder_bags
+from hipt_e2e.errors import SettingError
 from hipt_e2e.evaluation.metrics import classification_metrics, selection_key
 from hipt_e2e.evaluation.splits import Fold
 from hipt_e2e.io import atomic_write_json
 from hipt_e2e.lineage import read_lineage
 from hipt_e2e.models.bundle import slide_model_from, write_card
-from hipt_e2e.models.mil import RegionFC, SlideModel, Vote, vote
+from hipt_e2e.models.mil import RegionFC, SlideEncoderClassifier, SlideModel, Vote, vote
+from hipt_e2e.models.slide_encoders import load_slide_encoder, slide_encoder_entry
 from hipt_e2e.progress import progress
 from hipt_e2e.runtime import Precision, make_accelerator
 from hipt_e2e.training.checkpointing import export_safetensors
@@ -45,7 +49,8 @@ T = TypeVar("T")
 class SlideData(StorageSettings):
     """The `data` section: the bags, and which of each fold's training slides are trained on."""
 
-    shards: str | None = None  # region-embedding bags (recipes/embed_regions.py)
+    shards: str | None = None  # region-embedding bags (recipes/embed_regions.py); model.slide_encoder: token grids
+    min_tile_tissue: float = bound(1e-3, 0.0, 1.0)  # model.slide_encoder: tiles with less tissue are left out
     train_fraction: float = bound(1.0, 0.0, 1.0)  # stratified share of each fold's training slides (learning curves)
     dominant_class: str | None = None  # subsample the other classes' training slides to 1 : dominant_ratio of it
     dominant_ratio: float = bound(4.0, 1.0)
@@ -56,6 +61,7 @@ class SlideOptim(Settings):
     """The `optim` section: Adam."""
 
     lr: float = bound(2e-4, 0.0)
+    layer_decay: float = bound(0.95, 0.0, 1.0)  # model.slide_encoder: lr factor per layer below the head (param_groups)
     weight_decay: float = bound(1e-5, 0.0)
     epochs: int = bound(20, 1)
     accumulate: int = bound(1, 1)  # training units (slides; fc: batches of regions) per optimizer step
@@ -90,7 +96,24 @@ class FCSettings(SlideSettings):
 
 
 def build_slide_model(model: SlideModel, n_classes: int, dim: int) -> nn.Module:
-    return slide_model_from(model.architecture(dim), n_classes)
+    if model.slide_encoder is None:
+        return slide_model_from(model.architecture(dim), n_classes)
+    entry = slide_encoder_entry(model.slide_encoder)
+    encoder, base = load_slide_encoder(entry.name, model.weights)
+    return SlideEncoderClassifier(encoder, entry.width, n_classes, model.dropout, entry.needs_coords, entry.layers, base)
+
+
+def param_groups(model: nn.Module, optim: SlideOptim) -> list[dict[str, Any]]:
+    """Adam's parameter groups: all at optim.lr, but a fine-tuned slide encoder's with layer-wise lr decay as
+    Prov-GigaPath's finetune/ sets them (BEiT's rule): a parameter `depth` layers below the head at
+    lr * layer_decay ** depth (SlideEncoderClassifier.depths), so an encoder of one stage (FEATHER, CHIEF,
+    MADELEINE) trains at lr * layer_decay and its head at lr."""
+    if not isinstance(model, SlideEncoderClassifier):
+        return [{"params": list(model.parameters()), "lr": optim.lr}]
+    depths, groups = model.depths(), defaultdict(list, {0: list(model.head.parameters())})
+    for name, parameter in model.encoder.named_parameters():
+        groups[depths[name]].append(parameter)
+    return [{"params": params, "lr": optim.lr * optim.layer_decay ** depth} for depth, params in sorted(groups.items())]
 
 
 def embedding_stages(bags: str | Path | Mapping) -> dict[str, Any] | None:
@@ -292,7 +315,7 @@ def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], cl
     dim = train[0].features.shape[1]
     model = build_slide_model(settings.model, len(classes), dim)
     optim = settings.optim
-    optimizer = torch.optim.Adam(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    optimizer = torch.optim.Adam(param_groups(model, optim), lr=optim.lr, weight_decay=optim.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     units = TrainingUnits(train, classes, isinstance(accelerator.unwrap_model(model), RegionFC), optim.batch_regions)
     labels = units.labels.tolist()
@@ -323,10 +346,10 @@ def run_fold(accelerator: Accelerator, fold: Fold, bags: dict[str, SlideBag], cl
     return final, selection.history
 
 
-def slide_model_card(settings: SlideSettings, classes: list[str], dim: int, fold: Fold,
-                     test_metrics: dict) -> dict[str, Any]:
+def slide_model_card(settings: SlideSettings, classes: list[str], dim: int, fold: Fold, test_metrics: dict,
+                     slide_encoder_base: dict[str, str] | None = None) -> dict[str, Any]:
     """A staged fold model's card: its own architecture, under "stages" the encoders of its bags, the
-    geometry they were embedded at and their lineage."""
+    geometry they were embedded at and their lineage; a fine-tuned slide encoder's the authors' file it began from."""
     shards, fc = settings.data.shards, settings.model.name == "fc"
     stages = embedding_stages(shards) if shards else None
     pixels = {key: stages.pop(key) for key in ("normalisation", "tile_px", "region_px", "mpp")} if stages else {}
@@ -334,6 +357,7 @@ def slide_model_card(settings: SlideSettings, classes: list[str], dim: int, fold
             "architecture": {"slide": settings.model.architecture(dim)}, "classes": classes,
             "head": "fc" if fc else "slide", "vote": settings.vote, "stages": stages,
             **pixels, "lineage": read_lineage(shards).as_dict() if shards else None,
+            **({"slide_encoder_base": slide_encoder_base} if slide_encoder_base else {}),
             "fold": {"repeat": fold.repeat, "index": fold.index}, "test_metrics": test_metrics}
 
 
@@ -354,11 +378,13 @@ def cross_validate(bags: Sequence[SlideBag], classes: Sequence[str], settings: S
         if accelerator.is_main_process:
             metrics = classification_metrics([classes.index(bag.label) for bag in test], probs, classes)
             write_card(fold_dir / "best_model.safetensors",
-                       slide_model_card(settings, list(classes), test[0].features.shape[1], fold, metrics))
+                       slide_model_card(settings, list(classes), test[0].features.shape[1], fold, metrics,
+                                        getattr(model, "base", None)))
         return probs
 
-    data, name = settings.data, settings.model.name
-    extra = {"title": f"{name} on region embeddings", "model": name, "train_fraction": data.train_fraction,
+    data, name = settings.data, settings.model.slide_encoder or settings.model.name
+    inputs = "tiles, fine-tuned" if settings.model.slide_encoder else "region embeddings"
+    extra = {"title": f"{name} on {inputs}", "model": name, "train_fraction": data.train_fraction,
              "dominant_class": data.dominant_class, "dominant_ratio": data.dominant_ratio}
     start_tracking(accelerator, "slide", settings.to_mapping())
     try:
@@ -370,5 +396,9 @@ def cross_validate(bags: Sequence[SlideBag], classes: Sequence[str], settings: S
 def train_from_shards(kind: type[SlideSettings], description: str | None, argv: Sequence[str] | None = None) -> dict:
     """The body of train_wsi.py / train_fc.py: settings -> slide-embedding bags -> cross-validation."""
     settings = recipe_settings(kind, description, argv, required=("out", "data.shards"))
-    bags, classes = read_slide_bags(settings.data.shards)
+    name, data = settings.model.slide_encoder, settings.data
+    if name and not settings.model.weights:
+        raise SettingError(f"model.slide_encoder={name} needs model.weights: its authors' file")
+    bags, classes = (slide_encoder_bags(data.shards, slide_encoder_entry(name), data.min_tile_tissue) if name
+                     else read_slide_bags(data.shards))
     return cross_validate(bags, classes, settings)
