@@ -24,16 +24,17 @@ import webdataset as wds
 
 from hipt_e2e.config import Settings, bound
 from hipt_e2e.data.lineage import pixel_lineage
+from hipt_e2e.data.masks import ROI_EXCLUDE, slide_roi, write_qc
 from hipt_e2e.data.samples import encode_pixels, sample_key
 from hipt_e2e.data.sources import (
     ImageReader,
     InputError,
     OpenSlideReader,
     coords_from_name,
-    iter_regions,
     load_pt_pixels,
+    plan_slide,
 )
-from hipt_e2e.data.tiling import TISSUE_FLOOR, RegionGeometry, tile_tissue_fractions
+from hipt_e2e.data.tiling import MAX_INK, TISSUE_FLOOR, RegionGeometry, tile_fractions
 from hipt_e2e.data.writer import ShardSetWriter, SizedShards
 from hipt_e2e.errors import SettingError, UserError
 from hipt_e2e.progress import progress
@@ -59,6 +60,10 @@ class BuildSettings(Settings):
     allow_upsample: bool = False  # allow reading at an mpp finer than a slide's own by more than 1.25x
     min_tissue: float = bound(0.25, 0.0, 1.0)
     tissue_threshold: int | None = bound(None, 0, 255)  # saturation 0-255; None: Otsu per slide (floored)
+    max_ink: float = bound(MAX_INK, 0.0, 1.0)  # most ink (blue, green, black marker) a kept tile or region holds
+    roi: str | None = None  # folder of QuPath GeoJSON annotations, <slide_id>.geojson, restricting tiling
+    roi_exclude: tuple[str, ...] = ROI_EXCLUDE  # annotation classes cut out of the ROI; all others include
+    qc: bool = True  # slides: write qc/<slide_id>.png (kept and dropped regions) and .geojson (tissue mask)
     thumbnail_px: int = bound(2048, 1)
     encoding: Literal["jpeg", "png", "npy"] = "jpeg"
     quality: int = bound(95, 0, 100)
@@ -71,7 +76,7 @@ class BuildSettings(Settings):
 
 
 # Settings that change no byte of the output; a resumed or merged build may differ in these.
-RUN_ONLY_KEYS = ("workers", "part", "on_error", "out")
+RUN_ONLY_KEYS = ("workers", "part", "on_error", "out", "qc")
 
 
 class BuildError(UserError):
@@ -103,14 +108,15 @@ def build_args(settings: Mapping[str, Any]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- items
-def _sample(item: Item, index: int, rgb: np.ndarray, tissue: np.ndarray, settings: BuildSettings, classes: list[str],
-            slide_id: str | None, **fields: Any) -> dict:
+def _sample(item: Item, index: int, rgb: np.ndarray, tissue: np.ndarray, ink: np.ndarray, settings: BuildSettings,
+            classes: list[str], slide_id: str | None, **fields: Any) -> dict:
     ext, data = encode_pixels(rgb, settings.encoding, settings.quality)
     record = {"slide_id": slide_id, "patient_id": item.patient_id or item.slide_id, "label": item.label,
               "label_index": classes.index(item.label) if item.label is not None else None, "split": item.split,
               "region_index": index, "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
               "tile_px": settings.tile_px, "grid": list(tissue.shape),
-              "tissue": [round(float(v), 4) for v in tissue.ravel()], **fields}
+              "tissue": [round(float(v), 4) for v in tissue.ravel()], "ink": [round(float(v), 4) for v in ink.ravel()],
+              **fields}
     return {"__key__": sample_key(item.ordinal, index), ext: data, "json": json.dumps(record).encode()}
 
 
@@ -123,13 +129,13 @@ def _pt_events(item: Item, settings: BuildSettings, classes: list[str], start: i
     for index, path in enumerate(item.files[start:], start):
         try:
             rgb = load_pt_pixels(path)
-            tissue = tile_tissue_fractions(rgb, settings.tile_px, threshold)
+            tissue, ink = tile_fractions(rgb, settings.tile_px, threshold, settings.max_ink)
         except (InputError, ValueError) as exc:
             yield _skip(index, path, exc.reason if isinstance(exc, InputError) else str(exc))
             continue
         x, y = coords_from_name(path)
         slide_id = item.slide_id if item.slide_id is not None else path.stem
-        yield "sample", index, _sample(item, index, rgb, tissue, settings, classes, slide_id, x=x, y=y,
+        yield "sample", index, _sample(item, index, rgb, tissue, ink, settings, classes, slide_id, x=x, y=y,
                                        size=int(rgb.shape[1]), mpp=settings.mpp, slide_mpp=settings.slide_mpp,
                                        source=str(path))
 
@@ -144,12 +150,16 @@ def _slide_events(item: Item, settings: BuildSettings, classes: list[str], start
         return
     count = 0
     try:
-        for region in iter_regions(reader, geometry, min_tissue=settings.min_tissue,
-                                   threshold=settings.tissue_threshold, thumbnail_px=settings.thumbnail_px,
-                                   start=start, allow_upsample=settings.allow_upsample):
+        roi = None if settings.roi is None else slide_roi(Path(settings.roi), item.slide_id, settings.roi_exclude)
+        plan = plan_slide(reader, geometry, min_tissue=settings.min_tissue, threshold=settings.tissue_threshold,
+                          max_ink=settings.max_ink, roi=roi, thumbnail_px=settings.thumbnail_px,
+                          allow_upsample=settings.allow_upsample)
+        if settings.qc:
+            write_qc(plan, part_dir(Path(settings.out), settings.part) / "qc", item.slide_id)
+        for region in plan.regions(reader, start):
             count += 1
             yield "sample", region.index, _sample(
-                item, region.index, region.rgb, region.tissue, settings, classes, item.slide_id, x=region.x,
+                item, region.index, region.rgb, region.tissue, region.ink, settings, classes, item.slide_id, x=region.x,
                 y=region.y, size=region.size, mpp=settings.mpp, slide_mpp=reader.mpp,
                 tissue_threshold=region.threshold, source=str(item.path))
     except InputError as exc:

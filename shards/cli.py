@@ -32,6 +32,11 @@ BUILD_FLAGS = {
     "--min-tissue": ("min_tissue", float, "least tissue fraction of a kept region"),
     "--tissue-threshold": ("tissue_threshold", int, "saturation (0-255) above which a pixel is tissue "
                                                     "(default: Otsu's threshold per slide)"),
+    "--max-ink": ("max_ink", float, "most marker-ink fraction of a kept tile or region (blue, green, black)"),
+    "--roi": ("roi", str, "folder of QuPath GeoJSON annotations, <slide_id>.geojson, that restrict tiling "
+                          "(default: none, the whole slide)"),
+    "--roi-exclude": ("roi_exclude", lambda s: tuple(s.split(",")), "annotation classes cut out of the ROI, "
+                                                                     "comma-separated; the others include"),
     "--thumbnail-px": ("thumbnail_px", int, "side of the thumbnail tissue is detected on, px"),
     "--encoding": ("encoding", str, "region pixels as jpeg, png (lossless) or npy"),
     "--quality": ("quality", int, "JPEG quality"),

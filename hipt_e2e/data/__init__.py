@@ -1,7 +1,7 @@
 """Data: tiling, sources, the shard sample format and streaming readers."""
 from hipt_e2e.data.manifest import load_manifest, shard_urls
 from hipt_e2e.data.streams import RegionStream, SlideBagStream, TileStream
-from hipt_e2e.data.tiling import RegionGeometry, cut_tiles, tile_tissue_fractions
+from hipt_e2e.data.tiling import RegionGeometry, cut_tiles, tile_fractions
 
 __all__ = ["RegionGeometry", "RegionStream", "SlideBagStream", "TileStream", "cut_tiles", "load_manifest",
-           "shard_urls", "tile_tissue_fractions"]
+           "shard_urls", "tile_fractions"]

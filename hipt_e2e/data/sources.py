@@ -6,6 +6,7 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 from xml.etree import ElementTree
@@ -14,13 +15,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hipt_e2e.data.masks import Roi
 from hipt_e2e.data.tiling import (
+    MAX_INK,
     RegionGeometry,
     footprint_fraction,
     pad_region,
     region_origins,
     saturation,
-    tile_tissue_fractions,
+    tile_fractions,
+    tissue_and_ink,
     tissue_threshold,
 )
 from hipt_e2e.errors import InputError
@@ -59,8 +63,9 @@ class Region:
     y: int
     size: int  # side in level-0 pixels
     rgb: np.ndarray  # [region_px, region_px, 3] uint8
-    tissue: np.ndarray  # [rows, cols] tissue fraction per tile
+    tissue: np.ndarray  # [rows, cols] tissue fraction per tile (ink excluded; 0 where ink > max_ink or outside the ROI)
     threshold: int
+    ink: np.ndarray  # [rows, cols] ink fraction per tile
 
 
 class SlideReader(Protocol):
@@ -196,26 +201,81 @@ def check_resolution(reader: SlideReader, geometry: RegionGeometry, allow_upsamp
                                       "coarser, or --allow-upsample if that is meant")
 
 
-def iter_regions(reader: SlideReader, geometry: RegionGeometry, *, min_tissue: float,
-                 threshold: int | None = None, thumbnail_px: int = 2048,
-                 start: int = 0, allow_upsample: bool = False) -> Iterator[Region]:
-    """Regions of one slide with tissue fraction >= min_tissue (on the thumbnail's mask), raster order; the
-    per-tile fractions are measured on each region's pixels. Regions before `start` are counted, not read."""
+@dataclass
+class SlidePlan:
+    """Which regions of a slide are read, decided on its thumbnail: masks, and per region origin (raster order)
+    None when kept or why it is dropped ("tissue": too little, "ink": ink made it so, "roi": outside the ROI)."""
+
+    thumbnail: np.ndarray
+    tissue: np.ndarray  # bool, thumbnail pixels: stained, not ink, inside the ROI
+    ink: np.ndarray  # bool
+    roi: np.ndarray | None  # bool, or None: no ROI
+    scale: float  # thumbnail px per level-0 px
+    threshold: int
+    size: int  # region side in level-0 px
+    origins: list[tuple[int, int]]
+    dropped: list[str | None]
+    geometry: RegionGeometry
+    max_ink: float
+
+    def regions(self, reader: SlideReader, start: int = 0) -> Iterator[Region]:
+        """The kept regions read from the slide with their per-tile fractions; those before `start` are
+        counted, not read."""
+        index, tile_px = 0, self.geometry.tile_px
+        for (x, y), reason in zip(self.origins, self.dropped):
+            if reason is not None:
+                continue
+            if index >= start:
+                rgb = reader.read(x, y, self.size, self.geometry.region_px)
+                tissue, ink = tile_fractions(rgb, tile_px, self.threshold, self.max_ink)
+                if self.roi is not None:  # tiles mostly outside the ROI are no tissue
+                    step = self.size * tile_px // self.geometry.region_px
+                    for row, col in np.ndindex(*tissue.shape):
+                        if footprint_fraction(self.roi, self.scale, x + col * step, y + row * step, step) < 0.5:
+                            tissue[row, col] = 0.0
+                yield Region(index, x, y, self.size, rgb, tissue, self.threshold, ink)
+            index += 1
+
+
+def _drop_reason(plan: SlidePlan, stained: np.ndarray, x: int, y: int, min_tissue: float) -> str | None:
+    fraction = partial(footprint_fraction, mask_scale=plan.scale, x=x, y=y, size=plan.size)
+    ink = fraction(plan.ink)
+    if ink > plan.max_ink:
+        return "ink"
+    if fraction(plan.tissue) >= min_tissue:
+        return None
+    if fraction(stained | plan.ink) >= min_tissue and fraction(stained & ~plan.ink) < min_tissue:
+        return "ink"  # kept by saturation alone, as before ink was told apart
+    return "roi" if plan.roi is not None and fraction(stained & ~plan.ink) >= min_tissue else "tissue"
+
+
+def plan_slide(reader: SlideReader, geometry: RegionGeometry, *, min_tissue: float, threshold: int | None = None,
+               max_ink: float = MAX_INK, roi: Roi | None = None, thumbnail_px: int = 2048,
+               allow_upsample: bool = False) -> SlidePlan:
+    """Decide on the thumbnail which regions hold tissue fraction >= min_tissue (ink and what lies outside the
+    ROI excluded) and ink fraction <= max_ink."""
     check_resolution(reader, geometry, allow_upsample)
-    size = geometry.level0_size(reader.mpp)
     thumb = reader.thumbnail(thumbnail_px)
     level_threshold = tissue_threshold(thumb, threshold)
-    mask = saturation(thumb) > level_threshold
-    mask_scale = thumb.shape[1] / reader.width
-    index = 0
-    for x, y in region_origins(reader.width, reader.height, size):
-        if footprint_fraction(mask, mask_scale, x, y, size) < min_tissue:
-            continue
-        if index >= start:
-            rgb = reader.read(x, y, size, geometry.region_px)
-            yield Region(index, x, y, size, rgb,
-                         tile_tissue_fractions(rgb, geometry.tile_px, level_threshold), level_threshold)
-        index += 1
+    tissue, ink = tissue_and_ink(thumb, level_threshold)
+    scale = thumb.shape[1] / reader.width
+    roi_mask = None if roi is None else roi.mask(thumb.shape[:2], scale)
+    size = geometry.level0_size(reader.mpp)
+    origins = region_origins(reader.width, reader.height, size)
+    plan = SlidePlan(thumb, tissue if roi_mask is None else tissue & roi_mask, ink, roi_mask, scale, level_threshold,
+                     size, origins, [], geometry, max_ink)
+    stained = saturation(thumb) > level_threshold
+    plan.dropped = [_drop_reason(plan, stained, x, y, min_tissue) for x, y in origins]
+    return plan
+
+
+def iter_regions(reader: SlideReader, geometry: RegionGeometry, *, min_tissue: float,
+                 threshold: int | None = None, max_ink: float = MAX_INK, roi: Roi | None = None,
+                 thumbnail_px: int = 2048, start: int = 0, allow_upsample: bool = False) -> Iterator[Region]:
+    """Regions of one slide that `plan_slide` keeps, raster order; the per-tile fractions are measured on each
+    region's pixels. Regions before `start` are counted, not read."""
+    yield from plan_slide(reader, geometry, min_tissue=min_tissue, threshold=threshold, max_ink=max_ink, roi=roi,
+                          thumbnail_px=thumbnail_px, allow_upsample=allow_upsample).regions(reader, start)
 
 
 def load_pt_pixels(path: str | Path) -> np.ndarray:

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from matplotlib import colormaps
 
+from hipt_e2e.data.masks import geojson_feature
+
 DECILES = 10
 
 
@@ -37,12 +39,6 @@ def _classification(prefix: str, decile: int) -> dict[str, Any]:
     return {"name": f"{prefix} {decile}", "color": [round(red * 255), round(green * 255), round(blue * 255)]}
 
 
-def _feature(ring: list[list[float]], object_type: str, name: str, classification: dict, measurements: dict) -> dict:
-    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {"objectType": object_type, "name": name, "classification": classification,
-                           "measurements": measurements, "isLocked": True}}
-
-
 def slide_features(coords: np.ndarray, size: int, scores: np.ndarray, tile_attention: np.ndarray,
                    probs: np.ndarray, classes: Sequence[str], top: Sequence[int],
                    dimensions: tuple[int, int] | None = None) -> dict[str, Any]:
@@ -53,8 +49,9 @@ def slide_features(coords: np.ndarray, size: int, scores: np.ndarray, tile_atten
     for index, ((x, y), score, decile) in enumerate(zip(coords.tolist(), scores.tolist(), _deciles(scores))):
         ring = _box(x, y, x + size, y + size, dimensions)
         if ring is not None:
-            features.append(_feature(ring, "detection", f"region {index}", _classification("attention", int(decile)),
-                                     {"attention": score, "attention_decile": int(decile), "region": index, **slide}))
+            features.append(geojson_feature([[ring]], "detection", f"region {index}",
+                                            _classification("attention", int(decile)),
+                                            {"attention": score, "attention_decile": int(decile), "region": index, **slide}))
     for rank, index in enumerate(top):
         (x, y), grid = coords[index].tolist(), tile_attention[index]
         rows, cols = grid.shape
@@ -62,8 +59,8 @@ def slide_features(coords: np.ndarray, size: int, scores: np.ndarray, tile_atten
         for (row, col), attention, decile in zip(np.ndindex(rows, cols), grid.ravel().tolist(), _deciles(grid.ravel())):
             ring = _box(x + col * side, y + row * side, x + (col + 1) * side, y + (row + 1) * side, dimensions)
             if ring is not None:
-                features.append(_feature(ring, "tile", f"region {index} tile {row},{col}",
-                                         _classification("tile attention", int(decile)),
-                                         {"tile_attention": attention, "region": index, "region_rank": rank + 1,
-                                          "row": row, "col": col}))
+                features.append(geojson_feature([[ring]], "tile", f"region {index} tile {row},{col}",
+                                                _classification("tile attention", int(decile)),
+                                                {"tile_attention": attention, "region": index, "region_rank": rank + 1,
+                                                 "row": row, "col": col}))
     return {"type": "FeatureCollection", "features": features}

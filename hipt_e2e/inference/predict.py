@@ -35,6 +35,7 @@ from hipt_e2e.data.augment import Tta, tta_poses
 from hipt_e2e.data.discovery import SlideFile, find_slides
 from hipt_e2e.data.lineage import Geometry, check_geometry
 from hipt_e2e.data.manifest import load_manifest
+from hipt_e2e.data.masks import ROI_EXCLUDE, slide_roi
 from hipt_e2e.data.regions import ShardRegions
 from hipt_e2e.data.samples import device_pixels
 from hipt_e2e.data.slides import Level, SlideInfo, units
@@ -46,7 +47,7 @@ from hipt_e2e.data.sources import (
 )
 from hipt_e2e.data.storage import StorageSettings, configure
 from hipt_e2e.data.streams import SlideBagStream
-from hipt_e2e.data.tiling import RegionGeometry
+from hipt_e2e.data.tiling import MAX_INK, RegionGeometry
 from hipt_e2e.errors import InputError, SettingError, run_main
 from hipt_e2e.inference.geojson import slide_features
 from hipt_e2e.inference.heatmaps import plot_region_heatmap, plot_tile_heatmap, region_score_map, top_regions
@@ -94,6 +95,9 @@ class PredictGeometry(Settings):
     slide_mpp: float | None = bound(None, 0.0)  # inputs' resolution when their metadata has none or an implausible one
     min_tissue: float = bound(0.25, 0.0, 1.0)
     tissue_threshold: int | None = bound(None, 0, 255)  # saturation 0-255; null: Otsu per slide (floored)
+    max_ink: float = bound(MAX_INK, 0.0, 1.0)  # most ink (blue, green, black marker) a scored tile or region holds
+    roi: str | None = None  # folder of QuPath GeoJSON annotations, <slide_id>.geojson, restricting the regions read
+    roi_exclude: tuple[str, ...] = ROI_EXCLUDE  # annotation classes cut out of the ROI; all others include
     allow_upsample: bool = False  # allow reading at an mpp finer than a slide's own by more than 1.25x
 
 
@@ -260,8 +264,9 @@ def _reader_inputs(slides: Sequence[SlideFile], settings: PredictSettings, geome
         try:
             reader = opener(path, g.slide_mpp)
             check_resolution(reader, geometry, g.allow_upsample)  # now, so a bad slide is listed before reading
+            roi = None if g.roi is None else slide_roi(Path(g.roi), slide.slide_id, g.roi_exclude)
             regions = iter_regions(reader, geometry, min_tissue=g.min_tissue, threshold=g.tissue_threshold,
-                                   allow_upsample=g.allow_upsample)
+                                   max_ink=g.max_ink, roi=roi, allow_upsample=g.allow_upsample)
             size = geometry.level0_size(reader.mpp) if reader.mpp else 0
             thumbnail = reader.thumbnail(settings.thumbnail_px)
             yield SlideInput(slide.slide_id, path, ((r.x, r.y, r.rgb) for r in regions), size, thumbnail,
