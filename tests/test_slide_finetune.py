@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hipt_e2e.embedding import slide_encoder_bags
-from hipt_e2e.errors import InputError
+from hipt_e2e.errors import InputError, SettingError
 from hipt_e2e.evaluation import compare
 from hipt_e2e.models.mil import SlideModel
 from hipt_e2e.models.slide_encoders import SLIDE_ENCODERS
@@ -107,3 +107,7 @@ def test_grids_of_another_tile_encoder_are_refused_naming_both(grids, tmp_path):
         train_wsi.main([f"data.shards={grids}", f"out={tmp_path / 'chief'}", "folds=3", "model.slide_encoder=chief",
                         f"model.weights={tmp_path / 'none.safetensors'}"])
     assert not (tmp_path / "chief" / "predictions.csv").exists()
+    # a coordinate-reading encoder cannot take a patient's slides as one bag: their coordinates overlap
+    with pytest.raises(SettingError, match=r"gigapath-slide reads tile coordinates.*use level=slide"):
+        train_wsi.main([f"data.shards={grids}", f"out={tmp_path / 'giga'}", "level=patient",
+                        "model.slide_encoder=gigapath-slide", f"model.weights={tmp_path / 'none.pth'}"])

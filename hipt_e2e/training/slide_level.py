@@ -399,6 +399,9 @@ def train_from_shards(kind: type[SlideSettings], description: str | None, argv: 
     name, data = settings.model.slide_encoder, settings.data
     if name and not settings.model.weights:
         raise SettingError(f"model.slide_encoder={name} needs model.weights: its authors' file")
+    if name and settings.level == "patient" and slide_encoder_entry(name).needs_coords:
+        raise SettingError(f"model.slide_encoder={name} reads tile coordinates, which a patient's slides share "
+                           "(one bag would put their tiles on each other): use level=slide")
     bags, classes = (slide_encoder_bags(data.shards, slide_encoder_entry(name), data.min_tile_tissue) if name
                      else read_slide_bags(data.shards))
     return cross_validate(bags, classes, settings)
