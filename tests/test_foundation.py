@@ -12,20 +12,23 @@ import numpy as np
 import pytest
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from hipt_e2e.errors import SettingError
 from hipt_e2e.io import sha256_file as sha256
 from hipt_e2e.models import CheckpointError, token_grids
 from hipt_e2e.models.encoders import TileModel, TileModelWithWeights, build_tile_encoder, load_encoder_weights
 from hipt_e2e.models.foundation import ENCODERS, EncoderEntry, PretrainedTileEncoder, _resolved_layers
+from hipt_e2e.models.slide_encoders import SLIDE_ENCODERS
 from hipt_e2e.normalise import NORMALISATIONS
 from tests.conftest import LYMPHOMA, lymphoma_images, read_rgb
 
 # The suite runs ResNet-50 and one ViT-S/16 whole, the other ViTs at depth 2 (the same blocks, widths,
 # tokens and embedding rule, ~10x faster); `pytest -m slow` runs every one at full depth.
-FULL_DEPTH_IN_SUITE = {"resnet50", "kaiko-vits16"}
+FULL_DEPTH_IN_SUITE = {"resnet50", "kaiko-vits16", "ctranspath"}
 # fp32 rounding only separates the two paths (normalise-then-resize vs resize-then-normalise, other batch
 # layouts): ~1e-6 of the output scale through these depths; a wrong transform moves outputs by > 1e-2.
 TOLERANCE = 1e-4
@@ -84,6 +87,8 @@ def card_reference(model: torch.nn.Module, entry, tiles: torch.Tensor, interpola
             for stage in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3"):
                 x = getattr(model, stage)(x)
             return x.mean(dim=(2, 3))
+        if entry.embedding == "pooled":
+            return model(x)
         tokens = model.forward_features(x)
         if entry.embedding == "cls+mean":
             return torch.cat([tokens[:, 0], tokens[:, model.num_prefix_tokens:].mean(1)], dim=-1)
@@ -132,13 +137,39 @@ def test_widths_and_released_geometry() -> None:
     assert {name: entry.width for name, entry in ENCODERS.items()} == {
         "resnet50": 1024, "uni_v1": 1024, "uni_v2": 1536, "virchow": 2560, "virchow2": 2560, "hoptimus0": 1536,
         "hoptimus1": 1536, "gigapath": 1536, "lunit-vits8": 384, "kaiko-vits16": 384, "kaiko-vits8": 384,
-        "kaiko-vitb16": 768, "kaiko-vitb8": 768, "kaiko-vitl14": 1024}
+        "kaiko-vitb16": 768, "kaiko-vitb8": 768, "kaiko-vitl14": 1024, "ctranspath": 768}
     virchow2 = PretrainedTileEncoder("virchow2", reduced("virchow2", 1))
     assert virchow2.model.num_prefix_tokens == 5 and virchow2.model.patch_embed.patch_size == (14, 14)
     gigapath = PretrainedTileEncoder("gigapath", reduced("gigapath", 1))
     assert gigapath.model.patch_embed.patch_size == (16, 16) and gigapath.model.pos_embed.shape[1] == 1 + 14 * 14
     uni2 = PretrainedTileEncoder("uni_v2", reduced("uni_v2", 1))
     assert uni2.model.num_prefix_tokens == 9 and uni2.model.pos_embed.shape[1] == 16 * 16  # no_embed_class
+
+
+def test_ctranspath_gives_tridents_embedding(tmp_path: Path) -> None:
+    """TRIDENT's own CTransPath class on timm 0.5.4 at a smaller width, random weights (tests/fixtures/
+    slide_encoders/make_ctranspath.py), saved as released: {"model": state} in the original Swin layout
+    (downsampling at the end of a stage, the relative_position_index and attn_mask buffers), loaded strictly."""
+    with safe_open(Path(__file__).parent / "fixtures" / "slide_encoders" / "ctranspath.safetensors", "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    torch.save({"model": {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}},
+               tmp_path / "ctranspath.pth")
+    small = {"embed_dim": 16, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 2, 4)}  # as make_ctranspath.py
+    entry = dataclasses.replace(ENCODERS["ctranspath"], kwargs={**ENCODERS["ctranspath"].kwargs, **small}, width=128)
+    encoder = PretrainedTileEncoder("ctranspath", entry).eval()
+    encoder.load_pretrained(tmp_path / "ctranspath.pth")
+    with torch.no_grad():
+        ours = encoder(tensors["input"]).reshape(-1)
+    # both sides run float32, possibly summing in another order (attention kernels, convolution algorithms):
+    # 64 ulps of the output's scale bound that (measured: 0, the same order here); dropping the shifted
+    # windows' masks moves the output by 0.5% of its scale, the other tile by 42%
+    expected, scale = tensors["output"], tensors["output"].abs().max().item()
+    assert ours.shape == expected.shape and scale > 0.1
+    assert (ours - expected).abs().max().item() <= 64 * torch.finfo(torch.float32).eps * scale
+    with pytest.raises(SettingError, match="tile_input=native: ctranspath is a Swin built for 224 px"):
+        PretrainedTileEncoder("ctranspath", entry, tile_input="native")
+    chief = SLIDE_ENCODERS["chief"]  # CHIEF reads token grids of this entry's features
+    assert ENCODERS[chief.tile_encoder].width == chief.in_dim == 768
 
 
 def test_refusals_name_the_file_and_the_entry(tmp_path: Path) -> None:

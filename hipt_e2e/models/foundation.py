@@ -1,5 +1,6 @@
 """Pretrained tile encoders from local weights: the pathology foundation models labs already use (UNI,
-Virchow, H-optimus, Prov-GigaPath, Lunit, kaiko), CLAM's truncated ImageNet ResNet-50, or any timm model.
+Virchow, H-optimus, Prov-GigaPath, Lunit, kaiko, CTransPath), CLAM's truncated ImageNet ResNet-50, or any timm
+model.
 
 Each registry entry (names as TRIDENT's) is a timm architecture plus what its model card prescribes: input
 size, resize and crop, normalisation, how the embedding is formed, precision, training resolution and the
@@ -19,7 +20,8 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, to_2tuple
+from timm.models import swin_transformer
 from torch import nn
 
 from hipt_e2e.errors import SettingError
@@ -51,6 +53,26 @@ class EncoderEntry:
     release: str  # where the authors publish the weights (a local copy of that file is what is loaded)
     truncate_after: str | None = None  # CNNs: keep the stages up to this one (CLAM's ResNet-50: layer3)
     notes: str = ""
+
+
+class ConvStem(nn.Module):
+    """CTransPath's patch embedding in place of Swin's 4 x 4 patchify: two 3 x 3 stride-2 conv-BN-ReLU
+    (embed_dim/8, embed_dim/4 channels), a 1 x 1 conv to embed_dim, then Swin's LayerNorm; channels last, as timm's
+    Swin takes it. Submodules numbered as in the released file (proj.0 .. proj.6, norm)."""
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 4, in_chans: int = 3,
+                 embed_dim: int = 96, norm_layer: type[nn.Module] | None = None, **_: Any) -> None:
+        super().__init__()  # **_: timm's strict_img_size and output_fmt, fixed here (224 px in, channels last out)
+        self.img_size, self.patch_size = to_2tuple(img_size), to_2tuple(patch_size)
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        widths = (in_chans, embed_dim // 8, embed_dim // 4)
+        stem = [layer for c_in, c_out in zip(widths, widths[1:]) for layer in
+                (nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())]
+        self.proj = nn.Sequential(*stem, nn.Conv2d(widths[-1], embed_dim, 1))
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
 def _swiglu_vit(**kwargs: Any) -> dict[str, Any]:
@@ -109,6 +131,10 @@ ENCODERS: dict[str, EncoderEntry] = {
         "vit_large_patch14_reg4_dinov2", {"dynamic_img_size": True}, 1024, 224, 224, "bilinear", "hipt", "cls", "fp32",
         0.5, "kaiko-ai/towards_large_pathology_fms vitl14.pth, or 1aurent/vit_large_patch14_reg4_224."
         "kaiko_ai_towards_large_pathology_fms model.safetensors (its 16 x 16 table resampled as timm loads it)"),
+    "ctranspath": EncoderEntry(  # CHIEF's tile encoder; TRIDENT: 256 px tiles at 10x, Resize(224), fp32
+        "swin_tiny_patch4_window7_224", {"embed_layer": "ConvStem"}, 768, 224, 224, "bilinear", IMAGENET, "pooled",
+        "fp32", 1.0, "MahmoodLab/hest-bench fm_v1/ctranspath/CHIEF_CTransPath.pth (or TransPath's ctranspath.pth)",
+        notes="Swin-T with a convolutional stem; 224 px input only (tile_input=native is refused)"),
 }
 TIMM_PREFIX = "timm:"
 
@@ -154,6 +180,8 @@ def _resolved_layers(kwargs: Mapping[str, Any]) -> dict[str, Any]:
         out["mlp_layer"] = getattr(timm.layers, out["mlp_layer"])
     if isinstance(out.get("act_layer"), str):
         out["act_layer"] = timm.layers.get_act_layer(out["act_layer"].lower())
+    if out.get("embed_layer") == "ConvStem":
+        out["embed_layer"] = ConvStem
     return out
 
 
@@ -179,6 +207,8 @@ class PretrainedTileEncoder(nn.Module):
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
         self.model = timm.create_model(entry.arch, pretrained=False, **kwargs)
+        if tile_input == "native" and isinstance(self.model, swin_transformer.SwinTransformer):
+            raise SettingError(f"model.tile_input=native: {name} is a Swin built for {entry.input_px} px input; use resize")
         self.dropped = self._truncate()
         if self._output_width() != entry.width:
             raise ValueError(f"tile encoder {name}: {entry.arch} gives {self._output_width()}-d embeddings, "
@@ -213,6 +243,11 @@ class PretrainedTileEncoder(nn.Module):
         if state and all(key.startswith("model.") for key in state):
             state = {key.removeprefix("model."): value for key, value in state.items()}
         state = {key: value for key, value in state.items() if key.split(".")[0] not in self.dropped}
+        if isinstance(self.model, swin_transformer.SwinTransformer):
+            # timm's own conversion of the original Swin layout (CTransPath's file): each stage's downsampling
+            # moves to the start of the next stage (layers.i.downsample -> layers.i+1.downsample), and the buffers
+            # relative_position_index and attn_mask, which timm recomputes, are dropped; timm's layout passes as is
+            state = swin_transformer.checkpoint_filter_fn(state, self.model)
         state = self._resampled_positions(state)
         for name, module in self.model.named_modules():
             if isinstance(module, LoRALinear):
@@ -257,9 +292,11 @@ class PretrainedTileEncoder(nn.Module):
             yield from ((n, p) for n, p in self.named_parameters() if id(p) in tail)
 
     def _tail(self) -> list[nn.Module]:
-        """The last `trainable` of the units from pixels up: ViT blocks, or a CNN's stages."""
+        """The last `trainable` of the units from pixels up: ViT blocks, or a Swin's or a CNN's stages."""
         if hasattr(self.model, "blocks"):
             blocks = list(self.model.blocks)
+        elif isinstance(self.model, swin_transformer.SwinTransformer):  # its stages
+            blocks = list(self.model.layers)
         else:  # a CNN's stages, less those truncation dropped
             blocks = [stage for name, stage in self.model.named_children()
                       if name.startswith("layer") and not isinstance(stage, nn.Identity)]
