@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import tarfile
 import tempfile
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -34,9 +35,10 @@ from hipt_e2e.data.sources import (
     load_pt_pixels,
     plan_slide,
 )
-from hipt_e2e.data.tiling import MAX_INK, TISSUE_FLOOR, RegionGeometry, tile_fractions
+from hipt_e2e.data.tiling import MAX_INK, TISSUE_FLOOR, RegionGeometry, measure_tiles
 from hipt_e2e.data.writer import ShardSetWriter, SizedShards
 from hipt_e2e.errors import SettingError, UserError
+from hipt_e2e.io import atomic_write_text
 from hipt_e2e.progress import progress
 from shards.inputs import InputKind, Item, class_names, discover
 
@@ -61,6 +63,7 @@ class BuildSettings(Settings):
     min_tissue: float = bound(0.25, 0.0, 1.0)
     tissue_threshold: int | None = bound(None, 0, 255)  # saturation 0-255; None: Otsu per slide (floored)
     max_ink: float = bound(MAX_INK, 0.0, 1.0)  # most ink (blue, green, black marker) a kept tile or region holds
+    min_sharpness: float | None = bound(None, 0.0)  # tiles blurrier than this get tissue 0; None: off (see qc/sharpness.json)
     roi: str | None = None  # folder of QuPath GeoJSON annotations, <slide_id>.geojson, restricting tiling
     roi_exclude: tuple[str, ...] = ROI_EXCLUDE  # annotation classes cut out of the ROI; all others include
     qc: bool = True  # slides: write qc/<slide_id>.png (kept and dropped regions) and .geojson (tissue mask)
@@ -77,6 +80,9 @@ class BuildSettings(Settings):
 
 # Settings that change no byte of the output; a resumed or merged build may differ in these.
 RUN_ONLY_KEYS = ("workers", "part", "on_error", "out", "qc")
+
+
+SHARPNESS_QUANTILES = (1, 5, 10, 25, 50, 75, 90, 99)  # percent, in the build's qc/sharpness.json
 
 
 class BuildError(UserError):
@@ -108,15 +114,16 @@ def build_args(settings: Mapping[str, Any]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- items
-def _sample(item: Item, index: int, rgb: np.ndarray, tissue: np.ndarray, ink: np.ndarray, settings: BuildSettings,
+def _sample(item: Item, index: int, rgb: np.ndarray, tiles: Mapping[str, np.ndarray], settings: BuildSettings,
             classes: list[str], slide_id: str | None, **fields: Any) -> dict:
+    """One region's sample; `tiles`: its per-tile tissue, ink and sharpness [rows, cols]."""
     ext, data = encode_pixels(rgb, settings.encoding, settings.quality)
     record = {"slide_id": slide_id, "patient_id": item.patient_id or item.slide_id, "label": item.label,
               "label_index": classes.index(item.label) if item.label is not None else None, "split": item.split,
               "region_index": index, "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
-              "tile_px": settings.tile_px, "grid": list(tissue.shape),
-              "tissue": [round(float(v), 4) for v in tissue.ravel()], "ink": [round(float(v), 4) for v in ink.ravel()],
-              **fields}
+              "tile_px": settings.tile_px, "grid": list(tiles["tissue"].shape),
+              **{name: [round(float(v), 1 if name == "sharpness" else 4) for v in values.ravel()]
+                 for name, values in tiles.items()}, **fields}
     return {"__key__": sample_key(item.ordinal, index), ext: data, "json": json.dumps(record).encode()}
 
 
@@ -129,13 +136,14 @@ def _pt_events(item: Item, settings: BuildSettings, classes: list[str], start: i
     for index, path in enumerate(item.files[start:], start):
         try:
             rgb = load_pt_pixels(path)
-            tissue, ink = tile_fractions(rgb, settings.tile_px, threshold, settings.max_ink)
+            tiles = measure_tiles(rgb, settings.tile_px, threshold, settings.mpp, settings.max_ink,
+                                  settings.min_sharpness)
         except (InputError, ValueError) as exc:
             yield _skip(index, path, exc.reason if isinstance(exc, InputError) else str(exc))
             continue
         x, y = coords_from_name(path)
         slide_id = item.slide_id if item.slide_id is not None else path.stem
-        yield "sample", index, _sample(item, index, rgb, tissue, ink, settings, classes, slide_id, x=x, y=y,
+        yield "sample", index, _sample(item, index, rgb, tiles, settings, classes, slide_id, x=x, y=y,
                                        size=int(rgb.shape[1]), mpp=settings.mpp, slide_mpp=settings.slide_mpp,
                                        source=str(path))
 
@@ -152,15 +160,17 @@ def _slide_events(item: Item, settings: BuildSettings, classes: list[str], start
     try:
         roi = None if settings.roi is None else slide_roi(Path(settings.roi), item.slide_id, settings.roi_exclude)
         plan = plan_slide(reader, geometry, min_tissue=settings.min_tissue, threshold=settings.tissue_threshold,
-                          max_ink=settings.max_ink, roi=roi, thumbnail_px=settings.thumbnail_px,
+                          max_ink=settings.max_ink, min_sharpness=settings.min_sharpness, roi=roi,
+                          thumbnail_px=settings.thumbnail_px,
                           allow_upsample=settings.allow_upsample)
         if settings.qc:
             write_qc(plan, part_dir(Path(settings.out), settings.part) / "qc", item.slide_id)
         for region in plan.regions(reader, start):
             count += 1
             yield "sample", region.index, _sample(
-                item, region.index, region.rgb, region.tissue, region.ink, settings, classes, item.slide_id, x=region.x,
-                y=region.y, size=region.size, mpp=settings.mpp, slide_mpp=reader.mpp,
+                item, region.index, region.rgb,
+                {"tissue": region.tissue, "ink": region.ink, "sharpness": region.sharpness}, settings, classes,
+                item.slide_id, x=region.x, y=region.y, size=region.size, mpp=settings.mpp, slide_mpp=reader.mpp,
                 tissue_threshold=region.threshold, source=str(item.path))
     except InputError as exc:
         yield _skip(start + count, exc.path, exc.reason)
@@ -242,6 +252,10 @@ def build(settings: BuildSettings) -> dict:
     todo = [(item, start[1] if item.ordinal == start[0] else 0) for item in mine
             if start is not None and item.ordinal >= start[0]]
     records, skipped = _write(writer, todo, settings, classes)
+    if settings.qc:
+        report = sharpness_report(out_dir, [record["shard"] for record in records])
+        atomic_write_text(out_dir / "qc" / "sharpness.json", json.dumps(report, indent=1))
+        log.info("sharpness of %d tissue tiles: quantiles %s (qc/sharpness.json)", report["tiles"], report["quantiles"])
     slides, accounting = _accounting(settings, mine, [record["shard"] for record in records], skipped)
     manifest = shard_set.write_manifest(records, settings.kind, classes, slides, lineage=pixel_lineage(recorded).as_dict(),
                                         **accounting)
@@ -274,6 +288,24 @@ def _write(writer: SizedShards, todo: list[tuple[Item, int]], settings: BuildSet
         raise
     finally:
         shutil.rmtree(spool_dir, ignore_errors=True)
+
+
+def sharpness_report(out_dir: Path, shards: list[dict]) -> dict:
+    """The distribution of sharpness over the tiles with tissue (>= 0.5) of a build's shards, overall and per
+    slide's median, read from the records (a resumed build's earlier shards count too): --min-sharpness is chosen
+    from it; tiles --min-sharpness dropped have tissue 0 and are not in it."""
+    per_slide: dict[str, list[float]] = {}
+    for shard in shards:
+        with tarfile.open(out_dir / shard["name"]) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    record = json.loads(tar.extractfile(member).read())
+                    per_slide.setdefault(str(record["slide_id"]), []).extend(
+                        score for score, tissue in zip(record.get("sharpness", []), record["tissue"]) if tissue >= 0.5)
+    scores = [score for values in per_slide.values() for score in values]
+    quantiles = {str(q): round(float(np.percentile(scores, q)), 1) for q in SHARPNESS_QUANTILES} if scores else {}
+    return {"tiles": len(scores), "quantiles": quantiles,
+            "slide_medians": {slide: round(float(np.median(v)), 1) for slide, v in per_slide.items() if v}}
 
 
 def _accounting(settings: BuildSettings, items: list[Item], shards: list[dict], skipped: list[dict]) -> tuple[dict, dict]:

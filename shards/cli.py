@@ -33,6 +33,8 @@ BUILD_FLAGS = {
     "--tissue-threshold": ("tissue_threshold", int, "saturation (0-255) above which a pixel is tissue "
                                                     "(default: Otsu's threshold per slide)"),
     "--max-ink": ("max_ink", float, "most marker-ink fraction of a kept tile or region (blue, green, black)"),
+    "--min-sharpness": ("min_sharpness", float, "tiles whose sharpness (variance of the Laplacian at 1 um/px) is "
+                                                "below this get tissue 0 (default: off; see SHARDS/qc/sharpness.json)"),
     "--roi": ("roi", str, "folder of QuPath GeoJSON annotations, <slide_id>.geojson, that restrict tiling "
                           "(default: none, the whole slide)"),
     "--roi-exclude": ("roi_exclude", lambda s: tuple(s.split(",")), "annotation classes cut out of the ROI, "

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
+from hipt_e2e.data.streams import TileStream
 from hipt_e2e.data.tiling import footprint_fraction, ink_mask, otsu_threshold, region_origins, saturation
 from shards.build import BuildSettings, build
 from tests.conftest import lymphoma_images, read_rgb
@@ -27,11 +28,13 @@ def _stroke(image: np.ndarray, rows: slice, cols: slice, ink: str) -> None:
 @pytest.fixture(scope="module")
 def slide(lymphoma_dir, tmp_path_factory) -> Path:
     """1536 x 1024 px at 0.5 um/px: real fields (a mosaic of 12) on the left half, glass with a blue, a green and a black
-    stroke (100 px wide) on the right half, and a blue stroke across the tissue at y 128-192 (one tile row)."""
+    stroke (100 px wide) on the right half, a blue stroke across the tissue at y 128-192 (one tile row) and the
+    second region row of tissue out of focus (Gaussian blur, sigma 2 px)."""
     rng = np.random.default_rng(0)
     image = np.clip(242 + rng.normal(0, 2, (1024, 1536, 3)), 0, 255).astype(np.uint8)
     fields = [read_rgb(path)[:256, :256] for path in lymphoma_images(lymphoma_dir, 4)]
     image[:, :768] = np.stack(fields).reshape(4, 3, 256, 256, 3).transpose(0, 2, 1, 3, 4).reshape(1024, 768, 3)
+    image[256:512, :768] = np.asarray(Image.fromarray(image[256:512, :768]).filter(ImageFilter.GaussianBlur(2)))
     for n, ink in enumerate(INKS):
         _stroke(image, slice(None), slice(768 + n * 256 + 80, 768 + n * 256 + 180), ink)
     _stroke(image, slice(128, 192), slice(0, 768), "blue")
@@ -69,6 +72,9 @@ def test_ink_on_glass_is_not_written(slide, tmp_path):
         ink, tissue = (np.array(record[key]).reshape(4, 4) for key in ("ink", "tissue"))
         assert (ink[2] > 0.9).all() and (tissue[2] == 0).all()
         assert (ink[[0, 1, 3]] < 0.05).all() and (tissue[[0, 1, 3]] > 0.5).all()
+    tiles = [tile["record"] for tile in TileStream(tmp_path)]  # each tile's record holds its own measures
+    assert sum(tile["ink"] > 0.9 and tile["tissue_fraction"] == 0 for tile in tiles) == 12
+    assert all(isinstance(tile["sharpness"], float) for tile in tiles)
     picture = Image.open(tmp_path / "qc" / "marked.png")
     assert picture.size == (1536, 1024)
     # dropped for ink: filled magenta over the strokes' regions; kept regions are outlined, not filled
@@ -108,3 +114,21 @@ def test_qupath_roi_limits_tiling_and_the_mask_round_trips(slide, tmp_path):
          "properties": {"classification": {"name": "Ignore*"}}}]))
     limited = _build(slide, tmp_path / "roi-build", roi=str(tmp_path / "roi"))
     assert [(r["x"], r["y"]) for _, r in limited] == [(0, 0), (0, 256), (256, 256)]
+
+
+def test_blurred_band_scores_low_and_min_sharpness_drops_it(slide, tmp_path):
+    def sharpness(samples: list, blurred: bool) -> np.ndarray:
+        return np.array([s for _, r in samples if (r["y"] == 256) == blurred
+                         for s, t in zip(r["sharpness"], r["tissue"]) if t >= 0.5])
+
+    samples = _build(slide, tmp_path / "all")
+    report = json.loads((tmp_path / "all" / "qc" / "sharpness.json").read_text())
+    assert report["tiles"] == len(sharpness(samples, True)) + len(sharpness(samples, False)) > 100
+    assert sharpness(samples, True).max() * 10 < sharpness(samples, False).min()
+    assert report["quantiles"]["10"] < 1000 < report["quantiles"]["50"]  # the band shows in the distribution
+    dropped = _build(slide, tmp_path / "sharp", min_sharpness=1000.0)
+    assert len(dropped) == len(samples)  # regions stay; their blurred tiles have tissue 0
+    for (_, before), (_, after) in zip(samples, dropped):
+        blurred = (np.array(before["sharpness"]) < 1000) & (np.array(before["tissue"]) > 0)
+        assert blurred.any() == (before["y"] == 256)
+        assert after["tissue"] == [0.0 if b else t for t, b in zip(before["tissue"], blurred)]

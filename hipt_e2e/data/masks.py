@@ -110,7 +110,7 @@ def qc_picture(plan: SlidePlan) -> Image.Image:
 def write_qc(plan: SlidePlan, folder: Path, slide_id: str) -> None:
     """<slide_id>.png (the QC picture) and <slide_id>.geojson (the tissue mask) in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    qc_picture(plan).save(folder / f"{slide_id}.png")
+    qc_picture(plan).save(folder / f"{slide_id}.png", compress_level=1)  # a third of the default's time, 6% larger
     atomic_write_text(folder / f"{slide_id}.geojson", json.dumps(tissue_geojson(plan)))
 
 

@@ -20,11 +20,11 @@ from hipt_e2e.data.tiling import (
     MAX_INK,
     RegionGeometry,
     footprint_fraction,
+    ink_mask,
+    measure_tiles,
     pad_region,
     region_origins,
     saturation,
-    tile_fractions,
-    tissue_and_ink,
     tissue_threshold,
 )
 from hipt_e2e.errors import InputError
@@ -63,9 +63,10 @@ class Region:
     y: int
     size: int  # side in level-0 pixels
     rgb: np.ndarray  # [region_px, region_px, 3] uint8
-    tissue: np.ndarray  # [rows, cols] tissue fraction per tile (ink excluded; 0 where ink > max_ink or outside the ROI)
+    tissue: np.ndarray  # [rows, cols] tissue fraction per tile (ink excluded; 0 where a tile is dropped)
     threshold: int
     ink: np.ndarray  # [rows, cols] ink fraction per tile
+    sharpness: np.ndarray  # [rows, cols] variance of the Laplacian per tile (tiling.tile_sharpness)
 
 
 class SlideReader(Protocol):
@@ -217,6 +218,7 @@ class SlidePlan:
     dropped: list[str | None]
     geometry: RegionGeometry
     max_ink: float
+    min_sharpness: float | None
 
     def regions(self, reader: SlideReader, start: int = 0) -> Iterator[Region]:
         """The kept regions read from the slide with their per-tile fractions; those before `start` are
@@ -227,13 +229,14 @@ class SlidePlan:
                 continue
             if index >= start:
                 rgb = reader.read(x, y, self.size, self.geometry.region_px)
-                tissue, ink = tile_fractions(rgb, tile_px, self.threshold, self.max_ink)
+                tiles = measure_tiles(rgb, tile_px, self.threshold, self.geometry.mpp, self.max_ink, self.min_sharpness)
+                tissue = tiles["tissue"]
                 if self.roi is not None:  # tiles mostly outside the ROI are no tissue
                     step = self.size * tile_px // self.geometry.region_px
                     for row, col in np.ndindex(*tissue.shape):
                         if footprint_fraction(self.roi, self.scale, x + col * step, y + row * step, step) < 0.5:
                             tissue[row, col] = 0.0
-                yield Region(index, x, y, self.size, rgb, tissue, self.threshold, ink)
+                yield Region(index, x, y, self.size, rgb, tissue, self.threshold, tiles["ink"], tiles["sharpness"])
             index += 1
 
 
@@ -250,32 +253,35 @@ def _drop_reason(plan: SlidePlan, stained: np.ndarray, x: int, y: int, min_tissu
 
 
 def plan_slide(reader: SlideReader, geometry: RegionGeometry, *, min_tissue: float, threshold: int | None = None,
-               max_ink: float = MAX_INK, roi: Roi | None = None, thumbnail_px: int = 2048,
-               allow_upsample: bool = False) -> SlidePlan:
+               max_ink: float = MAX_INK, min_sharpness: float | None = None, roi: Roi | None = None,
+               thumbnail_px: int = 2048, allow_upsample: bool = False) -> SlidePlan:
     """Decide on the thumbnail which regions hold tissue fraction >= min_tissue (ink and what lies outside the
-    ROI excluded) and ink fraction <= max_ink."""
+    ROI excluded) and ink fraction <= max_ink; tiles are dropped by ink, ROI and min_sharpness when read."""
     check_resolution(reader, geometry, allow_upsample)
     thumb = reader.thumbnail(thumbnail_px)
-    level_threshold = tissue_threshold(thumb, threshold)
-    tissue, ink = tissue_and_ink(thumb, level_threshold)
+    sat, ink = saturation(thumb), ink_mask(thumb)
+    level_threshold = tissue_threshold(sat[~ink], threshold)
+    stained = sat > level_threshold
     scale = thumb.shape[1] / reader.width
     roi_mask = None if roi is None else roi.mask(thumb.shape[:2], scale)
     size = geometry.level0_size(reader.mpp)
     origins = region_origins(reader.width, reader.height, size)
+    tissue = stained & ~ink
     plan = SlidePlan(thumb, tissue if roi_mask is None else tissue & roi_mask, ink, roi_mask, scale, level_threshold,
-                     size, origins, [], geometry, max_ink)
-    stained = saturation(thumb) > level_threshold
+                     size, origins, [], geometry, max_ink, min_sharpness)
     plan.dropped = [_drop_reason(plan, stained, x, y, min_tissue) for x, y in origins]
     return plan
 
 
 def iter_regions(reader: SlideReader, geometry: RegionGeometry, *, min_tissue: float,
-                 threshold: int | None = None, max_ink: float = MAX_INK, roi: Roi | None = None,
-                 thumbnail_px: int = 2048, start: int = 0, allow_upsample: bool = False) -> Iterator[Region]:
+                 threshold: int | None = None, max_ink: float = MAX_INK, min_sharpness: float | None = None,
+                 roi: Roi | None = None, thumbnail_px: int = 2048, start: int = 0,
+                 allow_upsample: bool = False) -> Iterator[Region]:
     """Regions of one slide that `plan_slide` keeps, raster order; the per-tile fractions are measured on each
     region's pixels. Regions before `start` are counted, not read."""
-    yield from plan_slide(reader, geometry, min_tissue=min_tissue, threshold=threshold, max_ink=max_ink, roi=roi,
-                          thumbnail_px=thumbnail_px, allow_upsample=allow_upsample).regions(reader, start)
+    yield from plan_slide(reader, geometry, min_tissue=min_tissue, threshold=threshold, max_ink=max_ink,
+                          min_sharpness=min_sharpness, roi=roi, thumbnail_px=thumbnail_px,
+                          allow_upsample=allow_upsample).regions(reader, start)
 
 
 def load_pt_pixels(path: str | Path) -> np.ndarray:

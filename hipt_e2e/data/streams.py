@@ -108,9 +108,14 @@ class RegionStream(_ShardStream):
             yield _region(sample, self.decode)
 
 
+# region record fields with one value per tile; a tile's record holds its own value (tissue as tissue_fraction)
+PER_TILE = ("tissue", "ink", "sharpness")
+
+
 class TileStream(_ShardStream):
     """One item per tile with at least `min_tissue`, raster order: {"pixels": uint8 [3, tile, tile], "record":
-    the region's record with "tile_index", "row", "col", "tissue_fraction"}. The shuffle buffer mixes tiles, not
+    the region's record with "tile_index", "row", "col", "tissue_fraction" and the tile's "ink" and
+    "sharpness" where the record has them}. The shuffle buffer mixes tiles, not
     regions: tiles of one region are strongly correlated."""
 
     def __init__(self, source: str | Path | Sequence[str], *, min_tissue: float = 0.0, **kwargs: Any):
@@ -120,11 +125,13 @@ class TileStream(_ShardStream):
     def _tiles(self) -> Iterator[dict]:
         for sample in self.raw_samples():
             pixels, record = decode_sample(sample)
-            cols, region = record["grid"][1], {k: v for k, v in record.items() if k != "tissue"}
+            cols, region = record["grid"][1], {k: v for k, v in record.items() if k not in PER_TILE}
+            measures = [k for k in PER_TILE[1:] if k in record]  # records written before issue 30 have none
             for index, (tile, fraction) in enumerate(zip(cut_tiles(pixels, record["tile_px"]), record["tissue"], strict=True)):
                 if fraction >= self.min_tissue:
                     yield {"pixels": tile.contiguous(), "record": {**region, "tile_index": index, "row": index // cols,
-                                                                   "col": index % cols, "tissue_fraction": fraction}}
+                                                                   "col": index % cols, "tissue_fraction": fraction,
+                                                                   **{k: record[k][index] for k in measures}}}
 
     def __iter__(self) -> Iterator[dict]:
         return self._shuffled(self._tiles(), salt=3)
