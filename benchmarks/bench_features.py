@@ -20,8 +20,9 @@ import torch
 
 from hipt_e2e.config import setup_logging
 from hipt_e2e.data import RegionStream, load_manifest
+from hipt_e2e.data.features import export_trident
 from hipt_e2e.data.synthetic import make_dataset
-from hipt_e2e.embedding import embed_tiles, export_trident
+from hipt_e2e.embedding import embed_tiles
 from hipt_e2e.lineage import encoder_record
 from hipt_e2e.models.bundle import tile_architecture
 from hipt_e2e.models.encoders import TileModel, build_tile_encoder

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from hipt_e2e.config import Settings, bound, save_config, section
 from hipt_e2e.data.embeddings import KIND as BAG_KIND
 from hipt_e2e.data.embeddings import SlideBag, bag_sample, write_slide_bags
-from hipt_e2e.data.features import trident_attributes, write_trident_file
+from hipt_e2e.data.features import tile_bag, tile_step
 from hipt_e2e.data.lineage import (
     REGION_EMBEDDINGS,
     SLIDE_EMBEDDINGS,
@@ -132,56 +132,6 @@ class EmbedSlidesSettings(EmbeddingSettings):
     """recipes/embed_slides.py: token grids -> one pretrained slide encoder embedding per slide."""
     model: SlideEncoderModel = section(SlideEncoderModel)
     embed: SlideEmbedding = section(SlideEmbedding)
-
-
-def tile_bag(grids: torch.Tensor, coords: torch.Tensor, sizes: torch.Tensor, tissue: torch.Tensor,
-             min_tissue: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A slide's token grids [M, D, rows, cols] -> every tile's embedding [N, D] and level-0 x, y [N, 2]
-    (region by region, raster order within each), without tiles of less tissue than min_tissue (all are
-    kept when none would be): the bag of attention-MIL directly over tile embeddings, no region stage."""
-    n, dim, rows, cols = grids.shape
-    features = grids.permute(0, 2, 3, 1).reshape(-1, dim)
-    step = torch.where(sizes > 0, sizes // cols, 0)  # a tile's level-0 side; unknown coordinates stay -1
-    row, col = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    x = torch.where(coords[:, :1] >= 0, coords[:, :1] + col.flatten() * step[:, None], -1)
-    y = torch.where(coords[:, 1:] >= 0, coords[:, 1:] + row.flatten() * step[:, None], -1)
-    tile_coords = torch.stack([x, y], dim=-1).reshape(-1, 2)
-    keep = tissue.reshape(-1) >= min_tissue
-    if not keep.any():
-        keep[:] = True
-    return features[keep], tile_coords[keep]
-
-
-def export_trident(source: str | Path, out: str | Path) -> list[Path]:
-    """Every slide of a token-grid shard set -> OUT/SLIDE.h5 in TRIDENT's layout (every tile of every region,
-    its tissue fraction beside, so `hipt-shards build features` gives the same grids back), for TRIDENT's slide
-    encoders and Patho-Bench; returns the files written."""
-    manifest = load_manifest(source)
-    lineage = read_lineage(manifest)
-    tile_px, mpp = lineage.geometry.tile_px, lineage.geometry.mpp
-    if lineage.kind != TOKEN_GRIDS or not (tile_px and mpp):
-        raise InputError(source, f"holds {lineage.kind} of {lineage.geometry.describe()}; TRIDENT's layout needs "
-                                 "token grids (embed_tiles) of a known tile size and resolution")
-    encoder = lineage.tile_encoder.architecture.get("encoder", "unknown") if lineage.tile_encoder else "unknown"
-    files = []
-    for bag in SlideBagStream(manifest):
-        grids, sizes, step = bag["pixels"].float(), bag["sizes"], tile_step(bag, source, "TRIDENT's layout has")
-        # the tissue fractions ride along as one more channel, so that they are dropped and kept with their tiles
-        tiles, coords = tile_bag(torch.cat([grids, bag["tissue"][:, None]], dim=1), bag["coords"], sizes, bag["tissue"])
-        files.append(Path(out) / f"{bag['slide_id']}.h5")
-        write_trident_file(files[-1], tiles[:, :-1].numpy(), coords.numpy(), tiles[:, -1].numpy(),
-                           trident_attributes(bag["slide_id"], step, tile_px, mpp, tile_px * mpp / step), encoder)
-    return files
-
-
-def tile_step(bag: Mapping[str, Any], source: str | Path, needs: str) -> int:
-    """A slide's level-0 tile side (its regions' level-0 side / tiles per row): refused unless one and known."""
-    sizes = bag["sizes"]
-    steps = set((sizes // bag["pixels"].shape[-1]).tolist())
-    if len(steps) != 1 or (sizes < 0).any():
-        raise InputError(source, f"slide {bag['slide_id']}: regions of level-0 sizes {sorted(set(sizes.tolist()))};"
-                                 f" {needs} one known tile size per slide")
-    return steps.pop()
 
 
 def check_slide_encoder_input(grids: Lineage, source: str | Path, entry: SlideEncoderEntry) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from hipt_e2e.config import HelpFormatter, add_config_arguments, parse_override, resolve_settings, save_config, setup_logging
+from hipt_e2e.data.features import export_trident
 from hipt_e2e.data.storage import configure
-from hipt_e2e.embedding import export_trident
 from hipt_e2e.errors import run_main
 from shards.build import BuildSettings, build, part_dir
 from shards.features import FeatureBuildSettings, build_features

@@ -21,7 +21,11 @@ from typing import Any, Literal
 
 import h5py
 import numpy as np
+import torch
 
+from hipt_e2e.data.lineage import TOKEN_GRIDS, Lineage
+from hipt_e2e.data.manifest import load_manifest
+from hipt_e2e.data.streams import SlideBagStream
 from hipt_e2e.errors import InputError
 from hipt_e2e.io import atomic_open
 
@@ -204,3 +208,55 @@ def write_trident_file(path: str | Path, features: np.ndarray, coords: np.ndarra
         f.create_dataset("features", data=features.astype(np.float32)).attrs["encoder"] = encoder
         f.create_dataset("coords", data=coords.astype(np.int64)).attrs.update(dict(coords_attributes))
         f.create_dataset("tissue", data=tissue.astype(np.float32))
+
+
+def tile_bag(grids: torch.Tensor, coords: torch.Tensor, sizes: torch.Tensor, tissue: torch.Tensor,
+             min_tissue: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slide's token grids [M, D, rows, cols] -> every tile's embedding [N, D] and level-0 x, y [N, 2]
+    (region by region, raster order within each), without tiles of less tissue than min_tissue (all are
+    kept when none would be): the bag of attention-MIL directly over tile embeddings, no region stage."""
+    n, dim, rows, cols = grids.shape
+    features = grids.permute(0, 2, 3, 1).reshape(-1, dim)
+    step = torch.where(sizes > 0, sizes // cols, 0)  # a tile's level-0 side; unknown coordinates stay -1
+    row, col = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    x = torch.where(coords[:, :1] >= 0, coords[:, :1] + col.flatten() * step[:, None], -1)
+    y = torch.where(coords[:, 1:] >= 0, coords[:, 1:] + row.flatten() * step[:, None], -1)
+    tile_coords = torch.stack([x, y], dim=-1).reshape(-1, 2)
+    keep = tissue.reshape(-1) >= min_tissue
+    if not keep.any():
+        keep[:] = True
+    return features[keep], tile_coords[keep]
+
+
+def tile_step(bag: Mapping[str, Any], source: str | Path, needs: str) -> int:
+    """A slide's level-0 tile side (its regions' level-0 side / tiles per row): refused unless one and known."""
+    sizes = bag["sizes"]
+    steps = set((sizes // bag["pixels"].shape[-1]).tolist())
+    if len(steps) != 1 or (sizes < 0).any():
+        raise InputError(source, f"slide {bag['slide_id']}: regions of level-0 sizes {sorted(set(sizes.tolist()))};"
+                                 f" {needs} one known tile size per slide")
+    return steps.pop()
+
+
+def export_trident(source: str | Path, out: str | Path) -> list[Path]:
+    """Every slide of a token-grid shard set -> OUT/SLIDE.h5 in TRIDENT's layout (every tile of every region,
+    its tissue fraction beside, so `hipt-shards build features` gives the same grids back), for TRIDENT's slide
+    encoders and Patho-Bench; returns the files written."""
+    manifest = load_manifest(source)
+    if "lineage" not in manifest:
+        raise InputError(source, "written before lineage was recorded (no tile size or resolution): embed it again")
+    lineage = Lineage.from_dict(manifest["lineage"])
+    tile_px, mpp = lineage.geometry.tile_px, lineage.geometry.mpp
+    if lineage.kind != TOKEN_GRIDS or not (tile_px and mpp):
+        raise InputError(source, f"holds {lineage.kind} of {lineage.geometry.describe()}; TRIDENT's layout needs "
+                                 "token grids (embed_tiles) of a known tile size and resolution")
+    encoder = lineage.tile_encoder.architecture.get("encoder", "unknown") if lineage.tile_encoder else "unknown"
+    files = []
+    for bag in SlideBagStream(manifest):
+        grids, sizes, step = bag["pixels"].float(), bag["sizes"], tile_step(bag, source, "TRIDENT's layout has")
+        # the tissue fractions ride along as one more channel, so that they are dropped and kept with their tiles
+        tiles, coords = tile_bag(torch.cat([grids, bag["tissue"][:, None]], dim=1), bag["coords"], sizes, bag["tissue"])
+        files.append(Path(out) / f"{bag['slide_id']}.h5")
+        write_trident_file(files[-1], tiles[:, :-1].numpy(), coords.numpy(), tiles[:, -1].numpy(),
+                           trident_attributes(bag["slide_id"], step, tile_px, mpp, tile_px * mpp / step), encoder)
+    return files
