@@ -243,10 +243,11 @@ class PretrainedTileEncoder(nn.Module):
         if state and all(key.startswith("model.") for key in state):
             state = {key.removeprefix("model."): value for key, value in state.items()}
         state = {key: value for key, value in state.items() if key.split(".")[0] not in self.dropped}
-        if isinstance(self.model, swin_transformer.SwinTransformer):
-            # timm's own conversion of the original Swin layout (CTransPath's file): each stage's downsampling
-            # moves to the start of the next stage (layers.i.downsample -> layers.i+1.downsample), and the buffers
-            # relative_position_index and attn_mask, which timm recomputes, are dropped; timm's layout passes as is
+        if isinstance(self.model, swin_transformer.SwinTransformer) and "layers.0.downsample.norm.weight" in state:
+            # timm's own conversion of the original Swin layout (CTransPath's file: stage 0 ends downsampling): each
+            # stage's downsampling moves to the start of the next (layers.i -> layers.i+1.downsample), and the
+            # buffers relative_position_index and attn_mask, which timm recomputes, are dropped. A file in timm's
+            # layout is left alone (timm 1.0.3's filter would shift it again).
             state = swin_transformer.checkpoint_filter_fn(state, self.model)
         state = self._resampled_positions(state)
         for name, module in self.model.named_modules():
